@@ -1,0 +1,165 @@
+"""sglang-hip-decode: the ROCm MLA/NSA decode-path patch set for sglang 0.5.11, as a plugin.
+
+SGLang calls :func:`register` through the ``sglang.srt.plugins`` entry point in every process
+(``load_plugins()``). It reads the switches once, applies the selected patches with the engine in
+``patching``, logs one line per patch (prefix ``sglang-hip-decode:``), and, when
+``SGLANG_HIP_DECODE_STATUS_FILE`` is set, appends one JSON line per process to that file. It never
+raises. Importing this package imports neither torch nor sglang.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from typing import Mapping
+
+__version__ = "0.1.0"
+__all__ = ["register", "Report", "PatchStatus", "evaluate", "LOG_PREFIX"]
+
+LOG_PREFIX = "sglang-hip-decode:"
+logger = logging.getLogger("sglang_hip_decode")
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchStatus:
+    name: str
+    status: str
+    default: bool
+    targets: tuple[str, ...]
+    summary: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    """What one evaluation of the switches did: a status per planned patch, and the problems."""
+
+    sglang: str | None
+    platform: str
+    patches: tuple[PatchStatus, ...]
+    problems: tuple[str, ...]
+
+    def status_of(self, name: str) -> str:
+        return next(p.status for p in self.patches if p.name == name)
+
+    @property
+    def applied(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.patches if p.status == "applied")
+
+    def to_json(self) -> dict:
+        return {
+            "pid": os.getpid(),
+            "time": time.time(),
+            "argv0": sys.argv[0] if sys.argv else "",
+            "sglang": self.sglang,
+            "platform": self.platform,
+            "patches": {p.name: p.status for p in self.patches},
+            "applied": list(self.applied),
+            "problems": list(self.problems),
+        }
+
+
+def evaluate(env: Mapping[str, str] | None = None, *, apply: bool = True) -> Report:
+    """Decide every planned patch's status from ``env`` and, if ``apply``, apply the selected ones.
+
+    The first reason that holds wins: not implemented; ``SGLANG_HIP_DECODE`` off; sglang not the
+    pinned release; not selected by ``SGLANG_HIP_DECODE_PATCHES``; HIP-gated and not on HIP (unless
+    forced); otherwise the engine's answer, ``applied`` or ``failed: ...``. One patch failing
+    never stops the others. With ``apply=False`` a patch that would be applied reports
+    ``would apply``.
+    """
+    from . import gates, patching
+    from .patches import NAMES, catalog
+
+    version = gates.sglang_version()
+    plat = gates.platform()
+    switches = gates.read_switches(env, known=NAMES)
+    problems = list(switches.problems)
+    try:
+        entries = catalog()
+    except Exception as exc:  # a broken patch file: report, apply nothing
+        problems.append(f"patch set failed to load: {type(exc).__name__}: {exc}")
+        rows = tuple(PatchStatus(n, f"failed: patch set failed to load ({exc})", d, (), "") for n, _, d in _planned())
+        return Report(version, plat, rows, tuple(problems))
+
+    rows = []
+    for entry in entries:
+        patch = entry.patch
+        if patch is None:
+            status = "not implemented"
+        elif not switches.enabled:
+            status = f"off ({switches.off_reason})"
+        elif not gates.sglang_supported(version):
+            status = f"unsupported sglang {version or '(not installed)'} (targets {gates.TARGET_SGLANG})"
+        elif not switches.selects(entry.name, entry.default):
+            status = switches.not_selected_reason(entry.default)
+        elif patch.gate == "hip" and plat != "hip" and not switches.any_platform:
+            status = f"off (not HIP; set {gates.ENV_ANY_PLATFORM}=1 to force)"
+        elif not apply:
+            status = "would apply"
+        else:
+            try:
+                status = patching.apply(patch)
+            except patching.PatchError as exc:
+                status = f"failed: {exc}"
+            except Exception as exc:  # anything else an apply raised: still a status
+                status = f"failed: {type(exc).__name__}: {exc}"
+        rows.append(
+            PatchStatus(
+                entry.name, status, entry.default, patch.targets if patch else (), patch.summary if patch else ""
+            )
+        )
+    return Report(version, plat, tuple(rows), tuple(problems))
+
+
+def _planned():
+    from .patches import PLANNED
+
+    return PLANNED
+
+
+def _log(report: Report) -> None:
+    if not logger.hasHandlers():  # SGLang may not have configured logging yet in this process
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    head = f"{LOG_PREFIX} sglang {report.sglang}, platform {report.platform}, pid {os.getpid()}"
+    logger.info(head)
+    for row in report.patches:
+        logger.info("%s %s: %s", LOG_PREFIX, row.name, row.status)
+    for problem in report.problems:
+        logger.warning("%s problem: %s", LOG_PREFIX, problem)
+
+
+def _write_status_file(report: Report, path: str) -> None:
+    # One line per process, appended in a single write: every scheduler process calls register().
+    line = json.dumps(report.to_json(), sort_keys=True) + "\n"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+
+
+def register() -> Report | None:
+    """SGLang's plugin entry point. Cheap, idempotent, never raises; returns the report."""
+    try:
+        report = evaluate()
+        _log(report)
+        path = os.environ.get("SGLANG_HIP_DECODE_STATUS_FILE")
+        if path:
+            try:
+                _write_status_file(report, path)
+            except OSError as exc:
+                logger.warning("%s cannot write status file %s: %s", LOG_PREFIX, path, exc)
+        return report
+    except Exception as exc:  # never take the server down
+        try:
+            logger.error("%s register() failed: %s: %s", LOG_PREFIX, type(exc).__name__, exc)
+        except Exception:
+            pass
+        return None

@@ -1,0 +1,459 @@
+"""The patch engine: edit the source of upstream methods in place, as data.
+
+A patch (one file in ``patches/``) is a :class:`Patch`: a name and a list of :class:`Edit`, each
+naming a target method ``module:Class.method`` and the :class:`Hunk` s to apply to its source
+(exact ``before`` lines -> ``after`` lines). The engine
+
+* reads the original method's source with ``inspect.getsource``, applies every hunk (each
+  ``before`` must match exactly once; the match may sit at any indentation, and ``after`` is
+  indented the same way), and compiles the result against the original module's globals;
+* compiles inside a stand-in class body whose namespace is a copy of the owner's, so defaults
+  and decorators evaluate as they did upstream, private names mangle with the owner's name, and
+  zero-argument ``super()`` sees the real owner; annotations are compiled unevaluated (a name
+  imported under ``TYPE_CHECKING`` must not break the patch);
+* keeps the original's defaults, annotations, qualname and attributes, sets ``__wrapped__`` to the
+  original function, and registers the patched text with ``linecache`` under a file name that
+  says it is patched, so tracebacks and ``inspect.getsource`` show the lines that really run;
+* installs the result on the owning class itself, all targets of a patch or none of them.
+
+Several patches may edit one method: the installed method is always the original source with the
+hunks of every active patch applied in the order they were applied. ``unapply`` rebuilds it without
+the patch, and when no patch is left the original object is put back (identity, not a copy).
+
+Why not SGLang's ``HookRegistry``: it wraps callables (it cannot edit a body), has no undo, and
+applies later, in ``apply_hooks()``; the parity tests need an exact in-process A/B.
+"""
+
+from __future__ import annotations
+
+import __future__
+import dataclasses
+import importlib
+import inspect
+import linecache
+import textwrap
+import threading
+import types
+from typing import Iterable, Sequence
+
+__all__ = [
+    "Hunk",
+    "Edit",
+    "Patch",
+    "PatchError",
+    "apply",
+    "unapply",
+    "is_applied",
+    "active_patches",
+    "patched_source",
+    "file_edits",
+    "resolve_target",
+]
+
+# Marker set on every function the engine installs: the names of the patches it carries.
+PATCHED_MARKER = "__sglang_hip_decode_patches__"
+
+
+@dataclasses.dataclass(frozen=True)
+class Hunk:
+    """Replace the lines ``before`` (which must occur exactly once) with ``after``.
+
+    Both are written dedented; leading and trailing blank lines are ignored. The match may sit at
+    any indentation inside the method, and ``after`` is re-indented by the same amount.
+    """
+
+    before: str
+    after: str
+
+    def before_lines(self) -> list[str]:
+        return _normalise(self.before)
+
+    def after_lines(self) -> list[str]:
+        return _normalise(self.after)
+
+
+@dataclasses.dataclass(frozen=True)
+class Edit:
+    """The hunks applied to one target method, ``"package.module:Class.method"``."""
+
+    target: str
+    hunks: tuple[Hunk, ...]
+
+    def __post_init__(self) -> None:
+        _split_target(self.target)  # validates the form early, at import of the patch file
+        if not self.hunks:
+            raise ValueError(f"edit of {self.target} has no hunks")
+
+
+@dataclasses.dataclass(frozen=True)
+class Patch:
+    """One switchable decode-path edit, declared as data.
+
+    ``gate`` is ``"hip"`` (applied only on ROCm unless forced) or ``"any"``. ``default`` says
+    whether the patch is in the default set. ``upstream`` names the upstream change and release
+    that later carries an equivalent; ``summary`` is one line for ``status``.
+    """
+
+    name: str
+    summary: str
+    edits: tuple[Edit, ...]
+    gate: str = "hip"
+    default: bool = True
+    upstream: str = ""
+
+    def __post_init__(self) -> None:
+        if self.gate not in ("hip", "any"):
+            raise ValueError(f"patch {self.name}: gate must be 'hip' or 'any', not {self.gate!r}")
+        if not self.edits:
+            raise ValueError(f"patch {self.name} has no edits")
+        targets = [e.target for e in self.edits]
+        if len(set(targets)) != len(targets):
+            raise ValueError(f"patch {self.name}: a target appears twice; merge its hunks")
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return tuple(e.target for e in self.edits)
+
+
+class PatchError(Exception):
+    """An edit could not be made; the message is the status text after ``failed: ``."""
+
+
+# --------------------------------------------------------------------------------------------
+# Targets
+
+
+@dataclasses.dataclass
+class _Target:
+    """What the engine knows about one method it has patched."""
+
+    name: str
+    owner: type
+    attr: str
+    original_raw: object  # the object in owner.__dict__ before any patch (function/static/class)
+    installed_raw: object  # what the engine last put there
+    active: list[Patch]  # in application order
+
+
+_LOCK = threading.RLock()
+_TARGETS: dict[str, _Target] = {}
+_SUPPORTED_KINDS = (types.FunctionType, staticmethod, classmethod)
+
+
+def _split_target(target: str) -> tuple[str, list[str]]:
+    module, sep, path = target.partition(":")
+    parts = path.split(".") if path else []
+    if not sep or not module or len(parts) < 2 or not all(p.isidentifier() for p in parts):
+        raise ValueError(f"target {target!r} is not of the form 'package.module:Class.method'")
+    return module, parts
+
+
+def resolve_target(target: str) -> tuple[type, str, object]:
+    """Import the module and return ``(owner class, attribute name, raw object in its dict)``."""
+    module_name, parts = _split_target(target)
+    try:
+        obj: object = importlib.import_module(module_name)
+    except Exception as exc:  # an ImportError, or the module failing while it imports
+        raise PatchError(f"cannot import {module_name}: {type(exc).__name__}: {exc}") from exc
+    for part in parts[:-1]:
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise PatchError(f"{target}: {part} not found (upstream changed)") from None
+    if not isinstance(obj, type):
+        raise PatchError(f"{target}: {parts[-2]} is not a class")
+    attr = parts[-1]
+    if attr not in obj.__dict__:
+        raise PatchError(f"{target}: {attr} is not defined on {obj.__name__} itself (upstream changed)")
+    raw = obj.__dict__[attr]
+    if not isinstance(raw, _SUPPORTED_KINDS):
+        raise PatchError(f"{target}: is a {type(raw).__name__}; only plain, static and class methods can be edited")
+    return obj, attr, raw
+
+
+def _function_of(raw: object) -> types.FunctionType:
+    return raw.__func__ if isinstance(raw, (staticmethod, classmethod)) else raw  # type: ignore[union-attr]
+
+
+# --------------------------------------------------------------------------------------------
+# Source editing
+
+
+def _normalise(text: str) -> list[str]:
+    lines = textwrap.dedent(text).split("\n")
+    while lines and not lines[0].strip():
+        lines.pop(0)
+    while lines and not lines[-1].strip():
+        lines.pop()
+    return [line.rstrip() for line in lines]
+
+
+def _find(source: list[str], before: list[str]) -> list[tuple[int, str]]:
+    """Every ``(line index, indent)`` at which ``before`` matches ``source``."""
+    matches = []
+    first = before[0]
+    for i in range(len(source) - len(before) + 1):
+        line = source[i].rstrip()
+        if not line.endswith(first) or line[: len(line) - len(first)].strip():
+            continue
+        indent = line[: len(line) - len(first)]
+        if all(
+            (source[i + k].strip() == "" if not want else source[i + k].rstrip() == indent + want)
+            for k, want in enumerate(before)
+        ):
+            matches.append((i, indent))
+    return matches
+
+
+def _apply_hunks(source: list[str], edit: Edit) -> list[str]:
+    for number, hunk in enumerate(edit.hunks, start=1):
+        before = hunk.before_lines()
+        if not before:
+            raise PatchError(f"hunk {number} of {edit.target} has an empty 'before'")
+        matches = _find(source, before)
+        if not matches:
+            raise PatchError(f"hunk {number} of {edit.target} did not match (upstream changed)")
+        if len(matches) > 1:
+            raise PatchError(
+                f"hunk {number} of {edit.target} matched {len(matches)} times (anchor not unique)"
+            )
+        i, indent = matches[0]
+        after = [indent + line if line else "" for line in hunk.after_lines()]
+        source = source[:i] + after + source[i + len(before) :]
+    return source
+
+
+def _original_source(func: types.FunctionType) -> tuple[list[str], int, str]:
+    """The original method's lines (as in the file), first line number and file name."""
+    lines, first = inspect.getsourcelines(func)
+    return [line.rstrip("\n") for line in lines], first, inspect.getsourcefile(func) or ""
+
+
+def _edited_lines(func: types.FunctionType, edits: Sequence[Edit]) -> list[str]:
+    """The original method's lines (file indentation) with ``edits`` applied in order."""
+    source, _, _ = _original_source(func)
+    for edit in edits:
+        source = _apply_hunks(source, edit)
+    return source
+
+
+def _edits_for(target: str, patches: Iterable[Patch]) -> list[Edit]:
+    return [e for p in patches for e in p.edits if e.target == target]
+
+
+# --------------------------------------------------------------------------------------------
+# Compiling
+
+
+class _OwnerNamespace(type):
+    """Metaclass of the stand-in class body: a copy of the owner's namespace, not a new class.
+
+    ``__prepare__`` hands the body a copy of the owner's ``__dict__`` (defaults and decorators see
+    the names upstream's class body saw); ``__new__`` returns the namespace itself, so no class is
+    created and the ``__class__`` cell stays empty until the engine fills it with the real owner.
+    """
+
+    @classmethod
+    def __prepare__(mcls, name, bases, owner=None):  # noqa: N804
+        return dict(vars(owner))
+
+    def __new__(mcls, name, bases, namespace, owner=None):  # noqa: N804
+        return namespace
+
+
+_COMPILE_FLAGS = __future__.annotations.compiler_flag
+
+
+def _patched_filename(real_file: str, names: Sequence[str]) -> str:
+    return f"{real_file} (patched by sglang-hip-decode: {'+'.join(names)})"
+
+
+def _compile(
+    owner: type,
+    attr: str,
+    original_raw: object,
+    lines: list[str],
+    names: Sequence[str],
+) -> object:
+    """Compile the edited method and return the raw object to put in ``owner.__dict__``."""
+    func = _function_of(original_raw)
+    orig_lines, first, real_file = _original_source(func)
+    filename = _patched_filename(real_file, names)
+    # The method keeps its file indentation (re-indenting would change multi-line string literals)
+    # under a stand-in ``class`` line at column 0, placed just above it so that line numbers match
+    # the file shown in tracebacks: the real file with the method's lines replaced.
+    body = "\n".join(lines)
+    header = f"class {owner.__name__}(metaclass=__sglang_hip_decode_ns__, owner=__sglang_hip_decode_owner__):"
+    code_text = "\n" * max(first - 2, 0) + header + "\n" + body + "\n"
+    try:
+        code = compile(code_text, filename, "exec", flags=_COMPILE_FLAGS, dont_inherit=True)
+    except SyntaxError as exc:
+        raise PatchError(f"patched {owner.__name__}.{attr} does not compile: {exc}") from exc
+    scratch = {"__sglang_hip_decode_ns__": _OwnerNamespace, "__sglang_hip_decode_owner__": owner}
+    try:
+        exec(code, func.__globals__, scratch)  # noqa: S102 - the point of the engine
+    except Exception as exc:
+        raise PatchError(f"patched {owner.__name__}.{attr} failed to define: {type(exc).__name__}: {exc}") from exc
+    namespace = scratch[owner.__name__]
+    new_raw = namespace[attr]
+    if type(new_raw) is not type(original_raw):
+        raise PatchError(
+            f"patched {owner.__name__}.{attr} is a {type(new_raw).__name__}, the original a {type(original_raw).__name__}"
+        )
+    cell = namespace.get("__classcell__")
+    if cell is not None:
+        cell.cell_contents = owner
+    new_func = _function_of(new_raw)
+    _copy_metadata(func, new_func)
+    new_func.__wrapped__ = func
+    setattr(new_func, PATCHED_MARKER, tuple(names))
+
+    # linecache: the real file with the method's lines replaced by the patched ones, under the
+    # patched file name, with mtime None so that ``linecache.checkcache`` keeps it.
+    with open(real_file, encoding="utf-8") as fh:
+        file_lines = fh.read().split("\n")
+    shown = file_lines[: first - 1] + lines + file_lines[first - 1 + len(orig_lines) :]
+    text = [line + "\n" for line in shown]
+    linecache.cache[filename] = (sum(map(len, text)), None, text, filename)
+    return new_raw
+
+
+def _copy_metadata(original: types.FunctionType, new: types.FunctionType) -> None:
+    """Keep what callers and introspection see of the original, where the signature is unchanged."""
+    same_signature = (
+        original.__code__.co_argcount == new.__code__.co_argcount
+        and original.__code__.co_kwonlyargcount == new.__code__.co_kwonlyargcount
+        and original.__code__.co_varnames[: original.__code__.co_argcount + original.__code__.co_kwonlyargcount]
+        == new.__code__.co_varnames[: new.__code__.co_argcount + new.__code__.co_kwonlyargcount]
+        and len(original.__defaults__ or ()) == len(new.__defaults__ or ())
+    )
+    if same_signature:
+        new.__defaults__ = original.__defaults__
+        new.__kwdefaults__ = original.__kwdefaults__
+        new.__annotations__ = dict(original.__annotations__)
+    new.__qualname__ = original.__qualname__
+    new.__module__ = original.__module__
+    for key, value in vars(original).items():
+        if key not in ("__wrapped__", PATCHED_MARKER):
+            setattr(new, key, value)
+
+
+# --------------------------------------------------------------------------------------------
+# Apply / unapply
+
+
+def _plan(target_names: Iterable[str], active_after: dict[str, list[Patch]]) -> dict[str, tuple[_Target, object]]:
+    """Build (without installing) the raw object each target gets under ``active_after``."""
+    plan = {}
+    for name in target_names:
+        state = _TARGETS.get(name)
+        if state is None:
+            owner, attr, raw = resolve_target(name)
+            state = _Target(name, owner, attr, raw, raw, [])
+        else:
+            current = state.owner.__dict__.get(state.attr)
+            if current is not state.installed_raw:
+                raise PatchError(f"{name} was replaced by someone else since it was patched; not touching it")
+        patches = active_after[name]
+        if not patches:
+            new_raw = state.original_raw
+        else:
+            func = _function_of(state.original_raw)
+            lines = _edited_lines(func, _edits_for(name, patches))
+            new_raw = _compile(state.owner, state.attr, state.original_raw, lines, [p.name for p in patches])
+        plan[name] = (state, new_raw)
+    return plan
+
+
+def _install(plan: dict[str, tuple[_Target, object]], active_after: dict[str, list[Patch]]) -> None:
+    done = []
+    try:
+        for name, (state, new_raw) in plan.items():
+            previous = state.owner.__dict__[state.attr]
+            setattr(state.owner, state.attr, new_raw)
+            done.append((state, previous))
+    except BaseException:
+        for state, previous in reversed(done):
+            setattr(state.owner, state.attr, previous)
+        raise
+    for name, (state, new_raw) in plan.items():
+        state.installed_raw = new_raw
+        state.active = list(active_after[name])
+        if state.active:
+            _TARGETS[name] = state
+        else:
+            _TARGETS.pop(name, None)
+
+
+def is_applied(patch: Patch) -> bool:
+    with _LOCK:
+        return all(
+            t in _TARGETS and any(p.name == patch.name for p in _TARGETS[t].active) for t in patch.targets
+        )
+
+
+def apply(patch: Patch) -> str:
+    """Apply every edit of ``patch`` or none. Returns ``"applied"``; raises :class:`PatchError`."""
+    with _LOCK:
+        if is_applied(patch):
+            return "applied"
+        active_after = {}
+        for t in patch.targets:
+            current = [p for p in (_TARGETS[t].active if t in _TARGETS else []) if p.name != patch.name]
+            active_after[t] = current + [patch]
+        _install(_plan(patch.targets, active_after), active_after)
+        return "applied"
+
+
+def unapply(patch: Patch) -> None:
+    """Remove ``patch`` from every target; a target left with no patch gets its original back."""
+    with _LOCK:
+        targets = [t for t in patch.targets if t in _TARGETS and any(p.name == patch.name for p in _TARGETS[t].active)]
+        if not targets:
+            return
+        active_after = {t: [p for p in _TARGETS[t].active if p.name != patch.name] for t in targets}
+        _install(_plan(targets, active_after), active_after)
+
+
+def active_patches(target: str) -> tuple[str, ...]:
+    with _LOCK:
+        state = _TARGETS.get(target)
+        return tuple(p.name for p in state.active) if state else ()
+
+
+def original(target: str) -> object:
+    """The upstream raw object of ``target`` (function, staticmethod or classmethod)."""
+    with _LOCK:
+        state = _TARGETS.get(target)
+        if state is not None:
+            return state.original_raw
+    return resolve_target(target)[2]
+
+
+# --------------------------------------------------------------------------------------------
+# Text views (for `diff` and for readers)
+
+
+def patched_source(target: str, patches: Sequence[Patch]) -> str:
+    """The source of ``target`` as ``patches`` (in order) leave it, with file indentation."""
+    func = _function_of(original(target))
+    return "\n".join(_edited_lines(func, _edits_for(target, patches))) + "\n"
+
+
+def file_edits(patches: Sequence[Patch]) -> dict[str, tuple[str, str]]:
+    """``{real file path: (original text, text with every edit of patches applied)}``."""
+    by_file: dict[str, list[tuple[int, int, list[str]]]] = {}
+    for target in dict.fromkeys(t for p in patches for t in p.targets):
+        func = _function_of(original(target))
+        orig_lines, first, real_file = _original_source(func)
+        new_lines = _edited_lines(func, _edits_for(target, patches))
+        by_file.setdefault(real_file, []).append((first - 1, len(orig_lines), new_lines))
+    result = {}
+    for real_file, spans in by_file.items():
+        with open(real_file, encoding="utf-8") as fh:
+            text = fh.read()
+        lines = text.split("\n")
+        for start, length, new_lines in sorted(spans, reverse=True):
+            lines[start : start + length] = new_lines
+        result[real_file] = (text, "\n".join(lines))
+    return result
