@@ -311,7 +311,7 @@ def _compile(
     # linecache: the real file with the method's lines replaced by the patched ones, under the
     # patched file name, with mtime None so that ``linecache.checkcache`` keeps it.
     with open(real_file, encoding="utf-8") as fh:
-        file_lines = fh.read().split("\n")
+        file_lines = fh.read().splitlines()
     shown = file_lines[: first - 1] + lines + file_lines[first - 1 + len(orig_lines) :]
     text = [line + "\n" for line in shown]
     linecache.cache[filename] = (sum(map(len, text)), None, text, filename)

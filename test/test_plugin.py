@@ -1,0 +1,253 @@
+"""register() and the switches: statuses, precedence, never raising, and SGLang's own loader.
+
+The decisions run against a stand-in catalog of test-only patches on real sglang methods
+(patch_fixtures.py); the real patch set is checked for its planned names.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import sglang_hip_decode
+from sglang_hip_decode import evaluate, gates, patching
+from sglang_hip_decode import patches as patch_set
+
+from patch_fixtures import BROKEN, ON, OPT, RMSNORM, install_test_catalog
+
+FORCE = "off (not HIP; set SGLANG_HIP_DECODE_ANY_PLATFORM=1 to force)"
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    """The stand-in catalog; every test patch is unapplied afterwards."""
+    install_test_catalog(monkeypatch.setattr)
+    for var in (gates.ENV_ENABLE, gates.ENV_PATCHES, gates.ENV_ANY_PLATFORM, gates.ENV_STATUS_FILE):
+        monkeypatch.delenv(var, raising=False)
+    original = patching.resolve_target(RMSNORM)[2]
+    yield
+    for patch in (ON, OPT, BROKEN):
+        patching.unapply(patch)
+    assert patching.resolve_target(RMSNORM)[2] is original
+
+
+def statuses(report):
+    return {p.name: p.status for p in report.patches}
+
+
+def test_real_catalog_lists_the_five_planned_patches():
+    report = evaluate({}, apply=False)
+    names = [p.name for p in report.patches]
+    assert names == ["nsa-cat-skip", "mxfp4-vbmm-layout", "indexer-rope-guard", "hip-alt-stream", "hip-dual-stream-av4"]
+    defaults = {p.name: p.default for p in report.patches}
+    assert defaults == {
+        "nsa-cat-skip": True,
+        "mxfp4-vbmm-layout": True,
+        "indexer-rope-guard": True,
+        "hip-alt-stream": False,
+        "hip-dual-stream-av4": False,
+    }
+    for entry in patch_set.catalog():
+        if entry.patch is None:
+            assert report.status_of(entry.name) == "not implemented"
+
+
+def test_not_hip_applies_nothing_by_default(stand_in):
+    original = patching.resolve_target(RMSNORM)[2]
+    report = evaluate({})
+    assert statuses(report) == {
+        "t-on": FORCE,
+        "t-opt": "off (opt-in; add it to SGLANG_HIP_DECODE_PATCHES)",
+        "t-broken": FORCE,
+        "t-planned": "not implemented",
+    }
+    assert patching.resolve_target(RMSNORM)[2] is original
+    assert report.applied == ()
+
+
+def test_any_platform_applies_the_default_set_and_a_failure_stays_a_status(stand_in):
+    report = evaluate({"SGLANG_HIP_DECODE_ANY_PLATFORM": "1"})
+    assert statuses(report) == {
+        "t-on": "applied",
+        "t-opt": "off (opt-in; add it to SGLANG_HIP_DECODE_PATCHES)",
+        "t-broken": "failed: hunk 1 of sglang.srt.layers.attention.nsa.nsa_indexer:Indexer._update_rope_guarded "
+        "did not match (upstream changed)",
+        "t-planned": "not implemented",
+    }
+    from sglang.srt.layers.layernorm import RMSNorm
+
+    assert RMSNorm(4).variance_epsilon == 2e-6
+
+
+def test_hip_platform_needs_no_force(stand_in, monkeypatch):
+    monkeypatch.setattr(gates, "platform", lambda: "hip")
+    assert evaluate({}).status_of("t-on") == "applied"
+
+
+@pytest.mark.parametrize(
+    "patches, expect_on, expect_opt",
+    [
+        ("all", "applied", "applied"),
+        ("none", "off (SGLANG_HIP_DECODE_PATCHES=none)", "off (SGLANG_HIP_DECODE_PATCHES=none)"),
+        ("t-opt", "off (not in SGLANG_HIP_DECODE_PATCHES)", "applied"),
+        (" t-opt , t-on ", "applied", "applied"),
+        ("default", "applied", "off (opt-in; add it to SGLANG_HIP_DECODE_PATCHES)"),
+    ],
+)
+def test_patch_selection(stand_in, patches, expect_on, expect_opt):
+    report = evaluate({"SGLANG_HIP_DECODE_ANY_PLATFORM": "1", "SGLANG_HIP_DECODE_PATCHES": patches})
+    assert (report.status_of("t-on"), report.status_of("t-opt")) == (expect_on, expect_opt)
+    assert report.problems == ()
+
+
+def test_unknown_patch_name_is_reported_not_raised(stand_in):
+    report = evaluate({"SGLANG_HIP_DECODE_ANY_PLATFORM": "1", "SGLANG_HIP_DECODE_PATCHES": "t-on,t-typo"})
+    assert report.status_of("t-on") == "applied"
+    assert report.status_of("t-opt") == "off (not in SGLANG_HIP_DECODE_PATCHES)"
+    assert len(report.problems) == 1 and "unknown patch 't-typo'" in report.problems[0]
+    assert "t-on" in report.problems[0]  # the message lists the known names
+
+
+@pytest.mark.parametrize(
+    "value, status, problem",
+    [
+        ("0", "off (SGLANG_HIP_DECODE=0)", None),
+        ("off", "off (SGLANG_HIP_DECODE=off)", None),
+        ("maybe", "off (SGLANG_HIP_DECODE='maybe' is not 0 or 1)", "SGLANG_HIP_DECODE='maybe' is not 0 or 1; applying nothing"),
+    ],
+)
+def test_kill_switch(stand_in, value, status, problem):
+    report = evaluate({"SGLANG_HIP_DECODE": value, "SGLANG_HIP_DECODE_ANY_PLATFORM": "1", "SGLANG_HIP_DECODE_PATCHES": "all"})
+    assert report.status_of("t-on") == status
+    assert report.status_of("t-opt") == status
+    assert report.status_of("t-planned") == "not implemented"
+    assert report.applied == ()
+    assert report.problems == ((problem,) if problem else ())
+
+
+def test_malformed_any_platform_is_explained_and_not_forced(stand_in):
+    report = evaluate({"SGLANG_HIP_DECODE_ANY_PLATFORM": "yes please"})
+    assert report.status_of("t-on") == FORCE
+    assert report.problems == ("SGLANG_HIP_DECODE_ANY_PLATFORM='yes please' is not 0 or 1; HIP-gated patches stay HIP-only",)
+
+
+@pytest.mark.parametrize("version", ["0.5.12", "0.5.10.post1", "0.5.11.post1", None])
+def test_unsupported_sglang_applies_nothing(stand_in, monkeypatch, version):
+    monkeypatch.setattr(gates, "sglang_version", lambda: version)
+    report = evaluate({"SGLANG_HIP_DECODE_ANY_PLATFORM": "1", "SGLANG_HIP_DECODE_PATCHES": "all"})
+    shown = version or "(not installed)"
+    for name in ("t-on", "t-opt", "t-broken"):
+        assert report.status_of(name) == f"unsupported sglang {shown} (targets 0.5.11)"
+    assert report.applied == ()
+
+
+def test_local_build_tag_of_the_pinned_release_is_supported():
+    assert gates.sglang_supported("0.5.11+rocm700")
+    assert not gates.sglang_supported("0.5.11rc1")
+
+
+def test_an_unexpected_exception_in_one_patch_does_not_stop_the_others(stand_in, monkeypatch):
+    real_apply = patching.apply
+
+    def apply(patch):
+        if patch.name == "t-on":
+            raise MemoryError("simulated")
+        return real_apply(patch)
+
+    monkeypatch.setattr(patching, "apply", apply)
+    report = evaluate({"SGLANG_HIP_DECODE_ANY_PLATFORM": "1", "SGLANG_HIP_DECODE_PATCHES": "all"})
+    assert report.status_of("t-on") == "failed: MemoryError: simulated"
+    assert report.status_of("t-opt") == "applied"
+
+
+def test_register_never_raises_and_logs_one_line_per_patch(stand_in, monkeypatch, caplog, tmp_path):
+    status_file = tmp_path / "status.jsonl"
+    monkeypatch.setenv("SGLANG_HIP_DECODE_ANY_PLATFORM", "1")
+    monkeypatch.setenv("SGLANG_HIP_DECODE_STATUS_FILE", str(status_file))
+    with caplog.at_level(logging.INFO, logger="sglang_hip_decode"):
+        report = sglang_hip_decode.register()
+        sglang_hip_decode.register()  # every process may call it more than once
+    assert report.status_of("t-on") == "applied"
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("sglang-hip-decode: t-")]
+    assert lines[:4] == [
+        "sglang-hip-decode: t-on: applied",
+        "sglang-hip-decode: t-opt: off (opt-in; add it to SGLANG_HIP_DECODE_PATCHES)",
+        lines[2],
+        "sglang-hip-decode: t-planned: not implemented",
+    ]
+    assert lines[2].startswith("sglang-hip-decode: t-broken: failed: hunk 1")
+    records = [json.loads(line) for line in status_file.read_text().splitlines()]
+    assert len(records) == 2 and records[0]["patches"] == records[1]["patches"]
+    assert records[0]["applied"] == ["t-on"] and records[0]["pid"] == os.getpid()
+
+    def boom(*a, **k):
+        raise RuntimeError("evaluate exploded")
+
+    monkeypatch.setattr(sglang_hip_decode, "evaluate", boom)
+    with caplog.at_level(logging.ERROR, logger="sglang_hip_decode"):
+        assert sglang_hip_decode.register() is None
+    assert any("register() failed: RuntimeError: evaluate exploded" in r.getMessage() for r in caplog.records)
+
+
+def test_unwritable_status_file_is_a_warning(stand_in, monkeypatch, caplog, tmp_path):
+    monkeypatch.setenv("SGLANG_HIP_DECODE_STATUS_FILE", str(tmp_path / "no" / "such" / "dir" / "s.jsonl"))
+    with caplog.at_level(logging.WARNING, logger="sglang_hip_decode"):
+        assert sglang_hip_decode.register() is not None
+    assert any("cannot write status file" in r.getMessage() for r in caplog.records)
+
+
+def test_entry_point_is_installed():
+    from importlib.metadata import entry_points
+
+    eps = [ep for ep in entry_points(group="sglang.srt.plugins") if ep.name == "hip_decode"]
+    assert len(eps) == 1 and eps[0].value == "sglang_hip_decode:register"
+    assert eps[0].load() is sglang_hip_decode.register
+
+
+def run_load_plugins(tmp_path, env_extra):
+    """Start a fresh Python that calls SGLang's own load_plugins(), as a server process does."""
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, {str(HERE)!r})
+        import patch_fixtures
+        patch_fixtures.install_test_catalog()
+        from sglang.srt.plugins import load_plugins
+        load_plugins()
+        load_plugins()  # SGLang guards repeated calls; the plugin is idempotent anyway
+        from sglang.srt.layers.layernorm import RMSNorm
+        print("EPS", RMSNorm(4).variance_epsilon)
+        """
+    )
+    status_file = tmp_path / "status.jsonl"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SGLANG_HIP_DECODE")}
+    env.update(env_extra, SGLANG_HIP_DECODE_STATUS_FILE=str(status_file))
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in status_file.read_text().splitlines()]
+    return proc, records
+
+
+def test_sglang_load_plugins_applies_and_reports(tmp_path):
+    proc, records = run_load_plugins(tmp_path, {"SGLANG_HIP_DECODE_ANY_PLATFORM": "1"})
+    assert "EPS 2e-06" in proc.stdout
+    assert len(records) == 1
+    assert records[0]["patches"]["t-on"] == "applied"
+    assert records[0]["applied"] == ["t-on"]
+    assert records[0]["sglang"] == "0.5.11" and records[0]["platform"] == "cpu"
+    assert "sglang-hip-decode: t-on: applied" in proc.stderr
+
+
+def test_sglang_load_plugins_with_kill_switch(tmp_path):
+    proc, records = run_load_plugins(tmp_path, {"SGLANG_HIP_DECODE": "0", "SGLANG_HIP_DECODE_ANY_PLATFORM": "1"})
+    assert "EPS 1e-06" in proc.stdout
+    assert records[0]["applied"] == []
+    assert records[0]["patches"]["t-on"] == "off (SGLANG_HIP_DECODE=0)"
