@@ -85,9 +85,18 @@ def kernels() -> dict[str, KernelEntry]:
         return dict(_KERNELS)
 
 
-def _on_gpu(device) -> bool:
-    import torch
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
 
+
+def _on_gpu(device) -> bool:
+    torch = _torch()
+    if torch is None:
+        return False
     if device is None:
         return torch.cuda.is_available()
     return torch.device(device).type == "cuda"  # ROCm torch reports its GPUs as "cuda" too
@@ -97,11 +106,11 @@ def _available(kind: str, entry: KernelEntry, device) -> tuple[Optional[Callable
     loader = entry.loaders.get(kind)
     if loader is None:
         return None, "not implemented"
-    if kind == "rocm":
-        import torch
-
-        if not getattr(torch.version, "hip", None):
-            return None, "not a ROCm torch"
+    torch = _torch()
+    if torch is None:
+        return None, "torch is not installed"
+    if kind == "rocm" and not getattr(torch.version, "hip", None):
+        return None, "not a ROCm torch"
     if kind == "triton" and not _on_gpu(device):
         return None, "no GPU (the Triton kernels run on the CPU only under TRITON_INTERPRET=1)"
     try:

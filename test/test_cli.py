@@ -1,0 +1,174 @@
+"""The console script: status table, diff that `git apply` accepts on the 0.5.11 tree, doctor,
+and clear errors when sglang is missing."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from sglang_hip_decode import cli, patching
+
+from patch_fixtures import DOUBLE_EPS, GROW_HIDDEN, GUARD_RAISES, install_test_catalog, make
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = Path(sys.executable).with_name("sglang-hip-decode")
+
+
+def run_cli(*args, env_extra=None):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SGLANG_HIP_DECODE")}
+    env.update(env_extra or {})
+    return subprocess.run([str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_status_prints_the_table():
+    proc = run_cli("status")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "sglang 0.5.11 (targets 0.5.11), platform cpu" in out
+    assert "switches: none set (defaults)" in out
+    header = next(line for line in out.splitlines() if line.startswith("patch"))
+    assert header.split() == ["patch", "targets", "default", "status"]
+    for name, default in [
+        ("nsa-cat-skip", "on"),
+        ("mxfp4-vbmm-layout", "on"),
+        ("indexer-rope-guard", "on"),
+        ("hip-alt-stream", "opt-in"),
+        ("hip-dual-stream-av4", "opt-in"),
+    ]:
+        row = next(line for line in out.splitlines() if line.startswith(name + " "))
+        assert f" {default} " in row
+
+
+def test_status_json_and_switch_problems():
+    proc = run_cli("status", "--json", env_extra={"SGLANG_HIP_DECODE_PATCHES": "nsa-cat-skip,bogus"})
+    assert proc.returncode == 0, proc.stderr
+    import json
+
+    data = json.loads(proc.stdout)
+    assert set(data["patches"]) == {"nsa-cat-skip", "mxfp4-vbmm-layout", "indexer-rope-guard", "hip-alt-stream", "hip-dual-stream-av4"}
+    assert any("unknown patch 'bogus'" in p for p in data["problems"])
+
+
+def test_status_table_with_implemented_patches(monkeypatch, capsys):
+    install_test_catalog(monkeypatch.setattr)
+    monkeypatch.setenv("SGLANG_HIP_DECODE_ANY_PLATFORM", "1")
+    try:
+        rc = cli.main(["status"])
+    finally:
+        from patch_fixtures import BROKEN, ON, OPT
+
+        for p in (ON, OPT, BROKEN):
+            patching.unapply(p)
+    out = capsys.readouterr().out
+    assert rc == 1  # a failed patch makes status exit non-zero
+    assert "switches: SGLANG_HIP_DECODE_ANY_PLATFORM=1" in out
+    row = next(line for line in out.splitlines() if line.startswith("t-on "))
+    assert row.split()[1:4] == ["RMSNorm.__init__", "on", "applied"]
+    assert "failed: hunk 1 of" in next(line for line in out.splitlines() if line.startswith("t-broken "))
+
+
+@pytest.fixture(scope="module")
+def upstream_tree(tmp_path_factory):
+    """sglang v0.5.11's python/sglang tree, extracted from the release wheel."""
+    wheels = sorted((ROOT / ".whl").glob("sglang-0.5.11-*.whl"))
+    if not wheels:
+        pytest.skip("no sglang 0.5.11 wheel in .whl/ (make venv downloads it)")
+    tree = tmp_path_factory.mktemp("sglang-v0.5.11")
+    with zipfile.ZipFile(wheels[0]) as wheel:
+        members = [m for m in wheel.namelist() if m.startswith("sglang/")]
+        wheel.extractall(tree / "python", members)
+    return tree
+
+
+def git_apply(tree, diff_text, *extra):
+    return subprocess.run(["git", "apply", *extra, "-"], cwd=tree, input=diff_text, capture_output=True, text=True)
+
+
+def test_diff_applies_to_the_upstream_tree(upstream_tree, tmp_path):
+    # Three edits in two files; the patched text is what the engine would run.
+    patches = [make("t-a", DOUBLE_EPS), make("t-b", GUARD_RAISES)]
+    text = cli.render_diff(patches)
+    assert "--- a/python/sglang/srt/layers/layernorm.py" in text
+    assert "+++ b/python/sglang/srt/layers/attention/nsa/nsa_indexer.py" in text
+    assert "+        self.variance_epsilon = eps * 2  # test-only hunk" in text
+    check = git_apply(upstream_tree, text, "--check")
+    assert check.returncode == 0, check.stderr
+    tree = tmp_path / "tree"
+    shutil.copytree(upstream_tree, tree)
+    applied = git_apply(tree, text)
+    assert applied.returncode == 0, applied.stderr
+    layernorm = (tree / "python/sglang/srt/layers/layernorm.py").read_text()
+    assert patching.patched_source(DOUBLE_EPS.target, patches[:1]) in layernorm
+    reverse = git_apply(tree, text, "-R", "--check")
+    assert reverse.returncode == 0, reverse.stderr
+
+
+def test_diff_of_two_patches_on_one_method(upstream_tree):
+    text = cli.render_diff([make("t-a", DOUBLE_EPS), make("t-c", GROW_HIDDEN)])
+    assert text.count("--- a/python/sglang/srt/layers/layernorm.py") == 1
+    assert git_apply(upstream_tree, text, "--check").returncode == 0
+
+
+def test_diff_of_real_patches(upstream_tree):
+    from sglang_hip_decode.patches import catalog
+
+    implemented = [e.name for e in catalog() if e.patch is not None]
+    if not implemented:
+        proc = run_cli("diff")
+        assert proc.returncode == 1 and "no implemented patch" in proc.stderr
+        return
+    text = cli.unified_diff(implemented)
+    assert git_apply(upstream_tree, text, "--check").returncode == 0
+
+
+def test_diff_refuses_unknown_and_unimplemented_names():
+    proc = run_cli("diff", "no-such-patch")
+    assert proc.returncode != 0 and "unknown patch no-such-patch" in proc.stderr
+    from sglang_hip_decode.patches import catalog
+
+    planned = [e.name for e in catalog() if e.patch is None]
+    if planned:
+        proc = run_cli("diff", planned[0])
+        assert proc.returncode != 0 and "not implemented yet" in proc.stderr
+
+
+def test_doctor():
+    proc = run_cli("doctor")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "sglang 0.5.11 (supported: True)" in out
+    assert "torch 2.11.0" in out
+    assert "aiter not importable" in out and "tilelang not importable" in out
+    rows = {line.split()[0]: line.split()[1] for line in out.splitlines()[out.splitlines().index(next(l for l in out.splitlines() if l.startswith("kernel "))) + 2 :]}
+    assert "fused_qk_rope_cat_and_cache_mla" in rows
+    assert all(kind in ("rocm", "triton", "torch", "NONE") for kind in rows.values())
+
+
+def _python_without_site_packages(code):
+    """Run ``code`` in a Python that sees this package but no installed distributions (no sglang)."""
+    prelude = (
+        "import sys; sys.path = [p for p in sys.path if 'site-packages' not in p and '.egg' not in p]; "
+        f"sys.path.insert(0, {str(ROOT / 'python')!r}); "
+    )
+    return subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True, timeout=120)
+
+
+def test_missing_sglang_is_a_clear_error():
+    for command in ("status", "diff"):
+        proc = _python_without_site_packages(f"from sglang_hip_decode.cli import main; sys.exit(main([{command!r}]))")
+        assert proc.returncode != 0
+        assert "sglang is not installed" in proc.stderr
+    proc = _python_without_site_packages("from sglang_hip_decode.cli import main; sys.exit(main(['doctor']))")
+    assert proc.returncode == 1 and "sglang NOT INSTALLED" in proc.stdout, proc.stderr
+    assert "torch not importable" in proc.stdout
+    assert "fused_qk_rope_cat_and_cache_mla  NONE" in proc.stdout
+    # The plugin itself, if ever called without sglang, still does not raise.
+    proc = _python_without_site_packages("import sglang_hip_decode as s; r = s.register(); print(r.sglang, set(p.status for p in r.patches))")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("None ")
