@@ -2,7 +2,8 @@
 
 * Every test starts from ``torch.manual_seed(0)``; ``rng`` gives a CPU ``torch.Generator`` seeded
   from the test's id, so each case gets its own fresh inputs, identical on every machine.
-* ``@pytest.mark.gpu`` tests are skipped where no GPU is visible.
+* ``@pytest.mark.gpu`` tests are skipped where no GPU is visible; there, Triton kernels run under
+  ``TRITON_INTERPRET=1`` (fp32: the interpreter's bf16/fp8 arithmetic is not trustworthy).
 * The run fails when tests were collected and every one of them was skipped: a green suite that
   tested nothing on this machine is a false green.
 * The kernel providers resolved during the session are printed at the end.
@@ -10,9 +11,16 @@
 
 from __future__ import annotations
 
+import os
 import zlib
 
 import pytest
+import torch
+
+# Without a GPU the Triton kernels run under the interpreter; it must be on before any
+# @triton.jit kernel module is imported (triton reads it at decoration time).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 _outcomes = {"passed": 0, "failed": 0, "skipped": 0}
 
@@ -22,8 +30,6 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    import torch
-
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a GPU (torch.cuda.is_available() is False)")
@@ -34,8 +40,6 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _seed():
-    import torch
-
     torch.manual_seed(0)
     yield
 
@@ -43,8 +47,6 @@ def _seed():
 @pytest.fixture
 def rng(request):
     """A CPU generator seeded from the test id: fresh inputs per case, the same on every run."""
-    import torch
-
     gen = torch.Generator(device="cpu")
     gen.manual_seed(zlib.crc32(request.node.nodeid.encode()))
     return gen

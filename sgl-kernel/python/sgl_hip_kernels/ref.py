@@ -10,14 +10,16 @@ import torch
 
 
 def _rope_fp32(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, is_neox: bool) -> torch.Tensor:
-    """RoPE over the last dim of ``x`` (fp32 math). ``cos``/``sin``: (..., d) or (..., d/2)."""
-    x = x.float()
+    """RoPE over the last dim of ``x`` in fp32 (fp64 if ``x`` is fp64, for tests). ``cos``/``sin``:
+    (..., d) or (..., d/2)."""
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x = x.to(work)
     d = x.shape[-1]
     half = d // 2
     if cos.shape[-1] == half:  # one frequency per pair: expand to the layout of x
         cos = torch.cat([cos, cos], -1) if is_neox else cos.repeat_interleave(2, -1)
         sin = torch.cat([sin, sin], -1) if is_neox else sin.repeat_interleave(2, -1)
-    cos, sin = cos.float(), sin.float()
+    cos, sin = cos.to(work), sin.to(work)
     if is_neox:  # rotate halves: [-x2, x1]
         rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
     else:  # GPT-J, interleaved pairs: [-x1, x0, -x3, x2, ...]
@@ -116,16 +118,17 @@ def sparse_mla_decode_ref(
     ``q`` (N, H, D) with D = d_v + rope (576), bf16/fp8/fp32; ``kv`` (slots, 1, D) same family;
     ``indices`` (N, 1, topk) int32 token slots, -1 = none. For each (n, h), over the valid j:
     ``o = sum_j softmax_j(sm_scale * <q[n,h], kv[idx_j]>) * kv[idx_j, :d_v]`` in fp32; a row with no
-    valid index gives 0. Output (N, H, d_v) in bf16 (fp32 when q is fp32). fp8 inputs are read as
+    valid index gives 0. Output (N, H, d_v) in bf16 (q's dtype when q is fp32/fp64). fp8 inputs are read as
     their values (no scale, as the TileLang fp8 kernel assumes k_scale = 1).
     """
     n, h, d = q.shape
-    out_dtype = torch.float32 if q.dtype == torch.float32 else torch.bfloat16
-    idx = indices.reshape(n, -1).long()
+    out_dtype = q.dtype if q.dtype in (torch.float32, torch.float64) else torch.bfloat16
+    idx = indices.reshape(n, indices.shape[-1]).long()
     valid = idx >= 0
-    rows = kv.reshape(kv.shape[0], d)[idx.clamp_min(0)].float()  # (N, topk, D)
-    rows = torch.where(valid[..., None], rows, torch.zeros((), device=rows.device))
-    scores = torch.einsum("nhd,nkd->nhk", q.float(), rows) * sm_scale
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    rows = kv.reshape(kv.shape[0], d)[idx.clamp_min(0)].to(work)  # (N, topk, D)
+    rows = torch.where(valid[..., None], rows, torch.zeros((), dtype=work, device=rows.device))
+    scores = torch.einsum("nhd,nkd->nhk", q.to(work), rows) * sm_scale
     scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
     weights = torch.softmax(scores, dim=-1)
     # A row with no valid index: softmax of all -inf is NaN; the contract says 0 (NaN from the data
