@@ -11,17 +11,22 @@ in-place copies (``copy_`` writes all of its destination); for the scatter famil
 addresses (``index_put_`` writes ``values`` broadcast to the indexed shape, not all of ``self``).
 
 Audits nest: an inner audit's ops are seen by every outer audit too.
+
+Kernels are opaque: wrap a provider with :func:`opaque` and the audit records one ``kernels`` call
+for it instead of the torch ops its reference implementation happens to use, so the counts describe
+the upstream code around the kernels, as a ROCm trace would show it (one kernel, no copies).
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import math
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes, _get_current_dispatch_mode_stack
 
 aten = torch.ops.aten
 
@@ -121,6 +126,7 @@ class CopyAudit(TorchDispatchMode):
         self.ops = COPY_OPS if ops is None else set(ops)
         self.events: list[CopyEvent] = []
         self.all_ops: collections.Counter[str] = collections.Counter()
+        self.kernels: collections.Counter[str] = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -157,3 +163,19 @@ class CopyAudit(TorchDispatchMode):
         if not self.events:
             return "no copies"
         return ", ".join(f"{op}x{n} ({self.bytes[op]} B)" for op, n in sorted(self.counts.items()))
+
+
+def opaque(name: str, fn: Callable) -> Callable:
+    """``fn`` as one opaque kernel for every active :class:`CopyAudit` (its own ops are not seen)."""
+
+    @functools.wraps(fn)
+    def kernel(*args, **kwargs):
+        audits = [m for m in _get_current_dispatch_mode_stack() if isinstance(m, CopyAudit)]
+        for audit in audits:
+            audit.kernels[name] += 1
+        if not audits:
+            return fn(*args, **kwargs)
+        with _disable_current_modes():
+            return fn(*args, **kwargs)
+
+    return kernel
