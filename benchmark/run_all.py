@@ -16,24 +16,14 @@ import sys
 import tempfile
 from pathlib import Path
 
+from sglang_hip_decode.harness.report import render
+
 ROOT = Path(__file__).resolve().parents[1]
 SEARCH = (ROOT / "benchmark" / "decode", ROOT / "sgl-kernel" / "benchmark")
 
 
 def discover() -> list[Path]:
     return sorted(p for d in SEARCH if d.is_dir() for p in d.glob("bench_*.py"))
-
-
-def render(result: dict) -> str:
-    columns = result["columns"]
-    rows = [[str(r.get(c, "")) for c in columns] for r in result["rows"]]
-    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(columns)]
-    lines = [
-        f"## {result['benchmark']}  (device: {result['device']}; providers: {result['providers']})",
-        "  ".join(c.rjust(w) for c, w in zip(columns, widths)),
-    ]
-    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in rows]
-    return "\n".join(lines)
 
 
 def main(argv=None) -> int:

@@ -200,3 +200,16 @@ def test_not_applied_off_hip_unless_forced(sg):
     finally:
         patching.unapply(PATCH)
     assert sg.nb.NativeSparseAttnBackend.__dict__["forward_decode"] is decode
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["tilelang", "aiter"])
+@pytest.mark.parametrize("kv", ["bf16", "fp8_e4m3"])
+def test_gpu_decode_bit_identical_with_triton_kernels(rng, sg, impl, kv):
+    # Production-like: GLM-5 TP8 per-rank heads, top-k 2048, the portable Triton kernels.
+    case = NsaDecodeCase(batch=64, heads=8, topk=2048, context=4096, kv_dtype=kv, impl=impl, layers=2, device="cuda")
+    runs = run_ab(case, rng, sg)
+    assert_bit_identical(runs["unpatched"], runs["patched"])
+    assert runs["unpatched"]["audit"].counts["cat"] - runs["patched"]["audit"].counts["cat"] == case.layers
+    for (_, q), ptr in zip(runs["patched"]["kernel_q"], runs["patched"]["q_cat_ptr"]):
+        assert q.data_ptr() == ptr

@@ -1,0 +1,16 @@
+"""One table format for every benchmark: ``{"benchmark", "device", "providers", "columns", "rows"}``."""
+
+from __future__ import annotations
+
+
+def render(result: dict) -> str:
+    columns = result["columns"]
+    rows = [[str(r.get(c, "")) for c in columns] for r in result["rows"]]
+    widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(columns)]
+    lines = [
+        f"## {result['benchmark']}",
+        f"device: {result['device']}; providers: {result['providers']}",
+        "  ".join(c.rjust(w) for c, w in zip(columns, widths)),
+    ]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in rows]
+    return "\n".join(lines)

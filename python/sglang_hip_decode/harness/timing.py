@@ -1,0 +1,86 @@
+"""Timing for the decode benchmarks: CUDA graphs, A/B interleaving, median with p20/p80.
+
+Decode work is microseconds long, so each measurement replays a CUDA graph that holds ``calls``
+invocations and divides by ``calls``; the arms of an A/B comparison are replayed alternately so that
+clock and thermal drift fall on both. Warm-up replays are excluded. Absolute times only come from a
+GPU: on the CPU these helpers refuse to time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from typing import Callable, Sequence
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    median_us: float
+    p20_us: float
+    p80_us: float
+
+    def __str__(self) -> str:
+        return f"{self.median_us:.2f} [{self.p20_us:.2f}, {self.p80_us:.2f}]"
+
+
+def _quantile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def summarise(samples_us: Sequence[float]) -> Timing:
+    return Timing(statistics.median(samples_us), _quantile(samples_us, 0.2), _quantile(samples_us, 0.8))
+
+
+def capture(fn: Callable[[], object], calls: int) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of ``calls`` back-to-back invocations of ``fn`` (after an eager warm-up)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    torch.cuda.synchronize()
+    return graph
+
+
+def time_graphs(graphs: dict[str, torch.cuda.CUDAGraph], calls: int, repeats: int = 50, warmup: int = 5) -> dict[str, Timing]:
+    """Replay every graph ``repeats`` times, interleaved, and return µs per call for each."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("absolute times come from a GPU only")
+    samples: dict[str, list[float]] = {name: [] for name in graphs}
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for i in range(warmup + repeats):
+        for name, graph in graphs.items():
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            if i >= warmup:
+                samples[name].append(start.elapsed_time(end) * 1000.0 / calls)
+    return {name: summarise(values) for name, values in samples.items()}
+
+
+def count_gpu_kernels(fn: Callable[[], object]) -> int:
+    """GPU kernels (and device copies) one eager call of ``fn`` launches, from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return "cpu"

@@ -1,0 +1,21 @@
+"""`make bench` in quick mode: every benchmark runs on the CPU and prints its table (so none rots)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_run_all_quick():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmark" / "run_all.py")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert "## nsa-cat-skip" in out
+    assert "providers: fused_qk_rope_cat_and_cache_mla=" in out
+    # The copy audit's verdict at the quick shapes: one cat per layer removed, its bytes B*H*576*2.
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith("8 ")]
+    assert [r[:6] for r in rows] == [["8", "1", "bf16", "1.0", "0.0", "9216"], ["8", "4", "bf16", "1.0", "0.0", "36864"]]
