@@ -4,7 +4,8 @@ Runs the real sglang 0.5.11 ``forward_absorb_core`` -> ``RadixAttention`` -> ``f
 the HIP flags forced and the kernels from the provider table (harness/nsa_decode.py), at GLM-5
 per-rank shapes: TP8 (8 heads) and DP attention (64 heads), batch 1..256, top-k 2048 over an 8k
 context. Per layer: µs median [p20, p80] of each arm (CUDA graphs, arms interleaved), the saving,
-a standalone ``torch.cat`` of the same q (the copy the patch removes) timed in the same run,
+a standalone ``torch.cat`` of the same q (the copy the patch removes) timed in the same run, the
+saving as the median [p20, p80] of per-round paired differences (drift cancels) and its ratio to the cat,
 GPU kernels per layer (torch.profiler), copy ops and bytes (copy audit); per decode step: the saving
 times the model's layers.
 
@@ -77,12 +78,14 @@ def measure(case: NsaDecodeCase, sg, calls: int, repeats: int, gpu: bool) -> dic
     q_cat = torch.randn(case.batch, case.heads, 576, device="cuda").to(x.kv_caches[0].dtype if case.kv_dtype != "fp8_e4m3" else torch.float8_e4m3fn)
     graphs["cat"] = timing.capture(lambda: torch.cat([q_cat[..., :512], q_cat[..., 512:]], -1), calls * case.layers)
     per_call = calls * case.layers
-    t = timing.time_graphs({k: graphs[k] for k in ("unpatched", "patched")}, per_call, repeats)
-    t.update(timing.time_graphs({"cat": graphs["cat"]}, per_call, repeats))
-    saved = t["unpatched"].median_us - t["patched"].median_us
+    samples = timing.time_graphs({k: graphs[k] for k in ("unpatched", "patched")}, per_call, repeats)
+    samples.update(timing.time_graphs({"cat": graphs["cat"]}, per_call, repeats))
+    t = {name: timing.summarise(values) for name, values in samples.items()}
+    saving = timing.paired_saving(samples["unpatched"], samples["patched"])
+    saved = saving.median_us
     moved = 2 * row["cat_bytes"]  # the cat reads q_nope and q_rope and writes q_all
     row.update(
-        unpatched_us=str(t["unpatched"]), patched_us=str(t["patched"]), saved_us=round(saved, 2), cat_us=str(t["cat"]),
+        unpatched_us=str(t["unpatched"]), patched_us=str(t["patched"]), saved_us=str(saving), cat_us=str(t["cat"]),
         **{"saved/cat": round(saved / t["cat"].median_us, 2),
            "patched/unpatched": round(t["patched"].median_us / t["unpatched"].median_us, 4)},
         kernels_unpatched=kernels["unpatched"], kernels_patched=kernels["patched"],
@@ -99,7 +102,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tp", type=int, default=8, help="tensor parallel size for the per-rank head count")
     parser.add_argument("--batches", default=None, help="comma-separated batch sizes")
     parser.add_argument("--kv", default="bf16", choices=["bf16", "fp8_e4m3"])
-    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=100)
     args = parser.parse_args(argv)
 
     gpu = torch.cuda.is_available()
@@ -116,9 +119,10 @@ def main(argv=None) -> int:
                 kv_lora_rank=shapes["kv_lora_rank"], rope_dim=shapes["rope_dim"], v_head_dim=shapes["v_head_dim"],
                 layers=2 if batch >= 64 else 4, hidden=1024,
             )
-            row = measure(case, sg, calls=4 if batch >= 64 else 8, repeats=args.repeats, gpu=gpu)
+            row = measure(case, sg, calls=8 if batch >= 64 else 16, repeats=args.repeats, gpu=gpu)
             if gpu:
-                row["step_saved_us"] = round(row["saved_us"] * shapes["layers"], 1)
+                saved = float(row["saved_us"].split()[0])
+                row["step_saved_us"] = round(saved * shapes["layers"], 1)
             rows.append(row)
             print({k: row.get(k, "") for k in COLUMNS}, file=sys.stderr, flush=True)
     result = {

@@ -86,7 +86,9 @@ def test_gpu_against_reference(rng, dtype, h):
     ref = sparse_mla_decode_ref(q, kv, idx, scale)  # fp32 math, rounded to bf16 at the end
     ref64 = sparse_mla_decode_ref(q.double(), kv.double(), idx, scale).double()
     # torch's own bf16 computation of the same thing (bf16 matmuls and softmax)
+    valid = (idx[:, 0] >= 0)[..., None]
     rows = kv[:, 0].to(torch.bfloat16)[idx[:, 0].clamp_min(0).long()]
+    rows = torch.where(valid, rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
     s = torch.einsum("nhd,nkd->nhk", q.to(torch.bfloat16), rows) * scale
     s = s.masked_fill((idx < 0), float("-inf"))
     p = torch.softmax(s.float(), -1).to(torch.bfloat16).nan_to_num(0)

@@ -51,8 +51,9 @@ def capture(fn: Callable[[], object], calls: int) -> torch.cuda.CUDAGraph:
     return graph
 
 
-def time_graphs(graphs: dict[str, torch.cuda.CUDAGraph], calls: int, repeats: int = 50, warmup: int = 5) -> dict[str, Timing]:
-    """Replay every graph ``repeats`` times, interleaved, and return µs per call for each."""
+def time_graphs(graphs: dict[str, torch.cuda.CUDAGraph], calls: int, repeats: int = 50, warmup: int = 5) -> dict[str, list[float]]:
+    """Replay every graph ``repeats`` times, interleaved, and return the µs-per-call samples of each
+    (sample i of every graph comes from the same round, so paired differences cancel drift)."""
     if not torch.cuda.is_available():
         raise RuntimeError("absolute times come from a GPU only")
     samples: dict[str, list[float]] = {name: [] for name in graphs}
@@ -65,7 +66,12 @@ def time_graphs(graphs: dict[str, torch.cuda.CUDAGraph], calls: int, repeats: in
             end.synchronize()
             if i >= warmup:
                 samples[name].append(start.elapsed_time(end) * 1000.0 / calls)
-    return {name: summarise(values) for name, values in samples.items()}
+    return samples
+
+
+def paired_saving(before: Sequence[float], after: Sequence[float]) -> Timing:
+    """Median [p20, p80] of the per-round differences ``before[i] - after[i]``."""
+    return summarise([b - a for b, a in zip(before, after)])
 
 
 def count_gpu_kernels(fn: Callable[[], object]) -> int:

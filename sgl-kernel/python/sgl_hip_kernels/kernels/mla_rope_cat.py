@@ -57,17 +57,15 @@ def _mla_rope_cat_cache_kernel(
     else:
         freq = pe
 
-    if pid < B * QH:
-        b = pid // QH
-        h = pid % QH
-        is_k_row = (h % (QH // KH)) == 0
-        hk = h // (QH // KH)
-    else:  # the extra rows of a mixed batch: K only, stored without RoPE
-        b = B + (pid - B * QH) // KH
-        hk = (pid - B * QH) % KH
-        h = 0
-        is_k_row = True
+    # Decode rows: one program per (token, q head); the K is written by the first q head of each
+    # k head. Extra rows of a mixed batch (B <= token < B_SLOT): one program per (token, k head),
+    # K only, stored without RoPE.
     decode = pid < B * QH
+    k_pid = pid - B * QH
+    b = tl.where(decode, pid // QH, B + k_pid // KH)
+    h = tl.where(decode, pid % QH, 0)
+    hk = tl.where(decode, h // (QH // KH), k_pid % KH)
+    is_k_row = (h % (QH // KH)) == 0
     # K-only rows rotate nothing; they read position 0's table row, unused.
     p = tl.load(pos_ptr + b * s_pos, mask=decode, other=0).to(tl.int64)
     cos = tl.load(cos_ptr + p * s_cos_p + freq * s_cos_d).to(tl.float32)
@@ -82,7 +80,7 @@ def _mla_rope_cat_cache_kernel(
         if b < N_ZERO:
             tl.store(dq_pe_out_ptr + b * s_dq_b + h * s_dq_h + pe * s_dq_d, q_r.to(dq_pe_out_ptr.dtype.element_ty))
 
-    if is_k_row and b < B_SLOT:
+    if is_k_row & (b < B_SLOT):
         slot = tl.load(slot_ptr + b).to(tl.int64)
         if slot >= 0:
             if HAVE_K_SCALE:
