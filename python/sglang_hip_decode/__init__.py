@@ -150,7 +150,9 @@ def register() -> Report | None:
     try:
         report = evaluate()
         _log(report)
-        path = os.environ.get("SGLANG_HIP_DECODE_STATUS_FILE")
+        from .gates import ENV_STATUS_FILE
+
+        path = os.environ.get(ENV_STATUS_FILE)
         if path:
             try:
                 _write_status_file(report, path)
