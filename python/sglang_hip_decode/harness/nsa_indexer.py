@@ -1,0 +1,140 @@
+"""The NSA indexer's q/k path of sglang 0.5.11 (``Indexer._get_q_k_bf16`` / ``_get_k_bf16``), on a
+real ``Indexer`` made without ``__init__``, for the indexer-rope-guard parity tests and benchmark.
+
+Stand-ins: ``wq_b``/``wk`` are bf16 linears, ``k_norm`` a LayerNorm, ``rotate_activation`` a torch
+Walsh-Hadamard transform (``scale = d^-1/2``, what sglang's hadamard kernel computes), and the
+RoPE is either *in place* (rotates q/k where they lie and returns those same views, as the HIP
+kernels do) or *out of place* (returns new tensors). Both RoPE stand-ins are opaque kernels for
+the copy audit, so its counts are the write-back copies of the upstream code alone.
+
+Shapes (GLM-5 / DeepSeek-V3.2 indexer): 64 index heads, head dim 128, rope 64, q_lora 2048
+(GLM-5; 1536 for DeepSeek-V3.2), hidden 6144 (GLM-5); only the write-back depends on the heads,
+head dim and rope.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import types
+
+import torch
+
+from ..audit import opaque
+
+NI = "sglang.srt.layers.attention.nsa.nsa_indexer"
+
+
+def import_indexer():
+    real = torch.cuda.is_available
+    torch.cuda.is_available = lambda: False  # sglang on CUDA would import sgl_kernel: hide CUDA meanwhile
+    try:
+        return importlib.import_module(NI)
+    finally:
+        torch.cuda.is_available = real
+
+
+def hadamard(x: torch.Tensor) -> torch.Tensor:
+    """Walsh-Hadamard transform over the last dim with scale d^-1/2 (fp32 math, input dtype out)."""
+    d = x.shape[-1]
+    y = x.float().reshape(-1, d)
+    h = 1
+    while h < d:
+        y = y.view(-1, d // (2 * h), 2, h)
+        y = torch.stack([y[:, :, 0] + y[:, :, 1], y[:, :, 0] - y[:, :, 1]], dim=2).view(-1, d)
+        h *= 2
+    return (y * d**-0.5).view(x.shape).to(x.dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # GPT-J interleaved pairs in fp32, rounded once to x's dtype
+    pairs = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    return torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], -1).flatten(-2).to(x.dtype)
+
+
+class RopeStandIn:
+    """``rotary_emb(positions, q, k) -> (q', k')``; in place returns the very views it was given."""
+
+    def __init__(self, in_place: bool, rope_dim: int, max_pos: int, gen: torch.Generator, device):
+        angle = torch.rand(max_pos, rope_dim // 2, generator=gen) * 6.283
+        self.cos, self.sin = angle.cos().to(device), angle.sin().to(device)
+        self.in_place = in_place
+        self.kernel = opaque("rope_inplace" if in_place else "rope", self._apply)
+
+    def _apply(self, positions, q, k):
+        cos, sin = self.cos[positions], self.sin[positions]
+        cq, sq = (cos[:, None, :], sin[:, None, :]) if q.dim() == 3 else (cos, sin)
+        ck, sk = (cos[:, None, :], sin[:, None, :]) if k.dim() == 3 else (cos, sin)
+        q_new, k_new = _rotate(q, cq, sq), _rotate(k, ck, sk)
+        if not self.in_place:
+            return q_new, k_new
+        q.copy_(q_new)
+        k.copy_(k_new)
+        return q, k
+
+    def __call__(self, positions, q, k):
+        return self.kernel(positions, q, k)
+
+
+class _Linear(torch.nn.Module):
+    def __init__(self, weight):
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, x):
+        return x @ self.weight.t(), None
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexerCase:
+    tokens: int
+    in_place_rope: bool = True
+    heads: int = 64
+    head_dim: int = 128
+    rope_dim: int = 64
+    q_lora_rank: int = 2048
+    hidden: int = 6144
+    device: str = "cpu"
+
+
+class IndexerPath:
+    def __init__(self, case: IndexerCase, gen: torch.Generator, ni=None):
+        self.case, self.ni = case, ni or import_indexer()
+        dev = case.device
+        w = lambda *s: (torch.randn(*s, generator=gen) * s[-1] ** -0.5).to(torch.bfloat16).to(dev)  # noqa: E731
+        idx = self.ni.Indexer.__new__(self.ni.Indexer)
+        torch.nn.Module.__init__(idx)
+        idx.head_dim, idx.rope_head_dim, idx.n_heads = case.head_dim, case.rope_dim, case.heads
+        idx.wq_b = _Linear(w(case.heads * case.head_dim, case.q_lora_rank))
+        idx.wk = _Linear(w(case.head_dim, case.hidden))
+        idx.k_norm = torch.nn.LayerNorm(case.head_dim).to(torch.bfloat16).to(dev).requires_grad_(False)
+        idx.rotary_emb = RopeStandIn(case.in_place_rope, case.rope_dim, 8192, gen, dev)
+        idx.alt_stream = None
+        idx.nsa_enable_prefill_cp = False
+        self.indexer = idx
+        self.forward_batch = types.SimpleNamespace(attn_cp_metadata=None)
+
+    def inputs(self, gen: torch.Generator):
+        c, dev = self.case, self.case.device
+        q_lora = torch.randn(c.tokens, c.q_lora_rank, generator=gen).to(torch.bfloat16).to(dev)
+        x = torch.randn(c.tokens, c.hidden, generator=gen).to(torch.bfloat16).to(dev)
+        positions = torch.randint(0, 8192, (c.tokens,), generator=gen).to(dev)
+        return q_lora, x, positions
+
+    @contextlib.contextmanager
+    def rotate_stand_in(self):
+        """``rotate_activation`` imports a CUDA JIT kernel; use the torch transform meanwhile."""
+        saved = self.ni.rotate_activation
+        self.ni.rotate_activation = opaque("hadamard", hadamard)
+        try:
+            yield self
+        finally:
+            self.ni.rotate_activation = saved
+
+    def q_k(self, q_lora, x, positions):
+        return self.indexer._get_q_k_bf16(q_lora, x, positions, False, self.forward_batch)
+
+    def k(self, x, positions):
+        return self.indexer._get_k_bf16(x, positions, False)

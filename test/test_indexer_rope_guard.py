@@ -1,0 +1,184 @@
+"""indexer-rope-guard: the NSA indexer's RoPE write-back guard, 0.5.11 vs patched.
+
+* The real ``_get_q_k_bf16`` / ``_get_k_bf16`` (harness/nsa_indexer.py) with in-place and
+  out-of-place RoPE: bit-identical q and k, and the copy audit shows the write-back skipped only
+  when RoPE returned the very views (in place), never otherwise.
+* Constructed cases where 0.5.11's ``data_ptr`` guard is wrong (DEFECT, asserted as such, not
+  hidden) and the patched guard right: same start with another stride; overlapping views.
+* Under torch.compile: 0.5.11's guard cannot be traced (graph break; fullgraph refuses it); the
+  patched one compiles whole (inductor on the CPU) and gives eager's result.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sglang_hip_decode import evaluate, patching
+from sglang_hip_decode.audit import CopyAudit
+from sglang_hip_decode.harness.nsa_indexer import IndexerCase, IndexerPath, import_indexer
+from sglang_hip_decode.patches.indexer_rope_guard import PATCH
+
+
+@pytest.fixture(scope="module")
+def ni():
+    return import_indexer()
+
+
+@pytest.fixture
+def patched():
+    patching.apply(PATCH)
+    yield
+    patching.unapply(PATCH)
+
+
+def upstream_guard(ni):
+    return patching.original(PATCH.targets[0]).__func__
+
+
+def patched_guard(ni):
+    patching.apply(PATCH)
+    try:
+        return ni.Indexer.__dict__["_update_rope_guarded"].__func__
+    finally:
+        patching.unapply(PATCH)
+
+
+def bits(t):
+    return t.contiguous().view(torch.int16)
+
+
+@pytest.mark.parametrize("in_place", [True, False], ids=["rope-in-place", "rope-out-of-place"])
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_real_indexer_path_bit_identical_and_copies(rng, ni, in_place, tokens):
+    case = IndexerCase(tokens=tokens, in_place_rope=in_place, heads=4, q_lora_rank=64, hidden=96)
+    path = IndexerPath(case, rng, ni)
+    q_lora, x, positions = path.inputs(rng)
+    results = {}
+    with path.rotate_stand_in():
+        for arm in ("upstream", "patched"):
+            if arm == "patched":
+                patching.apply(PATCH)
+            try:
+                with CopyAudit() as audit_qk:
+                    q, k = path.q_k(q_lora, x, positions)
+                with CopyAudit() as audit_k:
+                    k_only = path.k(x, positions)
+                results[arm] = (q, k, k_only, audit_qk, audit_k)
+            finally:
+                patching.unapply(PATCH)
+    (q0, k0, ko0, a0, b0), (q1, k1, ko1, a1, b1) = results["upstream"], results["patched"]
+    assert torch.equal(bits(q0), bits(q1)) and torch.equal(bits(k0), bits(k1)) and torch.equal(bits(ko0), bits(ko1))
+    assert a0.counts == a1.counts and a0.bytes == a1.bytes and b0.counts == b1.counts
+    rope_bytes = tokens * case.rope_dim * 2
+    if in_place:  # RoPE returned the very views: no write-back at all
+        assert a1.counts["copy_"] == 0 and b1.counts["copy_"] == 0
+    else:  # fresh tensors: q and k written back (q: every head), and k in _get_k_bf16
+        assert a1.counts["copy_"] == 2 and a1.bytes["copy_"] == rope_bytes * (case.heads + 1)
+        assert b1.counts["copy_"] == 1 and b1.bytes["copy_"] == rope_bytes
+
+
+def test_true_alias_is_skipped_by_both(ni):
+    buf = torch.randn(6, 128)
+    for guard in (upstream_guard(ni), patched_guard(ni)):
+        dst = buf[:, :64]
+        with CopyAudit() as audit:
+            guard(dst, buf[:, :64])  # the same view, as an in-place kernel returns it
+        assert audit.total_count == 0
+
+
+def test_defect_same_start_other_stride(ni):
+    # src starts where dst starts but is laid out differently (a rotated result written densely at
+    # the front of the buffer): the values of src must land in dst.
+    def case():
+        buf = torch.arange(8 * 128, dtype=torch.float32).reshape(8, 128)
+        dst = buf[:, :64]  # strides (128, 1)
+        src = buf.view(-1)[: 8 * 64].view(8, 64)  # strides (64, 1), same data_ptr
+        return buf, dst, src, src.clone()
+
+    buf, dst, src, want = case()
+    assert src.data_ptr() == dst.data_ptr() and src.stride() != dst.stride()
+    upstream_guard(ni)(dst, src)
+    # DEFECT (0.5.11): the data_ptr guard skips a copy it needed; dst keeps its old values.
+    assert not torch.equal(dst, want), "0.5.11's guard was expected to skip this copy (documented defect)"
+    buf, dst, src, want = case()
+    patched_guard(ni)(dst, src)
+    assert torch.equal(dst, want)
+
+
+def test_defect_overlapping_views(ni):
+    # dst = columns 32..95, src = columns 0..63 of one buffer: overlapping, different starts.
+    def case():
+        buf = torch.arange(4 * 128, dtype=torch.float32).reshape(4, 128)
+        return buf, buf[:, 32:96], buf[:, 0:64], buf[:, 0:64].clone()
+
+    buf, dst, src, want = case()
+    upstream_guard(ni)(dst, src)
+    # DEFECT (0.5.11): copy_ between overlapping views reads elements it already overwrote.
+    assert not torch.equal(dst, want), "0.5.11's copy_ over overlapping views was expected to be wrong (documented defect)"
+    buf, dst, src, want = case()
+    with CopyAudit() as audit:
+        patched_guard(ni)(dst, src)
+    assert torch.equal(dst, want)
+    assert audit.counts == {"clone": 1, "copy_": 1}  # through a temporary
+
+
+def test_views_of_one_buffer_that_do_not_overlap(ni):
+    # Disjoint byte ranges: a direct copy, as 0.5.11 does.
+    buf = torch.randn(8, 64)
+    dst, src = buf[:4], buf[4:]
+    want = src.clone()
+    with CopyAudit() as audit:
+        patched_guard(ni)(dst, src)
+    assert torch.equal(dst, want) and audit.counts == {"copy_": 1}
+    # Interleaved columns share no element, but their byte ranges meet: the guard is conservative
+    # and copies through a temporary (still correct; one extra copy in a case no RoPE kernel makes).
+    buf = torch.randn(4, 256)
+    dst, src = buf[:, :64], buf[:, 128:192]
+    want = src.clone()
+    with CopyAudit() as audit:
+        patched_guard(ni)(dst, src)
+    assert torch.equal(dst, want) and audit.counts == {"clone": 1, "copy_": 1}
+
+
+def _compiled_caller(guard):
+    def caller(buf, src):
+        guard(buf[:, :64], src)
+        return buf * 2
+
+    return caller
+
+
+@pytest.mark.parametrize("alias", [True, False])
+def test_torch_compile(ni, alias):
+    up, pat = upstream_guard(ni), patched_guard(ni)
+
+    def inputs():
+        torch.manual_seed(1)
+        buf = torch.randn(8, 128)
+        return buf, (buf[:, :64] if alias else torch.randn(8, 64))
+
+    buf, src = inputs()
+    want = _compiled_caller(pat)(buf, src)
+    # 0.5.11's guard compares data_ptr()s, which dynamo cannot trace: fullgraph refuses it.
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="DataPtrVariable|data_ptr"):
+        torch.compile(_compiled_caller(up), fullgraph=True, backend="aot_eager")(*inputs())
+    # Patched: one graph, inductor (C++ on the CPU), the eager result.
+    torch._dynamo.reset()
+    buf, src = inputs()
+    got = torch.compile(_compiled_caller(pat), fullgraph=True, backend="inductor")(buf, src)
+    assert torch.equal(got, want)
+
+
+def test_not_applied_off_hip_unless_forced(ni):
+    original = ni.Indexer.__dict__["_update_rope_guarded"]
+    assert evaluate({}).status_of("indexer-rope-guard").startswith("off (not HIP")
+    assert ni.Indexer.__dict__["_update_rope_guarded"] is original
+    try:
+        report = evaluate({"SGLANG_HIP_DECODE_ANY_PLATFORM": "1", "SGLANG_HIP_DECODE_PATCHES": "indexer-rope-guard"})
+        assert report.status_of("indexer-rope-guard") == "applied"
+        assert isinstance(ni.Indexer.__dict__["_update_rope_guarded"], staticmethod)
+    finally:
+        patching.unapply(PATCH)
+    assert ni.Indexer.__dict__["_update_rope_guarded"] is original
