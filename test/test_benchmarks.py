@@ -9,8 +9,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_run_all_quick():
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmark" / "run_all.py")], cwd=ROOT,
+def test_nsa_cat_skip_quick():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmark" / "run_all.py"), "--only", "nsa_cat_skip"], cwd=ROOT,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
@@ -19,3 +19,12 @@ def test_run_all_quick():
     # The copy audit's verdict at the quick shapes: one cat per layer removed, its bytes B*H*576*2.
     rows = [line.split() for line in out.splitlines() if line.strip().startswith("8 ")]
     assert [r[:6] for r in rows] == [["8", "1", "bf16", "1.0", "0.0", "9216"], ["8", "4", "bf16", "1.0", "0.0", "36864"]]
+
+
+def test_indexer_rope_guard_quick():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmark" / "run_all.py"), "--only", "indexer"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [line.split() for line in proc.stdout.splitlines() if line.strip()[:1].isdigit()]
+    # in-place RoPE: 0.5.10 cloned and copied q and k (4 ops), 0.5.11 and the patch copy nothing
+    assert rows[0] == ["1", "in", "place", "4", "(16640", "B)", "0", "(0", "B)", "0", "(0", "B)"]
