@@ -182,3 +182,22 @@ def test_not_applied_off_hip_unless_forced(ni):
     finally:
         patching.unapply(PATCH)
     assert ni.Indexer.__dict__["_update_rope_guarded"] is original
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("in_place", [True, False], ids=["rope-in-place", "rope-out-of-place"])
+def test_gpu_indexer_path_bit_identical(rng, ni, in_place):
+    case = IndexerCase(tokens=256, in_place_rope=in_place, device="cuda")
+    path = IndexerPath(case, rng, ni)
+    q_lora, x, positions = path.inputs(rng)
+    outs = []
+    with path.rotate_stand_in():
+        for arm in ("upstream", "patched"):
+            if arm == "patched":
+                patching.apply(PATCH)
+            try:
+                outs.append(path.q_k(q_lora, x, positions) + (path.k(x, positions),))
+            finally:
+                patching.unapply(PATCH)
+    for a, b in zip(*outs):
+        assert torch.equal(bits(a), bits(b))
