@@ -122,11 +122,12 @@ def head_gate_fusion(ni, tokens: int = 64) -> list[dict]:
             compiled = lambda: compiled_fn(*args)  # noqa: E731
             want = eager()
             got = compiled()
+            names_eager, names_compiled = timing.gpu_kernels(eager), timing.gpu_kernels(compiled)
             rows.append({
                 "function": name, "tokens": tokens,
-                "kernels_eager": timing.count_gpu_kernels(eager),
-                "kernels_compiled": timing.count_gpu_kernels(compiled),
+                "kernels_eager": len(names_eager), "kernels_compiled": len(names_compiled),
                 "max_abs_diff": float((got.float() - want.float()).abs().max()),
+                "eager": " | ".join(n[:60] for n in names_eager), "compiled": " | ".join(n[:60] for n in names_compiled),
             })
     finally:
         ni._is_hip = saved_hip
@@ -138,9 +139,17 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json")
     parser.add_argument("--repeats", type=int, default=100)
+    parser.add_argument("--head-gates-only", action="store_true", help="only the compile-fusion table (GPU)")
     args = parser.parse_args(argv)
     gpu = torch.cuda.is_available()
     ni = import_indexer()
+    if args.head_gates_only:
+        rows = head_gate_fusion(ni)
+        print(json.dumps(rows, indent=1))
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(rows, fh, indent=1)
+        return 0
     tokens = (1, 16) if args.quick else TOKENS
     rows = []
     for in_place in (True, False):

@@ -74,8 +74,8 @@ def paired_saving(before: Sequence[float], after: Sequence[float]) -> Timing:
     return summarise([b - a for b, a in zip(before, after)])
 
 
-def count_gpu_kernels(fn: Callable[[], object]) -> int:
-    """GPU kernels (and device copies) one eager call of ``fn`` launches, from torch.profiler."""
+def gpu_kernels(fn: Callable[[], object]) -> list[str]:
+    """Names of the GPU kernels (and device copies) one eager call of ``fn`` launches (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -83,7 +83,11 @@ def count_gpu_kernels(fn: Callable[[], object]) -> int:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+def count_gpu_kernels(fn: Callable[[], object]) -> int:
+    return len(gpu_kernels(fn))
 
 
 def device_name() -> str:
