@@ -1,5 +1,5 @@
 """nsa-cat-skip parity: the real 0.5.11 forward_absorb_core -> RadixAttention -> forward_decode,
-unpatched then patched, on identical inputs (harness/nsa_decode.py; kernels from the provider table).
+unpatched then patched, on identical inputs (harness/mla_decode.py; kernels from the provider table).
 
 Claims checked:
 * decode (tilelang, aiter): attention output and KV-cache contents bit-identical; the patched run
@@ -18,7 +18,7 @@ import torch
 
 from sglang_hip_decode import evaluate, patching
 from sglang_hip_decode.audit import CopyAudit
-from sglang_hip_decode.harness.nsa_decode import NsaDecodeCase, NsaDecodePath, import_sglang, make_inputs
+from sglang_hip_decode.harness.mla_decode import MlaDecodeCase, MlaDecodePath, import_sglang, make_inputs
 from sglang_hip_decode.patches.nsa_cat_skip import PATCH
 
 SMALL = dict(heads=4, topk=32, context=64, hidden=64)  # heads not a multiple of 16
@@ -31,7 +31,7 @@ def sg():
 
 def run_ab(case, rng, sg):
     """Run the path unpatched, then patched, from identical inputs. Returns both runs' results."""
-    path = NsaDecodePath(case, rng, sg)
+    path = MlaDecodePath(case, rng, sg)
     x = make_inputs(case, rng)
     pristine = {k: getattr(x, k).clone() for k in ("q_pe", "k_pe", "q_nope_out", "k_nope", "positions", "topk_indices")}
     runs = {}
@@ -79,7 +79,7 @@ DECODE_CASES = [
 
 @pytest.mark.parametrize("impl, kv, llama, k_scale, batch", DECODE_CASES)
 def test_decode_bit_identical_zero_copy_one_cat_fewer(rng, sg, impl, kv, llama, k_scale, batch):
-    case = NsaDecodeCase(batch=batch, kv_dtype=kv, impl=impl, llama_4_scaling=llama, k_scale=k_scale, layers=2, **SMALL)
+    case = MlaDecodeCase(batch=batch, kv_dtype=kv, impl=impl, llama_4_scaling=llama, k_scale=k_scale, layers=2, **SMALL)
     runs = run_ab(case, rng, sg)
     before, after = runs["unpatched"], runs["patched"]
     assert_bit_identical(before, after)
@@ -105,8 +105,8 @@ def test_fp8_with_llama_4_scaling_is_not_an_input_0_5_11_accepts(rng, sg):
     # 0.5.11 scales the fp8 q_cat in place (q_nope_fused *= llama_4_scaling, an fp32 tensor); torch
     # refuses to promote float8 with float32 (on every device), so the original raises and there is
     # nothing to be bit-identical to. Documented, not hidden: the patch must raise the same way.
-    case = NsaDecodeCase(batch=2, kv_dtype="fp8_e4m3", llama_4_scaling=True, **SMALL)
-    path = NsaDecodePath(case, rng, sg)
+    case = MlaDecodeCase(batch=2, kv_dtype="fp8_e4m3", llama_4_scaling=True, **SMALL)
+    path = MlaDecodePath(case, rng, sg)
     x = make_inputs(case, rng)
     with path.hip():
         with pytest.raises(RuntimeError, match="Float8"):
@@ -120,7 +120,7 @@ def test_fp8_with_llama_4_scaling_is_not_an_input_0_5_11_accepts(rng, sg):
 
 
 def test_idle_zero_tokens(rng, sg):
-    case = NsaDecodeCase(batch=0, mode="IDLE", **SMALL)
+    case = MlaDecodeCase(batch=0, mode="IDLE", **SMALL)
     runs = run_ab(case, rng, sg)
     assert_bit_identical(runs["unpatched"], runs["patched"])
     for arm in runs.values():
@@ -131,7 +131,7 @@ def test_idle_zero_tokens(rng, sg):
 
 @pytest.mark.parametrize("mode", ["EXTEND", "TARGET_VERIFY"])
 def test_extend_and_target_verify_keep_the_split_form(rng, sg, mode):
-    case = NsaDecodeCase(batch=3, mode=mode, **SMALL)
+    case = MlaDecodeCase(batch=3, mode=mode, **SMALL)
     runs = run_ab(case, rng, sg)
     before, after = runs["unpatched"], runs["patched"]
     assert_bit_identical(before, after)
@@ -146,7 +146,7 @@ def test_extend_and_target_verify_keep_the_split_form(rng, sg, mode):
 
 @pytest.mark.parametrize("impl", ["flashmla_sparse", "flashmla_kv", "fa3", "trtllm"])
 def test_other_impls_are_handed_exactly_what_they_were_before(rng, sg, impl):
-    case = NsaDecodeCase(batch=3, impl=impl, **SMALL)
+    case = MlaDecodeCase(batch=3, impl=impl, **SMALL)
     runs = run_ab(case, rng, sg)
     before, after = runs["unpatched"], runs["patched"]
     assert_bit_identical(before, after)
@@ -164,8 +164,8 @@ def test_other_impls_are_handed_exactly_what_they_were_before(rng, sg, impl):
 
 def test_forward_decode_with_a_split_q_still_concatenates_on_hip(rng, sg):
     # A caller that passes q_rope (the non-fused path, or anyone else) must see 0.5.11's behaviour.
-    case = NsaDecodeCase(batch=2, **SMALL)
-    path = NsaDecodePath(case, rng, sg)
+    case = MlaDecodeCase(batch=2, **SMALL)
+    path = MlaDecodePath(case, rng, sg)
     x = make_inputs(case, rng)
     q = torch.randn(2, case.heads, 576, generator=rng).to(torch.bfloat16)
     layer = path.layers[0].attn_mqa
@@ -207,7 +207,7 @@ def test_not_applied_off_hip_unless_forced(sg):
 @pytest.mark.parametrize("kv", ["bf16", "fp8_e4m3"])
 def test_gpu_decode_bit_identical_with_triton_kernels(rng, sg, impl, kv):
     # Production-like: GLM-5 TP8 per-rank heads, top-k 2048, the portable Triton kernels.
-    case = NsaDecodeCase(batch=64, heads=8, topk=2048, context=4096, kv_dtype=kv, impl=impl, layers=2, device="cuda")
+    case = MlaDecodeCase(batch=64, heads=8, topk=2048, context=4096, kv_dtype=kv, impl=impl, layers=2, device="cuda")
     runs = run_ab(case, rng, sg)
     assert_bit_identical(runs["unpatched"], runs["patched"])
     assert runs["unpatched"]["audit"].counts["cat"] - runs["patched"]["audit"].counts["cat"] == case.layers

@@ -1,7 +1,7 @@
 """Decode benchmark for nsa-cat-skip: the same path as test/test_nsa_cat_skip.py, unpatched vs patched.
 
 Runs the real sglang 0.5.11 ``forward_absorb_core`` -> ``RadixAttention`` -> ``forward_decode`` with
-the HIP flags forced and the kernels from the provider table (harness/nsa_decode.py), at GLM-5
+the HIP flags forced and the kernels from the provider table (harness/mla_decode.py), at GLM-5
 per-rank shapes: TP8 (8 heads) and DP attention (64 heads), batch 1..256, top-k 2048 over an 8k
 context. Per layer: µs median [p20, p80] of each arm (CUDA graphs, arms interleaved), the saving,
 a standalone ``torch.cat`` of the same q (the copy the patch removes) timed in the same run, the
@@ -25,7 +25,7 @@ from sglang_hip_decode import patching, providers
 from sglang_hip_decode.audit import CopyAudit
 from sglang_hip_decode.harness import timing
 from sglang_hip_decode.harness.report import render
-from sglang_hip_decode.harness.nsa_decode import GLM5, NsaDecodeCase, NsaDecodePath, import_sglang, make_inputs
+from sglang_hip_decode.harness.mla_decode import GLM5, MlaDecodeCase, MlaDecodePath, import_sglang, make_inputs
 from sglang_hip_decode.patches.nsa_cat_skip import PATCH
 
 BATCHES = (1, 4, 16, 64, 128, 256)
@@ -48,9 +48,9 @@ def model_shapes(config_path: str | None) -> dict:
     return shapes
 
 
-def measure(case: NsaDecodeCase, sg, calls: int, repeats: int, gpu: bool) -> dict:
+def measure(case: MlaDecodeCase, sg, calls: int, repeats: int, gpu: bool) -> dict:
     gen = torch.Generator().manual_seed(case.batch * 1000 + case.heads)
-    path = NsaDecodePath(case, gen, sg)
+    path = MlaDecodePath(case, gen, sg)
     x = make_inputs(case, gen)
     fb = path.forward_batch(x)
     row = {"heads": case.heads, "batch": case.batch, "kv": case.kv_dtype}
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     rows = []
     for heads in head_counts:
         for batch in batches:
-            case = NsaDecodeCase(
+            case = MlaDecodeCase(
                 batch=batch, heads=heads, kv_dtype=args.kv, impl="tilelang", device="cuda" if gpu else "cpu",
                 topk=shapes["topk"] if gpu else 64, context=8192 if gpu else 128,
                 kv_lora_rank=shapes["kv_lora_rank"], rope_dim=shapes["rope_dim"], v_head_dim=shapes["v_head_dim"],

@@ -16,3 +16,15 @@ register_kernel(
     triton=import_loader("sgl_hip_kernels.sparse_mla_decode:sparse_mla_decode"),
     torch=import_loader("sgl_hip_kernels.ref:sparse_mla_decode_ref"),
 )
+register_kernel(
+    "batched_gemm_afp4wfp4_pre_quant",
+    torch=import_loader("sgl_hip_kernels.ref:batched_gemm_afp4wfp4_pre_quant_ref"),
+)
+register_kernel(
+    "fused_flatten_mxfp4_quant",
+    torch=import_loader("sgl_hip_kernels.ref:fused_flatten_mxfp4_quant_ref"),
+)
+register_kernel(
+    "fused_flatten_fp8_group_quant",
+    torch=import_loader("sgl_hip_kernels.ref:fused_flatten_fp8_group_quant_ref"),
+)
