@@ -16,15 +16,9 @@ register_kernel(
     triton=import_loader("sgl_hip_kernels.sparse_mla_decode:sparse_mla_decode"),
     torch=import_loader("sgl_hip_kernels.ref:sparse_mla_decode_ref"),
 )
-register_kernel(
-    "batched_gemm_afp4wfp4_pre_quant",
-    torch=import_loader("sgl_hip_kernels.ref:batched_gemm_afp4wfp4_pre_quant_ref"),
-)
-register_kernel(
-    "fused_flatten_mxfp4_quant",
-    torch=import_loader("sgl_hip_kernels.ref:fused_flatten_mxfp4_quant_ref"),
-)
-register_kernel(
-    "fused_flatten_fp8_group_quant",
-    torch=import_loader("sgl_hip_kernels.ref:fused_flatten_fp8_group_quant_ref"),
-)
+for _name in ("batched_gemm_afp4wfp4_pre_quant", "fused_flatten_mxfp4_quant", "fused_flatten_fp8_group_quant"):
+    register_kernel(
+        _name,
+        triton=import_loader(f"sgl_hip_kernels.mxfp4:{_name}"),
+        torch=import_loader(f"sgl_hip_kernels.ref:{_name}_ref"),
+    )
