@@ -28,3 +28,13 @@ def test_indexer_rope_guard_quick():
     rows = [line.split() for line in proc.stdout.splitlines() if line.strip()[:1].isdigit()]
     # in-place RoPE: 0.5.10 cloned and copied q and k (4 ops), 0.5.11 and the patch copy nothing
     assert rows[0] == ["1", "in", "place", "4", "(16640", "B)", "0", "(0", "B)", "0", "(0", "B)"]
+
+
+def test_mxfp4_vbmm_layout_quick():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmark" / "run_all.py"), "--only", "mxfp4"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [line.split() for line in proc.stdout.splitlines() if line.split()[:1] in (["bf16"], ["fp8"], ["mxfp4"])]
+    # bf16 o_proj at B=4: the flatten copy (4*4*... bytes) gone; B=1 and quantised o_proj: no copy either way
+    assert rows[1] == ["bf16", "4", "1", "(8192", "B)", "0", "(0", "B)"]
+    assert all(r[2:] == ["0", "(0", "B)", "0", "(0", "B)"] for r in rows if r != rows[1])

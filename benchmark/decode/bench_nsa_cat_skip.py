@@ -21,11 +21,10 @@ import sys
 
 import torch
 
-from sglang_hip_decode import patching, providers
-from sglang_hip_decode.audit import CopyAudit
+from sglang_hip_decode import providers
 from sglang_hip_decode.harness import timing
 from sglang_hip_decode.harness.report import render
-from sglang_hip_decode.harness.mla_decode import GLM5, MlaDecodeCase, MlaDecodePath, import_sglang, make_inputs
+from sglang_hip_decode.harness.mla_decode import GLM5, MlaDecodeCase, MlaDecodePath, import_sglang, make_inputs, model_shapes
 from sglang_hip_decode.patches.nsa_cat_skip import PATCH
 
 BATCHES = (1, 4, 16, 64, 128, 256)
@@ -36,18 +35,6 @@ COLUMNS = [
 ]
 
 
-def model_shapes(config_path: str | None) -> dict:
-    shapes = dict(GLM5)
-    if config_path:
-        with open(config_path) as fh:
-            cfg = json.load(fh)
-        for key, name in (("layers", "num_hidden_layers"), ("heads", "num_attention_heads"), ("kv_lora_rank", "kv_lora_rank"),
-                          ("rope_dim", "qk_rope_head_dim"), ("topk", "index_topk"), ("v_head_dim", "v_head_dim")):
-            if name in cfg:
-                shapes[key] = cfg[name]
-    return shapes
-
-
 def measure(case: MlaDecodeCase, sg, calls: int, repeats: int, gpu: bool) -> dict:
     gen = torch.Generator().manual_seed(case.batch * 1000 + case.heads)
     path = MlaDecodePath(case, gen, sg)
@@ -56,30 +43,19 @@ def measure(case: MlaDecodeCase, sg, calls: int, repeats: int, gpu: bool) -> dic
     row = {"heads": case.heads, "batch": case.batch, "kv": case.kv_dtype}
     with path.hip():
         step = lambda: path.step(x, fb)  # noqa: E731
-        audits, graphs, kernels = {}, {}, {}
-        for arm in ("unpatched", "patched"):
-            if arm == "patched":
-                patching.apply(PATCH)
-            try:
-                with CopyAudit() as audit:
-                    step()
-                audits[arm] = audit
-                if gpu:
-                    kernels[arm] = timing.count_gpu_kernels(step) / case.layers
-                    graphs[arm] = timing.capture(step, calls)
-            finally:
-                patching.unapply(PATCH)
+        runs = timing.ab_runs(step, {"unpatched": (), "patched": (PATCH,)}, calls, repeats, gpu)
+    audits = {arm: r.audit for arm, r in runs.items()}
     cats = {arm: audits[arm].counts["cat"] / case.layers for arm in audits}
     row.update(cats_unpatched=cats["unpatched"], cats_patched=cats["patched"],
                cat_bytes=(audits["unpatched"].bytes["cat"] - audits["patched"].bytes["cat"]) // case.layers)
     if not gpu:
         return row
     # The copy the patch removes, alone: cat of the two views of a q_cat of the same shape.
-    q_cat = torch.randn(case.batch, case.heads, 576, device="cuda").to(x.kv_caches[0].dtype if case.kv_dtype != "fp8_e4m3" else torch.float8_e4m3fn)
-    graphs["cat"] = timing.capture(lambda: torch.cat([q_cat[..., :512], q_cat[..., 512:]], -1), calls * case.layers)
-    per_call = calls * case.layers
-    samples = timing.time_graphs({k: graphs[k] for k in ("unpatched", "patched")}, per_call, repeats)
-    samples.update(timing.time_graphs({"cat": graphs["cat"]}, per_call, repeats))
+    q_cat = torch.randn(case.batch, case.heads, 576, device="cuda").to(x.kv_caches[0].dtype)
+    cat_graph = timing.capture(lambda: torch.cat([q_cat[..., :512], q_cat[..., 512:]], -1), calls)
+    samples = {arm: [v / case.layers for v in r.samples] for arm, r in runs.items()}  # per layer
+    samples.update(timing.time_graphs({"cat": cat_graph}, calls, repeats))
+    kernels = {arm: r.kernels / case.layers for arm, r in runs.items()}
     t = {name: timing.summarise(values) for name, values in samples.items()}
     saving = timing.paired_saving(samples["unpatched"], samples["patched"])
     saved = saving.median_us
@@ -106,7 +82,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     gpu = torch.cuda.is_available()
-    shapes = model_shapes(args.config)
+    shapes = model_shapes(GLM5, args.config)
     batches = [int(b) for b in args.batches.split(",")] if args.batches else ([1, 4] if args.quick else list(BATCHES))
     head_counts = [shapes["heads"] // args.tp] + ([] if args.quick else [shapes["heads"]])  # TP8, DP attention
     sg = import_sglang()

@@ -40,6 +40,24 @@ GLM5 = dict(layers=78, heads=64, kv_lora_rank=512, rope_dim=64, topk=2048, v_hea
 # Kimi-K2 (published config): 61 layers, 64 heads, kv_lora_rank 512, qk_rope 64, v_head_dim 128.
 KIMI_K2 = dict(layers=61, heads=64, kv_lora_rank=512, rope_dim=64, v_head_dim=128, hidden=7168)
 
+
+
+def model_shapes(defaults: dict, config_path: str | None = None) -> dict:
+    """``defaults`` overridden by a model's ``config.json`` where it names the same quantities."""
+    import json
+
+    shapes = dict(defaults)
+    if config_path:
+        with open(config_path) as fh:
+            cfg = json.load(fh)
+        for key, name in (("layers", "num_hidden_layers"), ("heads", "num_attention_heads"), ("kv_lora_rank", "kv_lora_rank"),
+                          ("rope_dim", "qk_rope_head_dim"), ("topk", "index_topk"), ("v_head_dim", "v_head_dim"),
+                          ("hidden", "hidden_size")):
+            if name in cfg:
+                shapes[key] = cfg[name]
+    return shapes
+
+
 FM = "sglang.srt.models.deepseek_common.attention_forward_methods.forward_mla"
 NB = "sglang.srt.layers.attention.nsa_backend"
 

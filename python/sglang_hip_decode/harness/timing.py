@@ -94,3 +94,35 @@ def device_name() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
     return "cpu"
+
+
+@dataclasses.dataclass
+class ArmResult:
+    audit: object  # a CopyAudit of one eager call
+    kernels: float | None  # GPU kernels per call (None on the CPU)
+    samples: list[float] | None  # µs per call, one per round (None on the CPU)
+
+
+def ab_runs(call: Callable[[], object], arms: dict, calls: int, repeats: int, gpu: bool) -> dict[str, ArmResult]:
+    """Run ``call`` under each arm (``{name: patches to apply}``): a copy audit of one eager call, and
+    on a GPU the kernels of one call and µs-per-call samples from interleaved CUDA-graph replays
+    (``calls`` calls per graph)."""
+    from .. import patching
+    from ..audit import CopyAudit
+
+    audits, kernels, graphs = {}, {}, {}
+    for name, patches in arms.items():
+        for patch in patches:
+            patching.apply(patch)
+        try:
+            with CopyAudit() as audit:
+                call()
+            audits[name] = audit
+            if gpu:
+                kernels[name] = count_gpu_kernels(call)
+                graphs[name] = capture(call, calls)
+        finally:
+            for patch in reversed(patches):
+                patching.unapply(patch)
+    samples = time_graphs(graphs, calls, repeats) if gpu else {}
+    return {name: ArmResult(audits[name], kernels.get(name), samples.get(name)) for name in arms}
