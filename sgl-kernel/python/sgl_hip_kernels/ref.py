@@ -181,9 +181,11 @@ def mxfp4_quant_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def mxfp4_dequant_ref(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """fp32 values of MXFP4 data: ``e2m1(nibble) * 2^(scale - 127)`` (exact in fp32)."""
-    lut = torch.tensor(E2M1_VALUES + tuple(-v for v in E2M1_VALUES), dtype=torch.float32, device=packed.device)
-    nibbles = torch.stack([packed & 0xF, packed >> 4], -1).flatten(-2).long()
-    values = lut[nibbles]
+    nibbles = torch.stack([packed & 0xF, packed >> 4], -1).flatten(-2).to(torch.int32)
+    code = nibbles & 7  # decoded arithmetically (no host table: safe inside a CUDA-graph capture)
+    e2, m = (code >> 1).float(), (code & 1).float()
+    magnitude = torch.where(e2 == 0, m * 0.5, (1.0 + 0.5 * m) * torch.exp2(e2 - 1.0))
+    values = torch.where((nibbles & 8) != 0, -magnitude, magnitude)
     exps = torch.exp2(scales.float() - 127).repeat_interleave(MXFP4_BLOCK, -1)
     return values * exps
 
@@ -230,6 +232,9 @@ def fused_flatten_fp8_group_quant_ref(x: torch.Tensor, group_size: int, dtype_qu
         raise ValueError(f"N1*N2 = {flat.shape[1]} is not a multiple of group_size {group_size}")
     fmax = torch.finfo(dtype_quant).max
     groups = flat.reshape(m, flat.shape[1] // group_size, group_size)
-    scale = groups.abs().amax(-1).clamp_min(1e-10) / fmax
-    q = (groups * (1.0 / scale)[..., None]).clamp(-fmax, fmax).to(dtype_quant)
+    # IEEE divisions, tensor by tensor: torch divides by a Python scalar on CUDA as a multiply by its
+    # reciprocal, which is not the same rounding.
+    amax = groups.abs().amax(-1).clamp_min(1e-10)
+    scale = amax / torch.full_like(amax, fmax)
+    q = (groups * (torch.ones_like(scale) / scale)[..., None]).clamp(-fmax, fmax).to(dtype_quant)
     return q.reshape(m, flat.shape[1]), scale

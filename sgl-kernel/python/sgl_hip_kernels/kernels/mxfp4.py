@@ -78,8 +78,9 @@ def _flatten_fp8_group_quant_kernel(
     offs = tl.arange(0, N2)
     x = tl.load(x_ptr + m * s_x_m + n1 * s_x_n1 + offs * s_x_n2).to(tl.float32)
     groups = tl.reshape(x, (N2 // GROUP, GROUP))
-    scale = tl.maximum(tl.max(tl.abs(groups), axis=1), 1e-10) / FP8_MAX
-    recip = 1.0 / scale
+    # IEEE divisions (Triton's "/" may lower to an approximate one): the reference's fp32 math.
+    scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(groups), axis=1), 1e-10), FP8_MAX)
+    recip = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
     q = tl.clamp(groups * recip[:, None], -FP8_MAX, FP8_MAX)
     q = tl.reshape(q, (N2,)).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + m * s_o_m + (n1 * N2 + offs) * s_o_n, q)
