@@ -15,7 +15,6 @@ On the CPU only the copy audit is reported (absolute times come from a GPU only)
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import torch
@@ -23,7 +22,7 @@ import torch
 from sglang_hip_decode import providers
 from sglang_hip_decode.harness import timing
 from sglang_hip_decode.harness.mla_decode import KIMI_K2, MlaDecodeCase, MlaDecodePath, import_sglang, make_inputs, model_shapes
-from sglang_hip_decode.harness.report import render
+from sglang_hip_decode.harness.report import emit
 from sglang_hip_decode.patches.mxfp4_vbmm_layout import PATCH
 
 BATCHES = (1, 4, 16, 64, 128, 256)
@@ -91,11 +90,7 @@ def main(argv=None) -> int:
         "columns": COLUMNS if gpu else ["o_proj", "batch", "copies_unpatched", "copies_patched"],
         "rows": rows,
     }
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=1)
-    else:
-        print(render(result))
+    emit(result, args.json)
     return 0
 
 

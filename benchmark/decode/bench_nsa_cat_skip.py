@@ -16,14 +16,13 @@ On the CPU only the copy audit is reported (absolute times come from a GPU only)
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import torch
 
 from sglang_hip_decode import providers
 from sglang_hip_decode.harness import timing
-from sglang_hip_decode.harness.report import render
+from sglang_hip_decode.harness.report import emit
 from sglang_hip_decode.harness.mla_decode import GLM5, MlaDecodeCase, MlaDecodePath, import_sglang, make_inputs, model_shapes
 from sglang_hip_decode.patches.nsa_cat_skip import PATCH
 
@@ -108,11 +107,7 @@ def main(argv=None) -> int:
         "columns": COLUMNS if gpu else ["heads", "batch", "kv", "cats_unpatched", "cats_patched", "cat_bytes"],
         "rows": rows,
     }
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=1)
-    else:
-        print(render(result))
+    emit(result, args.json)
     return 0
 
 

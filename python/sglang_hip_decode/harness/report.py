@@ -14,3 +14,14 @@ def render(result: dict) -> str:
     ]
     lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in rows]
     return "\n".join(lines)
+
+
+def emit(result: dict, json_path: str | None) -> None:
+    """Write ``result`` as JSON to ``json_path`` (how ``make bench`` collects it), else print its table."""
+    if json_path:
+        import json
+
+        with open(json_path, "w") as fh:
+            json.dump(result, fh, indent=1)
+    else:
+        print(render(result))
