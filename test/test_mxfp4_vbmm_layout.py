@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import itertools
 
 import pytest
 import torch

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernel_checks import assert_within_torch_error, graph_replay_equals_eager, poison
+from kernel_checks import assert_within_torch_error, graph_replay_equals_eager
 from sgl_hip_kernels.mla_rope_cat import fused_qk_rope_cat_and_cache_mla
 from sgl_hip_kernels.ref import _rope_fp32, fused_qk_rope_cat_and_cache_mla_ref
 

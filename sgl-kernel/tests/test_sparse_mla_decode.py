@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernel_checks import assert_within_torch_error, graph_replay_equals_eager, poison
+from kernel_checks import assert_within_torch_error, graph_replay_equals_eager
 from sgl_hip_kernels.ref import sparse_mla_decode_ref
 from sgl_hip_kernels.sparse_mla_decode import sparse_mla_decode
 
@@ -83,7 +83,6 @@ def test_gpu_against_reference(rng, dtype, h):
     scale = 576**-0.5
     out = torch.empty(n, h, 512, dtype=torch.bfloat16, device="cuda")
     got = sparse_mla_decode(q, kv, idx, scale, out=out)
-    ref = sparse_mla_decode_ref(q, kv, idx, scale)  # fp32 math, rounded to bf16 at the end
     ref64 = sparse_mla_decode_ref(q.double(), kv.double(), idx, scale).double()
     # torch's own bf16 computation of the same thing (bf16 matmuls and softmax)
     valid = (idx[:, 0] >= 0)[..., None]
@@ -95,5 +94,4 @@ def test_gpu_against_reference(rng, dtype, h):
     torch_bf16 = torch.einsum("nhk,nkd->nhd", p, rows[..., :512])
     assert_within_torch_error(got.float(), ref64, torch_bf16.float(), f"{dtype} sparse decode")
     assert (got[2] == 0).all() and not got.isnan().any()
-    del ref
     graph_replay_equals_eager(lambda: sparse_mla_decode(q, kv, idx, scale, out=out), [out])
