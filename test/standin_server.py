@@ -1,0 +1,111 @@
+"""A small real HTTP server that answers the subset of SGLang's endpoints the real clients use
+(sglang.test.few_shot_gsm8k through RuntimeEndpoint, sglang.bench_serving --backend sglang), for
+the A/B runner's tests. Started the way the runner starts ``sglang.launch_server`` (same flags);
+like SGLang, it calls the installed plugin's ``register()`` at start-up (the entry point
+``load_plugins()`` would call), so the status file is the real plugin's.
+
+GSM8K: answers the last "Question: ... What is A plus B?" in the prompt with A+B (A*B when
+``--wrong`` says so, to produce a failing accuracy). /generate streams one token (a word) every
+``--token-ms`` milliseconds. Failure modes: ``--never-healthy``, ``--die-after N`` (exit after N
+/generate requests), ``--skip-plugin``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+p = argparse.ArgumentParser()
+p.add_argument("--model-path", required=True)
+p.add_argument("--tp-size", type=int, default=1)
+p.add_argument("--host", default="127.0.0.1")
+p.add_argument("--port", type=int, required=True)
+p.add_argument("--never-healthy", action="store_true")
+p.add_argument("--die-after", type=int, default=0)
+p.add_argument("--wrong", action="store_true")
+p.add_argument("--skip-plugin", action="store_true")
+p.add_argument("--token-ms", type=float, default=1.0)
+args, _unknown = p.parse_known_args()  # launch_server flags this stand-in does not model
+
+if not args.skip_plugin:
+    import sglang_hip_decode
+
+    sglang_hip_decode.register()
+
+state = {"generates": 0}
+lock = threading.Lock()
+
+
+def answer(prompt: str) -> str:
+    last = prompt.rsplit("Question:", 1)[-1]
+    nums = [int(n) for n in re.findall(r"What is (\d+) plus (\d+)", last)[-1]] if "plus" in last else [0, 0]
+    value = nums[0] * nums[1] if args.wrong else nums[0] + nums[1]
+    return f" We add the numbers. The answer is {value}."
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.0"
+
+    def log_message(self, *a):
+        pass
+
+    def _json(self, obj, code=200):
+        body = json.dumps(obj).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        if self.path.startswith("/health"):
+            return self._json({}, 503 if args.never_healthy else 200)
+        if self.path == "/get_model_info":
+            return self._json({"model_path": args.model_path, "tokenizer_path": args.model_path, "is_generation": True})
+        if self.path == "/v1/models":  # bench_serving's readiness check
+            return self._json({"object": "list", "data": [{"id": args.model_path, "object": "model"}]})
+        if self.path in ("/server_info", "/get_server_info"):
+            return self._json({"version": "stand-in", "internal_states": [{}]})
+        return self._json({"error": "not found"}, 404)
+
+    def do_POST(self):
+        length = int(self.headers.get("Content-Length", 0))
+        payload = json.loads(self.rfile.read(length) or b"{}")
+        if self.path == "/flush_cache":
+            return self._json({})
+        if self.path != "/generate":
+            return self._json({"error": "not found"}, 404)
+        with lock:
+            state["generates"] += 1
+            if args.die_after and state["generates"] > args.die_after:
+                os._exit(3)
+        prompt = payload.get("text") or ""
+        params = payload.get("sampling_params", {})
+        max_new = int(params.get("max_new_tokens", 16))
+        if payload.get("stream"):
+            words = [f" w{i}" for i in range(max_new)]
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            text = ""
+            for i, word in enumerate(words, start=1):
+                time.sleep(args.token_ms / 1000.0)
+                text += word
+                chunk = {"text": text, "meta_info": {"prompt_tokens": len(prompt.split()), "completion_tokens": i}}
+                self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+                self.wfile.flush()
+            self.wfile.write(b"data: [DONE]\n\n")
+            return
+        text = answer(prompt)
+        meta = {"prompt_tokens": len(prompt.split()), "completion_tokens": len(text.split()), "finish_reason": {"type": "stop"}}
+        return self._json({"text": text, "meta_info": meta})
+
+
+ThreadingHTTPServer.daemon_threads = True
+ThreadingHTTPServer((args.host, args.port), Handler).serve_forever()
