@@ -54,7 +54,7 @@ def files(tmp_path_factory):
 
 def runner_args(files, out, port, server_extra="", **overrides):
     args = ["--model", str(files["model"]), "--out", str(out), "--port", str(port),
-            "--server-cmd", f"{sys.executable} {HERE / 'standin_server.py'}", "--server-args", server_extra,
+            "--server-cmd", f"{sys.executable} {HERE / 'standin_server.py'}", f"--server-args={server_extra}",
             "--gsm8k-questions", "6", "--gsm8k-shots", "2", "--gsm8k-parallel", "3", "--gsm8k-data", str(files["gsm"]),
             "--input-len", "12", "--output-len", "6", "--range-ratio", "0.8", "--concurrency", "2", "--num-prompts", "4",
             "--bench-dataset-path", str(files["share"]), "--health-timeout", "120", "--poll-interval", "0.2",
@@ -155,3 +155,28 @@ def test_dry_run_glm5_preset(capsys):
            "--dataset-name random --random-input-len 8192 --random-output-len 1024 --random-range-ratio 0.8 " \
            "--max-concurrency 4 --num-prompts 20" in out
     assert "-m sglang.test.few_shot_gsm8k --host http://127.0.0.1 --port 30000 --num-questions 1319 --num-shots 5" in out
+
+
+def test_ctrl_c_leaves_nothing_running(files, tmp_path):
+    import signal
+    import time
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SGLANG_HIP_DECODE")}
+    # A slow stream keeps the run inside bench_serving / GSM8K long enough to interrupt it.
+    args = runner_args(files, tmp_path / "ab", port, "--token-ms 200")
+    proc = subprocess.Popen([sys.executable, "-u", "-m", "sglang_hip_decode.validate", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    seen = ""
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        seen += line
+        if "[off] healthy" in line:
+            break
+    assert "[off] healthy" in seen, seen
+    assert processes_on_port(port)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted; servers stopped" in err
+    assert processes_on_port(port) == []
