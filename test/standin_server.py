@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import re
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer

@@ -302,7 +302,7 @@ def render_report(results: dict) -> str:
         "",
         f"- family: {results['family'] or 'unknown'}; TP {results['tp']}; server args: `{results['server_args']}`",
         f"- applied (on): {', '.join(on['applied'])}; (off): {', '.join(off['applied']) or 'none'}",
-        f"- versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()),
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()),
         "",
         "| metric | off | on | change |",
         "|---|---|---|---|",
