@@ -238,3 +238,17 @@ def fused_flatten_fp8_group_quant_ref(x: torch.Tensor, group_size: int, dtype_qu
     scale = amax / torch.full_like(amax, fmax)
     q = (groups * (torch.ones_like(scale) / scale)[..., None]).clamp(-fmax, fmax).to(dtype_quant)
     return q.reshape(m, flat.shape[1]), scale
+
+
+def fused_qk_norm_ref(q: torch.Tensor, k: torch.Tensor, q_weight, k_weight: torch.Tensor, eps: float):
+    """RMSNorm per row of q (T, HQ, D) and k (T, HK, D): ``y = x * rsqrt(mean(x^2) + eps) * w`` in fp32
+    (``w = 1`` for q when ``q_weight`` is None), stored in the input dtype."""
+
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32  # fp64 only for test references
+
+    def norm(x, w):
+        xf = x.to(work)
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        return (y if w is None else y * w.to(work)).to(x.dtype)
+
+    return norm(q, q_weight), norm(k, k_weight)
