@@ -1,0 +1,82 @@
+"""fp32 references for the DeepSeek-V4 KV compressor (reference §5.3), the contract the fused kernels
+must meet. Layouts this project's kernels read (stated because upstream's fused kernel read the
+checkpoint ape layout and was unusable for the overlap case):
+
+* raw row per token ``u_t`` (width ``2*c*d``; ``c = 2`` for ratio 4, else 1):
+  ratio 4 ``[kv_A | kv_B | s_A | s_B]`` (A: the overlap half, consumed by the *next* block),
+  ratio 128 ``[kv | s]``;
+* ``bias`` (K, d), K = 8 for ratio 4 (the hot-fixed ape: rows 0..3 = ``ape[:, :d]``, rows 4..7 =
+  ``ape[:, d:]`` of the checkpoint's (4, 2d)), K = 128 for ratio 128 (``ape`` itself);
+* ``cos``/``sin`` (max_pos, 32): GPT-J interleaved RoPE on the last 64 channels at the block's first
+  token position ``r * n``.
+
+Block n of a sequence covers tokens ``[r*n, r*n + r - 1]`` and is emitted with the token ``r*n + r - 1``.
+Rows: ratio 128, j = 0..127 -> token 128n + j: ``kv = u[0:d]``, ``s = u[d:2d] + bias[j]``; ratio 4,
+j = 0..3 -> token 4n - 4 + j (previous block): ``kv = u[0:d]``, ``s = u[2d:3d] + bias[j]``; j = 4..7 ->
+token 4n + j - 4: ``kv = u[d:2d]``, ``s = u[3d:4d] + bias[j]``; for n = 0 rows 0..3 are invalid.
+Pooling is a per-channel softmax over the valid rows (an invalid row, or a score of -inf, weighs 0;
+a channel with no weight at all pools to 0, never NaN), then RMSNorm (weight, eps), RoPE, and for the
+indexer (d = 128, ``rotate``) a Walsh-Hadamard transform with scale d^-1/2.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _hadamard(x: torch.Tensor) -> torch.Tensor:
+    d = x.shape[-1]
+    y = x.reshape(-1, d)
+    h = 1
+    while h < d:
+        y = y.view(-1, d // (2 * h), 2, h)
+        y = torch.stack([y[:, :, 0] + y[:, :, 1], y[:, :, 0] - y[:, :, 1]], dim=2).view(-1, d)
+        h *= 2
+    return (y * d**-0.5).view(x.shape)
+
+
+def pool_block_ref(kv, score, valid, bias, norm_w, eps, cos, sin, rotate=False):
+    """One compressed vector. ``kv``/``score`` (K, d), ``valid`` (K,) bool, ``bias`` (K, d), ``norm_w``
+    (d,), ``cos``/``sin`` (32,): fp32 (fp64 inputs stay fp64, for tests). Returns (d,)."""
+    work = torch.float64 if kv.dtype == torch.float64 else torch.float32
+    kv, s = kv.to(work), score.to(work) + bias.to(work)
+    weight_ok = valid[:, None] & (s > float("-inf"))
+    s = torch.where(weight_ok, s, torch.full_like(s, float("-inf")))
+    m = s.amax(0)
+    e = torch.where(weight_ok, torch.exp(s - torch.where(m > float("-inf"), m, torch.zeros_like(m))), torch.zeros_like(s))
+    l = e.sum(0)
+    pooled = torch.where(l > 0, (e * torch.where(weight_ok, kv, torch.zeros_like(kv))).sum(0) / torch.where(l > 0, l, torch.ones_like(l)), torch.zeros_like(l))
+    y = pooled * torch.rsqrt(pooled.pow(2).mean() + eps) * norm_w.to(work)
+    tail = y[-64:].view(32, 2)
+    c, sn = cos.to(work), sin.to(work)
+    y = torch.cat([y[:-64], torch.stack([tail[:, 0] * c - tail[:, 1] * sn, tail[:, 1] * c + tail[:, 0] * sn], -1).flatten()])
+    return _hadamard(y) if rotate else y
+
+
+def block_rows_ref(u_of_token, n: int, ratio: int, d: int):
+    """``(kv (K, d), score (K, d), valid (K,))`` of block n; ``u_of_token(t)`` returns the raw row of
+    token t of the sequence."""
+    if ratio == 4:
+        kv, score, valid = [], [], []
+        for j in range(8):
+            t = 4 * n - 4 + j if j < 4 else 4 * n + j - 4
+            ok = t >= 0 and (j >= 4 or n > 0)
+            u = u_of_token(max(t, 0))
+            if j < 4:
+                kv.append(u[0:d]), score.append(u[2 * d:3 * d])
+            else:
+                kv.append(u[d:2 * d]), score.append(u[3 * d:4 * d])
+            valid.append(ok)
+        return torch.stack(kv), torch.stack(score), torch.tensor(valid)
+    rows = [u_of_token(ratio * n + j) for j in range(ratio)]
+    u = torch.stack(rows)
+    return u[:, :d], u[:, d:2 * d], torch.ones(ratio, dtype=torch.bool)
+
+
+def compress_sequence_ref(u, ratio, d, bias, norm_w, eps, cos_table, sin_table, rotate=False):
+    """Every full block of one sequence's raw rows ``u`` (T, width): (T // ratio, d)."""
+    out = []
+    for n in range(u.shape[0] // ratio):
+        kv, score, valid = block_rows_ref(lambda t: u[t], n, ratio, d)
+        out.append(pool_block_ref(kv, score, valid, bias, norm_w, eps, cos_table[ratio * n], sin_table[ratio * n], rotate))
+    return torch.stack(out) if out else u.new_zeros((0, d), dtype=torch.float32)
