@@ -26,7 +26,6 @@ import types
 import torch
 
 from sglang_hip_decode import patching
-from sglang_hip_decode.audit import CopyAudit
 from sglang_hip_decode.harness import timing
 from sglang_hip_decode.harness.nsa_indexer import IndexerCase, IndexerPath, _Linear, import_indexer
 from sglang_hip_decode.harness.report import render
@@ -54,29 +53,17 @@ def measure(case: IndexerCase, ni, gpu: bool, repeats: int) -> dict:
     q_lora, x, positions = path.inputs(gen)
     call = lambda: path.q_k(q_lora, x, positions)  # noqa: E731
     row = {"tokens": case.tokens, "rope": "in place" if case.in_place_rope else "out of place"}
-    graphs, kernels = {}, {}
+    arms = {arm: (ARM_PATCH[arm],) if ARM_PATCH[arm] is not None else () for arm in ARMS}
     with path.rotate_stand_in():
-        for arm in ARMS:
-            patch = ARM_PATCH[arm]
-            if patch is not None:
-                patching.apply(patch)
-            try:
-                with CopyAudit() as audit:
-                    call()
-                row[f"copies_{arm}"] = f"{audit.total_count} ({audit.total_bytes} B)"
-                if gpu:
-                    kernels[arm] = timing.count_gpu_kernels(call)
-                    graphs[arm] = timing.capture(call, 8)
-            finally:
-                if patch is not None:
-                    patching.unapply(patch)
+        runs = timing.ab_runs(call, arms, 8, repeats, gpu)
+    for arm, r in runs.items():
+        row[f"copies_{arm}"] = f"{r.audit.total_count} ({r.audit.total_bytes} B)"
     if gpu:
-        samples = timing.time_graphs(graphs, 8, repeats)
-        for arm in ARMS:
-            row[f"us_{arm}"] = str(timing.summarise(samples[arm]))
-            row[f"kernels_{arm}"] = kernels[arm]
-        row["saved_vs_0.5.10_us"] = str(timing.paired_saving(samples["0.5.10"], samples["patched"]))
-        row["patched-0.5.11_us"] = str(timing.paired_saving(samples["patched"], samples["0.5.11"]))
+        for arm, r in runs.items():
+            row[f"us_{arm}"] = str(timing.summarise(r.samples))
+            row[f"kernels_{arm}"] = r.kernels
+        row["saved_vs_0.5.10_us"] = str(timing.paired_saving(runs["0.5.10"].samples, runs["patched"].samples))
+        row["patched-0.5.11_us"] = str(timing.paired_saving(runs["patched"].samples, runs["0.5.11"].samples))
     return row
 
 

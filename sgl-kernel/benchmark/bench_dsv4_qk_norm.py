@@ -20,7 +20,6 @@ import sys
 
 import torch
 import triton
-import triton.language as tl
 
 from sglang_hip_decode.harness import timing
 from sglang_hip_decode.harness.report import emit

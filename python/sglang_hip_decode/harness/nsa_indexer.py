@@ -36,22 +36,17 @@ def import_indexer():
 
 
 def hadamard(x: torch.Tensor) -> torch.Tensor:
-    """Walsh-Hadamard transform over the last dim with scale d^-1/2 (fp32 math, input dtype out)."""
-    d = x.shape[-1]
-    y = x.float().reshape(-1, d)
-    h = 1
-    while h < d:
-        y = y.view(-1, d // (2 * h), 2, h)
-        y = torch.stack([y[:, :, 0] + y[:, :, 1], y[:, :, 0] - y[:, :, 1]], dim=2).view(-1, d)
-        h *= 2
-    return (y * d**-0.5).view(x.shape).to(x.dtype)
+    """``rotate_activation``'s transform (scale d^-1/2) in fp32, returned in x's dtype."""
+    from sgl_hip_kernels.ref import hadamard_ref
+
+    return hadamard_ref(x.float()).to(x.dtype)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # GPT-J interleaved pairs in fp32, rounded once to x's dtype
-    pairs = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    return torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], -1).flatten(-2).to(x.dtype)
+    from sgl_hip_kernels.ref import _rope_fp32
+
+    return _rope_fp32(x, cos, sin, is_neox=False).to(x.dtype)
 
 
 class RopeStandIn:

@@ -23,16 +23,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _hadamard(x: torch.Tensor) -> torch.Tensor:
-    d = x.shape[-1]
-    y = x.reshape(-1, d)
-    h = 1
-    while h < d:
-        y = y.view(-1, d // (2 * h), 2, h)
-        y = torch.stack([y[:, :, 0] + y[:, :, 1], y[:, :, 0] - y[:, :, 1]], dim=2).view(-1, d)
-        h *= 2
-    return (y * d**-0.5).view(x.shape)
+from .ref import _rope_fp32, hadamard_ref
 
 
 def pool_block_ref(kv, score, valid, bias, norm_w, eps, cos, sin, rotate=False):
@@ -47,10 +38,8 @@ def pool_block_ref(kv, score, valid, bias, norm_w, eps, cos, sin, rotate=False):
     l = e.sum(0)
     pooled = torch.where(l > 0, (e * torch.where(weight_ok, kv, torch.zeros_like(kv))).sum(0) / torch.where(l > 0, l, torch.ones_like(l)), torch.zeros_like(l))
     y = pooled * torch.rsqrt(pooled.pow(2).mean() + eps) * norm_w.to(work)
-    tail = y[-64:].view(32, 2)
-    c, sn = cos.to(work), sin.to(work)
-    y = torch.cat([y[:-64], torch.stack([tail[:, 0] * c - tail[:, 1] * sn, tail[:, 1] * c + tail[:, 0] * sn], -1).flatten()])
-    return _hadamard(y) if rotate else y
+    y = torch.cat([y[:-64], _rope_fp32(y[-64:], cos, sin, is_neox=False)])
+    return hadamard_ref(y) if rotate else y
 
 
 def block_rows_ref(u_of_token, n: int, ratio: int, d: int):

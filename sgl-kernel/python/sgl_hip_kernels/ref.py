@@ -29,6 +29,19 @@ def _rope_fp32(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, is_neox: b
     return x * cos + rotated * sin
 
 
+def hadamard_ref(x: torch.Tensor) -> torch.Tensor:
+    """Walsh-Hadamard transform over the last dim (a power of two) with scale d^-1/2, in x's dtype
+    (what sglang's ``rotate_activation`` and DeepSeek-V4's indexer rotation compute)."""
+    d = x.shape[-1]
+    y = x.reshape(-1, d)
+    h = 1
+    while h < d:
+        y = y.view(-1, d // (2 * h), 2, h)
+        y = torch.stack([y[:, :, 0] + y[:, :, 1], y[:, :, 0] - y[:, :, 1]], dim=2).view(-1, d)
+        h *= 2
+    return (y * d**-0.5).view(x.shape)
+
+
 def fused_qk_rope_cat_and_cache_mla_ref(
     q_nope: torch.Tensor,
     q_pe: torch.Tensor,
