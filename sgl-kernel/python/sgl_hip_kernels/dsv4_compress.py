@@ -1,0 +1,155 @@
+"""Portable DeepSeek-V4 KV compressor (reference §5.3; the contract and its layouts are written out
+in ``dsv4_ref``): per emitted block, APE bias + per-channel online-softmax pooling + RMSNorm + GPT-J
+RoPE on the last 64 channels (+ the indexer's Walsh-Hadamard rotation) in one Triton program.
+
+State: ``state`` (S, W) fp32, W = 4d (ratio 4) or 2d (ratio 128), the raw rows of each request's
+recent tokens, pages of ``ratio`` rows. Request b's ring is ``state_pages[b]``: 2 pages for ratio 4
+(the current block and the previous one), 1 for ratio 128; token t lives on page
+``state_pages[b, (t // ratio) % n_pages]``, slot ``t % ratio``.
+
+* :func:`compress_decode`: one new token per request. Stores its row in the ring and emits the
+  block when ``seq_len % ratio == 0`` (out[b] = 0 otherwise); one launch. A request that does not
+  emit touches only its own slot; ``seq_len <= 0`` (a padded slot) touches nothing.
+* :func:`plan_prefill` + :func:`compress_prefill`: a ragged batch of new tokens after a prefix whose
+  rows are in the ring. Emits every block that closes in the chunk, then stores the rows the ring
+  must keep (the open block, and for ratio 4 the last closed block); two launches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import triton
+
+from .kernels.dsv4_compress import _dsv4_compress_decode_kernel, _dsv4_compress_prefill_kernel, _dsv4_state_write_kernel
+
+
+def _geometry(ratio: int) -> tuple[int, int, int]:
+    """(rows per block K, ring pages, raw-row width in units of d) of a compress ratio."""
+    if ratio == 4:
+        return 8, 2, 4
+    if ratio == 128:
+        return 128, 1, 2
+    raise ValueError(f"dsv4 compress: ratio must be 4 or 128, got {ratio}")
+
+
+def _rows_per_tile(ratio: int, d: int) -> int:
+    return 8 if ratio == 4 else max(8, 8192 // d)  # ratio 128: a [BK, d] fp32 tile of 8K values
+
+
+def _check(u, state, state_pages, bias, norm_w, cos, sin, ratio):
+    k, n_pages, width = _geometry(ratio)
+    if u.dim() != 2 or u.dtype not in (torch.float32, torch.bfloat16) or u.stride(1) != 1:
+        raise ValueError(f"dsv4 compress: u must be (rows, W) fp32/bf16 with contiguous rows, got {tuple(u.shape)} {u.dtype}")
+    if u.shape[1] % width:
+        raise ValueError(f"dsv4 compress: ratio {ratio} rows are {width}*d wide, got width {u.shape[1]}")
+    d = u.shape[1] // width
+    if d < 64 or d & (d - 1):
+        raise ValueError(f"dsv4 compress: d must be a power of two >= 64 (RoPE on the last 64), got {d}")
+    if state.dim() != 2 or state.shape[1] != u.shape[1] or state.dtype != torch.float32 or state.stride(1) != 1:
+        raise ValueError(f"dsv4 compress: state must be (S, {u.shape[1]}) fp32 with contiguous rows")
+    if state_pages.dim() != 2 or state_pages.shape[1] != n_pages or state_pages.dtype != torch.int32:
+        raise ValueError(f"dsv4 compress: state_pages must be (requests, {n_pages}) int32 for ratio {ratio}")
+    if tuple(bias.shape) != (k, d) or not bias.is_contiguous() or bias.dtype != torch.float32:
+        raise ValueError(f"dsv4 compress: bias must be contiguous fp32 ({k}, {d}) (ratio 4: the hot-fixed ape rows)")
+    if tuple(norm_w.shape) != (d,) or norm_w.dtype != torch.float32 or not norm_w.is_contiguous():
+        raise ValueError(f"dsv4 compress: norm weight must be contiguous fp32 ({d},)")
+    if cos.shape != sin.shape or cos.dim() != 2 or cos.shape[1] != 32 or cos.stride() != sin.stride() or cos.stride(1) != 1 \
+            or cos.dtype != torch.float32 or sin.dtype != torch.float32:
+        raise ValueError("dsv4 compress: cos/sin must be fp32 (max_pos, 32) tables with one layout")
+    return d, k, n_pages
+
+
+def _out(out, rows, d, dtype, device):
+    if out is None:
+        return torch.empty(rows, d, dtype=dtype, device=device)
+    if tuple(out.shape) != (rows, d) or out.stride(1) != 1:
+        raise ValueError(f"dsv4 compress: out must be ({rows}, {d}) with contiguous rows")
+    return out
+
+
+def compress_decode(u, state, state_pages, seq_lens, bias, norm_w, eps, cos, sin, ratio, rotate=False, out=None):
+    """u (B, W) the new token's raw row per request; seq_lens (B,) int32 after appending it.
+    Returns out (B, d) in u's dtype (or ``out``'s): the compressed vector of block
+    ``seq_len // ratio - 1`` where ``seq_len % ratio == 0``, else 0. Writes ``state``."""
+    d, _, n_pages = _check(u, state, state_pages, bias, norm_w, cos, sin, ratio)
+    b = u.shape[0]
+    if seq_lens.shape != (b,) or seq_lens.dtype != torch.int32 or state_pages.shape[0] != b:
+        raise ValueError(f"dsv4 compress_decode: seq_lens must be ({b},) int32 and state_pages ({b}, {n_pages})")
+    out = _out(out, b, d, u.dtype, u.device)
+    if b:
+        _dsv4_compress_decode_kernel[(b,)](
+            u, state, state_pages, seq_lens, bias, norm_w, cos, sin, out,
+            float(eps), u.stride(0), state.stride(0), state_pages.stride(0), cos.stride(0), out.stride(0),
+            RATIO=ratio, D=d, LOG2_D=d.bit_length() - 1, N_PAGES=n_pages, BK=_rows_per_tile(ratio, d), ROTATE=bool(rotate),
+            num_warps=8 if d >= 512 else 4,
+        )
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillPlan:
+    """``blocks`` (NB, 4) int32: (first token position r*n, ragged row of the block's last token,
+    rows of the block that are new, request) per emitted block, in request order, padding rows -1;
+    ``writes`` (NW, 3) int32: (ragged row, request, token position) per row the ring must keep.
+    Built once per batch on the host; every compressor layer of that ratio reuses it."""
+
+    ratio: int
+    blocks: torch.Tensor
+    writes: torch.Tensor
+    n_blocks: int
+
+
+def plan_prefill(prefix_lens, extend_lens, ratio, device=None, pad_blocks_to=None) -> PrefillPlan:
+    """Plan a ragged prefill: request i has ``prefix_lens[i]`` tokens already seen (their ring rows
+    are in the state) and ``extend_lens[i]`` new rows, at ragged rows ``sum(extend_lens[:i]) ...``.
+    ``pad_blocks_to`` fixes the number of plan rows (a fixed grid, e.g. for graphs)."""
+    k, _, _ = _geometry(ratio)
+    prefix_lens, extend_lens = [int(x) for x in prefix_lens], [int(x) for x in extend_lens]
+    if len(prefix_lens) != len(extend_lens) or min(prefix_lens + extend_lens, default=0) < 0:
+        raise ValueError("dsv4 plan_prefill: one non-negative prefix and extend length per request")
+    blocks, writes, start = [], [], 0
+    overlap = 4 if ratio == 4 else 0
+    for req, (prefix, extend) in enumerate(zip(prefix_lens, extend_lens)):
+        total = prefix + extend
+        for n in range(prefix // ratio, total // ratio):
+            last = ratio * n + ratio - 1  # the token that closes block n
+            first_row = ratio * n - overlap
+            blocks.append((ratio * n, start + last - prefix, min(k, last - max(prefix, first_row) + 1), req))
+        keep_from = max(prefix, ratio * (total // ratio) - overlap, 0)
+        writes += [(start + t - prefix, req, t) for t in range(keep_from, total)]
+        start += extend
+    n_blocks = len(blocks)
+    if pad_blocks_to is not None:
+        if pad_blocks_to < n_blocks:
+            raise ValueError(f"dsv4 plan_prefill: {n_blocks} blocks do not fit pad_blocks_to={pad_blocks_to}")
+        blocks += [(-1, -1, -1, -1)] * (pad_blocks_to - n_blocks)
+    as_tensor = lambda rows, w: torch.tensor(rows, dtype=torch.int32).reshape(-1, w).to(device)  # noqa: E731
+    return PrefillPlan(ratio, as_tensor(blocks, 4), as_tensor(writes, 3), n_blocks)
+
+
+def compress_prefill(u, state, state_pages, plan: PrefillPlan, bias, norm_w, eps, cos, sin, rotate=False, out=None):
+    """u (T, W) the ragged new rows. Returns out (plan rows, d): row i is block ``plan.blocks[i]``
+    (0 for padding rows). Then stores the kept rows in ``state``."""
+    ratio = plan.ratio
+    d, _, n_pages = _check(u, state, state_pages, bias, norm_w, cos, sin, ratio)
+    for name, t, w in (("blocks", plan.blocks, 4), ("writes", plan.writes, 3)):
+        if t.dim() != 2 or t.shape[1] != w or t.dtype != torch.int32 or not t.is_contiguous() or t.device != u.device:
+            raise ValueError(f"dsv4 compress_prefill: plan.{name} must be contiguous int32 (n, {w}) on {u.device}")
+    nb = plan.blocks.shape[0]
+    out = _out(out, nb, d, u.dtype, u.device)
+    if nb:
+        _dsv4_compress_prefill_kernel[(nb,)](
+            u, state, state_pages, plan.blocks, bias, norm_w, cos, sin, out,
+            float(eps), u.stride(0), state.stride(0), state_pages.stride(0), cos.stride(0), out.stride(0),
+            RATIO=ratio, D=d, LOG2_D=d.bit_length() - 1, N_PAGES=n_pages, BK=_rows_per_tile(ratio, d), ROTATE=bool(rotate),
+            num_warps=8 if d >= 512 else 4,
+        )
+    if plan.writes.shape[0]:
+        w = u.shape[1]
+        _dsv4_state_write_kernel[(plan.writes.shape[0],)](
+            u, state, state_pages, plan.writes, u.stride(0), state.stride(0), state_pages.stride(0),
+            RATIO=ratio, N_PAGES=n_pages, W=w, BW=triton.next_power_of_2(w), num_warps=4,
+        )
+    return out
