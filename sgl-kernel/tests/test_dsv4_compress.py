@@ -1,0 +1,227 @@
+"""Fused DeepSeek-V4 compressor (sgl_hip_kernels.dsv4_compress) vs the fp32 contract (dsv4_ref).
+
+The state contract is written out here independently of the planner: after a request has seen L
+tokens its ring holds the raw rows of tokens ``[max(0, r*(L//r) - (4 if r == 4 else 0)), L)``, token
+t on page ``pages[b, (t // r) % n_pages]`` slot ``t % r``, and nothing else is ever written: the
+state starts NaN (so reading a slot the kernel must not read shows up as NaN), page 0 belongs to no
+request (upstream's fallback write clobbered slot 0), and every row outside the rings must come
+back bit-identical.
+
+CPU: the interpreter in fp32 against fp64, within 2x torch's own fp32 error. GPU: bf16 rows,
+DeepSeek-V4 shapes, and CUDA-graph replay == eager.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernel_checks import assert_within_torch_error, graph_replay_equals_eager
+from sgl_hip_kernels.dsv4_compress import compress_decode, compress_prefill, plan_prefill
+from sgl_hip_kernels.dsv4_ref import compress_sequence_ref
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+EPS = 1e-6
+
+
+class Compressor:
+    """One compressor's parameters and a batch of requests' rings over one NaN-filled state."""
+
+    def __init__(self, rng, ratio, d, n_requests, rotate=False):
+        self.ratio, self.d, self.rotate = ratio, d, rotate
+        self.k, self.n_pages, self.width = (8, 2, 4 * d) if ratio == 4 else (128, 1, 2 * d)
+        self.bias = torch.randn(self.k, d, generator=rng, dtype=torch.float64)
+        self.norm_w = torch.rand(d, generator=rng, dtype=torch.float64) + 0.5
+        angle = torch.rand(2048, 32, generator=rng, dtype=torch.float64) * 6.283
+        self.cos, self.sin = angle.cos(), angle.sin()
+        # Rings on pages 1.. in a shuffled order; page 0 and a spare page at the end belong to no one.
+        n = n_requests * self.n_pages
+        self.pages = (torch.randperm(n, generator=rng) + 1).to(torch.int32).reshape(n_requests, self.n_pages)
+        self.state = torch.full(((n + 2) * ratio, self.width), float("nan"))
+
+    def dev(self, x, dtype=torch.float32):
+        return x.to(dtype).to(DEV)
+
+    def kernel_args(self):
+        return (self.dev(self.bias), self.dev(self.norm_w), EPS, self.dev(self.cos), self.dev(self.sin))
+
+    def ring_rows(self, b, seq_len):
+        """{state row: token} of request b's ring after seq_len tokens (the contract above)."""
+        keep_from = max(0, self.ratio * (seq_len // self.ratio) - (4 if self.ratio == 4 else 0))
+        return {int(self.pages[b, (t // self.ratio) % self.n_pages]) * self.ratio + t % self.ratio: t for t in range(keep_from, seq_len)}
+
+    def seed_state(self, rows, lens):
+        for b, (u, n) in enumerate(zip(rows, lens)):
+            for r, t in self.ring_rows(b, n).items():
+                self.state[r] = u[t].float()
+
+    def check_state(self, state, rows, lens, before, decode=False):
+        """Ring rows hold their tokens' raw rows exactly; every other row is bit-identical to ``before``
+        (a decode step always stores its token, even the one closing a ratio-128 block, whose slot
+        is no longer kept)."""
+        expect = before.clone()
+        for b, (u, n) in enumerate(zip(rows, lens)):
+            written = self.ring_rows(b, n)
+            if decode and n > 0:
+                written[int(self.pages[b, (n - 1) // self.ratio % self.n_pages]) * self.ratio + (n - 1) % self.ratio] = n - 1
+            for r, t in written.items():
+                expect[r] = u[t].float()
+        assert torch.equal(state.cpu().view(torch.int32), expect.view(torch.int32)), "state rows differ from the ring contract"
+
+    def blocks(self, u, blocks):
+        """References (fp64, fp32) of the given block numbers of one sequence's raw rows u."""
+        def ref(work):
+            seq = compress_sequence_ref(u.to(work), self.ratio, self.d, self.bias.to(work), self.norm_w.to(work), EPS,
+                                        self.cos.to(work), self.sin.to(work), self.rotate)
+            return seq[list(blocks)]
+        return ref(torch.float64), ref(torch.float32)
+
+
+def raw_rows(rng, c, length, neg_inf_channel=False):
+    u = torch.randn(length, c.width, generator=rng) * 2
+    if neg_inf_channel:  # a score channel that is -inf on every token, and one token -inf everywhere
+        score_cols = slice(2 * c.d, 4 * c.d) if c.ratio == 4 else slice(c.d, 2 * c.d)
+        u[:, score_cols][:, 3] = float("-inf")
+        u[length // 2, score_cols] = float("-inf")
+    return u
+
+
+CASES = [  # (ratio, d, rotate): attention d = 512, indexer d = 128 with the rotation
+    (4, 128, False), (4, 128, True), (4, 512, False), (128, 128, True), (128, 128, False),
+]
+
+
+@pytest.mark.parametrize("ratio, d, rotate", CASES)
+def test_prefill_ragged_batch(rng, ratio, d, rotate):
+    """Mixed prefixes (0: the first block has no previous block) and extends (0, 1, not multiples of
+    the ratio, several blocks), one ragged launch; then the ring holds what decode needs."""
+    r = ratio
+    prefix = [0, 3, r + 2, 2 * r, 5]
+    extend = [2 * r + 3, r + 1, 0, r, 1]
+    c = Compressor(rng, ratio, d, len(prefix), rotate)
+    seqs = [raw_rows(rng, c, p + e, neg_inf_channel=(i == 0)) for i, (p, e) in enumerate(zip(prefix, extend))]
+    c.seed_state(seqs, prefix)
+    before = c.state.clone()
+    plan = plan_prefill(prefix, extend, ratio, device=DEV, pad_blocks_to=None)
+    new_rows = torch.cat([u[p:] for u, p in zip(seqs, prefix)])
+    state = c.dev(c.state)
+    out = torch.full((plan.blocks.shape[0], d), float("nan"), device=DEV)
+    got = compress_prefill(c.dev(new_rows), state, c.dev(c.pages, torch.int32), plan, *c.kernel_args(), rotate=rotate, out=out)
+    assert got is out
+    i = 0
+    for u, p, e in zip(seqs, prefix, extend):
+        emitted = range(p // r, (p + e) // r)
+        if len(emitted):
+            ref64, ref32 = c.blocks(u, emitted)
+            assert_within_torch_error(got[i:i + len(emitted)].cpu(), ref64, ref32, f"prefill blocks {list(emitted)}")
+        i += len(emitted)
+    assert i == plan.n_blocks == got.shape[0]
+    c.check_state(state, seqs, [p + e for p, e in zip(prefix, extend)], before)
+
+
+@pytest.mark.parametrize("ratio, d, rotate", CASES[:1] + CASES[3:4])
+def test_decode_steps_mixed_batch(rng, ratio, d, rotate):
+    """Decode steps over a mixed batch (one request on its first block, lengths that emit at
+    different steps, a padded slot with seq_len 0): emitting requests get their block, the others
+    exactly 0, and only each request's own slot of its own ring changes."""
+    r = ratio
+    lens = [1, r - 2, 2 * r - 1, 3 * r + 1, 0]
+    c = Compressor(rng, ratio, d, len(lens), rotate)
+    seqs = [raw_rows(rng, c, n + 3) for n in lens]
+    live = [n > 0 for n in lens]
+    c.seed_state(seqs, [n - 1 if n else 0 for n in lens])
+    state, pages = c.dev(c.state), c.dev(c.pages, torch.int32)
+    for step in range(3):
+        now = [n + step if ok else 0 for n, ok in zip(lens, live)]
+        before = state.cpu().clone()
+        rows = torch.stack([u[max(n - 1, 0)] for u, n in zip(seqs, now)])
+        out = torch.full((len(lens), d), float("nan"), device=DEV)
+        compress_decode(c.dev(rows), state, pages, torch.tensor(now, dtype=torch.int32, device=DEV), *c.kernel_args(), ratio,
+                        rotate=rotate, out=out)
+        for b, (u, n) in enumerate(zip(seqs, now)):
+            if n > 0 and n % r == 0:
+                ref64, ref32 = c.blocks(u, [n // r - 1])
+                assert_within_torch_error(out[b:b + 1].cpu(), ref64, ref32, f"request {b} at seq_len {n}")
+            else:
+                assert torch.equal(out[b].cpu(), torch.zeros(d)), f"request {b} at seq_len {n} does not emit: out must be 0"
+        c.check_state(state, seqs, now, before, decode=True)
+    assert sum(n % r == 0 for n in [x + s for x in lens[:-1] for s in range(3)]) >= 2  # the steps did emit
+
+
+def test_edges_neg_inf_and_all_invalid(rng):
+    """The #26208 edges: an old max of -inf, a new score of -inf, invalid rows with NaN behind them.
+    Block 0 of ratio 4 has no previous block (rows 0..3 invalid, their pages NaN); with its own rows'
+    scores all -inf no row weighs at all, and the output is defined: exactly 0, never NaN."""
+    c = Compressor(rng, 4, 128, 2)
+    u = raw_rows(rng, c, 4)
+    u[:, 3 * 128:] = float("-inf")  # own half scores: every row, every channel
+    v = raw_rows(rng, c, 8)
+    v[0:3, 3 * 128 + 7] = float("-inf")  # channel 7: -inf on the first rows (old max stays -inf), then finite
+    v[1, 2 * 128:3 * 128] = float("-inf")  # block 1's row 1 (token 1's A half) scores -inf everywhere,
+    v[1, 0:128] = float("nan")  # and its kv is NaN: a row that weighs 0 is not multiplied in
+    plan = plan_prefill([0, 0], [4, 8], 4, device=DEV)
+    state = c.dev(c.state)
+    out = compress_prefill(c.dev(torch.cat([u, v])), state, c.dev(c.pages, torch.int32), plan, *c.kernel_args())
+    assert torch.equal(out[0].cpu(), torch.zeros(128))
+    assert not out.isnan().any()
+    ref64, ref32 = c.blocks(v, [0, 1])
+    assert_within_torch_error(out[1:].cpu(), ref64, ref32, "guarded rows")
+    # Ratio 128 pools in row tiles: a channel -inf through the whole first tile carries an old max
+    # of -inf into the next; a channel -inf on every row pools to 0.
+    c = Compressor(rng, 128, 128, 1)
+    w = raw_rows(rng, c, 128)
+    w[:100, 128 + 5] = float("-inf")
+    w[:, 128 + 6] = float("-inf")
+    out = compress_prefill(c.dev(w), c.dev(c.state), c.dev(c.pages, torch.int32), plan_prefill([0], [128], 128, device=DEV),
+                           *c.kernel_args())
+    ref64, ref32 = c.blocks(w, [0])
+    assert not out.isnan().any()
+    assert_within_torch_error(out.cpu(), ref64, ref32, "ratio 128 guarded channels")
+
+
+def test_padded_plan_and_bad_inputs(rng):
+    c = Compressor(rng, 128, 128, 1)
+    u = raw_rows(rng, c, 130)
+    plan = plan_prefill([0], [130], 128, device=DEV, pad_blocks_to=3)
+    assert plan.n_blocks == 1 and plan.blocks.shape == (3, 4)
+    state = c.dev(c.state)
+    out = compress_prefill(c.dev(u), state, c.dev(c.pages, torch.int32), plan, *c.kernel_args())
+    assert torch.equal(out[1:].cpu(), torch.zeros(2, 128))
+    args = c.kernel_args()
+    pages = c.dev(c.pages, torch.int32)
+    with pytest.raises(ValueError, match="ratio must be 4 or 128"):
+        plan_prefill([0], [8], 8)
+    with pytest.raises(ValueError, match="pad_blocks_to"):
+        plan_prefill([0], [300], 128, pad_blocks_to=1)
+    with pytest.raises(ValueError, match="bias"):
+        compress_prefill(c.dev(u), state, pages, plan, args[0][:64], *args[1:])
+    with pytest.raises(ValueError, match="state must be"):
+        compress_prefill(c.dev(u), state.to(torch.bfloat16), pages, plan, *args)
+    with pytest.raises(ValueError, match="seq_lens"):
+        compress_decode(c.dev(u[:1]), state, pages, torch.tensor([1], device=DEV), *args, 128)
+    with pytest.raises(ValueError, match="power of two"):
+        compress_decode(c.dev(u[:1, :192]), state[:, :192], pages, torch.tensor([1], dtype=torch.int32, device=DEV),
+                        *args, 128)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("ratio, d, rotate", [(4, 512, False), (128, 512, False), (4, 128, True), (128, 128, True)])
+def test_gpu_bf16_decode_and_graph(rng, ratio, d, rotate):
+    """DeepSeek-V4 shapes, bf16 rows (state fp32, output bf16), batch 64 with every request on a
+    block boundary; then the same decode call captured in a CUDA graph replays bit-identically."""
+    r, batch = ratio, 64
+    lens = [r * (1 + i % 3) for i in range(batch)]
+    c = Compressor(rng, ratio, d, batch, rotate)
+    seqs = [raw_rows(rng, c, n).to(torch.bfloat16).float() for n in lens]
+    c.seed_state(seqs, [n - 1 for n in lens])
+    state, pages = c.dev(c.state), c.dev(c.pages, torch.int32)
+    rows = c.dev(torch.stack([u[n - 1] for u, n in zip(seqs, lens)]), torch.bfloat16)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    out = torch.empty(batch, d, dtype=torch.bfloat16, device=DEV)
+    args = c.kernel_args()
+    compress_decode(rows, state, pages, seq_lens, *args, ratio, rotate=rotate, out=out)
+    for b, (u, n) in enumerate(zip(seqs, lens)):
+        ref64, ref32 = c.blocks(u, [n // r - 1])
+        assert_within_torch_error(out[b:b + 1].cpu(), ref64, ref32.to(torch.bfloat16), f"request {b}")
+    graph_replay_equals_eager(lambda: compress_decode(rows, state, pages, seq_lens, *args, ratio, rotate=rotate, out=out), [out])
+    c.check_state(state, seqs, lens, c.state, decode=True)
