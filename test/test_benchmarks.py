@@ -38,3 +38,13 @@ def test_mxfp4_vbmm_layout_quick():
     # bf16 o_proj at B=4: the flatten copy (4*4*... bytes) gone; B=1 and quantised o_proj: no copy either way
     assert rows[1] == ["bf16", "4", "1", "(8192", "B)", "0", "(0", "B)"]
     assert all(r[2:] == ["0", "(0", "B)", "0", "(0", "B)"] for r in rows if r != rows[1])
+
+
+def test_dsv4_kernels_quick():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmark" / "run_all.py"), "--only", "dsv4"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "## dsv4 fused KV compressor" in proc.stdout and "## dsv4 fused QK RMSNorm" in proc.stdout
+    # On the CPU each table checks the kernel (interpreter, fp32) against torch: the last column is the error.
+    errors = [float(line.split()[-1]) for line in proc.stdout.splitlines() if line.split()[-1:] and "e-" in line.split()[-1]]
+    assert len(errors) == 3 and max(errors) < 1e-4, proc.stdout

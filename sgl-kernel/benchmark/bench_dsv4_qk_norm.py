@@ -45,15 +45,6 @@ def unfused(q, k, w, eps=1e-6):
     return norm(q, None), norm(k, w)
 
 
-def copy_bandwidth(repeats: int) -> float:
-    """Device-to-device copy GB/s (bytes read + written) of 1 GiB, measured now."""
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    graph = timing.capture(lambda: dst.copy_(src), 2)
-    us = timing.summarise(timing.time_graphs({"copy": graph}, 2, repeats)["copy"]).median_us
-    return 2 * src.numel() / (us * 1e-6) / 1e9
-
-
 def measure(tokens: int, repeats: int, copy_gbps: float) -> dict:
     gen = torch.Generator().manual_seed(tokens)
     q = torch.randn(tokens, HQ, D, generator=gen).to(torch.bfloat16).cuda()
@@ -100,7 +91,7 @@ def main(argv=None) -> int:
               "providers": "triton (interpreter)", "columns": ["tokens", "max_abs_err_vs_ref"],
               "rows": [{"tokens": 2, "max_abs_err_vs_ref": err}]}, args.json)
         return 0
-    copy_gbps = copy_bandwidth(args.repeats)
+    copy_gbps = timing.copy_bandwidth(args.repeats)
     tokens = (1, 64) if args.quick else DECODE + (PREFILL,)
     rows = [measure(t, args.repeats, copy_gbps) for t in tokens]
     emit({

@@ -90,6 +90,15 @@ def count_gpu_kernels(fn: Callable[[], object]) -> int:
     return len(gpu_kernels(fn))
 
 
+def copy_bandwidth(repeats: int, nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy GB/s (bytes read + written) of ``nbytes`` (fp32 ``copy_``), measured now:
+    the bandwidth a bandwidth-bound kernel is reported against."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda")
+    dst = torch.empty_like(src)
+    us = summarise(time_graphs({"copy": capture(lambda: dst.copy_(src), 2)}, 2, repeats)["copy"]).median_us
+    return 2 * nbytes / (us * 1e-6) / 1e9
+
+
 def device_name() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)

@@ -1,0 +1,260 @@
+"""Benchmark: the fused DeepSeek-V4 KV compressor vs the unfused torch sequence and a one-launch floor.
+
+DeepSeek-V4's three compressors (reference §5.3): attention ratio 4 (overlap, d 512), attention
+ratio 128 (d 512), indexer ratio 4 (d 128, Hadamard rotation); raw rows fp32 (``wkv_gate`` is
+``linear_bf16_fp32``), state fp32, output fp32.
+* decode, batch 1..256, one new token per request, two step patterns: ``all`` — every request closes
+  a block this step (the worst case: every program pools K rows) and ``mixed`` — seq_lens drawn
+  from 1..8192, so about 1/ratio of the requests emit;
+* prefill, one request of 8192 new tokens (prefix 0), with its plan built once (it is shared by every
+  compressor layer of the batch, so it is not timed).
+Per shape, in one run on the GPU, each a CUDA graph of ``calls`` calls that rotate over ``calls``
+independent input sets (so L2 does not hold the previous call's rows), µs per call, median [p20, p80],
+replays interleaved:
+* ``fused`` — sgl_hip_kernels.dsv4_compress (decode: one launch; prefill: compress + state write);
+* ``torch`` — the unfused torch sequence: state write, row gather, bias add, masked softmax, weighted
+  sum, RMSNorm, RoPE (and the rotation as a matmul);
+* ``floor`` — an empty Triton kernel launched on the same grid (what one launch costs);
+bytes moved term by term (``moved_bytes``) -> GB/s and % of the device-to-device copy bandwidth
+measured in the same run.
+
+Run:  python sgl-kernel/benchmark/bench_dsv4_compress.py [--quick] [--json out.json]
+On the CPU nothing is timed (absolute times come from a GPU only): the kernel (interpreter) is checked
+against the torch sequence at a small shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+import torch
+import triton
+
+from sglang_hip_decode.harness import timing
+from sglang_hip_decode.harness.report import emit
+from sgl_hip_kernels.dsv4_compress import compress_decode, compress_prefill, plan_prefill
+
+CONFIGS = (("attn c4", 4, 512, False), ("attn c128", 128, 512, False), ("indexer c4", 4, 128, True))
+DECODE = (1, 4, 16, 64, 128, 256)
+PREFILL = 8192
+EPS = 1e-6
+
+
+@triton.jit
+def _empty_kernel(x_ptr):
+    pass
+
+
+@dataclasses.dataclass
+class Compressor:
+    name: str
+    ratio: int
+    d: int
+    rotate: bool
+
+    def __post_init__(self):
+        self.k, self.n_pages, self.width = (8, 2, 4 * self.d) if self.ratio == 4 else (128, 1, 2 * self.d)
+        gen = torch.Generator().manual_seed(self.ratio * 1000 + self.d)
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        self.bias = torch.randn(self.k, self.d, generator=gen).to(dev)
+        self.norm_w = (torch.rand(self.d, generator=gen) + 0.5).to(dev)
+        angle = torch.rand(16384, 32, generator=gen) * 6.283
+        self.cos, self.sin = angle.cos().to(dev), angle.sin().to(dev)
+        h = torch.ones(1, 1)
+        while h.shape[0] < self.d:  # Sylvester's construction, for the torch arm's rotation matmul
+            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+        self.hadamard = (h * self.d ** -0.5).to(dev)
+
+    def params(self):
+        return self.bias, self.norm_w, EPS, self.cos, self.sin
+
+
+def decode_set(c: Compressor, batch: int, all_emit: bool, gen):
+    """One independent decode step on ``gen``'s device: raw rows, a random state, shuffled rings, seq_lens."""
+    dev = gen.device
+    pages = torch.randperm(batch * c.n_pages, generator=gen, device=dev).to(torch.int32).reshape(batch, c.n_pages)
+    seq_lens = (torch.randint(1, 64, (batch,), generator=gen, device=dev) * c.ratio if all_emit
+                else torch.randint(1, 8193, (batch,), generator=gen, device=dev)).to(torch.int32)
+    return {
+        "u": torch.randn(batch, c.width, generator=gen, device=dev),
+        "state": torch.randn(batch * c.n_pages * c.ratio, c.width, generator=gen, device=dev),
+        "pages": pages, "seq_lens": seq_lens, "out": torch.empty(batch, c.d, device=dev),
+    }
+
+
+def torch_pool(c: Compressor, rows, valid, pos):
+    """The unfused torch sequence over gathered raw rows (N, K, W): bias, masked softmax, weighted
+    sum, RMSNorm, GPT-J RoPE on the last 64 at ``pos``, rotation."""
+    d = c.d
+    if c.ratio == 4:
+        kv = torch.cat([rows[:, :4, :d], rows[:, 4:, d:2 * d]], 1)
+        score = torch.cat([rows[:, :4, 2 * d:3 * d], rows[:, 4:, 3 * d:]], 1)
+    else:
+        kv, score = rows[..., :d], rows[..., d:]
+    score = (score + c.bias).masked_fill(~valid[..., None], float("-inf"))
+    pooled = (torch.softmax(score, 1).nan_to_num(0.0) * kv).sum(1)
+    y = pooled * torch.rsqrt(pooled.pow(2).mean(-1, keepdim=True) + EPS) * c.norm_w
+    pairs = y[:, -64:].unflatten(-1, (32, 2))
+    cos, sin = c.cos[pos], c.sin[pos]
+    rope = torch.stack([pairs[..., 0] * cos - pairs[..., 1] * sin, pairs[..., 1] * cos + pairs[..., 0] * sin], -1)
+    y = torch.cat([y[:, :-64], rope.flatten(-2)], -1)
+    return y @ c.hadamard if c.rotate else y
+
+
+def torch_decode(c: Compressor, s):
+    r, seq_lens, pages, state = c.ratio, s["seq_lens"].long(), s["pages"].long(), s["state"]
+    t = seq_lens - 1
+    state.index_copy_(0, pages.gather(1, ((t // r) % c.n_pages)[:, None])[:, 0] * r + t % r, s["u"])
+    emit = (seq_lens > 0) & (seq_lens % r == 0)
+    pos = (seq_lens - r).clamp(min=0)
+    q = pos[:, None] - (4 if r == 4 else 0) + torch.arange(c.k, device=state.device)
+    qs = q.clamp(min=0)
+    rows = state[pages.gather(1, (qs // r) % c.n_pages) * r + qs % r]
+    y = torch_pool(c, rows, (q >= 0) & emit[:, None], pos)
+    return torch.where(emit[:, None], y, torch.zeros_like(y))
+
+
+def torch_prefill(c: Compressor, u):
+    r = c.ratio
+    pos = torch.arange(u.shape[0] // r, device=u.device) * r
+    q = pos[:, None] - (4 if r == 4 else 0) + torch.arange(c.k, device=u.device)
+    return torch_pool(c, u[q.clamp(min=0)], q >= 0, pos)
+
+
+def decode_bytes(c: Compressor, s) -> int:
+    """Bytes the fused decode moves: per request the new row read and stored, seq_len and ring
+    read, output written; per emitting request its K - 1 older rows (the 2d columns it uses) and the
+    RoPE row; once the bias and norm weight."""
+    b = s["u"].shape[0]
+    emitting = int(((s["seq_lens"] % c.ratio) == 0).sum())
+    return (b * c.width * 4 * 2 + b * (1 + c.n_pages) * 4 + b * c.d * 4
+            + emitting * ((c.k - 1) * 2 * c.d * 4 + 64 * 4) + (c.k * c.d + c.d) * 4)
+
+
+def prefill_bytes(c: Compressor, tokens: int, plan) -> int:
+    """Every raw row read once (ratio 4: a token's A half by the next block, its B half by its own),
+    one output row per block, the kept rows stored, the plan, bias, weight and RoPE rows."""
+    nb = tokens // c.ratio
+    return (tokens * c.width * 4 + nb * c.d * 4 + plan.writes.shape[0] * (c.width * 4 + 12) + nb * (16 + 64 * 4)
+            + (c.k * c.d + c.d) * 4)
+
+
+def timed(graphs, calls, repeats):
+    return {name: timing.summarise(v) for name, v in timing.time_graphs(graphs, calls, repeats).items()}
+
+
+def measure_decode(c: Compressor, batch: int, all_emit: bool, repeats: int, copy_gbps: float) -> dict:
+    calls = 16
+    gen = torch.Generator(device="cuda").manual_seed(batch * 7 + all_emit)
+    sets = [decode_set(c, batch, all_emit, gen) for _ in range(calls)]
+    s0 = sets[0]
+    check = {k: v.clone() for k, v in s0.items()}
+    fused = compress_decode(s0["u"], s0["state"], s0["pages"], s0["seq_lens"], *c.params(), c.ratio, c.rotate, out=s0["out"])
+    diff = (fused - torch_decode(c, check)).abs().max().item()
+    state_diff = (s0["state"] - check["state"]).abs().max().item()
+
+    def run(fn):
+        def body():
+            for s in sets:
+                fn(s)
+        return body
+
+    fused_one = lambda s: compress_decode(s["u"], s["state"], s["pages"], s["seq_lens"], *c.params(), c.ratio, c.rotate,  # noqa: E731
+                                          out=s["out"])
+    graphs = {
+        "fused": timing.capture(run(fused_one), 1),
+        "torch": timing.capture(run(lambda s: torch_decode(c, s)), 1),
+        "floor": timing.capture(run(lambda s: _empty_kernel[(batch,)](s["out"])), 1),
+    }
+    t = timed(graphs, calls, repeats)
+    moved = sum(decode_bytes(c, s) for s in sets) // calls
+    gbps = moved / (t["fused"].median_us * 1e-6) / 1e9
+    return {
+        "compressor": c.name, "phase": "decode " + ("all" if all_emit else "mixed"), "batch_or_tokens": batch,
+        "emitting": int(((s0["seq_lens"] % c.ratio) == 0).sum()),
+        "fused_us": str(t["fused"]), "torch_us": str(t["torch"]), "floor_us": str(t["floor"]),
+        "fused/floor": round(t["fused"].median_us / t["floor"].median_us, 2),
+        "torch/fused": round(t["torch"].median_us / t["fused"].median_us, 2),
+        "bytes": moved, "GBps": round(gbps, 1), "pct_copy_bw": round(100 * gbps / copy_gbps, 1),
+        "kernels_fused": timing.count_gpu_kernels(lambda: fused_one(s0)),
+        "kernels_torch": timing.count_gpu_kernels(lambda: torch_decode(c, s0)),
+        "max_abs_diff_vs_torch": max(diff, state_diff),
+    }
+
+
+def measure_prefill(c: Compressor, tokens: int, repeats: int, copy_gbps: float) -> dict:
+    calls = 4
+    gen = torch.Generator(device="cuda").manual_seed(tokens + c.ratio)
+    plan = plan_prefill([0], [tokens], c.ratio, device="cuda")
+    sets = [{"u": torch.randn(tokens, c.width, generator=gen, device="cuda"),
+             "state": torch.zeros(c.n_pages * c.ratio, c.width, device="cuda"),
+             "pages": torch.arange(c.n_pages, dtype=torch.int32, device="cuda")[None],
+             "out": torch.empty(plan.blocks.shape[0], c.d, device="cuda")} for _ in range(calls)]
+    fused_one = lambda s: compress_prefill(s["u"], s["state"], s["pages"], plan, *c.params(), c.rotate, out=s["out"])  # noqa: E731
+    s0 = sets[0]
+    diff = (fused_one(s0) - torch_prefill(c, s0["u"])).abs().max().item()
+
+    def run(fn):
+        def body():
+            for s in sets:
+                fn(s)
+        return body
+
+    graphs = {"fused": timing.capture(run(fused_one), 1), "torch": timing.capture(run(lambda s: torch_prefill(c, s["u"])), 1)}
+    t = timed(graphs, calls, repeats)
+    moved = prefill_bytes(c, tokens, plan)
+    gbps = moved / (t["fused"].median_us * 1e-6) / 1e9
+    return {
+        "compressor": c.name, "phase": "prefill", "batch_or_tokens": tokens, "emitting": plan.n_blocks,
+        "fused_us": str(t["fused"]), "torch_us": str(t["torch"]), "floor_us": "", "fused/floor": "",
+        "torch/fused": round(t["torch"].median_us / t["fused"].median_us, 2),
+        "bytes": moved, "GBps": round(gbps, 1), "pct_copy_bw": round(100 * gbps / copy_gbps, 1),
+        "kernels_fused": timing.count_gpu_kernels(lambda: fused_one(s0)),
+        "kernels_torch": timing.count_gpu_kernels(lambda: torch_prefill(c, s0["u"])), "max_abs_diff_vs_torch": diff,
+    }
+
+
+COLUMNS = ["compressor", "phase", "batch_or_tokens", "emitting", "fused_us", "torch_us", "floor_us", "fused/floor",
+           "torch/fused", "bytes", "GBps", "pct_copy_bw", "kernels_fused", "kernels_torch", "max_abs_diff_vs_torch"]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json")
+    parser.add_argument("--repeats", type=int, default=100)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        # No timing on the CPU; check the kernel (interpreter) against the torch sequence instead.
+        rows = []
+        for name, ratio, d, rotate in (("indexer c4", 4, 128, True), ("attn c128", 128, 128, False)):
+            c = Compressor(name + " (d 128)", ratio, d, rotate)
+            s = decode_set(c, 4, True, torch.Generator().manual_seed(0))
+            check = {k: v.clone() for k, v in s.items()}
+            got = compress_decode(s["u"], s["state"], s["pages"], s["seq_lens"], *c.params(), ratio, rotate)
+            rows.append({"compressor": c.name, "phase": "decode all", "batch_or_tokens": 4, "emitting": 4,
+                         "max_abs_diff_vs_torch": (got - torch_decode(c, check)).abs().max().item()})
+        emit({"benchmark": "dsv4 fused KV compressor", "device": "cpu (no timing; interpreter check only)",
+              "providers": "triton (interpreter) vs torch ops", "columns": ["compressor", "phase", "batch_or_tokens", "emitting",
+                                                                           "max_abs_diff_vs_torch"], "rows": rows}, args.json)
+        return 0
+    copy_gbps = timing.copy_bandwidth(args.repeats)
+    rows = []
+    for cfg in CONFIGS:
+        c = Compressor(*cfg)
+        for batch in ((1, 64) if args.quick else DECODE):
+            for all_emit in (True, False):
+                rows.append(measure_decode(c, batch, all_emit, args.repeats, copy_gbps))
+        rows.append(measure_prefill(c, 1024 if args.quick else PREFILL, args.repeats, copy_gbps))
+    emit({
+        "benchmark": f"dsv4 fused KV compressor (fp32 rows and state); copy bandwidth {copy_gbps:.0f} GB/s",
+        "device": timing.device_name(), "providers": "triton (sgl_hip_kernels.dsv4_compress) vs torch ops",
+        "columns": COLUMNS, "rows": rows,
+    }, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
