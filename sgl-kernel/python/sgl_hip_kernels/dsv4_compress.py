@@ -34,8 +34,56 @@ def _geometry(ratio: int) -> tuple[int, int, int]:
     raise ValueError(f"dsv4 compress: ratio must be 4 or 128, got {ratio}")
 
 
-def _rows_per_tile(ratio: int, d: int) -> int:
-    return 8 if ratio == 4 else max(8, 8192 // d)  # ratio 128: a [BK, d] fp32 tile of 8K values
+@dataclasses.dataclass(frozen=True)
+class LaunchRule:
+    split: int  # programs per block, each pooling d / split channels
+    rows_per_tile: int  # rows each loop step loads
+    num_warps: int
+
+
+def launch_rule(ratio: int, d: int) -> LaunchRule:
+    """Fixed per-shape launch rules (no runtime autotune), from the H100 sweep in the benchmark notes:
+    split a block's channels so that each program pools at most ~16K values."""
+    if ratio == 4:
+        return LaunchRule(split=max(1, d // 128), rows_per_tile=8, num_warps=4)
+    return LaunchRule(split=max(1, d // 64), rows_per_tile=32, num_warps=4)
+
+
+class CompressWorkspace:
+    """Where the programs of one block meet when its channels are split (``LaunchRule.split > 1``):
+    pooled channels and partial sums of squares (scratch) and one ticket counter per block row,
+    zero between launches (the last program of a block resets it). One workspace must not serve two
+    launches running at once: the default is one per (device, stream)."""
+
+    MAX_SPLIT = 16
+
+    def __init__(self, rows: int, d: int, device):
+        self.rows, self.d = rows, d
+        self.pooled = torch.empty(rows, d, dtype=torch.float32, device=device)
+        self.sum_sq = torch.empty(rows, self.MAX_SPLIT, dtype=torch.float32, device=device)
+        self.count = torch.zeros(rows, dtype=torch.int32, device=device)
+
+    def fits(self, rows: int, d: int) -> bool:
+        return rows <= self.rows and d <= self.d
+
+
+_WORKSPACES: dict = {}
+
+
+def _workspace(workspace, rows: int, d: int, device) -> CompressWorkspace:
+    if workspace is not None:
+        if not workspace.fits(rows, d) or workspace.count.device != device:
+            raise ValueError(f"dsv4 compress: workspace ({workspace.rows} rows of {workspace.d}) does not fit {rows} rows of {d} on {device}")
+        return workspace
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
+    key = (str(device), stream)
+    cached = _WORKSPACES.get(key)
+    if cached is None or not cached.fits(rows, d):
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("dsv4 compress: no workspace for this shape while capturing a CUDA graph: run the call once "
+                               "eagerly before capture (the usual warm-up), or pass workspace=CompressWorkspace(...)")
+        cached = _WORKSPACES[key] = CompressWorkspace(max(rows, cached.rows if cached else 0), max(d, cached.d if cached else 0), device)
+    return cached
 
 
 def _check(u, state, state_pages, bias, norm_w, cos, sin, ratio):
@@ -69,7 +117,8 @@ def _out(out, rows, d, dtype, device):
     return out
 
 
-def compress_decode(u, state, state_pages, seq_lens, bias, norm_w, eps, cos, sin, ratio, rotate=False, out=None):
+def compress_decode(u, state, state_pages, seq_lens, bias, norm_w, eps, cos, sin, ratio, rotate=False, out=None,
+                    workspace=None):
     """u (B, W) the new token's raw row per request; seq_lens (B,) int32 after appending it.
     Returns out (B, d) in u's dtype (or ``out``'s): the compressed vector of block
     ``seq_len // ratio - 1`` where ``seq_len % ratio == 0``, else 0. Writes ``state``."""
@@ -79,11 +128,13 @@ def compress_decode(u, state, state_pages, seq_lens, bias, norm_w, eps, cos, sin
         raise ValueError(f"dsv4 compress_decode: seq_lens must be ({b},) int32 and state_pages ({b}, {n_pages})")
     out = _out(out, b, d, u.dtype, u.device)
     if b:
-        _dsv4_compress_decode_kernel[(b,)](
-            u, state, state_pages, seq_lens, bias, norm_w, cos, sin, out,
+        rule = launch_rule(ratio, d)
+        ws = _workspace(workspace, b, d, u.device)
+        _dsv4_compress_decode_kernel[(b * rule.split,)](
+            u, state, state_pages, seq_lens, bias, norm_w, cos, sin, out, ws.pooled, ws.sum_sq, ws.count,
             float(eps), u.stride(0), state.stride(0), state_pages.stride(0), cos.stride(0), out.stride(0),
-            RATIO=ratio, D=d, LOG2_D=d.bit_length() - 1, N_PAGES=n_pages, BK=_rows_per_tile(ratio, d), ROTATE=bool(rotate),
-            num_warps=8 if d >= 512 else 4,
+            RATIO=ratio, D=d, LOG2_D=d.bit_length() - 1, SPLIT=rule.split, N_PAGES=n_pages, BK=rule.rows_per_tile,
+            ROTATE=bool(rotate), num_warps=rule.num_warps,
         )
     return out
 
@@ -129,7 +180,8 @@ def plan_prefill(prefix_lens, extend_lens, ratio, device=None, pad_blocks_to=Non
     return PrefillPlan(ratio, as_tensor(blocks, 4), as_tensor(writes, 3), n_blocks)
 
 
-def compress_prefill(u, state, state_pages, plan: PrefillPlan, bias, norm_w, eps, cos, sin, rotate=False, out=None):
+def compress_prefill(u, state, state_pages, plan: PrefillPlan, bias, norm_w, eps, cos, sin, rotate=False, out=None,
+                     workspace=None):
     """u (T, W) the ragged new rows. Returns out (plan rows, d): row i is block ``plan.blocks[i]``
     (0 for padding rows). Then stores the kept rows in ``state``."""
     ratio = plan.ratio
@@ -140,11 +192,13 @@ def compress_prefill(u, state, state_pages, plan: PrefillPlan, bias, norm_w, eps
     nb = plan.blocks.shape[0]
     out = _out(out, nb, d, u.dtype, u.device)
     if nb:
-        _dsv4_compress_prefill_kernel[(nb,)](
-            u, state, state_pages, plan.blocks, bias, norm_w, cos, sin, out,
+        rule = launch_rule(ratio, d)
+        ws = _workspace(workspace, nb, d, u.device)
+        _dsv4_compress_prefill_kernel[(nb * rule.split,)](
+            u, state, state_pages, plan.blocks, bias, norm_w, cos, sin, out, ws.pooled, ws.sum_sq, ws.count,
             float(eps), u.stride(0), state.stride(0), state_pages.stride(0), cos.stride(0), out.stride(0),
-            RATIO=ratio, D=d, LOG2_D=d.bit_length() - 1, N_PAGES=n_pages, BK=_rows_per_tile(ratio, d), ROTATE=bool(rotate),
-            num_warps=8 if d >= 512 else 4,
+            RATIO=ratio, D=d, LOG2_D=d.bit_length() - 1, SPLIT=rule.split, N_PAGES=n_pages, BK=rule.rows_per_tile,
+            ROTATE=bool(rotate), num_warps=rule.num_warps,
         )
     if plan.writes.shape[0]:
         w = u.shape[1]

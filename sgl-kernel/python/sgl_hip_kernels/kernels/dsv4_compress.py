@@ -1,7 +1,12 @@
 """Triton bodies: the DeepSeek-V4 KV compressor (reference §5.3), fused: APE bias add, per-channel
 online-softmax pooling, RMSNorm, GPT-J RoPE on the last 64 channels, optional Walsh-Hadamard.
 
-One program per compressed vector. A block's K rows (8 for ratio 4: the previous block's A half,
+A block's channels are split over SPLIT programs (pooling is per channel, so each pools CB = D/SPLIT
+channels of all K rows; a decode block that reads 128 rows of 512 channels is too much for one
+program). They meet through a workspace: each stores its pooled channels and their sum of squares,
+then takes a ticket from the block's counter; the last one finishes the block (RMSNorm over all D
+with the partial sums added in a fixed order, so the result does not depend on who came last, RoPE,
+rotation) and resets the counter to 0 for the next launch. A block's K rows (8 for ratio 4: the previous block's A half,
 then its own B half; 128 for ratio 128) are token positions ``p_start + j``. The last ``n_new`` of
 them are new rows in ``u`` (the last one at row ``last_u``), the others sit in the request's state
 ring: token q lives on page ``pages[req, (q // RATIO) % N_PAGES]``, slot ``q % RATIO``. A position
@@ -19,18 +24,19 @@ import triton.language as tl
 @triton.jit
 def _pool_rows(
     u_ptr, state_ptr, pages_ptr, bias_ptr,
-    p_start, last_u, n_new, req,
+    p_start, last_u, n_new, req, c0,
     s_u, s_state, s_pages,
-    RATIO: tl.constexpr, D: tl.constexpr, N_PAGES: tl.constexpr, BK: tl.constexpr,
+    RATIO: tl.constexpr, D: tl.constexpr, CB: tl.constexpr, N_PAGES: tl.constexpr, BK: tl.constexpr,
 ):
-    """Per-channel softmax pooling of one block's rows: returns (D,) fp32, 0 where no row weighs."""
+    """Per-channel softmax pooling of channels c0..c0+CB of one block's rows: (CB,) fp32, 0 where
+    no row weighs."""
     OVERLAP: tl.constexpr = RATIO == 4
     K: tl.constexpr = 8 if OVERLAP else RATIO
     NEG_INF: tl.constexpr = float("-inf")
-    cols = tl.arange(0, D).to(tl.int64)
-    m = tl.full((D,), NEG_INF, tl.float32)
-    den = tl.zeros((D,), tl.float32)
-    acc = tl.zeros((D,), tl.float32)
+    cols = c0 + tl.arange(0, CB).to(tl.int64)
+    m = tl.full((CB,), NEG_INF, tl.float32)
+    den = tl.zeros((CB,), tl.float32)
+    acc = tl.zeros((CB,), tl.float32)
     for k0 in range(0, K, BK):
         j = k0 + tl.arange(0, BK)
         q = p_start + j  # token position of each row
@@ -77,12 +83,12 @@ def _butterfly(y, D: tl.constexpr, H: tl.constexpr):
 
 
 @triton.jit
-def _norm_rope_rotate(pooled, normw_ptr, cos_ptr, sin_ptr, pos, eps, s_cos,
+def _norm_rope_rotate(pooled, sum_sq, normw_ptr, cos_ptr, sin_ptr, pos, eps, s_cos,
                       D: tl.constexpr, LOG2_D: tl.constexpr, ROTATE: tl.constexpr):
-    """RMSNorm(weight) over all D, GPT-J RoPE on the last 64 at ``pos``, then (ROTATE) the
-    Walsh-Hadamard transform with scale D^-1/2."""
+    """RMSNorm(weight) over all D (``sum_sq``: the pooled vector's sum of squares), GPT-J RoPE on
+    the last 64 at ``pos``, then (ROTATE) the Walsh-Hadamard transform with scale D^-1/2."""
     cols = tl.arange(0, D)
-    y = pooled * tl.math.rsqrt(tl.sum(pooled * pooled, 0) / D + eps) * tl.load(normw_ptr + cols)
+    y = pooled * tl.math.rsqrt(sum_sq / D + eps) * tl.load(normw_ptr + cols)
     even, odd = tl.split(tl.reshape(y, (D // 2, 2)))
     pair = tl.arange(0, D // 2) - (D - 64) // 2  # frequency index of each pair; < 0: not rotated
     is_rope = pair >= 0
@@ -97,62 +103,87 @@ def _norm_rope_rotate(pooled, normw_ptr, cos_ptr, sin_ptr, pos, eps, s_cos,
 
 
 @triton.jit
+def _emit_block(
+    u_ptr, state_ptr, pages_ptr, bias_ptr, normw_ptr, cos_ptr, sin_ptr, out_ptr, pooled_ptr, sumsq_ptr, count_ptr,
+    pos, last_u, n_new, req, slot, chunk, eps, s_u, s_state, s_pages, s_cos, s_out,
+    RATIO: tl.constexpr, D: tl.constexpr, LOG2_D: tl.constexpr, SPLIT: tl.constexpr, N_PAGES: tl.constexpr,
+    BK: tl.constexpr, ROTATE: tl.constexpr,
+):
+    """Chunk ``chunk`` of the block whose first token is at ``pos``, into out[slot]."""
+    CB: tl.constexpr = D // SPLIT
+    p_start = pos - 4 if RATIO == 4 else pos
+    pooled = _pool_rows(u_ptr, state_ptr, pages_ptr, bias_ptr, p_start, last_u, n_new, req, chunk * CB,
+                        s_u, s_state, s_pages, RATIO, D, CB, N_PAGES, BK)
+    cols = tl.arange(0, D)
+    if SPLIT == 1:
+        y = _norm_rope_rotate(pooled, tl.sum(pooled * pooled, 0), normw_ptr, cos_ptr, sin_ptr, pos, eps, s_cos,
+                              D, LOG2_D, ROTATE)
+        tl.store(out_ptr + slot * s_out + cols, y.to(out_ptr.dtype.element_ty))
+    else:
+        tl.store(pooled_ptr + slot * D + chunk * CB + tl.arange(0, CB), pooled)
+        tl.store(sumsq_ptr + slot * SPLIT + chunk, tl.sum(pooled * pooled, 0))
+        tl.debug_barrier()  # every thread's stores precede the ticket (released by the acq_rel atomic)
+        if tl.atomic_add(count_ptr + slot, 1) == SPLIT - 1:  # the last chunk in finishes the block
+            full = tl.load(pooled_ptr + slot * D + cols, cache_modifier=".cg")
+            sum_sq = tl.sum(tl.load(sumsq_ptr + slot * SPLIT + tl.arange(0, SPLIT), cache_modifier=".cg"), 0)
+            y = _norm_rope_rotate(full, sum_sq, normw_ptr, cos_ptr, sin_ptr, pos, eps, s_cos, D, LOG2_D, ROTATE)
+            tl.store(out_ptr + slot * s_out + cols, y.to(out_ptr.dtype.element_ty))
+            tl.store(count_ptr + slot, 0)
+
+
+@triton.jit
 def _dsv4_compress_decode_kernel(
     u_ptr, state_ptr, pages_ptr, seq_lens_ptr, bias_ptr, normw_ptr, cos_ptr, sin_ptr, out_ptr,
+    pooled_ptr, sumsq_ptr, count_ptr,
     eps, s_u, s_state, s_pages, s_cos, s_out,
-    RATIO: tl.constexpr, D: tl.constexpr, LOG2_D: tl.constexpr, N_PAGES: tl.constexpr, BK: tl.constexpr,
-    ROTATE: tl.constexpr,
+    RATIO: tl.constexpr, D: tl.constexpr, LOG2_D: tl.constexpr, SPLIT: tl.constexpr, N_PAGES: tl.constexpr,
+    BK: tl.constexpr, ROTATE: tl.constexpr,
 ):
-    """Program b: store request b's new row (token seq_len - 1) in its ring, and when that token
-    closes a block (seq_len % RATIO == 0) emit the block; otherwise out[b] = 0. seq_len <= 0 (a
-    padded slot) touches no state and gives 0. The new row is pooled from ``u``, not re-read from
-    the state it was just stored to."""
+    """Programs (b, chunk): chunk 0 stores request b's new row (token seq_len - 1) in its ring;
+    when that token closes a block (seq_len % RATIO == 0) every chunk pools its channels of the
+    block, else chunk 0 writes out[b] = 0. seq_len <= 0 (a padded slot) touches no state and gives 0.
+    The new row is pooled from ``u``, not re-read from the state it is being stored to."""
     W: tl.constexpr = (4 if RATIO == 4 else 2) * D
     BW: tl.constexpr = triton.next_power_of_2(W)
-    b = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(0).to(tl.int64) // SPLIT
+    chunk = tl.program_id(0) % SPLIT
     seq_len = tl.load(seq_lens_ptr + b)
     t = seq_len - 1
-    if seq_len > 0:
+    if (seq_len > 0) & (chunk == 0):
         wc = tl.arange(0, BW)
         row = tl.load(u_ptr + b * s_u + wc, mask=wc < W).to(tl.float32)
         page = tl.load(pages_ptr + b * s_pages + (t // RATIO) % N_PAGES).to(tl.int64)
         tl.store(state_ptr + (page * RATIO + t % RATIO) * s_state + wc, row, mask=wc < W)
-    cols = tl.arange(0, D)
     if (seq_len > 0) & (seq_len % RATIO == 0):
-        pos = seq_len - RATIO  # the block's first token
-        p_start = pos - 4 if RATIO == 4 else pos
-        pooled = _pool_rows(u_ptr, state_ptr, pages_ptr, bias_ptr, p_start, b, 1, b, s_u, s_state, s_pages,
-                            RATIO, D, N_PAGES, BK)
-        y = _norm_rope_rotate(pooled, normw_ptr, cos_ptr, sin_ptr, pos, eps, s_cos, D, LOG2_D, ROTATE)
-        tl.store(out_ptr + b * s_out + cols, y.to(out_ptr.dtype.element_ty))
-    else:
-        tl.store(out_ptr + b * s_out + cols, tl.zeros((D,), out_ptr.dtype.element_ty))
+        _emit_block(u_ptr, state_ptr, pages_ptr, bias_ptr, normw_ptr, cos_ptr, sin_ptr, out_ptr, pooled_ptr, sumsq_ptr,
+                    count_ptr, seq_len - RATIO, b, 1, b, b, chunk, eps, s_u, s_state, s_pages, s_cos, s_out,
+                    RATIO, D, LOG2_D, SPLIT, N_PAGES, BK, ROTATE)
+    elif chunk == 0:
+        tl.store(out_ptr + b * s_out + tl.arange(0, D), tl.zeros((D,), out_ptr.dtype.element_ty))
 
 
 @triton.jit
 def _dsv4_compress_prefill_kernel(
     u_ptr, state_ptr, pages_ptr, plan_ptr, bias_ptr, normw_ptr, cos_ptr, sin_ptr, out_ptr,
+    pooled_ptr, sumsq_ptr, count_ptr,
     eps, s_u, s_state, s_pages, s_cos, s_out,
-    RATIO: tl.constexpr, D: tl.constexpr, LOG2_D: tl.constexpr, N_PAGES: tl.constexpr, BK: tl.constexpr,
-    ROTATE: tl.constexpr,
+    RATIO: tl.constexpr, D: tl.constexpr, LOG2_D: tl.constexpr, SPLIT: tl.constexpr, N_PAGES: tl.constexpr,
+    BK: tl.constexpr, ROTATE: tl.constexpr,
 ):
-    """Program i: block plan[i] = (first token position, ragged row of its last token, rows that
-    are new, request); a row with position < 0 is padding and gives 0. Reads state, never writes
-    it (``_dsv4_state_write_kernel`` runs after, so no program reads a slot another overwrites)."""
-    i = tl.program_id(0).to(tl.int64)
+    """Programs (i, chunk): block plan[i] = (first token position, ragged row of its last token,
+    rows that are new, request); a plan row with position < 0 is padding and gives 0. Reads state,
+    never writes it (``_dsv4_state_write_kernel`` runs after, so no program reads a slot another
+    overwrites)."""
+    i = tl.program_id(0).to(tl.int64) // SPLIT
+    chunk = tl.program_id(0) % SPLIT
     pos = tl.load(plan_ptr + i * 4 + 0)
-    cols = tl.arange(0, D)
     if pos >= 0:
-        last_u = tl.load(plan_ptr + i * 4 + 1)
-        n_new = tl.load(plan_ptr + i * 4 + 2)
-        req = tl.load(plan_ptr + i * 4 + 3).to(tl.int64)
-        p_start = pos - 4 if RATIO == 4 else pos
-        pooled = _pool_rows(u_ptr, state_ptr, pages_ptr, bias_ptr, p_start, last_u, n_new, req, s_u, s_state, s_pages,
-                            RATIO, D, N_PAGES, BK)
-        y = _norm_rope_rotate(pooled, normw_ptr, cos_ptr, sin_ptr, pos, eps, s_cos, D, LOG2_D, ROTATE)
-        tl.store(out_ptr + i * s_out + cols, y.to(out_ptr.dtype.element_ty))
-    else:
-        tl.store(out_ptr + i * s_out + cols, tl.zeros((D,), out_ptr.dtype.element_ty))
+        _emit_block(u_ptr, state_ptr, pages_ptr, bias_ptr, normw_ptr, cos_ptr, sin_ptr, out_ptr, pooled_ptr, sumsq_ptr,
+                    count_ptr, pos, tl.load(plan_ptr + i * 4 + 1), tl.load(plan_ptr + i * 4 + 2),
+                    tl.load(plan_ptr + i * 4 + 3).to(tl.int64), i, chunk, eps, s_u, s_state, s_pages, s_cos, s_out,
+                    RATIO, D, LOG2_D, SPLIT, N_PAGES, BK, ROTATE)
+    elif chunk == 0:
+        tl.store(out_ptr + i * s_out + tl.arange(0, D), tl.zeros((D,), out_ptr.dtype.element_ty))
 
 
 @triton.jit
