@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from kernel_checks import assert_within_torch_error, graph_replay_equals_eager
-from sgl_hip_kernels.dsv4_compress import compress_decode, compress_prefill, plan_prefill
+from sgl_hip_kernels.dsv4_compress import CompressWorkspace, compress_decode, compress_prefill, launch_rule, plan_prefill
 from sgl_hip_kernels.dsv4_ref import compress_sequence_ref
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -187,6 +187,14 @@ def test_padded_plan_and_bad_inputs(rng):
     state = c.dev(c.state)
     out = compress_prefill(c.dev(u), state, c.dev(c.pages, torch.int32), plan, *c.kernel_args())
     assert torch.equal(out[1:].cpu(), torch.zeros(2, 128))
+    # ratio 128, d 128 splits a block over programs: their ticket counters are back to 0 after the call
+    ws = CompressWorkspace(3, 128, torch.device(DEV))
+    assert launch_rule(128, 128).split > 1
+    again = compress_prefill(c.dev(u), c.dev(c.state), c.dev(c.pages, torch.int32), plan, *c.kernel_args(), workspace=ws)
+    assert torch.equal(again, out) and int(ws.count.abs().sum()) == 0
+    with pytest.raises(ValueError, match="workspace"):
+        compress_prefill(c.dev(u), state, c.dev(c.pages, torch.int32), plan, *c.kernel_args(),
+                         workspace=CompressWorkspace(2, 128, torch.device(DEV)))
     args = c.kernel_args()
     pages = c.dev(c.pages, torch.int32)
     with pytest.raises(ValueError, match="ratio must be 4 or 128"):

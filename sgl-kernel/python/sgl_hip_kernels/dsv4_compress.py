@@ -13,6 +13,10 @@ recent tokens, pages of ``ratio`` rows. Request b's ring is ``state_pages[b]``: 
 * :func:`plan_prefill` + :func:`compress_prefill`: a ragged batch of new tokens after a prefix whose
   rows are in the ring. Emits every block that closes in the chunk, then stores the rows the ring
   must keep (the open block, and for ratio 4 the last closed block); two launches.
+
+Where a block's channels are split over several programs (``launch_rule``), they meet in a
+``CompressWorkspace`` whose counters reset themselves; the default one is made on first use for
+each (device, ratio, d), so make the first call outside CUDA-graph capture (a warm-up does).
 """
 
 from __future__ import annotations
@@ -42,18 +46,23 @@ class LaunchRule:
 
 
 def launch_rule(ratio: int, d: int) -> LaunchRule:
-    """Fixed per-shape launch rules (no runtime autotune), from the H100 sweep in the benchmark notes:
-    split a block's channels so that each program pools at most ~16K values."""
+    """Fixed per-shape launch rules (no runtime autotune), chosen from a sweep of split x rows per
+    tile x warps on an H200 over decode batch 1/64/256 (every request emitting) and prefill 8k:
+    the rule that was within ~10-20% of the best at every one of those shapes."""
+    if ratio == 4 and d >= 512:
+        return LaunchRule(split=8, rows_per_tile=8, num_warps=1)
     if ratio == 4:
-        return LaunchRule(split=max(1, d // 128), rows_per_tile=8, num_warps=4)
-    return LaunchRule(split=max(1, d // 64), rows_per_tile=32, num_warps=4)
+        return LaunchRule(split=1, rows_per_tile=8, num_warps=2)
+    return LaunchRule(split=min(16, max(1, d // 32)), rows_per_tile=32, num_warps=4)
 
 
 class CompressWorkspace:
     """Where the programs of one block meet when its channels are split (``LaunchRule.split > 1``):
     pooled channels and partial sums of squares (scratch) and one ticket counter per block row,
     zero between launches (the last program of a block resets it). One workspace must not serve two
-    launches running at once: the default is one per (device, stream)."""
+    launches that run at the same time; the default is one per (device, ratio, d), so the attention
+    and indexer compressors never share one; pass ``workspace=`` to run two compressors of one shape
+    concurrently on different streams."""
 
     MAX_SPLIT = 16
 
@@ -67,23 +76,23 @@ class CompressWorkspace:
         return rows <= self.rows and d <= self.d
 
 
+# (device, ratio, d) -> every workspace made for it, the newest (largest) last. Outgrown ones are
+# kept: a CUDA graph captured with one still points at it.
 _WORKSPACES: dict = {}
 
 
-def _workspace(workspace, rows: int, d: int, device) -> CompressWorkspace:
+def _workspace(workspace, rows: int, d: int, ratio: int, device) -> CompressWorkspace:
     if workspace is not None:
         if not workspace.fits(rows, d) or workspace.count.device != device:
             raise ValueError(f"dsv4 compress: workspace ({workspace.rows} rows of {workspace.d}) does not fit {rows} rows of {d} on {device}")
         return workspace
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
-    key = (str(device), stream)
-    cached = _WORKSPACES.get(key)
-    if cached is None or not cached.fits(rows, d):
+    made = _WORKSPACES.setdefault((str(device), ratio, d), [])
+    if not made or not made[-1].fits(rows, d):
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("dsv4 compress: no workspace for this shape while capturing a CUDA graph: run the call once "
+            raise RuntimeError("dsv4 compress: no workspace this large while capturing a CUDA graph: run the call once "
                                "eagerly before capture (the usual warm-up), or pass workspace=CompressWorkspace(...)")
-        cached = _WORKSPACES[key] = CompressWorkspace(max(rows, cached.rows if cached else 0), max(d, cached.d if cached else 0), device)
-    return cached
+        made.append(CompressWorkspace(max([rows] + [w.rows for w in made]), d, device))
+    return made[-1]
 
 
 def _check(u, state, state_pages, bias, norm_w, cos, sin, ratio):
@@ -129,7 +138,7 @@ def compress_decode(u, state, state_pages, seq_lens, bias, norm_w, eps, cos, sin
     out = _out(out, b, d, u.dtype, u.device)
     if b:
         rule = launch_rule(ratio, d)
-        ws = _workspace(workspace, b, d, u.device)
+        ws = _workspace(workspace, b, d, ratio, u.device)
         _dsv4_compress_decode_kernel[(b * rule.split,)](
             u, state, state_pages, seq_lens, bias, norm_w, cos, sin, out, ws.pooled, ws.sum_sq, ws.count,
             float(eps), u.stride(0), state.stride(0), state_pages.stride(0), cos.stride(0), out.stride(0),
@@ -193,7 +202,7 @@ def compress_prefill(u, state, state_pages, plan: PrefillPlan, bias, norm_w, eps
     out = _out(out, nb, d, u.dtype, u.device)
     if nb:
         rule = launch_rule(ratio, d)
-        ws = _workspace(workspace, nb, d, u.device)
+        ws = _workspace(workspace, nb, d, ratio, u.device)
         _dsv4_compress_prefill_kernel[(nb * rule.split,)](
             u, state, state_pages, plan.blocks, bias, norm_w, cos, sin, out, ws.pooled, ws.sum_sq, ws.count,
             float(eps), u.stride(0), state.stride(0), state_pages.stride(0), cos.stride(0), out.stride(0),
