@@ -189,7 +189,7 @@ def test_padded_plan_and_bad_inputs(rng):
     assert torch.equal(out[1:].cpu(), torch.zeros(2, 128))
     # ratio 128, d 128 splits a block over programs: their ticket counters are back to 0 after the call
     ws = CompressWorkspace(3, 128, torch.device(DEV))
-    assert launch_rule(128, 128).split > 1
+    assert launch_rule(128, 128, prefill=True).split > 1
     again = compress_prefill(c.dev(u), c.dev(c.state), c.dev(c.pages, torch.int32), plan, *c.kernel_args(), workspace=ws)
     assert torch.equal(again, out) and int(ws.count.abs().sum()) == 0
     with pytest.raises(ValueError, match="workspace"):

@@ -45,15 +45,15 @@ class LaunchRule:
     num_warps: int
 
 
-def launch_rule(ratio: int, d: int) -> LaunchRule:
-    """Fixed per-shape launch rules (no runtime autotune), chosen from a sweep of split x rows per
-    tile x warps on an H200 over decode batch 1/64/256 (every request emitting) and prefill 8k:
-    the rule that was within ~10-20% of the best at every one of those shapes."""
+def launch_rule(ratio: int, d: int, prefill: bool) -> LaunchRule:
+    """Fixed per-shape launch rules (no runtime autotune), from a sweep of split x rows per tile x
+    warps on the H100 (decode batch 1/16/64 with every request emitting, batch 64 mixed, prefill 8k;
+    README): the rule best or within ~10% of the best at each of those shapes."""
     if ratio == 4 and d >= 512:
-        return LaunchRule(split=8, rows_per_tile=8, num_warps=1)
+        return LaunchRule(split=8, rows_per_tile=8, num_warps=1) if prefill else LaunchRule(split=16, rows_per_tile=8, num_warps=4)
     if ratio == 4:
-        return LaunchRule(split=1, rows_per_tile=8, num_warps=2)
-    return LaunchRule(split=min(16, max(1, d // 32)), rows_per_tile=32, num_warps=4)
+        return LaunchRule(split=1, rows_per_tile=8, num_warps=1 if prefill else 2)
+    return LaunchRule(split=min(16, max(1, d // 32)), rows_per_tile=64, num_warps=4)
 
 
 class CompressWorkspace:
@@ -137,7 +137,7 @@ def compress_decode(u, state, state_pages, seq_lens, bias, norm_w, eps, cos, sin
         raise ValueError(f"dsv4 compress_decode: seq_lens must be ({b},) int32 and state_pages ({b}, {n_pages})")
     out = _out(out, b, d, u.dtype, u.device)
     if b:
-        rule = launch_rule(ratio, d)
+        rule = launch_rule(ratio, d, prefill=False)
         ws = _workspace(workspace, b, d, ratio, u.device)
         _dsv4_compress_decode_kernel[(b * rule.split,)](
             u, state, state_pages, seq_lens, bias, norm_w, cos, sin, out, ws.pooled, ws.sum_sq, ws.count,
@@ -201,7 +201,7 @@ def compress_prefill(u, state, state_pages, plan: PrefillPlan, bias, norm_w, eps
     nb = plan.blocks.shape[0]
     out = _out(out, nb, d, u.dtype, u.device)
     if nb:
-        rule = launch_rule(ratio, d)
+        rule = launch_rule(ratio, d, prefill=True)
         ws = _workspace(workspace, nb, d, ratio, u.device)
         _dsv4_compress_prefill_kernel[(nb * rule.split,)](
             u, state, state_pages, plan.blocks, bias, norm_w, cos, sin, out, ws.pooled, ws.sum_sq, ws.count,

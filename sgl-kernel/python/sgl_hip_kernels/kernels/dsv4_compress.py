@@ -37,7 +37,13 @@ def _pool_rows(
     m = tl.full((CB,), NEG_INF, tl.float32)
     den = tl.zeros((CB,), tl.float32)
     acc = tl.zeros((CB,), tl.float32)
-    for k0 in range(0, K, BK):
+    # A block's rows span at most two pages (ratio 4: the previous block's, then its own): load both
+    # page ids once, so no row load waits on a page-id load inside the loop.
+    own_first = p_start + K - RATIO  # first token of the block itself
+    own_page = tl.load(pages_ptr + req * s_pages + (own_first // RATIO) % N_PAGES).to(tl.int64)
+    if OVERLAP:
+        prev_page = tl.load(pages_ptr + req * s_pages + (tl.maximum(p_start, 0) // RATIO) % N_PAGES).to(tl.int64)
+    for k0 in tl.static_range(0, K, BK):  # unrolled: every tile's loads can be in flight at once
         j = k0 + tl.arange(0, BK)
         q = p_start + j  # token position of each row
         valid = q >= 0
@@ -50,8 +56,11 @@ def _pool_rows(
             kv_col = tl.zeros((BK,), tl.int32)
             s_col = tl.full((BK,), D, tl.int32)
         q_safe = tl.where(valid, q, 0)
-        page = tl.load(pages_ptr + req * s_pages + (q_safe // RATIO) % N_PAGES, mask=from_state, other=0)
-        state_row = page.to(tl.int64) * RATIO + q_safe % RATIO
+        if OVERLAP:
+            page = tl.where(j < 4, prev_page, own_page)
+        else:
+            page = own_page
+        state_row = page * RATIO + q_safe % RATIO
         u_row = (last_u - (K - 1 - j)).to(tl.int64)
         new2 = (valid & is_new)[:, None]
         old2 = from_state[:, None]
