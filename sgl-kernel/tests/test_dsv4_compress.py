@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from kernel_checks import assert_within_torch_error, graph_replay_equals_eager
-from sgl_hip_kernels.dsv4_compress import CompressWorkspace, compress_decode, compress_prefill, launch_rule, plan_prefill
+from sgl_hip_kernels.dsv4_compress import (CompressWorkspace, LaunchRule, compress_decode, compress_prefill, launch_rule,
+                                           plan_prefill)
 from sgl_hip_kernels.dsv4_ref import compress_sequence_ref
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -103,6 +104,9 @@ def test_prefill_ragged_batch(rng, ratio, d, rotate):
     c.seed_state(seqs, prefix)
     before = c.state.clone()
     plan = plan_prefill(prefix, extend, ratio, device=DEV, pad_blocks_to=None)
+    # ratio 128: request 1 (prefix 3) reads tokens 0..2 from slots that its kept tokens 128..131
+    # overwrite, so the stores need their own launch; ratio 4: no kept row lands on a read slot
+    assert plan.writes_in_same_launch == (ratio == 4)
     new_rows = torch.cat([u[p:] for u, p in zip(seqs, prefix)])
     state = c.dev(c.state)
     out = torch.full((plan.blocks.shape[0], d), float("nan"), device=DEV)
@@ -166,17 +170,19 @@ def test_edges_neg_inf_and_all_invalid(rng):
     assert not out.isnan().any()
     ref64, ref32 = c.blocks(v, [0, 1])
     assert_within_torch_error(out[1:].cpu(), ref64, ref32, "guarded rows")
-    # Ratio 128 pools in row tiles: a channel -inf through the whole first tile carries an old max
-    # of -inf into the next; a channel -inf on every row pools to 0.
+    # Ratio 128 pooled in row tiles of 32 (the production rule loads all 128 rows at once; a
+    # caller's rule may not): a channel -inf through the whole first tile carries an old max of
+    # -inf into the next; a channel -inf on every row pools to 0.
     c = Compressor(rng, 128, 128, 1)
     w = raw_rows(rng, c, 128)
     w[:100, 128 + 5] = float("-inf")
     w[:, 128 + 6] = float("-inf")
-    out = compress_prefill(c.dev(w), c.dev(c.state), c.dev(c.pages, torch.int32), plan_prefill([0], [128], 128, device=DEV),
-                           *c.kernel_args())
     ref64, ref32 = c.blocks(w, [0])
-    assert not out.isnan().any()
-    assert_within_torch_error(out.cpu(), ref64, ref32, "ratio 128 guarded channels")
+    for rule in (None, LaunchRule(split=2, rows_per_tile=32, num_warps=4)):
+        out = compress_prefill(c.dev(w), c.dev(c.state), c.dev(c.pages, torch.int32), plan_prefill([0], [128], 128, device=DEV),
+                               *c.kernel_args(), rule=rule)
+        assert not out.isnan().any()
+        assert_within_torch_error(out.cpu(), ref64, ref32, f"ratio 128 guarded channels, {rule}")
 
 
 def test_padded_plan_and_bad_inputs(rng):
@@ -199,6 +205,8 @@ def test_padded_plan_and_bad_inputs(rng):
     pages = c.dev(c.pages, torch.int32)
     with pytest.raises(ValueError, match="ratio must be 4 or 128"):
         plan_prefill([0], [8], 8)
+    with pytest.raises(ValueError, match="launch rule"):
+        compress_prefill(c.dev(u), state, pages, plan, *args, rule=LaunchRule(split=3, rows_per_tile=32, num_warps=4))
     with pytest.raises(ValueError, match="pad_blocks_to"):
         plan_prefill([0], [300], 128, pad_blocks_to=1)
     with pytest.raises(ValueError, match="bias"):

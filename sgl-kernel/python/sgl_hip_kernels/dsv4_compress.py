@@ -12,7 +12,8 @@ recent tokens, pages of ``ratio`` rows. Request b's ring is ``state_pages[b]``: 
   emit touches only its own slot; ``seq_len <= 0`` (a padded slot) touches nothing.
 * :func:`plan_prefill` + :func:`compress_prefill`: a ragged batch of new tokens after a prefix whose
   rows are in the ring. Emits every block that closes in the chunk, then stores the rows the ring
-  must keep (the open block, and for ratio 4 the last closed block); two launches.
+  must keep (the open block, and for ratio 4 the last closed block): one launch, or two where a
+  kept row would overwrite a ring slot that a block of the same chunk still reads.
 
 Where a block's channels are split over several programs (``launch_rule``), they meet in a
 ``CompressWorkspace`` whose counters reset themselves; the default one is made on first use for
@@ -24,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import triton
 
 from .kernels.dsv4_compress import _dsv4_compress_decode_kernel, _dsv4_compress_prefill_kernel, _dsv4_state_write_kernel
 
@@ -40,8 +40,11 @@ def _geometry(ratio: int) -> tuple[int, int, int]:
 
 @dataclasses.dataclass(frozen=True)
 class LaunchRule:
-    split: int  # programs per block, each pooling d / split channels
-    rows_per_tile: int  # rows each loop step loads
+    """How a launch is cut (``rule=`` on the launchers overrides the fixed rule: sweeps, and tests
+    of the multi-tile path that the production rules do not take)."""
+
+    split: int  # programs per block, each pooling d / split channels (a power of two, <= 16)
+    rows_per_tile: int  # rows each loop step loads (a power of two dividing the block's rows)
     num_warps: int
 
 
@@ -53,7 +56,7 @@ def launch_rule(ratio: int, d: int, prefill: bool) -> LaunchRule:
         return LaunchRule(split=8, rows_per_tile=8, num_warps=1) if prefill else LaunchRule(split=16, rows_per_tile=8, num_warps=4)
     if ratio == 4:
         return LaunchRule(split=1, rows_per_tile=8, num_warps=1 if prefill else 2)
-    return LaunchRule(split=min(16, max(1, d // 32)), rows_per_tile=64, num_warps=4)
+    return LaunchRule(split=min(16, max(1, d // 32)), rows_per_tile=128, num_warps=4)
 
 
 class CompressWorkspace:
@@ -118,6 +121,15 @@ def _check(u, state, state_pages, bias, norm_w, cos, sin, ratio):
     return d, k, n_pages
 
 
+def _check_rule(rule: LaunchRule, ratio: int, d: int) -> LaunchRule:
+    k, _, _ = _geometry(ratio)
+    ok = lambda n: n > 0 and n & (n - 1) == 0  # noqa: E731
+    if not (ok(rule.split) and rule.split <= CompressWorkspace.MAX_SPLIT and d // rule.split >= 1 and ok(rule.rows_per_tile)
+            and rule.rows_per_tile <= k and ok(rule.num_warps)):
+        raise ValueError(f"dsv4 compress: bad launch rule {rule} for ratio {ratio}, d {d}")
+    return rule
+
+
 def _out(out, rows, d, dtype, device):
     if out is None:
         return torch.empty(rows, d, dtype=dtype, device=device)
@@ -127,7 +139,7 @@ def _out(out, rows, d, dtype, device):
 
 
 def compress_decode(u, state, state_pages, seq_lens, bias, norm_w, eps, cos, sin, ratio, rotate=False, out=None,
-                    workspace=None):
+                    workspace=None, rule: LaunchRule | None = None):
     """u (B, W) the new token's raw row per request; seq_lens (B,) int32 after appending it.
     Returns out (B, d) in u's dtype (or ``out``'s): the compressed vector of block
     ``seq_len // ratio - 1`` where ``seq_len % ratio == 0``, else 0. Writes ``state``."""
@@ -137,7 +149,7 @@ def compress_decode(u, state, state_pages, seq_lens, bias, norm_w, eps, cos, sin
         raise ValueError(f"dsv4 compress_decode: seq_lens must be ({b},) int32 and state_pages ({b}, {n_pages})")
     out = _out(out, b, d, u.dtype, u.device)
     if b:
-        rule = launch_rule(ratio, d, prefill=False)
+        rule = _check_rule(rule or launch_rule(ratio, d, prefill=False), ratio, d)
         ws = _workspace(workspace, b, d, ratio, u.device)
         _dsv4_compress_decode_kernel[(b * rule.split,)](
             u, state, state_pages, seq_lens, bias, norm_w, cos, sin, out, ws.pooled, ws.sum_sq, ws.count,
@@ -152,33 +164,40 @@ def compress_decode(u, state, state_pages, seq_lens, bias, norm_w, eps, cos, sin
 class PrefillPlan:
     """``blocks`` (NB, 4) int32: (first token position r*n, ragged row of the block's last token,
     rows of the block that are new, request) per emitted block, in request order, padding rows -1;
-    ``writes`` (NW, 3) int32: (ragged row, request, token position) per row the ring must keep.
+    ``writes`` (NW, 3) int32: (ragged row, request, token position) per row the ring must keep;
+    ``writes_in_same_launch``: no kept row lands on a ring slot that a block reads (always so for a
+    request without prefix), so the stores ride in the compress launch instead of a second one.
     Built once per batch on the host; every compressor layer of that ratio reuses it."""
 
     ratio: int
     blocks: torch.Tensor
     writes: torch.Tensor
     n_blocks: int
+    writes_in_same_launch: bool
 
 
 def plan_prefill(prefix_lens, extend_lens, ratio, device=None, pad_blocks_to=None) -> PrefillPlan:
     """Plan a ragged prefill: request i has ``prefix_lens[i]`` tokens already seen (their ring rows
     are in the state) and ``extend_lens[i]`` new rows, at ragged rows ``sum(extend_lens[:i]) ...``.
     ``pad_blocks_to`` fixes the number of plan rows (a fixed grid, e.g. for graphs)."""
-    k, _, _ = _geometry(ratio)
+    k, n_pages, _ = _geometry(ratio)
     prefix_lens, extend_lens = [int(x) for x in prefix_lens], [int(x) for x in extend_lens]
     if len(prefix_lens) != len(extend_lens) or min(prefix_lens + extend_lens, default=0) < 0:
         raise ValueError("dsv4 plan_prefill: one non-negative prefix and extend length per request")
-    blocks, writes, start = [], [], 0
+    blocks, writes, start, overlapping = [], [], 0, False
     overlap = 4 if ratio == 4 else 0
+    ring = ratio * n_pages
     for req, (prefix, extend) in enumerate(zip(prefix_lens, extend_lens)):
         total = prefix + extend
+        read_slots = set()  # ring slots (token % ring) of the old rows the blocks read
         for n in range(prefix // ratio, total // ratio):
             last = ratio * n + ratio - 1  # the token that closes block n
             first_row = ratio * n - overlap
             blocks.append((ratio * n, start + last - prefix, min(k, last - max(prefix, first_row) + 1), req))
+            read_slots.update(t % ring for t in range(max(first_row, 0), prefix))
         keep_from = max(prefix, ratio * (total // ratio) - overlap, 0)
         writes += [(start + t - prefix, req, t) for t in range(keep_from, total)]
+        overlapping |= any(t % ring in read_slots for t in range(keep_from, total))
         start += extend
     n_blocks = len(blocks)
     if pad_blocks_to is not None:
@@ -186,11 +205,11 @@ def plan_prefill(prefix_lens, extend_lens, ratio, device=None, pad_blocks_to=Non
             raise ValueError(f"dsv4 plan_prefill: {n_blocks} blocks do not fit pad_blocks_to={pad_blocks_to}")
         blocks += [(-1, -1, -1, -1)] * (pad_blocks_to - n_blocks)
     as_tensor = lambda rows, w: torch.tensor(rows, dtype=torch.int32).reshape(-1, w).to(device)  # noqa: E731
-    return PrefillPlan(ratio, as_tensor(blocks, 4), as_tensor(writes, 3), n_blocks)
+    return PrefillPlan(ratio, as_tensor(blocks, 4), as_tensor(writes, 3), n_blocks, not overlapping)
 
 
 def compress_prefill(u, state, state_pages, plan: PrefillPlan, bias, norm_w, eps, cos, sin, rotate=False, out=None,
-                     workspace=None):
+                     workspace=None, rule: LaunchRule | None = None):
     """u (T, W) the ragged new rows. Returns out (plan rows, d): row i is block ``plan.blocks[i]``
     (0 for padding rows). Then stores the kept rows in ``state``."""
     ratio = plan.ratio
@@ -198,21 +217,21 @@ def compress_prefill(u, state, state_pages, plan: PrefillPlan, bias, norm_w, eps
     for name, t, w in (("blocks", plan.blocks, 4), ("writes", plan.writes, 3)):
         if t.dim() != 2 or t.shape[1] != w or t.dtype != torch.int32 or not t.is_contiguous() or t.device != u.device:
             raise ValueError(f"dsv4 compress_prefill: plan.{name} must be contiguous int32 (n, {w}) on {u.device}")
-    nb = plan.blocks.shape[0]
+    nb, nw, w = plan.blocks.shape[0], plan.writes.shape[0], u.shape[1]
     out = _out(out, nb, d, u.dtype, u.device)
-    if nb:
-        rule = launch_rule(ratio, d, prefill=True)
-        ws = _workspace(workspace, nb, d, ratio, u.device)
-        _dsv4_compress_prefill_kernel[(nb * rule.split,)](
-            u, state, state_pages, plan.blocks, bias, norm_w, cos, sin, out, ws.pooled, ws.sum_sq, ws.count,
-            float(eps), u.stride(0), state.stride(0), state_pages.stride(0), cos.stride(0), out.stride(0),
+    rule = _check_rule(rule or launch_rule(ratio, d, prefill=True), ratio, d)
+    fused_writes = nw if plan.writes_in_same_launch else 0
+    if nb or fused_writes:
+        ws = _workspace(workspace, max(nb, 1), d, ratio, u.device)
+        _dsv4_compress_prefill_kernel[(nb * rule.split + fused_writes,)](
+            u, state, state_pages, plan.blocks, plan.writes, bias, norm_w, cos, sin, out, ws.pooled, ws.sum_sq, ws.count,
+            nb * rule.split, float(eps), u.stride(0), state.stride(0), state_pages.stride(0), cos.stride(0), out.stride(0),
             RATIO=ratio, D=d, LOG2_D=d.bit_length() - 1, SPLIT=rule.split, N_PAGES=n_pages, BK=rule.rows_per_tile,
             ROTATE=bool(rotate), num_warps=rule.num_warps,
         )
-    if plan.writes.shape[0]:
-        w = u.shape[1]
-        _dsv4_state_write_kernel[(plan.writes.shape[0],)](
+    if nw and not fused_writes:
+        _dsv4_state_write_kernel[(nw,)](
             u, state, state_pages, plan.writes, u.stride(0), state.stride(0), state_pages.stride(0),
-            RATIO=ratio, N_PAGES=n_pages, W=w, BW=triton.next_power_of_2(w), num_warps=4,
+            RATIO=ratio, N_PAGES=n_pages, W=w, num_warps=4,
         )
     return out

@@ -62,24 +62,27 @@ def _pool_rows(
             page = own_page
         state_row = page * RATIO + q_safe % RATIO
         u_row = (last_u - (K - 1 - j)).to(tl.int64)
-        new2 = (valid & is_new)[:, None]
-        old2 = from_state[:, None]
-        u_base = u_ptr + u_row[:, None] * s_u + cols[None, :]
-        st_base = state_ptr + state_row[:, None] * s_state + cols[None, :]
-        kv = tl.where(new2, tl.load(u_base + kv_col[:, None], mask=new2, other=0.0).to(tl.float32),
-                      tl.load(st_base + kv_col[:, None], mask=old2, other=0.0))
-        s = tl.where(new2, tl.load(u_base + s_col[:, None], mask=new2, other=0.0).to(tl.float32),
-                     tl.load(st_base + s_col[:, None], mask=old2, other=0.0))
-        s = s + tl.load(bias_ptr + j[:, None].to(tl.int64) * D + cols[None, :])
+        # Tiles are [channels, rows] and reduce over rows (axis 1): the same math either way, but the
+        # interpreter then sums rows pairwise (numpy along the last axis), as the GPU's tree does,
+        # instead of one by one.
+        new2 = (valid & is_new)[None, :]
+        old2 = from_state[None, :]
+        u_base = u_ptr + u_row[None, :] * s_u + cols[:, None]
+        st_base = state_ptr + state_row[None, :] * s_state + cols[:, None]
+        kv = tl.where(new2, tl.load(u_base + kv_col[None, :], mask=new2, other=0.0).to(tl.float32),
+                      tl.load(st_base + kv_col[None, :], mask=old2, other=0.0))
+        s = tl.where(new2, tl.load(u_base + s_col[None, :], mask=new2, other=0.0).to(tl.float32),
+                     tl.load(st_base + s_col[None, :], mask=old2, other=0.0))
+        s = s + tl.load(bias_ptr + j[None, :].to(tl.int64) * D + cols[:, None])
         # Both #26208 guards: a row that is invalid or scores -inf weighs exactly 0 (and its kv is not
         # multiplied in, so a NaN/inf kv there cannot leak); an old max of -inf rescales by 0, not NaN.
-        weighs = valid[:, None] & (s > NEG_INF)
+        weighs = valid[None, :] & (s > NEG_INF)
         s = tl.where(weighs, s, NEG_INF)
-        m_new = tl.maximum(m, tl.max(s, 0))
+        m_new = tl.maximum(m, tl.max(s, 1))
         alpha = tl.where(m > NEG_INF, tl.exp(m - m_new), 0.0)
-        e = tl.where(weighs, tl.exp(s - tl.where(m_new > NEG_INF, m_new, 0.0)[None, :]), 0.0)
-        acc = acc * alpha + tl.sum(e * tl.where(weighs, kv, 0.0), 0)
-        den = den * alpha + tl.sum(e, 0)
+        e = tl.where(weighs, tl.exp(s - tl.where(m_new > NEG_INF, m_new, 0.0)[:, None]), 0.0)
+        acc = acc * alpha + tl.sum(e * tl.where(weighs, kv, 0.0), 1)
+        den = den * alpha + tl.sum(e, 1)
         m = m_new
     return tl.where(den > 0, acc / tl.where(den > 0, den, 1.0), 0.0)
 
@@ -172,37 +175,11 @@ def _dsv4_compress_decode_kernel(
 
 
 @triton.jit
-def _dsv4_compress_prefill_kernel(
-    u_ptr, state_ptr, pages_ptr, plan_ptr, bias_ptr, normw_ptr, cos_ptr, sin_ptr, out_ptr,
-    pooled_ptr, sumsq_ptr, count_ptr,
-    eps, s_u, s_state, s_pages, s_cos, s_out,
-    RATIO: tl.constexpr, D: tl.constexpr, LOG2_D: tl.constexpr, SPLIT: tl.constexpr, N_PAGES: tl.constexpr,
-    BK: tl.constexpr, ROTATE: tl.constexpr,
-):
-    """Programs (i, chunk): block plan[i] = (first token position, ragged row of its last token,
-    rows that are new, request); a plan row with position < 0 is padding and gives 0. Reads state,
-    never writes it (``_dsv4_state_write_kernel`` runs after, so no program reads a slot another
-    overwrites)."""
-    i = tl.program_id(0).to(tl.int64) // SPLIT
-    chunk = tl.program_id(0) % SPLIT
-    pos = tl.load(plan_ptr + i * 4 + 0)
-    if pos >= 0:
-        _emit_block(u_ptr, state_ptr, pages_ptr, bias_ptr, normw_ptr, cos_ptr, sin_ptr, out_ptr, pooled_ptr, sumsq_ptr,
-                    count_ptr, pos, tl.load(plan_ptr + i * 4 + 1), tl.load(plan_ptr + i * 4 + 2),
-                    tl.load(plan_ptr + i * 4 + 3).to(tl.int64), i, chunk, eps, s_u, s_state, s_pages, s_cos, s_out,
-                    RATIO, D, LOG2_D, SPLIT, N_PAGES, BK, ROTATE)
-    elif chunk == 0:
-        tl.store(out_ptr + i * s_out + tl.arange(0, D), tl.zeros((D,), out_ptr.dtype.element_ty))
-
-
-@triton.jit
-def _dsv4_state_write_kernel(
-    u_ptr, state_ptr, pages_ptr, writes_ptr, s_u, s_state, s_pages,
-    RATIO: tl.constexpr, N_PAGES: tl.constexpr, W: tl.constexpr, BW: tl.constexpr,
-):
-    """Program i: copy ragged row writes[i, 0] (fp32) to token writes[i, 2]'s slot in request
-    writes[i, 1]'s ring; a negative ragged row is padding."""
-    i = tl.program_id(0).to(tl.int64)
+def _store_kept_row(u_ptr, state_ptr, pages_ptr, writes_ptr, i, s_u, s_state, s_pages,
+                    RATIO: tl.constexpr, N_PAGES: tl.constexpr, W: tl.constexpr):
+    """Copy ragged row writes[i, 0] (fp32) to token writes[i, 2]'s slot in request writes[i, 1]'s
+    ring; a negative ragged row is padding."""
+    BW: tl.constexpr = triton.next_power_of_2(W)
     src = tl.load(writes_ptr + i * 3 + 0).to(tl.int64)
     if src >= 0:
         req = tl.load(writes_ptr + i * 3 + 1).to(tl.int64)
@@ -211,3 +188,43 @@ def _dsv4_state_write_kernel(
         wc = tl.arange(0, BW)
         row = tl.load(u_ptr + src * s_u + wc, mask=wc < W).to(tl.float32)
         tl.store(state_ptr + (page * RATIO + t % RATIO) * s_state + wc, row, mask=wc < W)
+
+
+@triton.jit
+def _dsv4_compress_prefill_kernel(
+    u_ptr, state_ptr, pages_ptr, plan_ptr, writes_ptr, bias_ptr, normw_ptr, cos_ptr, sin_ptr, out_ptr,
+    pooled_ptr, sumsq_ptr, count_ptr,
+    n_compress_programs, eps, s_u, s_state, s_pages, s_cos, s_out,
+    RATIO: tl.constexpr, D: tl.constexpr, LOG2_D: tl.constexpr, SPLIT: tl.constexpr, N_PAGES: tl.constexpr,
+    BK: tl.constexpr, ROTATE: tl.constexpr,
+):
+    """Programs (i, chunk) below ``n_compress_programs``: block plan[i] = (first token position,
+    ragged row of its last token, rows that are new, request); a plan row with position < 0 is
+    padding and gives 0. Programs from there on store the kept rows ``writes`` (the planner only
+    puts them in this launch when none of them lands on a slot a block reads; otherwise
+    ``_dsv4_state_write_kernel`` runs after)."""
+    pid = tl.program_id(0)
+    if pid < n_compress_programs:
+        i = pid.to(tl.int64) // SPLIT
+        chunk = pid % SPLIT
+        pos = tl.load(plan_ptr + i * 4 + 0)
+        if pos >= 0:
+            _emit_block(u_ptr, state_ptr, pages_ptr, bias_ptr, normw_ptr, cos_ptr, sin_ptr, out_ptr, pooled_ptr, sumsq_ptr,
+                        count_ptr, pos, tl.load(plan_ptr + i * 4 + 1), tl.load(plan_ptr + i * 4 + 2),
+                        tl.load(plan_ptr + i * 4 + 3).to(tl.int64), i, chunk, eps, s_u, s_state, s_pages, s_cos, s_out,
+                        RATIO, D, LOG2_D, SPLIT, N_PAGES, BK, ROTATE)
+        elif chunk == 0:
+            tl.store(out_ptr + i * s_out + tl.arange(0, D), tl.zeros((D,), out_ptr.dtype.element_ty))
+    else:
+        _store_kept_row(u_ptr, state_ptr, pages_ptr, writes_ptr, (pid - n_compress_programs).to(tl.int64), s_u, s_state,
+                        s_pages, RATIO, N_PAGES, (4 if RATIO == 4 else 2) * D)
+
+
+@triton.jit
+def _dsv4_state_write_kernel(
+    u_ptr, state_ptr, pages_ptr, writes_ptr, s_u, s_state, s_pages,
+    RATIO: tl.constexpr, N_PAGES: tl.constexpr, W: tl.constexpr,
+):
+    """Program i: store kept row writes[i] (after the compress launch, when the two may not overlap)."""
+    _store_kept_row(u_ptr, state_ptr, pages_ptr, writes_ptr, tl.program_id(0).to(tl.int64), s_u, s_state, s_pages,
+                    RATIO, N_PAGES, W)
