@@ -2,7 +2,9 @@
 
 Decode work is microseconds long, so each measurement replays a CUDA graph that holds ``calls``
 invocations and divides by ``calls``; the arms of an A/B comparison are replayed alternately so that
-clock and thermal drift fall on both. Warm-up replays are excluded. Absolute times only come from a
+clock and thermal drift fall on both. Warm-up replays are excluded. Before every replay a read of
+twice the L2 size flushes the cache (so one arm's dirty lines do not slow the next, and the replay's
+submission is hidden behind it). Absolute times only come from a
 GPU: on the CPU these helpers refuse to time.
 """
 
@@ -51,6 +53,17 @@ def capture(fn: Callable[[], object], calls: int) -> torch.cuda.CUDAGraph:
     return graph
 
 
+_FLUSH: dict = {}
+
+
+def _flush_l2() -> None:
+    if "buf" not in _FLUSH:
+        size = 2 * max(torch.cuda.get_device_properties(0).L2_cache_size, 32 << 20)
+        _FLUSH["buf"] = torch.ones(size // 4, dtype=torch.float32, device="cuda")
+        _FLUSH["out"] = torch.empty((), dtype=torch.float32, device="cuda")
+    torch.sum(_FLUSH["buf"], dim=0, out=_FLUSH["out"])
+
+
 def time_graphs(graphs: dict[str, torch.cuda.CUDAGraph], calls: int, repeats: int = 50, warmup: int = 5) -> dict[str, list[float]]:
     """Replay every graph ``repeats`` times, interleaved, and return the µs-per-call samples of each
     (sample i of every graph comes from the same round, so paired differences cancel drift)."""
@@ -60,9 +73,10 @@ def time_graphs(graphs: dict[str, torch.cuda.CUDAGraph], calls: int, repeats: in
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     for i in range(warmup + repeats):
         for name, graph in graphs.items():
-            # Keep the GPU busy (~10 µs spin) while the CPU submits the replay, so the start event
-            # does not also time the submission of a short graph.
-            torch.cuda._sleep(20_000)
+            # Read a buffer twice L2's size first: the previous arm's dirty lines are written back
+            # now, not during this arm (a heavy arm would otherwise slow the next one down), and the
+            # GPU is busy while the CPU submits the replay, so the start event does not time that.
+            _flush_l2()
             start.record()
             graph.replay()
             end.record()
