@@ -23,13 +23,14 @@ import triton.language as tl
 
 @triton.jit
 def _pool_rows(
-    u_ptr, state_ptr, pages_ptr, bias_ptr,
-    p_start, last_u, n_new, req, c0,
-    s_u, s_state, s_pages,
-    RATIO: tl.constexpr, D: tl.constexpr, CB: tl.constexpr, N_PAGES: tl.constexpr, BK: tl.constexpr,
+    u_ptr, state_ptr, bias_ptr,
+    p_start, last_u, n_new, own_page, prev_page, c0,
+    s_u, s_state,
+    RATIO: tl.constexpr, D: tl.constexpr, CB: tl.constexpr, BK: tl.constexpr,
 ):
     """Per-channel softmax pooling of channels c0..c0+CB of one block's rows: (CB,) fp32, 0 where
-    no row weighs."""
+    no row weighs. Old rows are read from ``own_page`` (the block's own tokens) and, ratio 4,
+    ``prev_page`` (the previous block's)."""
     OVERLAP: tl.constexpr = RATIO == 4
     K: tl.constexpr = 8 if OVERLAP else RATIO
     NEG_INF: tl.constexpr = float("-inf")
@@ -37,12 +38,6 @@ def _pool_rows(
     m = tl.full((CB,), NEG_INF, tl.float32)
     den = tl.zeros((CB,), tl.float32)
     acc = tl.zeros((CB,), tl.float32)
-    # A block's rows span at most two pages (ratio 4: the previous block's, then its own): load both
-    # page ids once, so no row load waits on a page-id load inside the loop.
-    own_first = p_start + K - RATIO  # first token of the block itself
-    own_page = tl.load(pages_ptr + req * s_pages + (own_first // RATIO) % N_PAGES).to(tl.int64)
-    if OVERLAP:
-        prev_page = tl.load(pages_ptr + req * s_pages + (tl.maximum(p_start, 0) // RATIO) % N_PAGES).to(tl.int64)
     for k0 in tl.static_range(0, K, BK):  # unrolled: every tile's loads can be in flight at once
         j = k0 + tl.arange(0, BK)
         q = p_start + j  # token position of each row
@@ -95,17 +90,21 @@ def _butterfly(y, D: tl.constexpr, H: tl.constexpr):
 
 
 @triton.jit
-def _norm_rope_rotate(pooled, sum_sq, normw_ptr, cos_ptr, sin_ptr, pos, eps, s_cos,
-                      D: tl.constexpr, LOG2_D: tl.constexpr, ROTATE: tl.constexpr):
-    """RMSNorm(weight) over all D (``sum_sq``: the pooled vector's sum of squares), GPT-J RoPE on
-    the last 64 at ``pos``, then (ROTATE) the Walsh-Hadamard transform with scale D^-1/2."""
-    cols = tl.arange(0, D)
-    y = pooled * tl.math.rsqrt(sum_sq / D + eps) * tl.load(normw_ptr + cols)
+def _ring_page(page_a, page_b, block, N_PAGES: tl.constexpr):
+    """Page id of a block in a ring of N_PAGES (1 or 2) pages whose ids are page_a, page_b."""
+    if N_PAGES == 1:
+        return page_a
+    return tl.where(tl.maximum(block, 0) % 2 == 0, page_a, page_b)
+
+
+@triton.jit
+def _norm_rope_rotate(pooled, sum_sq, w, c, s, eps, D: tl.constexpr, LOG2_D: tl.constexpr, ROTATE: tl.constexpr):
+    """RMSNorm (weight ``w``) over all D (``sum_sq``: the pooled vector's sum of squares), GPT-J
+    RoPE on the last 64 (``c``/``s`` per pair: 1/0 outside them), then (ROTATE) the Walsh-Hadamard
+    transform with scale D^-1/2."""
+    y = pooled * tl.math.rsqrt(sum_sq / D + eps) * w
     even, odd = tl.split(tl.reshape(y, (D // 2, 2)))
-    pair = tl.arange(0, D // 2) - (D - 64) // 2  # frequency index of each pair; < 0: not rotated
-    is_rope = pair >= 0
-    c = tl.load(cos_ptr + pos * s_cos + pair, mask=is_rope, other=1.0)
-    s = tl.load(sin_ptr + pos * s_cos + pair, mask=is_rope, other=0.0)
+    is_rope = tl.arange(0, D // 2) >= (D - 64) // 2
     y = tl.reshape(tl.join(tl.where(is_rope, even * c - odd * s, even), tl.where(is_rope, odd * c + even * s, odd)), (D,))
     if ROTATE:
         for stage in tl.static_range(LOG2_D):  # butterfly stages, unrolled
@@ -116,20 +115,24 @@ def _norm_rope_rotate(pooled, sum_sq, normw_ptr, cos_ptr, sin_ptr, pos, eps, s_c
 
 @triton.jit
 def _emit_block(
-    u_ptr, state_ptr, pages_ptr, bias_ptr, normw_ptr, cos_ptr, sin_ptr, out_ptr, pooled_ptr, sumsq_ptr, count_ptr,
-    pos, last_u, n_new, req, slot, chunk, eps, s_u, s_state, s_pages, s_cos, s_out,
-    RATIO: tl.constexpr, D: tl.constexpr, LOG2_D: tl.constexpr, SPLIT: tl.constexpr, N_PAGES: tl.constexpr,
+    u_ptr, state_ptr, bias_ptr, normw_ptr, cos_ptr, sin_ptr, out_ptr, pooled_ptr, sumsq_ptr, count_ptr,
+    pos, last_u, n_new, own_page, prev_page, slot, chunk, eps, s_u, s_state, s_cos, s_out,
+    RATIO: tl.constexpr, D: tl.constexpr, LOG2_D: tl.constexpr, SPLIT: tl.constexpr,
     BK: tl.constexpr, ROTATE: tl.constexpr,
 ):
     """Chunk ``chunk`` of the block whose first token is at ``pos``, into out[slot]."""
     CB: tl.constexpr = D // SPLIT
     p_start = pos - 4 if RATIO == 4 else pos
-    pooled = _pool_rows(u_ptr, state_ptr, pages_ptr, bias_ptr, p_start, last_u, n_new, req, chunk * CB,
-                        s_u, s_state, s_pages, RATIO, D, CB, N_PAGES, BK)
     cols = tl.arange(0, D)
+    # The finishing loads are issued before the pooling (and the ticket, which no load may pass).
+    w = tl.load(normw_ptr + cols)
+    pair = tl.arange(0, D // 2) - (D - 64) // 2  # frequency index of each pair; < 0: not rotated
+    c = tl.load(cos_ptr + pos * s_cos + pair, mask=pair >= 0, other=1.0)
+    s = tl.load(sin_ptr + pos * s_cos + pair, mask=pair >= 0, other=0.0)
+    pooled = _pool_rows(u_ptr, state_ptr, bias_ptr, p_start, last_u, n_new, own_page, prev_page, chunk * CB,
+                        s_u, s_state, RATIO, D, CB, BK)
     if SPLIT == 1:
-        y = _norm_rope_rotate(pooled, tl.sum(pooled * pooled, 0), normw_ptr, cos_ptr, sin_ptr, pos, eps, s_cos,
-                              D, LOG2_D, ROTATE)
+        y = _norm_rope_rotate(pooled, tl.sum(pooled * pooled, 0), w, c, s, eps, D, LOG2_D, ROTATE)
         tl.store(out_ptr + slot * s_out + cols, y.to(out_ptr.dtype.element_ty))
     else:
         tl.store(pooled_ptr + slot * D + chunk * CB + tl.arange(0, CB), pooled)
@@ -138,7 +141,7 @@ def _emit_block(
         if tl.atomic_add(count_ptr + slot, 1) == SPLIT - 1:  # the last chunk in finishes the block
             full = tl.load(pooled_ptr + slot * D + cols, cache_modifier=".cg")
             sum_sq = tl.sum(tl.load(sumsq_ptr + slot * SPLIT + tl.arange(0, SPLIT), cache_modifier=".cg"), 0)
-            y = _norm_rope_rotate(full, sum_sq, normw_ptr, cos_ptr, sin_ptr, pos, eps, s_cos, D, LOG2_D, ROTATE)
+            y = _norm_rope_rotate(full, sum_sq, w, c, s, eps, D, LOG2_D, ROTATE)
             tl.store(out_ptr + slot * s_out + cols, y.to(out_ptr.dtype.element_ty))
             tl.store(count_ptr + slot, 0)
 
@@ -160,16 +163,19 @@ def _dsv4_compress_decode_kernel(
     b = tl.program_id(0).to(tl.int64) // SPLIT
     chunk = tl.program_id(0) % SPLIT
     seq_len = tl.load(seq_lens_ptr + b)
+    page_a = tl.load(pages_ptr + b * s_pages).to(tl.int64)  # the ring's page ids, loaded beside seq_len
+    page_b = tl.load(pages_ptr + b * s_pages + N_PAGES - 1).to(tl.int64)
     t = seq_len - 1
     if (seq_len > 0) & (chunk == 0):
         wc = tl.arange(0, BW)
         row = tl.load(u_ptr + b * s_u + wc, mask=wc < W).to(tl.float32)
-        page = tl.load(pages_ptr + b * s_pages + (t // RATIO) % N_PAGES).to(tl.int64)
+        page = _ring_page(page_a, page_b, t // RATIO, N_PAGES)
         tl.store(state_ptr + (page * RATIO + t % RATIO) * s_state + wc, row, mask=wc < W)
     if (seq_len > 0) & (seq_len % RATIO == 0):
-        _emit_block(u_ptr, state_ptr, pages_ptr, bias_ptr, normw_ptr, cos_ptr, sin_ptr, out_ptr, pooled_ptr, sumsq_ptr,
-                    count_ptr, seq_len - RATIO, b, 1, b, b, chunk, eps, s_u, s_state, s_pages, s_cos, s_out,
-                    RATIO, D, LOG2_D, SPLIT, N_PAGES, BK, ROTATE)
+        n = seq_len // RATIO - 1
+        _emit_block(u_ptr, state_ptr, bias_ptr, normw_ptr, cos_ptr, sin_ptr, out_ptr, pooled_ptr, sumsq_ptr, count_ptr,
+                    seq_len - RATIO, b, 1, _ring_page(page_a, page_b, n, N_PAGES), _ring_page(page_a, page_b, n - 1, N_PAGES),
+                    b, chunk, eps, s_u, s_state, s_cos, s_out, RATIO, D, LOG2_D, SPLIT, BK, ROTATE)
     elif chunk == 0:
         tl.store(out_ptr + b * s_out + tl.arange(0, D), tl.zeros((D,), out_ptr.dtype.element_ty))
 
@@ -209,10 +215,14 @@ def _dsv4_compress_prefill_kernel(
         chunk = pid % SPLIT
         pos = tl.load(plan_ptr + i * 4 + 0)
         if pos >= 0:
-            _emit_block(u_ptr, state_ptr, pages_ptr, bias_ptr, normw_ptr, cos_ptr, sin_ptr, out_ptr, pooled_ptr, sumsq_ptr,
-                        count_ptr, pos, tl.load(plan_ptr + i * 4 + 1), tl.load(plan_ptr + i * 4 + 2),
-                        tl.load(plan_ptr + i * 4 + 3).to(tl.int64), i, chunk, eps, s_u, s_state, s_pages, s_cos, s_out,
-                        RATIO, D, LOG2_D, SPLIT, N_PAGES, BK, ROTATE)
+            req = tl.load(plan_ptr + i * 4 + 3).to(tl.int64)
+            page_a = tl.load(pages_ptr + req * s_pages).to(tl.int64)
+            page_b = tl.load(pages_ptr + req * s_pages + N_PAGES - 1).to(tl.int64)
+            n = pos // RATIO
+            _emit_block(u_ptr, state_ptr, bias_ptr, normw_ptr, cos_ptr, sin_ptr, out_ptr, pooled_ptr, sumsq_ptr, count_ptr,
+                        pos, tl.load(plan_ptr + i * 4 + 1), tl.load(plan_ptr + i * 4 + 2),
+                        _ring_page(page_a, page_b, n, N_PAGES), _ring_page(page_a, page_b, n - 1, N_PAGES),
+                        i, chunk, eps, s_u, s_state, s_cos, s_out, RATIO, D, LOG2_D, SPLIT, BK, ROTATE)
         elif chunk == 0:
             tl.store(out_ptr + i * s_out + tl.arange(0, D), tl.zeros((D,), out_ptr.dtype.element_ty))
     else:
