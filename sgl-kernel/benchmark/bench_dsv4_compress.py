@@ -9,9 +9,9 @@ ratio 128 (d 512), indexer ratio 4 (d 128, Hadamard rotation); raw rows fp32 (``
 * prefill, one request of 8192 new tokens (prefix 0), with its plan built once (it is shared by every
   compressor layer of the batch, so it is not timed).
 Per shape, in one run on the GPU, each a CUDA graph of ``calls`` calls that rotate over ``calls``
-independent input sets (so L2 does not hold the previous call's rows), µs per call, median [p20, p80],
-replays interleaved:
-* ``fused`` — sgl_hip_kernels.dsv4_compress (decode: one launch; prefill: compress + state write);
+independent input sets (so L2 does not hold the previous call's rows; it is also flushed before every
+replay), µs per call, median [p20, p80], replays interleaved:
+* ``fused`` — sgl_hip_kernels.dsv4_compress (one launch: decode, and prefill without a prefix);
 * ``torch`` — the unfused torch sequence: state write, row gather, bias add, masked softmax, weighted
   sum, RMSNorm, RoPE (and the rotation as a matmul);
 * ``floor`` — an empty Triton kernel launched on the same grid (what one launch costs);
@@ -185,7 +185,7 @@ def measure_decode(c: Compressor, batch: int, all_emit: bool, repeats: int, copy
 
 
 def measure_prefill(c: Compressor, tokens: int, repeats: int, copy_gbps: float) -> dict:
-    calls = 4
+    calls = 8
     gen = torch.Generator(device="cuda").manual_seed(tokens + c.ratio)
     plan = plan_prefill([0], [tokens], c.ratio, device="cuda")
     sets = [{"u": torch.randn(tokens, c.width, generator=gen, device="cuda"),

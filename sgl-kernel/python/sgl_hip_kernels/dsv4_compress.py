@@ -50,12 +50,12 @@ class LaunchRule:
 
 def launch_rule(ratio: int, d: int, prefill: bool) -> LaunchRule:
     """Fixed per-shape launch rules (no runtime autotune), from a sweep of split x rows per tile x
-    warps on the H100 (decode batch 1/16/64 with every request emitting, batch 64 mixed, prefill 8k;
-    README): the rule best or within ~10% of the best at each of those shapes."""
+    warps on the H100 with L2 flushed before every replay (decode batch 1/16/64 with every request
+    emitting, batch 64 mixed, prefill 8k): the rule best or within ~10% of the best at each shape."""
     if ratio == 4 and d >= 512:
         return LaunchRule(split=8, rows_per_tile=8, num_warps=1) if prefill else LaunchRule(split=16, rows_per_tile=8, num_warps=4)
     if ratio == 4:
-        return LaunchRule(split=1, rows_per_tile=8, num_warps=1 if prefill else 2)
+        return LaunchRule(split=1, rows_per_tile=8, num_warps=1) if prefill else LaunchRule(split=4, rows_per_tile=8, num_warps=1)
     return LaunchRule(split=min(16, max(1, d // 32)), rows_per_tile=128, num_warps=4)
 
 
