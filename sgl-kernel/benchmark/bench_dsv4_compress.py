@@ -25,7 +25,6 @@ against the torch sequence at a small shape.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 
@@ -33,7 +32,7 @@ import torch
 import triton
 
 from sglang_hip_decode.harness import timing
-from sglang_hip_decode.harness.report import emit
+from sglang_hip_decode.harness.report import bench_args, emit
 from sgl_hip_kernels.dsv4_compress import compress_decode, compress_prefill, plan_prefill
 
 CONFIGS = (("attn c4", 4, 512, False), ("attn c128", 128, 512, False), ("indexer c4", 4, 128, True))
@@ -141,6 +140,14 @@ def prefill_bytes(c: Compressor, tokens: int, plan) -> int:
             + (c.k * c.d + c.d) * 4)
 
 
+def over_sets(sets, fn):
+    """One call of ``fn`` per input set: what a graph captures, so its calls rotate over the sets."""
+    def body():
+        for s in sets:
+            fn(s)
+    return body
+
+
 def timed(graphs, calls, repeats):
     return {name: timing.summarise(v) for name, v in timing.time_graphs(graphs, calls, repeats).items()}
 
@@ -155,18 +162,12 @@ def measure_decode(c: Compressor, batch: int, all_emit: bool, repeats: int, copy
     diff = (fused - torch_decode(c, check)).abs().max().item()
     state_diff = (s0["state"] - check["state"]).abs().max().item()
 
-    def run(fn):
-        def body():
-            for s in sets:
-                fn(s)
-        return body
-
     fused_one = lambda s: compress_decode(s["u"], s["state"], s["pages"], s["seq_lens"], *c.params(), c.ratio, c.rotate,  # noqa: E731
                                           out=s["out"])
     graphs = {
-        "fused": timing.capture(run(fused_one), 1),
-        "torch": timing.capture(run(lambda s: torch_decode(c, s)), 1),
-        "floor": timing.capture(run(lambda s: _empty_kernel[(batch,)](s["out"])), 1),
+        "fused": timing.capture(over_sets(sets, fused_one), 1),
+        "torch": timing.capture(over_sets(sets, lambda s: torch_decode(c, s)), 1),
+        "floor": timing.capture(over_sets(sets, lambda s: _empty_kernel[(batch,)](s["out"])), 1),
     }
     t = timed(graphs, calls, repeats)
     moved = sum(decode_bytes(c, s) for s in sets) // calls
@@ -196,13 +197,7 @@ def measure_prefill(c: Compressor, tokens: int, repeats: int, copy_gbps: float) 
     s0 = sets[0]
     diff = (fused_one(s0) - torch_prefill(c, s0["u"])).abs().max().item()
 
-    def run(fn):
-        def body():
-            for s in sets:
-                fn(s)
-        return body
-
-    graphs = {"fused": timing.capture(run(fused_one), 1), "torch": timing.capture(run(lambda s: torch_prefill(c, s["u"])), 1)}
+    graphs = {"fused": timing.capture(over_sets(sets, fused_one), 1), "torch": timing.capture(over_sets(sets, lambda s: torch_prefill(c, s["u"])), 1)}
     t = timed(graphs, calls, repeats)
     moved = prefill_bytes(c, tokens, plan)
     gbps = moved / (t["fused"].median_us * 1e-6) / 1e9
@@ -221,11 +216,7 @@ COLUMNS = ["compressor", "phase", "batch_or_tokens", "emitting", "fused_us", "to
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json")
-    parser.add_argument("--repeats", type=int, default=100)
-    args = parser.parse_args(argv)
+    args = bench_args(__doc__, argv)
     if not torch.cuda.is_available():
         # No timing on the CPU; check the kernel (interpreter) against the torch sequence instead.
         rows = []

@@ -15,14 +15,13 @@ On the CPU: nothing is timed (absolute times come from a GPU only); the kernel's
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
 import triton
 
 from sglang_hip_decode.harness import timing
-from sglang_hip_decode.harness.report import emit
+from sglang_hip_decode.harness.report import bench_args, emit
 from sgl_hip_kernels.qk_norm import fused_qk_norm
 from sgl_hip_kernels.ref import fused_qk_norm_ref
 
@@ -75,11 +74,7 @@ def measure(tokens: int, repeats: int, copy_gbps: float) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json")
-    parser.add_argument("--repeats", type=int, default=100)
-    args = parser.parse_args(argv)
+    args = bench_args(__doc__, argv)
     if not torch.cuda.is_available():
         # The CPU has no timing to offer; check the kernel (interpreter) against the reference instead.
         gen = torch.Generator().manual_seed(0)

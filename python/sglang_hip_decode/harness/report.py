@@ -25,3 +25,15 @@ def emit(result: dict, json_path: str | None) -> None:
             json.dump(result, fh, indent=1)
     else:
         print(render(result))
+
+
+def bench_args(doc: str, argv=None, repeats: int = 100):
+    """The options every kernel benchmark takes: ``--quick`` (CI's shapes), ``--json FILE``
+    (``make bench`` collects it), ``--repeats`` (timed rounds per arm)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json")
+    parser.add_argument("--repeats", type=int, default=repeats)
+    return parser.parse_args(argv)
