@@ -179,33 +179,44 @@ class PrefillPlan:
 def plan_prefill(prefix_lens, extend_lens, ratio, device=None, pad_blocks_to=None) -> PrefillPlan:
     """Plan a ragged prefill: request i has ``prefix_lens[i]`` tokens already seen (their ring rows
     are in the state) and ``extend_lens[i]`` new rows, at ragged rows ``sum(extend_lens[:i]) ...``.
-    ``pad_blocks_to`` fixes the number of plan rows (a fixed grid, e.g. for graphs)."""
+    ``pad_blocks_to`` fixes the number of plan rows (a fixed grid, e.g. for graphs). Vectorised over
+    requests and blocks (host tensors), then moved to ``device``."""
     k, n_pages, _ = _geometry(ratio)
-    prefix_lens, extend_lens = [int(x) for x in prefix_lens], [int(x) for x in extend_lens]
-    if len(prefix_lens) != len(extend_lens) or min(prefix_lens + extend_lens, default=0) < 0:
+    prefix = torch.as_tensor([int(x) for x in prefix_lens], dtype=torch.int64)
+    extend = torch.as_tensor([int(x) for x in extend_lens], dtype=torch.int64)
+    if prefix.shape != extend.shape or bool((prefix < 0).any()) or bool((extend < 0).any()):
         raise ValueError("dsv4 plan_prefill: one non-negative prefix and extend length per request")
-    blocks, writes, start, overlapping = [], [], 0, False
-    overlap = 4 if ratio == 4 else 0
-    ring = ratio * n_pages
-    for req, (prefix, extend) in enumerate(zip(prefix_lens, extend_lens)):
-        total = prefix + extend
-        read_slots = set()  # ring slots (token % ring) of the old rows the blocks read
-        for n in range(prefix // ratio, total // ratio):
-            last = ratio * n + ratio - 1  # the token that closes block n
-            first_row = ratio * n - overlap
-            blocks.append((ratio * n, start + last - prefix, min(k, last - max(prefix, first_row) + 1), req))
-            read_slots.update(t % ring for t in range(max(first_row, 0), prefix))
-        keep_from = max(prefix, ratio * (total // ratio) - overlap, 0)
-        writes += [(start + t - prefix, req, t) for t in range(keep_from, total)]
-        overlapping |= any(t % ring in read_slots for t in range(keep_from, total))
-        start += extend
-    n_blocks = len(blocks)
+    overlap, ring = (4 if ratio == 4 else 0), ratio * n_pages
+    total = prefix + extend
+    start = torch.cumsum(extend, 0) - extend  # ragged row of each request's first new token
+
+    def expand(counts):  # (request, index within the request) of each of sum(counts) items
+        req = torch.repeat_interleave(torch.arange(len(counts)), counts)
+        return req, torch.arange(len(req)) - (torch.cumsum(counts, 0) - counts)[req]
+
+    # Blocks n = prefix // ratio ... total // ratio - 1 of each request: those that close in the chunk.
+    first_block = prefix // ratio
+    req, idx = expand(total // ratio - first_block)
+    n = first_block[req] + idx
+    last = ratio * n + ratio - 1  # the token that closes block n
+    n_new = torch.clamp(last - torch.maximum(prefix[req], ratio * n - overlap) + 1, max=k)
+    blocks = torch.stack([ratio * n, start[req] + last - prefix[req], n_new, req], 1)
+    # Rows the ring keeps: the open block and, for ratio 4, the last closed one (new tokens only).
+    keep_from = torch.clamp(torch.maximum(prefix, ratio * (total // ratio) - overlap), min=0)
+    wreq, widx = expand(total - keep_from)
+    t = keep_from[wreq] + widx
+    writes = torch.stack([start[wreq] + t - prefix[wreq], wreq, t], 1)
+    # The blocks read old rows [read_from, prefix) (empty without a block); a kept row t overwrites
+    # the slot of token t - m*ring. Both ranges are shorter than the ring.
+    read_from = torch.where(total // ratio > first_block, torch.clamp(ratio * first_block - overlap, min=0), prefix)
+    overlapping = bool(((t - read_from[wreq]) % ring < prefix[wreq] - read_from[wreq]).any())
+    n_blocks = blocks.shape[0]
     if pad_blocks_to is not None:
         if pad_blocks_to < n_blocks:
             raise ValueError(f"dsv4 plan_prefill: {n_blocks} blocks do not fit pad_blocks_to={pad_blocks_to}")
-        blocks += [(-1, -1, -1, -1)] * (pad_blocks_to - n_blocks)
-    as_tensor = lambda rows, w: torch.tensor(rows, dtype=torch.int32).reshape(-1, w).to(device)  # noqa: E731
-    return PrefillPlan(ratio, as_tensor(blocks, 4), as_tensor(writes, 3), n_blocks, not overlapping)
+        blocks = torch.cat([blocks, torch.full((pad_blocks_to - n_blocks, 4), -1, dtype=torch.int64)])
+    as_plan = lambda x: x.to(torch.int32).contiguous().to(device)  # noqa: E731
+    return PrefillPlan(ratio, as_plan(blocks), as_plan(writes), n_blocks, not overlapping)
 
 
 def compress_prefill(u, state, state_pages, plan: PrefillPlan, bias, norm_w, eps, cos, sin, rotate=False, out=None,
