@@ -129,7 +129,7 @@ def test_decode_steps_mixed_batch(rng, ratio, d, rotate):
     different steps, a padded slot with seq_len 0): emitting requests get their block, the others
     exactly 0, and only each request's own slot of its own ring changes."""
     r = ratio
-    lens = [1, r - 2, 2 * r - 1, 3 * r + 1, 0]
+    lens = [1, r - 2, 2 * r - 1, 3 * r - 1, 0]  # emits blocks 1 and 2 (the ring wraps back to its first page)
     c = Compressor(rng, ratio, d, len(lens), rotate)
     seqs = [raw_rows(rng, c, n + 3) for n in lens]
     live = [n > 0 for n in lens]
@@ -185,6 +185,30 @@ def test_edges_neg_inf_and_all_invalid(rng):
         assert_within_torch_error(out.cpu(), ref64, ref32, f"ratio 128 guarded channels, {rule}")
 
 
+def ring_overlap_brute_force(prefix, extend, ratio):
+    """Does a kept row land on a ring slot that a block of the same chunk reads as an old row?
+    Written out token by token: slot(t) = ((t // ratio) % pages, t % ratio)."""
+    pages, overlap = (2, 4) if ratio == 4 else (1, 0)
+    slot = lambda t: ((t // ratio) % pages, t % ratio)  # noqa: E731
+    total = prefix + extend
+    read = {slot(t) for n in range(prefix // ratio, total // ratio) for t in range(max(ratio * n - overlap, 0), prefix)}
+    kept = range(max(prefix, ratio * (total // ratio) - overlap, 0), total)
+    return any(slot(t) in read for t in kept)
+
+
+@pytest.mark.parametrize("ratio", [4, 128])
+def test_plan_same_launch_decision(ratio):
+    """The planner puts the kept-row stores in the compress launch exactly when no store lands on a
+    slot a block reads (the interpreter runs programs in order, so a wrong 'yes' would not show as
+    a race there: the decision itself is checked against the brute force, for every small case)."""
+    lens = range(0, 3 * ratio + 6) if ratio == 4 else [0, 1, 3, 100, 127, 128, 129, 200, 255, 256, 300]
+    for prefix in lens:
+        for extend in lens:
+            plan = plan_prefill([prefix], [extend], ratio)
+            assert plan.writes_in_same_launch == (not ring_overlap_brute_force(prefix, extend, ratio)), (prefix, extend)
+    assert not plan_prefill([6], [6], 4).writes_in_same_launch and plan_prefill([0], [6], 4).writes_in_same_launch
+
+
 def test_padded_plan_and_bad_inputs(rng):
     c = Compressor(rng, 128, 128, 1)
     u = raw_rows(rng, c, 130)
@@ -205,6 +229,16 @@ def test_padded_plan_and_bad_inputs(rng):
     pages = c.dev(c.pages, torch.int32)
     with pytest.raises(ValueError, match="ratio must be 4 or 128"):
         plan_prefill([0], [8], 8)
+    with pytest.raises(ValueError, match="the plan is for"):  # a plan made for other inputs
+        compress_prefill(c.dev(u[:129]), state, pages, plan, *args)
+    with pytest.raises(ValueError, match="the plan is for"):
+        compress_prefill(c.dev(u), state, pages, plan_prefill([0, 0], [65, 65], 128, device=DEV), *args)
+    with pytest.raises(ValueError, match="the plan is for"):
+        compress_prefill(c.dev(u), state, pages, plan_prefill([4000], [130], 128, device=DEV), *args)  # past the RoPE table
+    with pytest.raises(ValueError, match="state_pages must be"):
+        compress_prefill(c.dev(u), state, torch.cat([pages, pages], 1)[:, ::2], plan, *args)
+    with pytest.raises(ValueError, match="seq_lens must be contiguous"):
+        compress_decode(c.dev(u[:1]), state, pages, torch.tensor([1, 1], dtype=torch.int32, device=DEV)[::2], *args, 128)
     with pytest.raises(ValueError, match="launch rule"):
         compress_prefill(c.dev(u), state, pages, plan, *args, rule=LaunchRule(split=3, rows_per_tile=32, num_warps=4))
     with pytest.raises(ValueError, match="pad_blocks_to"):

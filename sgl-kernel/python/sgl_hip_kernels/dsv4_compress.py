@@ -109,8 +109,8 @@ def _check(u, state, state_pages, bias, norm_w, cos, sin, ratio):
         raise ValueError(f"dsv4 compress: d must be a power of two >= 64 (RoPE on the last 64), got {d}")
     if state.dim() != 2 or state.shape[1] != u.shape[1] or state.dtype != torch.float32 or state.stride(1) != 1:
         raise ValueError(f"dsv4 compress: state must be (S, {u.shape[1]}) fp32 with contiguous rows")
-    if state_pages.dim() != 2 or state_pages.shape[1] != n_pages or state_pages.dtype != torch.int32:
-        raise ValueError(f"dsv4 compress: state_pages must be (requests, {n_pages}) int32 for ratio {ratio}")
+    if state_pages.dim() != 2 or state_pages.shape[1] != n_pages or state_pages.dtype != torch.int32 or state_pages.stride(1) != 1:
+        raise ValueError(f"dsv4 compress: state_pages must be (requests, {n_pages}) int32 with contiguous rows for ratio {ratio}")
     if tuple(bias.shape) != (k, d) or not bias.is_contiguous() or bias.dtype != torch.float32:
         raise ValueError(f"dsv4 compress: bias must be contiguous fp32 ({k}, {d}) (ratio 4: the hot-fixed ape rows)")
     if tuple(norm_w.shape) != (d,) or norm_w.dtype != torch.float32 or not norm_w.is_contiguous():
@@ -145,8 +145,8 @@ def compress_decode(u, state, state_pages, seq_lens, bias, norm_w, eps, cos, sin
     ``seq_len // ratio - 1`` where ``seq_len % ratio == 0``, else 0. Writes ``state``."""
     d, _, n_pages = _check(u, state, state_pages, bias, norm_w, cos, sin, ratio)
     b = u.shape[0]
-    if seq_lens.shape != (b,) or seq_lens.dtype != torch.int32 or state_pages.shape[0] != b:
-        raise ValueError(f"dsv4 compress_decode: seq_lens must be ({b},) int32 and state_pages ({b}, {n_pages})")
+    if seq_lens.shape != (b,) or seq_lens.dtype != torch.int32 or seq_lens.stride(0) != 1 or state_pages.shape[0] != b:
+        raise ValueError(f"dsv4 compress_decode: seq_lens must be contiguous ({b},) int32 and state_pages ({b}, {n_pages})")
     out = _out(out, b, d, u.dtype, u.device)
     if b:
         rule = _check_rule(rule or launch_rule(ratio, d, prefill=False), ratio, d)
@@ -174,6 +174,9 @@ class PrefillPlan:
     writes: torch.Tensor
     n_blocks: int
     writes_in_same_launch: bool
+    n_requests: int  # what the plan was made for: compress_prefill checks its inputs against these
+    n_rows: int
+    max_position: int
 
 
 def plan_prefill(prefix_lens, extend_lens, ratio, device=None, pad_blocks_to=None) -> PrefillPlan:
@@ -215,8 +218,12 @@ def plan_prefill(prefix_lens, extend_lens, ratio, device=None, pad_blocks_to=Non
         if pad_blocks_to < n_blocks:
             raise ValueError(f"dsv4 plan_prefill: {n_blocks} blocks do not fit pad_blocks_to={pad_blocks_to}")
         blocks = torch.cat([blocks, torch.full((pad_blocks_to - n_blocks, 4), -1, dtype=torch.int64)])
+    max_total = int(total.max()) if len(total) else 0
+    if max_total >= 2**31 or int(extend.sum()) >= 2**31:
+        raise ValueError("dsv4 plan_prefill: positions and ragged rows must fit int32")
     as_plan = lambda x: x.to(torch.int32).contiguous().to(device)  # noqa: E731
-    return PrefillPlan(ratio, as_plan(blocks), as_plan(writes), n_blocks, not overlapping)
+    return PrefillPlan(ratio, as_plan(blocks), as_plan(writes), n_blocks, not overlapping, len(prefix), int(extend.sum()),
+                       max_total - 1)
 
 
 def compress_prefill(u, state, state_pages, plan: PrefillPlan, bias, norm_w, eps, cos, sin, rotate=False, out=None,
@@ -225,6 +232,10 @@ def compress_prefill(u, state, state_pages, plan: PrefillPlan, bias, norm_w, eps
     (0 for padding rows). Then stores the kept rows in ``state``."""
     ratio = plan.ratio
     d, _, n_pages = _check(u, state, state_pages, bias, norm_w, cos, sin, ratio)
+    if state_pages.shape[0] < plan.n_requests or u.shape[0] != plan.n_rows or plan.max_position >= cos.shape[0]:
+        raise ValueError(f"dsv4 compress_prefill: the plan is for {plan.n_requests} requests, {plan.n_rows} new rows and positions "
+                         f"< {plan.max_position + 1}; got state_pages for {state_pages.shape[0]}, u with {u.shape[0]} rows, "
+                         f"RoPE tables of {cos.shape[0]}")
     for name, t, w in (("blocks", plan.blocks, 4), ("writes", plan.writes, 3)):
         if t.dim() != 2 or t.shape[1] != w or t.dtype != torch.int32 or not t.is_contiguous() or t.device != u.device:
             raise ValueError(f"dsv4 compress_prefill: plan.{name} must be contiguous int32 (n, {w}) on {u.device}")
