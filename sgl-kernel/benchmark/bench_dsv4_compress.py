@@ -33,7 +33,8 @@ import triton
 
 from sglang_hip_decode.harness import timing
 from sglang_hip_decode.harness.report import bench_args, emit
-from sgl_hip_kernels.dsv4_compress import compress_decode, compress_prefill, plan_prefill
+from sgl_hip_kernels.dsv4_compress import compress_decode, compress_prefill, plan_prefill, ratio_geometry
+from sgl_hip_kernels.ref import hadamard_ref
 
 CONFIGS = (("attn c4", 4, 512, False), ("attn c128", 128, 512, False), ("indexer c4", 4, 128, True))
 DECODE = (1, 4, 16, 64, 128, 256)
@@ -54,17 +55,15 @@ class Compressor:
     rotate: bool
 
     def __post_init__(self):
-        self.k, self.n_pages, self.width = (8, 2, 4 * self.d) if self.ratio == 4 else (128, 1, 2 * self.d)
+        self.k, self.n_pages, width_units = ratio_geometry(self.ratio)
+        self.width = width_units * self.d
         gen = torch.Generator().manual_seed(self.ratio * 1000 + self.d)
         dev = "cuda" if torch.cuda.is_available() else "cpu"
         self.bias = torch.randn(self.k, self.d, generator=gen).to(dev)
         self.norm_w = (torch.rand(self.d, generator=gen) + 0.5).to(dev)
         angle = torch.rand(16384, 32, generator=gen) * 6.283
         self.cos, self.sin = angle.cos().to(dev), angle.sin().to(dev)
-        h = torch.ones(1, 1)
-        while h.shape[0] < self.d:  # Sylvester's construction, for the torch arm's rotation matmul
-            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-        self.hadamard = (h * self.d ** -0.5).to(dev)
+        self.hadamard = hadamard_ref(torch.eye(self.d)).to(dev)  # the rotation as a matrix, for the torch arm
 
     def params(self):
         return self.bias, self.norm_w, EPS, self.cos, self.sin

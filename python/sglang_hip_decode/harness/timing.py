@@ -4,8 +4,8 @@ Decode work is microseconds long, so each measurement replays a CUDA graph that 
 invocations and divides by ``calls``; the arms of an A/B comparison are replayed alternately so that
 clock and thermal drift fall on both. Warm-up replays are excluded. Before every replay a read of
 twice the L2 size flushes the cache (so one arm's dirty lines do not slow the next, and the replay's
-submission is hidden behind it). Absolute times only come from a
-GPU: on the CPU these helpers refuse to time.
+submission is hidden behind it). Absolute times only come from a GPU: on the CPU these helpers
+refuse to time.
 """
 
 from __future__ import annotations

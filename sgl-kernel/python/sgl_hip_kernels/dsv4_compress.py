@@ -29,8 +29,9 @@ import torch
 from .kernels.dsv4_compress import _dsv4_compress_decode_kernel, _dsv4_compress_prefill_kernel, _dsv4_state_write_kernel
 
 
-def _geometry(ratio: int) -> tuple[int, int, int]:
-    """(rows per block K, ring pages, raw-row width in units of d) of a compress ratio."""
+def ratio_geometry(ratio: int) -> tuple[int, int, int]:
+    """(rows per block K, ring pages, raw-row width in units of d) of a compress ratio; raises for
+    any ratio but 4 and 128."""
     if ratio == 4:
         return 8, 2, 4
     if ratio == 128:
@@ -99,7 +100,7 @@ def _workspace(workspace, rows: int, d: int, ratio: int, device) -> CompressWork
 
 
 def _check(u, state, state_pages, bias, norm_w, cos, sin, ratio):
-    k, n_pages, width = _geometry(ratio)
+    k, n_pages, width = ratio_geometry(ratio)
     if u.dim() != 2 or u.dtype not in (torch.float32, torch.bfloat16) or u.stride(1) != 1:
         raise ValueError(f"dsv4 compress: u must be (rows, W) fp32/bf16 with contiguous rows, got {tuple(u.shape)} {u.dtype}")
     if u.shape[1] % width:
@@ -122,7 +123,7 @@ def _check(u, state, state_pages, bias, norm_w, cos, sin, ratio):
 
 
 def _check_rule(rule: LaunchRule, ratio: int, d: int) -> LaunchRule:
-    k, _, _ = _geometry(ratio)
+    k, _, _ = ratio_geometry(ratio)
     ok = lambda n: n > 0 and n & (n - 1) == 0  # noqa: E731
     if not (ok(rule.split) and rule.split <= CompressWorkspace.MAX_SPLIT and d // rule.split >= 1 and ok(rule.rows_per_tile)
             and rule.rows_per_tile <= k and ok(rule.num_warps)):
@@ -184,7 +185,7 @@ def plan_prefill(prefix_lens, extend_lens, ratio, device=None, pad_blocks_to=Non
     are in the state) and ``extend_lens[i]`` new rows, at ragged rows ``sum(extend_lens[:i]) ...``.
     ``pad_blocks_to`` fixes the number of plan rows (a fixed grid, e.g. for graphs). Vectorised over
     requests and blocks (host tensors), then moved to ``device``."""
-    k, n_pages, _ = _geometry(ratio)
+    k, n_pages, _ = ratio_geometry(ratio)
     prefix = torch.as_tensor([int(x) for x in prefix_lens], dtype=torch.int64)
     extend = torch.as_tensor([int(x) for x in extend_lens], dtype=torch.int64)
     if prefix.shape != extend.shape or bool((prefix < 0).any()) or bool((extend < 0).any()):
@@ -236,10 +237,10 @@ def compress_prefill(u, state, state_pages, plan: PrefillPlan, bias, norm_w, eps
         raise ValueError(f"dsv4 compress_prefill: the plan is for {plan.n_requests} requests, {plan.n_rows} new rows and positions "
                          f"< {plan.max_position + 1}; got state_pages for {state_pages.shape[0]}, u with {u.shape[0]} rows, "
                          f"RoPE tables of {cos.shape[0]}")
-    for name, t, w in (("blocks", plan.blocks, 4), ("writes", plan.writes, 3)):
-        if t.dim() != 2 or t.shape[1] != w or t.dtype != torch.int32 or not t.is_contiguous() or t.device != u.device:
-            raise ValueError(f"dsv4 compress_prefill: plan.{name} must be contiguous int32 (n, {w}) on {u.device}")
-    nb, nw, w = plan.blocks.shape[0], plan.writes.shape[0], u.shape[1]
+    for name, t, cols in (("blocks", plan.blocks, 4), ("writes", plan.writes, 3)):
+        if t.dim() != 2 or t.shape[1] != cols or t.dtype != torch.int32 or not t.is_contiguous() or t.device != u.device:
+            raise ValueError(f"dsv4 compress_prefill: plan.{name} must be contiguous int32 (n, {cols}) on {u.device}")
+    nb, nw = plan.blocks.shape[0], plan.writes.shape[0]
     out = _out(out, nb, d, u.dtype, u.device)
     rule = _check_rule(rule or launch_rule(ratio, d, prefill=True), ratio, d)
     fused_writes = nw if plan.writes_in_same_launch else 0
@@ -254,6 +255,6 @@ def compress_prefill(u, state, state_pages, plan: PrefillPlan, bias, norm_w, eps
     if nw and not fused_writes:
         _dsv4_state_write_kernel[(nw,)](
             u, state, state_pages, plan.writes, u.stride(0), state.stride(0), state_pages.stride(0),
-            RATIO=ratio, N_PAGES=n_pages, W=w, num_warps=4,
+            RATIO=ratio, N_PAGES=n_pages, W=u.shape[1], num_warps=4,
         )
     return out

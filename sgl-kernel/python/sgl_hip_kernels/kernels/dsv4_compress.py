@@ -6,11 +6,13 @@ channels of all K rows; a decode block that reads 128 rows of 512 channels is to
 program). They meet through a workspace: each stores its pooled channels and their sum of squares,
 then takes a ticket from the block's counter; the last one finishes the block (RMSNorm over all D
 with the partial sums added in a fixed order, so the result does not depend on who came last, RoPE,
-rotation) and resets the counter to 0 for the next launch. A block's K rows (8 for ratio 4: the previous block's A half,
-then its own B half; 128 for ratio 128) are token positions ``p_start + j``. The last ``n_new`` of
-them are new rows in ``u`` (the last one at row ``last_u``), the others sit in the request's state
-ring: token q lives on page ``pages[req, (q // RATIO) % N_PAGES]``, slot ``q % RATIO``. A position
-below 0 is an invalid row (the first block of a sequence has no previous block).
+rotation) and resets the counter to 0 for the next launch.
+
+A block's K rows (8 for ratio 4: the previous block's A half, then its own B half; 128 for ratio
+128) are token positions ``p_start + j``. The last ``n_new`` of them are new rows in ``u`` (the last
+one at row ``last_u``), the others sit in the request's state ring: token q lives on page
+``pages[req, (q // RATIO) % N_PAGES]``, slot ``q % RATIO``. A position below 0 is an invalid row
+(the first block of a sequence has no previous block).
 
 Layouts read (stated because upstream's fused kernel read the checkpoint ape layout, unusable for
 the overlap case): a raw row is ``[kv_A | kv_B | s_A | s_B]`` (ratio 4) or ``[kv | s]`` (ratio 128);
@@ -44,17 +46,15 @@ def _pool_rows(
         valid = q >= 0
         is_new = j >= K - n_new
         from_state = valid & (j < K - n_new)
-        if OVERLAP:  # rows 0..3: previous block's A half; rows 4..7: own B half
+        if OVERLAP:  # rows 0..3: previous block's A half, on its page; rows 4..7: own B half
             kv_col = tl.where(j < 4, 0, D)
             s_col = tl.where(j < 4, 2 * D, 3 * D)
+            page = tl.where(j < 4, prev_page, own_page)
         else:
             kv_col = tl.zeros((BK,), tl.int32)
             s_col = tl.full((BK,), D, tl.int32)
-        q_safe = tl.where(valid, q, 0)
-        if OVERLAP:
-            page = tl.where(j < 4, prev_page, own_page)
-        else:
             page = own_page
+        q_safe = tl.where(valid, q, 0)
         state_row = page * RATIO + q_safe % RATIO
         u_row = (last_u - (K - 1 - j)).to(tl.int64)
         # Tiles are [channels, rows] and reduce over rows (axis 1): the same math either way, but the
