@@ -226,3 +226,262 @@ def test_unknown_target_is_a_patch_error():
         patching.apply(make("t-nope", Edit("sglang.srt.layers.layernorm:RMSNorm.no_such_method", (Hunk("a", "b"),))))
     with pytest.raises(patching.PatchError, match="cannot import"):
         patching.apply(make("t-nope", Edit("sglang.no_such_module:X.y", (Hunk("a", "b"),))))
+
+
+# --------------------------------------------------------------------------------------------
+# Hostile conditions: wrapped targets, anchors inside strings, linecache, private attributes.
+
+FIXTURE_MODULE = '''
+import functools
+
+
+def passthrough(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+class Doc:
+    def documented(self):
+        """Quotes its own code:
+        value = 1
+        return value
+        """
+        value = 1
+        return value
+
+    def only_in_docstring(self):
+        """Quotes code that is not there:
+        value = 7
+        """
+        return 0
+
+    def string_then_code(self):
+        text = """
+        value = 3
+        """
+        value = 3
+        return value, text
+
+    def starts_in_string(self):
+        text = """
+        value = 4
+        """
+        return text
+
+    def tagged(self):
+        value = 5
+        return value
+
+
+class Decorated:
+    @passthrough
+    def method(self):
+        value = 6
+        return value
+'''
+
+
+@pytest.fixture(scope="module")
+def fixture_module(tmp_path_factory):
+    """A small module of our own, so each hostile case has exactly the source it needs."""
+    import importlib
+    import sys
+
+    root = tmp_path_factory.mktemp("engine_fixture")
+    (root / "hd_engine_fixture.py").write_text(FIXTURE_MODULE)
+    sys.path.insert(0, str(root))
+    try:
+        yield importlib.import_module("hd_engine_fixture")
+    finally:
+        sys.path.remove(str(root))
+        sys.modules.pop("hd_engine_fixture", None)
+
+
+FIX = "hd_engine_fixture"
+
+
+def test_anchor_inside_a_docstring_does_not_count(cleanup, fixture_module):
+    # The docstring quotes "value = 1 / return value" too: only the code match counts (before: 2
+    # matches, "anchor not unique").
+    patch = make("t-doc", Edit(f"{FIX}:Doc.documented", (Hunk("value = 1\nreturn value", "value = 10\nreturn value"),)))
+    assert patching.apply(patch) == "applied"
+    cleanup.append(patch)
+    assert fixture_module.Doc().documented() == 10
+    assert "value = 1\n" in fixture_module.Doc.documented.__doc__  # the docstring is not rewritten
+
+
+def test_anchor_only_in_a_docstring_or_string_fails(fixture_module):
+    original = fixture_module.Doc.__dict__["only_in_docstring"]
+    patch = make("t-doc-only", Edit(f"{FIX}:Doc.only_in_docstring", (Hunk("value = 7", "value = 70"),)))
+    with pytest.raises(patching.PatchError, match=r"did not match in code \(only inside a string literal or comment\)"):
+        patching.apply(patch)
+    assert fixture_module.Doc.__dict__["only_in_docstring"] is original
+    # A match that starts inside a string literal and runs out of it is not code either.
+    patch = make("t-straddle", Edit(f"{FIX}:Doc.starts_in_string", (Hunk('value = 4\n"""', 'value = 40\n"""'),)))
+    with pytest.raises(patching.PatchError, match="did not match in code"):
+        patching.apply(patch)
+
+
+def test_anchor_next_to_a_string_literal_matches_the_code(cleanup, fixture_module):
+    patch = make("t-str", Edit(f"{FIX}:Doc.string_then_code", (Hunk("value = 3", "value = 30"),)))
+    assert patching.apply(patch) == "applied"
+    cleanup.append(patch)
+    value, text = fixture_module.Doc().string_then_code()
+    assert value == 30 and "value = 3\n" in text  # the literal is untouched
+    # An anchor may hold a whole literal (it is then part of the code).
+    whole = make("t-whole", Edit(f"{FIX}:Doc.starts_in_string", (Hunk('text = """\nvalue = 4\n"""', 'text = "x"'),)))
+    assert patching.apply(whole) == "applied"
+    cleanup.append(whole)
+    assert fixture_module.Doc().starts_in_string() == "x"
+
+
+def test_a_functools_wraps_decorator_is_refused_and_left_in_place(fixture_module):
+    wrapper = fixture_module.Decorated.__dict__["method"]
+    patch = make("t-deco", Edit(f"{FIX}:Decorated.method", (Hunk("value = 6", "value = 60"),)))
+    with pytest.raises(patching.PatchError) as info:
+        patching.apply(patch)
+    message = str(info.value)
+    assert message.startswith(f"{FIX}:Decorated.method is wrapped by passthrough.<locals>.wrapper (")
+    assert "around Decorated.method (" in message and "the wrapper is left in place" in message
+    assert fixture_module.Decorated.__dict__["method"] is wrapper
+    assert fixture_module.Decorated().method() == 6
+
+
+def test_a_function_from_another_file_is_refused(fixture_module):
+    original = fixture_module.Doc.__dict__["tagged"]
+
+    def foreign(self):  # no __wrapped__: a hand-rolled replacement defined in this test file
+        value = 5
+        return value
+
+    fixture_module.Doc.tagged = foreign
+    try:
+        with pytest.raises(patching.PatchError, match=r"Doc\.tagged is wrapped by .*foreign \(.*test_engine\.py:"):
+            patching.apply(make("t-foreign", Edit(f"{FIX}:Doc.tagged", (Hunk("value = 5", "value = 50"),))))
+        assert fixture_module.Doc.__dict__["tagged"] is foreign
+    finally:
+        fixture_module.Doc.tagged = original
+
+
+def test_torch_compile_wrapper_is_refused(fixture_module):
+    original = fixture_module.Doc.__dict__["tagged"]
+    compiled = torch.compile(original)  # lazy: nothing compiles until it is called
+    assert compiled is not original
+    fixture_module.Doc.tagged = compiled
+    try:
+        with pytest.raises(patching.PatchError, match=r"Doc\.tagged is wrapped by .*around Doc\.tagged"):
+            patching.apply(make("t-compiled", Edit(f"{FIX}:Doc.tagged", (Hunk("value = 5", "value = 50"),))))
+        assert fixture_module.Doc.__dict__["tagged"] is compiled
+    finally:
+        fixture_module.Doc.tagged = original
+
+
+def test_private_attributes_of_the_original_are_not_copied(cleanup, fixture_module):
+    func = fixture_module.Doc.__dict__["tagged"]
+    func.release_note = "public: copied"
+    func._torchdynamo_orig_callable = func  # what a compiled wrapper carries: not ours to claim
+    try:
+        patch = make("t-attrs", Edit(f"{FIX}:Doc.tagged", (Hunk("value = 5", "value = 50"),)))
+        patching.apply(patch)
+        cleanup.append(patch)
+        new = fixture_module.Doc.__dict__["tagged"]
+        assert new.release_note == "public: copied"
+        assert not hasattr(new, "_torchdynamo_orig_callable")
+        assert fixture_module.Doc().tagged() == 50
+    finally:
+        del func.release_note, func._torchdynamo_orig_callable
+
+
+def test_patched_source_survives_linecache_clearcache(cleanup):
+    from sglang.srt.layers.attention.nsa.nsa_indexer import Indexer
+
+    patch = make("t-raise", GUARD_RAISES)
+    patching.apply(patch)
+    cleanup.append(patch)
+    linecache.clearcache()
+    func = Indexer.__dict__["_update_rope_guarded"].__func__
+    assert 'raise RuntimeError("test-only hunk raised here")' in inspect.getsource(func.__code__)
+    with pytest.raises(RuntimeError) as info:
+        Indexer._update_rope_guarded(torch.zeros(2), torch.ones(2))
+    linecache.clearcache()
+    text = "".join(traceback.format_exception(info.value))
+    assert 'raise RuntimeError("test-only hunk raised here")' in text
+
+
+HOOKED = "sglang.srt.layers.attention.nsa_backend.NativeSparseAttnBackend.forward_decode"
+
+
+@pytest.fixture
+def hook_registry():
+    """SGLang's own HookRegistry; hooks reset and the hooked attributes restored afterwards."""
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    saved = []
+
+    def around(target):
+        module, cls_name, attr = target.rsplit(".", 2)
+        import importlib
+
+        owner = getattr(importlib.import_module(module), cls_name)
+        saved.append((owner, attr, owner.__dict__[attr]))
+        calls = []
+
+        def hook(original_fn, *args, **kwargs):
+            calls.append(original_fn)
+            return original_fn(*args, **kwargs)
+
+        HookRegistry.register(target, hook, HookType.AROUND)
+        HookRegistry.apply_hooks()
+        return owner, calls
+
+    HookRegistry.reset()
+    yield around
+    HookRegistry.reset()
+    for owner, attr, value in reversed(saved):
+        setattr(owner, attr, value)
+
+
+def test_hook_registry_hook_applied_first_is_kept_and_the_patch_refused(hook_registry):
+    from sglang_hip_decode.patches.nsa_cat_skip import PATCH
+
+    owner, _ = hook_registry(HOOKED)
+    hooked = owner.__dict__["forward_decode"]
+    core_owner, core_attr, core_before = patching.resolve_target(PATCH.targets[0])
+    with pytest.raises(patching.PatchError) as info:
+        patching.apply(PATCH)
+    assert str(info.value).startswith(
+        "sglang.srt.layers.attention.nsa_backend:NativeSparseAttnBackend.forward_decode is wrapped by "
+        "_wrap_fn.<locals>.wrapper (")
+    assert "hook_registry.py" in str(info.value)
+    assert owner.__dict__["forward_decode"] is hooked  # the other plugin's hook stays
+    assert core_owner.__dict__[core_attr] is core_before  # all or nothing: forward_absorb_core untouched too
+    assert not patching.is_applied(PATCH)
+    report = evaluate_nsa_cat_skip()
+    assert report.startswith("failed: sglang.srt.layers.attention.nsa_backend:NativeSparseAttnBackend.forward_decode "
+                             "is wrapped by _wrap_fn.<locals>.wrapper")
+
+
+def evaluate_nsa_cat_skip():
+    from sglang_hip_decode import evaluate
+
+    return evaluate({"SGLANG_HIP_DECODE_ANY_PLATFORM": "1", "SGLANG_HIP_DECODE_PATCHES": "nsa-cat-skip"}).status_of(
+        "nsa-cat-skip")
+
+
+def test_hook_registry_after_the_patch_wraps_it_and_both_run(cleanup, hook_registry):
+    # SGLang's normal order: load_plugins() (the patch applies) then apply_hooks() (hooks wrap).
+    patch = make("t-double-eps", DOUBLE_EPS)
+    patching.apply(patch)
+    cleanup.append(patch)
+    patched = rmsnorm_cls().__dict__["__init__"]
+    owner, calls = hook_registry("sglang.srt.layers.layernorm.RMSNorm.__init__")
+    assert owner.__dict__["__init__"] is not patched
+    assert owner(8).variance_epsilon == 2e-6  # the hook ran the patched body
+    assert calls == [patched]
+    with pytest.raises(patching.PatchError, match=r"RMSNorm\.__init__ is wrapped by _wrap_fn\.<locals>\.wrapper .*"
+                                                  r"installed after sglang-hip-decode patched it"):
+        patching.unapply(patch)
+    assert owner(8).variance_epsilon == 2e-6 and len(calls) == 2  # refused, nothing changed

@@ -4,16 +4,22 @@ A patch (one file in ``patches/``) is a :class:`Patch`: a name and a list of :cl
 naming a target method ``module:Class.method`` and the :class:`Hunk` s to apply to its source
 (exact ``before`` lines -> ``after`` lines). The engine
 
+* edits only a plain function whose code comes from the file of the module that defines the
+  owning class: a target already wrapped by someone else (SGLang's ``HookRegistry``, a
+  ``functools.wraps`` decorator, ``torch.compile``) is refused and left in place, because its
+  source (``inspect`` follows ``__wrapped__``) is not the code that runs there;
 * reads the original method's source with ``inspect.getsource``, applies every hunk (each
-  ``before`` must match exactly once; the match may sit at any indentation, and ``after`` is
-  indented the same way), and compiles the result against the original module's globals;
+  ``before`` must match exactly once, in code: a match that lies inside a string literal or a
+  comment does not count; the match may sit at any indentation, and ``after`` is indented the
+  same way), and compiles the result against the original module's globals;
 * compiles inside a stand-in class body whose namespace is a copy of the owner's, so defaults
   and decorators evaluate as they did upstream, private names mangle with the owner's name, and
   zero-argument ``super()`` sees the real owner; annotations are compiled unevaluated (a name
   imported under ``TYPE_CHECKING`` must not break the patch);
 * keeps the original's defaults, annotations, qualname and attributes, sets ``__wrapped__`` to the
   original function, and registers the patched text with ``linecache`` under a file name that
-  says it is patched, so tracebacks and ``inspect.getsource`` show the lines that really run;
+  says it is patched, so tracebacks and ``inspect.getsource`` show the lines that really run
+  (kept there through ``linecache.clearcache()``);
 * installs the result on the owning class itself, all targets of a patch or none of them.
 
 Several patches may edit one method: the installed method is always the original source with the
@@ -30,9 +36,13 @@ import __future__
 import dataclasses
 import importlib
 import inspect
+import io
 import linecache
+import os
+import sys
 import textwrap
 import threading
+import tokenize
 import types
 from typing import Iterable, Sequence
 
@@ -167,12 +177,47 @@ def resolve_target(target: str) -> tuple[type, str, object]:
         raise PatchError(f"{target}: {attr} is not defined on {obj.__name__} itself (upstream changed)")
     raw = obj.__dict__[attr]
     if not isinstance(raw, _SUPPORTED_KINDS):
+        if callable(raw) or hasattr(raw, "__wrapped__"):  # a callable object: lru_cache, partial, ...
+            raise PatchError(f"{target} is wrapped by {type(raw).__module__}.{type(raw).__qualname__} (not a plain "
+                             "function); not touching it")
         raise PatchError(f"{target}: is a {type(raw).__name__}; only plain, static and class methods can be edited")
     return obj, attr, raw
 
 
 def _function_of(raw: object) -> types.FunctionType:
     return raw.__func__ if isinstance(raw, (staticmethod, classmethod)) else raw  # type: ignore[union-attr]
+
+
+def _code_location(func: types.FunctionType) -> str:
+    """Who really runs when ``func`` is called: its code's qualified name and where it was defined
+    (``__qualname__``/``__module__`` are copied from the wrapped function by ``functools.wraps``)."""
+    code = func.__code__
+    return f"{getattr(code, 'co_qualname', code.co_name)} ({code.co_filename}:{code.co_firstlineno})"
+
+
+def _require_plain(target: str, owner: type, raw: object) -> None:
+    """Refuse a target that is not the plain function its owner's module file defines.
+
+    A wrapper made with ``functools.wraps`` (SGLang's ``HookRegistry`` hooks, most decorators,
+    ``torch.compile``) carries ``__wrapped__``; ``inspect.getsource`` follows it to the original's
+    text, so editing "it" would compile the original against the wrapper's globals and install it
+    over the wrapper, dropping the hook. A wrapper without ``__wrapped__`` is caught by its code
+    coming from another file. Functions this engine installed are known by identity, not here."""
+    func = _function_of(raw)
+    module = sys.modules.get(owner.__module__)
+    try:
+        module_file = inspect.getsourcefile(module) if module is not None else None
+    except TypeError:
+        module_file = None
+    if module_file is None:
+        raise PatchError(f"{target}: cannot find the source file of {owner.__module__} (the module defining {owner.__name__})")
+    wrapped = getattr(func, "__wrapped__", None)
+    same_file = os.path.realpath(func.__code__.co_filename) == os.path.realpath(module_file)
+    if wrapped is not None or not same_file:
+        inner = f"around {_code_location(inspect.unwrap(func))}; " if wrapped is not None else ""
+        raise PatchError(f"{target} is wrapped by {_code_location(func)} ({inner}the engine edits only the plain "
+                         f"function defined in {module_file}: apply sglang-hip-decode before the wrapper is installed; "
+                         "the wrapper is left in place)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,7 +234,7 @@ def _normalise(text: str) -> list[str]:
 
 
 def _find(source: list[str], before: list[str]) -> list[tuple[int, str]]:
-    """Every ``(line index, indent)`` at which ``before`` matches ``source``."""
+    """Every ``(line index, indent)`` at which ``before`` matches ``source`` line for line."""
     matches = []
     first = before[0]
     for i in range(len(source) - len(before) + 1):
@@ -205,14 +250,52 @@ def _find(source: list[str], before: list[str]) -> list[tuple[int, str]]:
     return matches
 
 
+_FSTRING_START = getattr(tokenize, "FSTRING_START", None)  # Python >= 3.12 splits f-strings into tokens
+_FSTRING_END = getattr(tokenize, "FSTRING_END", None)
+
+
+def _literal_spans(source: list[str]) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """``(start, end)`` as 0-based ``(line, column)`` of every string literal and comment."""
+    spans, open_fstrings = [], []
+    try:
+        for tok in tokenize.generate_tokens(io.StringIO("\n".join(source) + "\n").readline):
+            start, end = (tok.start[0] - 1, tok.start[1]), (tok.end[0] - 1, tok.end[1])
+            if tok.type in (tokenize.STRING, tokenize.COMMENT):
+                spans.append((start, end))
+            elif tok.type == _FSTRING_START:
+                open_fstrings.append(start)
+            elif tok.type == _FSTRING_END and open_fstrings:
+                spans.append((open_fstrings.pop(), end))
+    except (tokenize.TokenError, SyntaxError) as exc:
+        raise PatchError(f"cannot tokenize the source being edited: {exc}") from exc
+    return spans
+
+
+def _in_code(source: list[str], before: list[str], match: tuple[int, str], spans) -> bool:
+    """Whether a match is code: no string literal or comment reaches into it from outside (a match
+    inside a docstring is text, not code; a literal wholly inside the match is part of the code)."""
+    i, indent = match
+    last = i + len(before) - 1
+    lo, hi = (i, len(indent)), (last, len(source[last].rstrip()))
+    return all(not (start < hi and end > lo) or (lo <= start and end <= hi) for start, end in spans)
+
+
 def _apply_hunks(source: list[str], edit: Edit) -> list[str]:
     for number, hunk in enumerate(edit.hunks, start=1):
         before = hunk.before_lines()
         if not before:
             raise PatchError(f"hunk {number} of {edit.target} has an empty 'before'")
-        matches = _find(source, before)
+        found = _find(source, before)
+        matches = found
+        if found:
+            try:
+                spans = _literal_spans(source)
+            except PatchError as exc:
+                raise PatchError(f"hunk {number} of {edit.target}: {exc}") from None
+            matches = [m for m in found if _in_code(source, before, m, spans)]
         if not matches:
-            raise PatchError(f"hunk {number} of {edit.target} did not match (upstream changed)")
+            where = " in code (only inside a string literal or comment)" if found else ""
+            raise PatchError(f"hunk {number} of {edit.target} did not match{where} (upstream changed)")
         if len(matches) > 1:
             raise PatchError(
                 f"hunk {number} of {edit.target} matched {len(matches)} times (anchor not unique)"
@@ -313,9 +396,30 @@ def _compile(
     with open(real_file, encoding="utf-8") as fh:
         file_lines = fh.read().splitlines()
     shown = file_lines[: first - 1] + lines + file_lines[first - 1 + len(orig_lines) :]
-    text = [line + "\n" for line in shown]
-    linecache.cache[filename] = (sum(map(len, text)), None, text, filename)
+    _show_in_linecache(filename, [line + "\n" for line in shown])
     return new_raw
+
+
+# Patched file name -> its linecache entry. linecache.checkcache() keeps entries whose mtime is None,
+# but clearcache() (torch's inductor calls it after compiling) empties the cache; the patched text
+# has no file to be re-read from, and re-reading "lazily" through the module's loader would show
+# the *original* lines at the patched line numbers. So clearcache is wrapped once to put these back.
+_SHOWN: dict[str, tuple] = {}
+_clearcache = linecache.clearcache  # as it was before the engine wrapped it
+
+
+def _clearcache_keeping_patched_sources() -> None:
+    _clearcache()
+    linecache.cache.update(_SHOWN)
+
+
+def _show_in_linecache(filename: str, text: list[str]) -> None:
+    global _clearcache
+    entry = (sum(map(len, text)), None, text, filename)
+    _SHOWN[filename] = entry
+    linecache.cache[filename] = entry
+    if linecache.clearcache is not _clearcache_keeping_patched_sources:
+        _clearcache, linecache.clearcache = linecache.clearcache, _clearcache_keeping_patched_sources
 
 
 def _copy_metadata(original: types.FunctionType, new: types.FunctionType) -> None:
@@ -334,7 +438,11 @@ def _copy_metadata(original: types.FunctionType, new: types.FunctionType) -> Non
     new.__qualname__ = original.__qualname__
     new.__module__ = original.__module__
     for key, value in vars(original).items():
-        if key not in ("__wrapped__", PATCHED_MARKER):
+        # Public attributes and dunders describe the function; private ones (``_torchdynamo_*``,
+        # a compiled wrapper's bookkeeping) belong to whoever set them and would make the new
+        # function claim to be something it is not.
+        private = key.startswith("_") and not (key.startswith("__") and key.endswith("__"))
+        if key not in ("__wrapped__", PATCHED_MARKER) and not private:
             setattr(new, key, value)
 
 
@@ -349,11 +457,14 @@ def _plan(target_names: Iterable[str], active_after: dict[str, list[Patch]]) -> 
         state = _TARGETS.get(name)
         if state is None:
             owner, attr, raw = resolve_target(name)
+            _require_plain(name, owner, raw)
             state = _Target(name, owner, attr, raw, raw, [])
         else:
             current = state.owner.__dict__.get(state.attr)
             if current is not state.installed_raw:
-                raise PatchError(f"{name} was replaced by someone else since it was patched; not touching it")
+                by = _code_location(_function_of(current)) if isinstance(current, _SUPPORTED_KINDS) else repr(current)
+                raise PatchError(f"{name} is wrapped by {by} (installed after sglang-hip-decode patched it; replaced by "
+                                 "someone else since it was patched): not touching it")
         patches = active_after[name]
         if not patches:
             new_raw = state.original_raw
