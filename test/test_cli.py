@@ -47,12 +47,51 @@ def test_status_prints_the_table():
 
 def test_status_json_and_switch_problems():
     proc = run_cli("status", "--json", env_extra={"SGLANG_HIP_DECODE_PATCHES": "nsa-cat-skip,bogus"})
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 2, proc.stderr  # a switch naming an unknown patch
     import json
 
     data = json.loads(proc.stdout)
     assert set(data["patches"]) == {"nsa-cat-skip", "mxfp4-vbmm-layout", "indexer-rope-guard", "hip-alt-stream", "hip-dual-stream-av4"}
     assert any("unknown patch 'bogus'" in p for p in data["problems"])
+    assert data["exit_code"] == 2 and data["selected"] == ["nsa-cat-skip"]
+
+
+@pytest.mark.parametrize("form", [(), ("--json",)])
+def test_status_exit_codes_tell_a_script_the_truth(form):
+    # Default switches on this CPU: every patch off for the platform -> 0, in both forms.
+    assert run_cli("status", *form).returncode == 0
+    # A malformed switch -> 2; naming an unimplemented patch -> 2.
+    assert run_cli("status", *form, env_extra={"SGLANG_HIP_DECODE": "maybe"}).returncode == 2
+    assert run_cli("status", *form, env_extra={"SGLANG_HIP_DECODE_PATCHES": "hip-alt-stream"}).returncode == 2
+
+
+def test_status_json_exits_1_when_a_patch_failed(monkeypatch, capsys):
+    install_test_catalog(monkeypatch.setattr)
+    monkeypatch.setenv("SGLANG_HIP_DECODE_ANY_PLATFORM", "1")
+    try:
+        rc = cli.main(["status", "--json"])
+    finally:
+        from patch_fixtures import BROKEN, ON, OPT
+
+        for p in (ON, OPT, BROKEN):
+            patching.unapply(p)
+    import json
+
+    data = json.loads(capsys.readouterr().out)
+    assert rc == 1 and data["exit_code"] == 1 and data["patches"]["t-broken"].startswith("failed: hunk 1")
+
+
+def test_status_on_an_unsupported_sglang_exits_1(tmp_path):
+    # A fake sglang 0.5.12 distribution ahead of the real one on the path: every patch 'unsupported'.
+    dist = tmp_path / "sglang-0.5.12.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: sglang\nVersion: 0.5.12\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SGLANG_HIP_DECODE")}
+    env["PYTHONPATH"] = str(tmp_path) + os.pathsep + env.get("PYTHONPATH", "")
+    for form in ((), ("--json",)):
+        proc = subprocess.run([str(SCRIPT), "status", *form], env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert "unsupported sglang 0.5.12 (targets 0.5.11)" in proc.stdout
 
 
 def test_status_table_with_implemented_patches(monkeypatch, capsys):
@@ -168,7 +207,7 @@ def _python_without_site_packages(code):
 def test_missing_sglang_is_a_clear_error():
     for command in ("status", "diff"):
         proc = _python_without_site_packages(f"from sglang_hip_decode.cli import main; sys.exit(main([{command!r}]))")
-        assert proc.returncode != 0
+        assert proc.returncode == 3
         assert "sglang is not installed" in proc.stderr
     proc = _python_without_site_packages("from sglang_hip_decode.cli import main; sys.exit(main(['doctor']))")
     assert proc.returncode == 1 and "sglang NOT INSTALLED" in proc.stdout, proc.stderr

@@ -192,9 +192,14 @@ def test_register_never_raises_and_logs_one_line_per_patch(stand_in, monkeypatch
         raise RuntimeError("evaluate exploded")
 
     monkeypatch.setattr(sglang_hip_decode, "evaluate", boom)
-    with caplog.at_level(logging.ERROR, logger="sglang_hip_decode"):
-        assert sglang_hip_decode.register() is None
+    with caplog.at_level(logging.WARNING, logger="sglang_hip_decode"):
+        report = sglang_hip_decode.register()
+    # Still a report, and still a status line, so a runner sees why nothing applied.
+    assert report.patches == () and report.applied == ()
+    assert report.problems == ("register() failed: RuntimeError: evaluate exploded",)
     assert any("register() failed: RuntimeError: evaluate exploded" in r.getMessage() for r in caplog.records)
+    records = [json.loads(line) for line in status_file.read_text().splitlines()]
+    assert len(records) == 3 and records[2]["problems"] == ["register() failed: RuntimeError: evaluate exploded"]
 
 
 def test_unwritable_status_file_is_a_warning(stand_in, monkeypatch, caplog, tmp_path):
@@ -251,3 +256,90 @@ def test_sglang_load_plugins_with_kill_switch(tmp_path):
     assert "EPS 1e-06" in proc.stdout
     assert records[0]["applied"] == []
     assert records[0]["patches"]["t-on"] == "off (SGLANG_HIP_DECODE=0)"
+
+
+def test_register_with_broken_sglang_metadata_still_reports(stand_in, monkeypatch, tmp_path):
+    # importlib.metadata raising something other than PackageNotFoundError (a broken dist-info).
+    from importlib import metadata
+
+    def broken(name):
+        raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+
+    monkeypatch.setattr(metadata, "version", broken)
+    status_file = tmp_path / "status.jsonl"
+    monkeypatch.setenv("SGLANG_HIP_DECODE_STATUS_FILE", str(status_file))
+    monkeypatch.setenv("SGLANG_HIP_DECODE_ANY_PLATFORM", "1")
+    report = sglang_hip_decode.register()
+    assert report is not None and report.sglang is None and report.applied == ()
+    assert report.status_of("t-on") == "unsupported sglang (version unreadable) (targets 0.5.11)"
+    assert any(p.startswith("cannot read sglang's version: UnicodeDecodeError") for p in report.problems)
+    record = json.loads(status_file.read_text())
+    assert record["applied"] == [] and record["patches"]["t-on"].startswith("unsupported sglang (version unreadable)")
+
+
+STATUS_FILE_SCRIPT = """
+import sys, time
+sys.path.insert(0, {here!r})
+import patch_fixtures
+patch_fixtures.install_test_catalog()
+import sglang_hip_decode
+start = time.monotonic()
+report = sglang_hip_decode.register()
+print("SECONDS", time.monotonic() - start, "APPLIED", ",".join(report.applied))
+"""
+
+
+def run_register_with_status_file(path, timeout=60):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SGLANG_HIP_DECODE")}
+    env.update(SGLANG_HIP_DECODE_STATUS_FILE=str(path), SGLANG_HIP_DECODE_ANY_PLATFORM="1")
+    # A subprocess with a timeout: a register() that blocks fails this test instead of hanging the suite.
+    return subprocess.run([sys.executable, "-c", STATUS_FILE_SCRIPT.format(here=str(HERE))], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_status_file_that_is_a_fifo_never_blocks(tmp_path):
+    fifo = tmp_path / "status.fifo"
+    os.mkfifo(fifo)
+    proc = run_register_with_status_file(fifo)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "APPLIED t-on" in proc.stdout
+    assert float(proc.stdout.split()[1]) < 30
+    assert f"cannot write status file {fifo}" in proc.stderr
+    # With a reader on the other end the open succeeds, but a FIFO is still not a status file.
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        proc = run_register_with_status_file(fifo)
+        assert proc.returncode == 0 and "not a regular file" in proc.stderr, proc.stderr[-2000:]
+        assert os.read(reader, 4096) == b""  # the writer has gone and wrote nothing into it
+    finally:
+        os.close(reader)
+
+
+def test_status_file_that_is_a_directory_is_a_warning(tmp_path):
+    proc = run_register_with_status_file(tmp_path)
+    assert proc.returncode == 0 and "APPLIED t-on" in proc.stdout
+    assert f"cannot write status file {tmp_path}" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "env, code",
+    [
+        ({}, 0),  # off the platform: not a fault
+        ({"SGLANG_HIP_DECODE": "0"}, 0),
+        ({"SGLANG_HIP_DECODE_ANY_PLATFORM": "1", "SGLANG_HIP_DECODE_PATCHES": "t-on"}, 0),
+        ({"SGLANG_HIP_DECODE_ANY_PLATFORM": "1"}, 1),  # t-broken is selected by default and fails
+        ({"SGLANG_HIP_DECODE_PATCHES": "t-on,t-typo"}, 2),  # unknown name
+        ({"SGLANG_HIP_DECODE_PATCHES": "t-planned"}, 2),  # asked for by name, not implemented
+        ({"SGLANG_HIP_DECODE": "maybe"}, 2),  # malformed switch
+    ],
+)
+def test_report_exit_code(stand_in, env, code):
+    report = evaluate(env)  # really applied: a failure shows only then
+    assert report.exit_code == code, (report.patches, report.problems)
+
+
+@pytest.mark.parametrize("version", ["0.5.12", None])
+def test_unsupported_sglang_is_a_fault_for_the_exit_code(stand_in, monkeypatch, version):
+    monkeypatch.setattr(gates, "sglang_version", lambda: version)
+    assert evaluate({}, apply=False).exit_code == 1
+    assert evaluate({"SGLANG_HIP_DECODE_PATCHES": "none"}, apply=False).exit_code == 0  # nothing selected

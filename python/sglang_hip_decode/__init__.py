@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import os
+import stat
 import sys
 import time
 from typing import Mapping
@@ -31,6 +32,13 @@ class PatchStatus:
     default: bool
     targets: tuple[str, ...]
     summary: str
+    selected: bool = False  # the plugin is on and the switches select this patch
+
+    @property
+    def not_applied_for_a_fault(self) -> bool:
+        """Selected, yet not applied for a reason other than a switch, the platform or upstream
+        already having it: the engine failed, or this sglang release is not supported."""
+        return self.selected and self.status.startswith(("failed", "unsupported"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +57,15 @@ class Report:
     def applied(self) -> tuple[str, ...]:
         return tuple(p.name for p in self.patches if p.status == "applied")
 
+    @property
+    def exit_code(self) -> int:
+        """What ``sglang-hip-decode status`` exits with: 1 when a selected patch is not applied for
+        a fault (failed, unsupported sglang), else 2 when a switch is malformed or names a patch
+        that does not exist or is not implemented, else 0."""
+        if any(p.not_applied_for_a_fault for p in self.patches):
+            return 1
+        return 2 if self.problems else 0
+
     def to_json(self) -> dict:
         return {
             "pid": os.getpid(),
@@ -57,6 +74,7 @@ class Report:
             "sglang": self.sglang,
             "platform": self.platform,
             "patches": {p.name: p.status for p in self.patches},
+            "selected": [p.name for p in self.patches if p.selected],
             "applied": list(self.applied),
             "problems": list(self.problems),
         }
@@ -74,16 +92,27 @@ def evaluate(env: Mapping[str, str] | None = None, *, apply: bool = True) -> Rep
     from . import gates, patching
     from .patches import NAMES, catalog
 
-    version = gates.sglang_version()
+    problems = []
+    try:
+        version = gates.sglang_version()
+        version_label = version or "(not installed)"
+    except Exception as exc:  # a broken installation's metadata: report it, apply nothing
+        version, version_label = None, "(version unreadable)"
+        problems.append(f"cannot read sglang's version: {type(exc).__name__}: {exc}")
     plat = gates.platform()
     switches = gates.read_switches(env, known=NAMES)
-    problems = list(switches.problems)
+    problems += list(switches.problems)
     try:
         entries = catalog()
     except Exception as exc:  # a broken patch file: report, apply nothing
         problems.append(f"patch set failed to load: {type(exc).__name__}: {exc}")
-        rows = tuple(PatchStatus(n, f"failed: patch set failed to load ({exc})", d, (), "") for n, _, d in _planned())
+        rows = tuple(PatchStatus(n, f"failed: patch set failed to load ({exc})", d, (), "", selected=switches.enabled)
+                     for n, _, d in _planned())
         return Report(version, plat, rows, tuple(problems))
+    if switches.enabled and switches.selection == "list":
+        asked = [e.name for e in entries if e.patch is None and e.name in switches.names]
+        if asked:
+            problems.append(f"{gates.ENV_PATCHES} names {', '.join(asked)}, not implemented yet")
 
     rows = []
     for entry in entries:
@@ -93,7 +122,7 @@ def evaluate(env: Mapping[str, str] | None = None, *, apply: bool = True) -> Rep
         elif not switches.enabled:
             status = f"off ({switches.off_reason})"
         elif not gates.sglang_supported(version):
-            status = f"unsupported sglang {version or '(not installed)'} (targets {gates.TARGET_SGLANG})"
+            status = f"unsupported sglang {version_label} (targets {gates.TARGET_SGLANG})"
         elif not switches.selects(entry.name, entry.default):
             status = switches.not_selected_reason(entry.default)
         elif patch.gate == "hip" and plat != "hip" and not switches.any_platform:
@@ -107,9 +136,11 @@ def evaluate(env: Mapping[str, str] | None = None, *, apply: bool = True) -> Rep
                 status = f"failed: {exc}"
             except Exception as exc:  # anything else an apply raised: still a status
                 status = f"failed: {type(exc).__name__}: {exc}"
+        selected = switches.enabled and switches.selects(entry.name, entry.default)
         rows.append(
             PatchStatus(
-                entry.name, status, entry.default, patch.targets if patch else (), patch.summary if patch else ""
+                entry.name, status, entry.default, patch.targets if patch else (), patch.summary if patch else "",
+                selected=selected,
             )
         )
     return Report(version, plat, tuple(rows), tuple(problems))
@@ -136,20 +167,33 @@ def _log(report: Report) -> None:
 
 
 def _write_status_file(report: Report, path: str) -> None:
-    # One line per process, appended in a single write: every scheduler process calls register().
+    """Append one line (every scheduler process calls register()) in a single write. Never blocks:
+    O_NONBLOCK makes opening a FIFO without a reader fail at once, and anything but a regular
+    file is refused (a FIFO with a reader, a device, a socket); the caller turns that into a warning."""
     line = json.dumps(report.to_json(), sort_keys=True) + "\n"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags, 0o644)
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"not a regular file ({stat.filemode(os.fstat(fd).st_mode)})")
         os.write(fd, line.encode())
     finally:
         os.close(fd)
 
 
-def register() -> Report | None:
-    """SGLang's plugin entry point. Cheap, idempotent, never raises; returns the report."""
+def register() -> Report:
+    """SGLang's plugin entry point. Cheap, idempotent, never raises; returns the report (on an
+    unexpected error, a report with no patch applied that names the error, also written to the
+    status file so a runner sees why)."""
     try:
         report = evaluate()
+    except Exception as exc:  # never take the server down
+        report = Report(None, "unknown", (), (f"register() failed: {type(exc).__name__}: {exc}",))
+    try:
         _log(report)
+    except Exception:
+        pass
+    try:
         from .gates import ENV_STATUS_FILE
 
         path = os.environ.get(ENV_STATUS_FILE)
@@ -158,10 +202,6 @@ def register() -> Report | None:
                 _write_status_file(report, path)
             except OSError as exc:
                 logger.warning("%s cannot write status file %s: %s", LOG_PREFIX, path, exc)
-        return report
-    except Exception as exc:  # never take the server down
-        try:
-            logger.error("%s register() failed: %s: %s", LOG_PREFIX, type(exc).__name__, exc)
-        except Exception:
-            pass
-        return None
+    except Exception:
+        pass
+    return report

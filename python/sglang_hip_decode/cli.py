@@ -2,7 +2,10 @@
 
 * ``status [--json]``: every planned patch with its targets, default and the status it gets in this
   process under the current switches (the patch is really applied here, so a changed upstream
-  shows up as ``failed: ...``), the sglang version and the platform.
+  shows up as ``failed: ...``), the sglang version and the platform. Exit code, both forms: 0 when
+  every selected patch is applied or off for a switch, the platform or upstream having it; 1 when a
+  selected patch failed or this sglang release is unsupported; 2 when a switch is malformed or
+  names an unknown or unimplemented patch (and nothing failed); 3 when sglang is not installed.
 * ``diff [NAME ...]``: the edits as a unified diff against the upstream files, with paths
   ``a/python/sglang/...`` that ``git apply`` accepts in an sglang v0.5.11 checkout. No name: every
   implemented patch, in application order.
@@ -22,10 +25,18 @@ import sys
 from . import __version__, evaluate, gates
 
 
+EXIT_NO_SGLANG = 3
+
+
 def _require_sglang() -> str:
-    version = gates.sglang_version()
+    try:
+        version = gates.sglang_version()
+    except Exception as exc:
+        version = None
+        print(f"sglang-hip-decode: cannot read sglang's version: {type(exc).__name__}: {exc}", file=sys.stderr)
     if version is None or importlib.util.find_spec("sglang") is None:
-        raise SystemExit("sglang-hip-decode: sglang is not installed in this Python environment")
+        print("sglang-hip-decode: sglang is not installed in this Python environment", file=sys.stderr)
+        raise SystemExit(EXIT_NO_SGLANG)
     return version
 
 
@@ -39,8 +50,8 @@ def cmd_status(args) -> int:
     _require_sglang()
     report = evaluate()
     if args.json:
-        print(json.dumps(report.to_json(), indent=2, sort_keys=True))
-        return 0
+        print(json.dumps(dict(report.to_json(), exit_code=report.exit_code), indent=2, sort_keys=True))
+        return report.exit_code
     print(f"sglang-hip-decode {__version__}: sglang {report.sglang} (targets {gates.TARGET_SGLANG}), platform {report.platform}")
     switches = {k: os.environ[k] for k in (gates.ENV_ENABLE, gates.ENV_PATCHES, gates.ENV_ANY_PLATFORM) if k in os.environ}
     print("switches: " + (", ".join(f"{k}={v}" for k, v in switches.items()) or "none set (defaults)"))
@@ -52,7 +63,7 @@ def cmd_status(args) -> int:
     print(_table(rows, ["patch", "targets", "default", "status"]))
     for problem in report.problems:
         print(f"problem: {problem}")
-    return 1 if any(p.status.startswith("failed") for p in report.patches) else 0
+    return report.exit_code
 
 
 def _diff_path(real_file: str) -> str:
