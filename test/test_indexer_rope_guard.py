@@ -106,6 +106,29 @@ def test_defect_same_start_other_stride(ni):
     assert torch.equal(dst, want)
 
 
+@pytest.mark.parametrize("view", ["neg", "conj"])
+def test_defect_negated_or_conjugated_view_of_dst(ni, view):
+    # x._neg_view() / x.conj() share x's storage, offset, sizes and strides but read -x / conj(x):
+    # not an alias whose values are already in place.
+    def case():
+        dtype = torch.complex64 if view == "conj" else torch.float32
+        buf = torch.randn(4, 128, dtype=dtype, generator=torch.Generator().manual_seed(3))
+        dst = buf[:, :64]
+        src = dst._neg_view() if view == "neg" else dst.conj()
+        assert src.data_ptr() == dst.data_ptr() and src.stride() == dst.stride() and (src.is_neg() or src.is_conj())
+        return dst, src, src.resolve_neg().resolve_conj().clone()
+
+    dst, src, want = case()
+    upstream_guard(ni)(dst, src)
+    # DEFECT (0.5.11): the data_ptr guard takes the view for an alias and skips the copy.
+    assert not torch.equal(dst, want), "0.5.11's guard was expected to skip this copy (documented defect)"
+    dst, src, want = case()
+    with CopyAudit() as audit:
+        patched_guard(ni)(dst, src)
+    assert torch.equal(dst, want)
+    assert audit.counts == {"clone": 1, "copy_": 1}  # the same memory: through a temporary
+
+
 def test_defect_overlapping_views(ni):
     # dst = columns 32..95, src = columns 0..63 of one buffer: overlapping, different starts.
     def case():

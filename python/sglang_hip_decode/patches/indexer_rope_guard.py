@@ -7,13 +7,16 @@ RoPE kernel returns a view of its input) and closes the holes in how 0.5.11 deci
 src)``, which returns early when ``src.data_ptr() == dst.data_ptr()``. That compares start addresses
 only:
 * a ``src`` with the same start but another shape or stride (a rotated copy laid out differently in
-  the same buffer) skips a copy it needed: silently wrong;
+  the same buffer), or a negated / conjugated view of ``dst`` (same memory, other values), skips a
+  copy it needed: silently wrong;
 * a ``src`` that partially overlaps ``dst`` reaches ``dst.copy_(src)``, which torch refuses
   ("some elements of the input tensor and the written-to tensor refer to a single memory location");
 * under ``torch.compile`` tracing, ``data_ptr()`` of a fake tensor is not meaningful.
 
 Edit (the one function every call site uses: ``_get_q_k_bf16`` twice, ``_get_k_bf16`` once): skip only
-when ``dst`` and ``src`` are the same view (same storage, offset, sizes, strides, dtype); copy through
+when ``dst`` and ``src`` are the same view (same storage, offset, sizes, strides, dtype, and the same
+negative and conjugate bits: ``x._neg_view()`` and ``x.conj()`` share x's memory but read other
+values); copy through
 a temporary when their byte ranges in one storage meet otherwise (conservative: interleaved views
 that never share an element also take the temporary); while compiling, a plain ``copy_``.
 
@@ -58,6 +61,8 @@ PATCH = Patch(
                             and dst.shape == src.shape
                             and dst.stride() == src.stride()
                             and dst.dtype == src.dtype
+                            and dst.is_neg() == src.is_neg()
+                            and dst.is_conj() == src.is_conj()
                         ):
                             return
                         # Byte ranges [lo, hi) of both views; where they meet, copy through a
