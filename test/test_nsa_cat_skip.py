@@ -162,6 +162,49 @@ def test_other_impls_are_handed_exactly_what_they_were_before(rng, sg, impl):
             assert qa.shape == qb.shape and qa.stride() == qb.stride() and torch.equal(qa, qb)
 
 
+@pytest.mark.parametrize("wrapper", ["hybrid", "tbo"])
+def test_behind_hybrid_and_tbo_backends(rng, sg, wrapper):
+    # forward_batch.attn_backend is SGLang's HybridAttnBackend / TboAttnBackend around the NSA
+    # backend; the wrapper has no nsa_decode_impl, and the patch must still see what decodes.
+    trtllm = MlaDecodeCase(batch=3, impl="trtllm", wrapper=wrapper, **SMALL)
+    path = MlaDecodePath(trtllm, rng, sg)
+    assert type(path.attn_backend).__name__ == {"hybrid": "HybridAttnBackend", "tbo": "TboAttnBackend"}[wrapper]
+    x = make_inputs(trtllm, rng)
+    handed = {}
+    with path.hip():
+        for arm in ("unpatched", "patched"):
+            if arm == "patched":
+                patching.apply(PATCH)
+            try:
+                start = len(path.record.trtllm_args)
+                out = path.step(x.clone())
+                handed[arm] = (out, path.record.trtllm_args[start:])
+            finally:
+                patching.unapply(PATCH)
+    (out_a, [(qa, ra)]), (out_b, [(qb, rb)]) = handed["unpatched"], handed["patched"]
+    assert ra is not None and rb is not None, "trtllm must get the split form (q_rope), as in 0.5.11"
+    assert qa.shape == qb.shape and qa.stride() == qb.stride() and ra.stride() == rb.stride()
+    assert torch.equal(qa, qb) and torch.equal(ra, rb) and torch.equal(out_a[0], out_b[0])
+    # tilelang behind the same wrapper: still the zero-copy q_cat, one cat fewer per layer.
+    case = MlaDecodeCase(batch=3, impl="tilelang", wrapper=wrapper, layers=2, **SMALL)
+    runs = run_ab(case, rng, sg)
+    assert_bit_identical(runs["unpatched"], runs["patched"])
+    assert (runs["unpatched"]["audit"].counts - runs["patched"]["audit"].counts) == {"cat": case.layers}
+    for (_, q), ptr in zip(runs["patched"]["kernel_q"], runs["patched"]["q_cat_ptr"]):
+        assert q.data_ptr() == ptr
+
+
+def test_the_decode_impl_is_the_server_arg(sg):
+    # The patch reads get_global_server_args().nsa_decode_backend for the backend's impl: that holds
+    # while NativeSparseAttnBackend sets nsa_decode_impl once, from server_args.nsa_decode_backend.
+    import inspect
+    import re
+
+    source = inspect.getsource(sg.nb)
+    assignments = re.findall(r"^\s*self\.nsa_decode_impl\b(?:\s*:[^=\n]+)?\s*=(?!=)\s*(.+)$", source, re.MULTILINE)
+    assert assignments == ["model_runner.server_args.nsa_decode_backend"], assignments
+
+
 def test_forward_decode_with_a_split_q_still_concatenates_on_hip(rng, sg):
     # A caller that passes q_rope (the non-fused path, or anyone else) must see 0.5.11's behaviour.
     case = MlaDecodeCase(batch=2, **SMALL)

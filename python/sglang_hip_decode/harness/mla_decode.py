@@ -73,11 +73,14 @@ def import_sglang() -> types.SimpleNamespace:
         fbi = importlib.import_module("sglang.srt.model_executor.forward_batch_info")
         ra = importlib.import_module("sglang.srt.layers.radix_attention")
         dv2 = importlib.import_module("sglang.srt.models.deepseek_v2")
+        hybrid = importlib.import_module("sglang.srt.layers.attention.hybrid_attn_backend")
+        tbo = importlib.import_module("sglang.srt.layers.attention.tbo_backend")
     finally:
         torch.cuda.is_available = real
     return types.SimpleNamespace(
         fm=fm, nb=nb, ForwardMode=fbi.ForwardMode, RadixAttention=ra.RadixAttention,
         AttentionMLA=dv2.DeepseekV2AttentionMLA, Backend=nb.NativeSparseAttnBackend,
+        HybridAttnBackend=hybrid.HybridAttnBackend, TboAttnBackend=tbo.TboAttnBackend,
     )
 
 
@@ -99,6 +102,7 @@ class MlaDecodeCase:
     layers: int = 1
     device: str = "cpu"
     attention: str = "nsa"  # "nsa" (core fused branch) or "aiter" (Kimi's MLA backend, non-core branch)
+    wrapper: str = "none"  # what forward_batch.attn_backend is: the backend itself, or SGLang's "hybrid" / "tbo" around it
     w_vc: str = "bf16"  # "bf16" or "mxfp4" (uint8 packed e2m1 + e8m0 scales, quark layout)
     o_proj: str = "bf16"  # "bf16", "fp8" or "mxfp4": the o_proj weight's dtype picks the quant branch
 
@@ -112,6 +116,7 @@ class Record:
     split_calls: list = dataclasses.field(default_factory=list)  # (impl, q, q_rope) for split-form consumers
     gemm_out: list = dataclasses.field(default_factory=list)  # the y tensor the MXFP4 v-bmm wrote
     quant_in: list = dataclasses.field(default_factory=list)  # (kernel, x) handed to the o_proj quant
+    trtllm_args: list = dataclasses.field(default_factory=list)  # (q, q_rope) exactly as _forward_trtllm got them
 
 
 def _kv_torch_dtype(case: MlaDecodeCase) -> torch.dtype:
@@ -229,6 +234,7 @@ class MlaDecodePath:
                 self._mxfp4[name] = opaque(name, self._recording_quant(name, res.fn))
         self.layers = [self._make_layer(i, gen) for i in range(case.layers)]
         self.backend = self._make_backend()
+        self.attn_backend = self._wrap(self.backend)
 
     # -- kernels -----------------------------------------------------------------------------
     def _recording_fused(self, fn: Callable) -> Callable:
@@ -291,6 +297,21 @@ class MlaDecodePath:
             return self._make_mla_backend()
         return self._make_nsa_backend()
 
+    def _wrap(self, backend):
+        """``forward_batch.attn_backend`` as SGLang builds it: the backend, or a real
+        ``HybridAttnBackend`` (decode and prefill backends differ) / ``TboAttnBackend`` (two-batch
+        overlap) around it, made without ``__init__`` where that needs a model runner."""
+        if self.case.wrapper == "none":
+            return backend
+        if self.case.wrapper == "hybrid":
+            hybrid = self.sg.HybridAttnBackend.__new__(self.sg.HybridAttnBackend)
+            hybrid.decode_backend = hybrid.prefill_backend = backend
+            hybrid.model_runner = types.SimpleNamespace(server_args=types.SimpleNamespace(speculative_attention_mode="prefill"))
+            return hybrid
+        if self.case.wrapper == "tbo":
+            return self.sg.TboAttnBackend(primary=backend, children=[backend, backend])
+        raise ValueError(f"unknown backend wrapper {self.case.wrapper!r}")
+
     def _make_mla_backend(self):
         """A stand-in for aiter's MLA backend (``attention="aiter"``): the base backend's ``forward``
         (idle/decode dispatch) with a ``forward_decode`` that attends over each token's top-k slots."""
@@ -343,6 +364,7 @@ class MlaDecodePath:
         trtllm = split_consumer("trtllm")
 
         def forward_trtllm(q, k, v, layer, forward_batch, seqlens, save_kv_cache, q_rope, k_rope, topk_indices, *rest):
+            self.record.trtllm_args.append((q, q_rope))
             if q_rope is None:  # the full 576-wide q handed over whole
                 q_rope = q.reshape(q.shape[0], case.heads, -1)[..., case.kv_lora_rank:]
                 q = q.reshape(q.shape[0], case.heads, -1)[..., : case.kv_lora_rank]
@@ -387,7 +409,7 @@ class MlaDecodePath:
     def forward_batch(self, x: MlaDecodeInputs, layer_index: int = 0):
         pool = types.SimpleNamespace(get_key_buffer=lambda layer_id: x.kv_caches[layer_id])
         return types.SimpleNamespace(
-            forward_mode=getattr(self.sg.ForwardMode, self.case.mode), attn_backend=self.backend,
+            forward_mode=getattr(self.sg.ForwardMode, self.case.mode), attn_backend=self.attn_backend,
             token_to_kv_pool=pool, out_cache_loc=x.out_cache_loc, encoder_out_cache_loc=None,
             hisparse_coordinator=None, batch_size=self.case.batch,
             topk_for_stand_in=x.topk_indices,  # read by the aiter MLA stand-in only

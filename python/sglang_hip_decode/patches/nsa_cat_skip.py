@@ -13,7 +13,11 @@ Edit:
   place on the ``q_cat[..., :kv_lora_rank]`` view, so q_cat carries it), pass ``q_cat`` with
   ``q_rope=None``. Extend and target-verify keep the split form (``forward_extend`` asserts
   ``q_rope is not None``), and so does the trtllm decode impl, which reads the split form before
-  ``forward_decode`` builds ``q_all`` (its fp8 path asserts ``q_rope is not None``).
+  ``forward_decode`` builds ``q_all`` (its fp8 path asserts ``q_rope is not None``). Which impl
+  decodes is read from ``get_global_server_args().nsa_decode_backend`` (what ``NativeSparseAttnBackend``
+  sets its ``nsa_decode_impl`` from, in its ``__init__``, and never changes), not from
+  ``forward_batch.attn_backend``: behind ``HybridAttnBackend`` or ``TboAttnBackend`` that object is
+  the wrapper, which has no ``nsa_decode_impl``.
 * ``forward_decode``: remember ``q_all`` (None when the caller split q); the tilelang and aiter
   branches reuse it on HIP instead of concatenating. Every other branch is unchanged.
 
@@ -55,11 +59,12 @@ PATCH = Patch(
                     if llama_4_scaling is not None:
                         q_nope_fused *= llama_4_scaling
                     if forward_batch.forward_mode.is_decode_or_idle() and (
-                        getattr(forward_batch.attn_backend, "nsa_decode_impl", None) != "trtllm"
+                        get_global_server_args().nsa_decode_backend != "trtllm"
                     ):
                         # sglang-hip-decode nsa-cat-skip: q_cat (scaled in place through the
                         # view above) goes whole; forward_decode reuses it as q_all. trtllm
-                        # consumes the split form before q_all exists, so it keeps it.
+                        # consumes the split form before q_all exists, so it keeps it (the
+                        # NSA backend's nsa_decode_impl is this server arg, whatever wraps it).
                         q_nope_fused, q_pe_fused = q_cat, None
                     attn_output = self.attn_mqa(
                         q_nope_fused,
