@@ -254,6 +254,116 @@ def test_padded_plan_and_bad_inputs(rng):
                         *args, 128)
 
 
+def guarded_state(c, guard_rows):
+    """The compressor's state as a view into a bigger NaN buffer with ``guard_rows`` on each side:
+    a store outside the state lands in the guards (memory a real GPU would corrupt)."""
+    big = torch.full((c.state.shape[0] + 2 * guard_rows, c.width), float("nan"), device=DEV)
+    state = big[guard_rows: guard_rows + c.state.shape[0]]
+    state.copy_(c.dev(c.state))
+    return big, state
+
+
+def decode_inputs(rng, c, lens):
+    seqs = [raw_rows(rng, c, n) for n in lens]
+    c.seed_state(seqs, [n - 1 for n in lens])
+    rows = c.dev(torch.stack([u[n - 1] for u, n in zip(seqs, lens)]))
+    return seqs, rows, torch.tensor(lens, dtype=torch.int32, device=DEV)
+
+
+def test_index_values_are_checked_on_the_host(rng):
+    """Page ids outside the state, pages shared by two requests (or by one request's two ring
+    pages), positions past the RoPE table: refused before any launch, state untouched."""
+    c = Compressor(rng, 4, 128, 3)
+    n_state_pages = c.state.shape[0] // 4
+    _, rows, seq_lens = decode_inputs(rng, c, [8, 4, 12])
+    state = c.dev(c.state)
+    before = state.clone()
+    args = c.kernel_args()
+    bad = {
+        "outside the state": [[1, 2], [3, n_state_pages], [5, 6]],
+        "outside the state (min -1": [[1, 2], [-1, 4], [5, 6]],
+        "share a state page": [[1, 2], [2, 4], [5, 6]],  # request 1 reuses request 0's page
+        "share a state page ": [[1, 2], [4, 4], [5, 6]],  # one request's two ring pages
+    }
+    for message, pages in bad.items():
+        with pytest.raises(ValueError, match=message.strip().replace("(", r"\(")):
+            compress_decode(rows, state, torch.tensor(pages, dtype=torch.int32, device=DEV), seq_lens, *args, 4)
+        with pytest.raises(ValueError, match=message.strip().replace("(", r"\(")):
+            compress_prefill(rows, state, torch.tensor(pages, dtype=torch.int32, device=DEV), plan_prefill([0, 0, 0], [1, 1, 1], 4, device=DEV),
+                             *args)
+    assert torch.equal(state.view(torch.int32), before.view(torch.int32))
+    # A padded slot (seq_len 0) may carry any page ids: it touches nothing.
+    pages = torch.tensor([[1, 2], [999, -7], [5, 6]], dtype=torch.int32, device=DEV)
+    out = compress_decode(rows, state, pages, torch.tensor([8, 0, 12], dtype=torch.int32, device=DEV), *args, 4)
+    assert torch.equal(out[1].cpu(), torch.zeros(128))
+    # Decode positions past the RoPE table (2048 rows here), as prefill's plan check refuses them.
+    with pytest.raises(ValueError, match="position 2048 is past the RoPE table of 2048"):
+        compress_decode(rows, state, c.dev(c.pages, torch.int32), torch.tensor([8, 4, 2049], dtype=torch.int32, device=DEV),
+                        *args, 4)
+
+
+@pytest.mark.parametrize("ratio", [4, 128])
+def test_device_guard_never_writes_outside_the_state(rng, ratio):
+    """With the host check off (what graph capture does): a request whose page id is past the end
+    or negative stores nothing anywhere and gets a NaN row; the good request is unaffected."""
+    r, d = ratio, 128
+    c = Compressor(rng, ratio, d, 3)
+    n_state_pages = c.state.shape[0] // r
+    lens = [2 * r, r, 3 * r]  # every request closes a block
+    seqs, rows, seq_lens = decode_inputs(rng, c, lens)
+    big, state = guarded_state(c, guard_rows=2 * r)
+    before = big.clone()
+    pages = c.pages.clone()
+    pages[1] = n_state_pages  # one past the last page (both ring pages for ratio 4)
+    pages[2] = -1
+    out = torch.zeros(3, d, device=DEV)
+    compress_decode(rows, state, c.dev(pages, torch.int32), seq_lens, *c.kernel_args(), ratio, out=out, check_indices=False)
+    written = set(c.ring_rows(0, lens[0])) | {int(c.pages[0, (lens[0] - 1) // r % c.n_pages]) * r + (lens[0] - 1) % r}
+    changed = {i - 2 * r for i in range(big.shape[0]) if not torch.equal(big[i].view(torch.int32), before[i].view(torch.int32))}
+    assert changed <= written and changed, f"rows written outside request 0's ring: {sorted(changed - written)}"
+    assert out[1:].isnan().all(), "refused requests get a NaN row"
+    ref64, ref32 = c.blocks(seqs[0], [lens[0] // r - 1])
+    assert_within_torch_error(out[:1].cpu(), ref64, ref32, "the good request")
+    # Prefill with the same pages: the refused request's blocks are NaN, its kept rows never stored.
+    big, state = guarded_state(c, guard_rows=2 * r)
+    before = big.clone()
+    plan = plan_prefill([0, 0, 0], lens, ratio, device=DEV)
+    u = c.dev(torch.cat(seqs))
+    out = compress_prefill(u, state, c.dev(pages, torch.int32), plan, *c.kernel_args(), check_indices=False)
+    changed = {i - 2 * r for i in range(big.shape[0]) if not torch.equal(big[i].view(torch.int32), before[i].view(torch.int32))}
+    assert changed <= set(c.ring_rows(0, lens[0])), f"rows written outside request 0's ring: {sorted(changed)}"
+    req = plan.blocks[:, 3].cpu()
+    assert out[req != 0].isnan().all() and not out[req == 0].isnan().any()
+
+
+def test_device_guard_position_past_the_rope_table(rng):
+    """Host check off: a block whose position is past the table gives a NaN row (its ring row is
+    still stored: the state stays consistent); the other request is unaffected."""
+    c = Compressor(rng, 4, 128, 2)
+    lens = [8, 2052]  # request 1's block starts at position 2048 of a 2048-row table
+    seqs, rows, seq_lens = decode_inputs(rng, c, lens)
+    state = c.dev(c.state)
+    before = state.cpu().clone()
+    out = compress_decode(rows, state, c.dev(c.pages, torch.int32), seq_lens, *c.kernel_args(), 4, check_indices=False)
+    assert out[1].isnan().all() and not out[0].isnan().any()
+    c.check_state(state, seqs, lens, before, decode=True)
+
+
+def test_out_dtype_and_eps_are_checked(rng):
+    c = Compressor(rng, 4, 128, 1)
+    _, rows, seq_lens = decode_inputs(rng, c, [4])
+    state, pages = c.dev(c.state), c.dev(c.pages, torch.int32)
+    bias, norm_w, _, cos, sin = c.kernel_args()
+    for out in (torch.empty(1, 128, dtype=torch.float64, device=DEV), torch.empty(1, 128, dtype=torch.int32, device=DEV)):
+        with pytest.raises(ValueError, match="out must be"):
+            compress_decode(rows, state, pages, seq_lens, bias, norm_w, EPS, cos, sin, 4, out=out)
+    for eps in (-1e-6, 0.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+            compress_decode(rows, state, pages, seq_lens, bias, norm_w, eps, cos, sin, 4)
+        with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+            compress_prefill(rows, state, pages, plan_prefill([0], [1], 4, device=DEV), bias, norm_w, eps, cos, sin)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("ratio, d, rotate", [(4, 512, False), (128, 512, False), (4, 128, True), (128, 128, True)])
 def test_gpu_bf16_decode_and_graph(rng, ratio, d, rotate):

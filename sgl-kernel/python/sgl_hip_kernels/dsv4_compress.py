@@ -18,11 +18,25 @@ recent tokens, pages of ``ratio`` rows. Request b's ring is ``state_pages[b]``: 
 Where a block's channels are split over several programs (``launch_rule``), they meet in a
 ``CompressWorkspace`` whose counters reset themselves; the default one is made on first use for
 each (device, ratio, d), so make the first call outside CUDA-graph capture (a warm-up does).
+
+What is checked, and when (the launchers trust nothing they are handed):
+* always, on the host, free: shapes, dtypes, strides, devices, ``eps`` (finite, > 0: an all-invalid
+  block pools to 0 and RMSNorm must not divide 0 by 0), ``out`` (u's dtype and device);
+* the index values, on the host with one device->host read (a min/max/duplicate reduction),
+  unless a CUDA graph is being captured (the values do not exist yet) or ``check_indices=False``:
+  every ring page id of a request that touches the state is inside the state (``0 <= id < S //
+  ratio``), no two requests (nor one request's two ratio-4 pages) share a page, and every token
+  position is inside the RoPE table (prefill: checked from the plan, always);
+* on the device, always: a request whose ring page id is outside the state stores nothing (no
+  load or store ever leaves ``state``) and gets an out row of NaN; a block whose RoPE position is at
+  or past the table's end gets a NaN row (its ring row is still stored). Shared pages cannot be
+  seen from one program: under capture they are the caller's contract.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
@@ -99,8 +113,14 @@ def _workspace(workspace, rows: int, d: int, ratio: int, device) -> CompressWork
     return made[-1]
 
 
-def _check(u, state, state_pages, bias, norm_w, cos, sin, ratio):
+def _check(u, state, state_pages, bias, norm_w, cos, sin, eps, ratio):
     k, n_pages, width = ratio_geometry(ratio)
+    for name, t in (("state", state), ("state_pages", state_pages), ("bias", bias), ("norm weight", norm_w), ("cos", cos),
+                    ("sin", sin)):
+        if t.device != u.device:
+            raise ValueError(f"dsv4 compress: {name} is on {t.device}, u on {u.device}")
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+        raise ValueError(f"dsv4 compress: eps must be a finite number > 0 (an all-invalid block pools to 0), got {eps!r}")
     if u.dim() != 2 or u.dtype not in (torch.float32, torch.bfloat16) or u.stride(1) != 1:
         raise ValueError(f"dsv4 compress: u must be (rows, W) fp32/bf16 with contiguous rows, got {tuple(u.shape)} {u.dtype}")
     if u.shape[1] % width:
@@ -134,27 +154,64 @@ def _check_rule(rule: LaunchRule, ratio: int, d: int) -> LaunchRule:
 def _out(out, rows, d, dtype, device):
     if out is None:
         return torch.empty(rows, d, dtype=dtype, device=device)
-    if tuple(out.shape) != (rows, d) or out.stride(1) != 1:
-        raise ValueError(f"dsv4 compress: out must be ({rows}, {d}) with contiguous rows")
+    if tuple(out.shape) != (rows, d) or out.stride(1) != 1 or out.dtype != dtype or out.device != device:
+        raise ValueError(f"dsv4 compress: out must be ({rows}, {d}) {dtype} on {device} with contiguous rows, got "
+                         f"{tuple(out.shape)} {out.dtype} on {out.device}")
     return out
 
 
+def _checking_values(check_indices: bool, device) -> bool:
+    """Whether to read index values back to the host now: not while a CUDA graph is captured."""
+    return check_indices and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
+def _check_pages(state_pages, active, n_state_pages: int, what: str, extra=None) -> list[int]:
+    """One device->host read: the ring page ids of the ``active`` requests (at least one request)
+    lie in [0, n_state_pages) and are all distinct. ``extra``: more scalars read in the same trip."""
+    pages = state_pages.to(torch.int64)
+    act = active[:, None].expand_as(pages)
+    far = torch.iinfo(torch.int64).max
+    # Inactive entries become distinct negative sentinels: they neither collide nor count.
+    sentinels = -1 - torch.arange(pages.numel(), device=pages.device).view_as(pages)
+    ordered = torch.where(act, pages, sentinels).flatten().sort().values
+    scalars = [torch.where(act, pages, far).amin(), torch.where(act, pages, -1).amax(), (ordered[1:] == ordered[:-1]).any()]
+    values = torch.stack([x.to(torch.int64) for x in scalars + list(extra or [])]).tolist()
+    lo, hi, shared = values[:3]
+    if hi >= 0 and (lo < 0 or hi >= n_state_pages):
+        raise ValueError(f"dsv4 {what}: state_pages holds page ids outside the state (min {lo}, max {hi}; the state has "
+                         f"{n_state_pages} pages, ids 0..{n_state_pages - 1})")
+    if shared:
+        raise ValueError(f"dsv4 {what}: two requests (or one request's two ring pages) share a state page")
+    return values[3:]
+
+
 def compress_decode(u, state, state_pages, seq_lens, bias, norm_w, eps, cos, sin, ratio, rotate=False, out=None,
-                    workspace=None, rule: LaunchRule | None = None):
+                    workspace=None, rule: LaunchRule | None = None, check_indices: bool = True):
     """u (B, W) the new token's raw row per request; seq_lens (B,) int32 after appending it.
-    Returns out (B, d) in u's dtype (or ``out``'s): the compressed vector of block
-    ``seq_len // ratio - 1`` where ``seq_len % ratio == 0``, else 0. Writes ``state``."""
-    d, _, n_pages = _check(u, state, state_pages, bias, norm_w, cos, sin, ratio)
+    Returns out (B, d) in u's dtype (``out``, if given, must be that dtype): the compressed vector of
+    block ``seq_len // ratio - 1`` where ``seq_len % ratio == 0``, else 0. Writes ``state``. The page
+    ids of requests with ``seq_len > 0`` and their positions are checked (module docstring) unless
+    capturing or ``check_indices=False``; padded slots (``seq_len <= 0``) may hold any page ids."""
+    d, _, n_pages = _check(u, state, state_pages, bias, norm_w, cos, sin, eps, ratio)
     b = u.shape[0]
-    if seq_lens.shape != (b,) or seq_lens.dtype != torch.int32 or seq_lens.stride(0) != 1 or state_pages.shape[0] != b:
-        raise ValueError(f"dsv4 compress_decode: seq_lens must be contiguous ({b},) int32 and state_pages ({b}, {n_pages})")
+    if seq_lens.shape != (b,) or seq_lens.dtype != torch.int32 or seq_lens.stride(0) != 1 or state_pages.shape[0] != b \
+            or seq_lens.device != u.device:
+        raise ValueError(f"dsv4 compress_decode: seq_lens must be contiguous ({b},) int32 on {u.device} and state_pages "
+                         f"({b}, {n_pages})")
     out = _out(out, b, d, u.dtype, u.device)
+    n_state_pages = state.shape[0] // ratio
+    if b and _checking_values(check_indices, u.device):
+        (last,) = _check_pages(state_pages, seq_lens > 0, n_state_pages, "compress_decode", extra=[seq_lens.amax()])
+        if last - 1 >= cos.shape[0]:
+            raise ValueError(f"dsv4 compress_decode: a token at position {last - 1} is past the RoPE table of "
+                             f"{cos.shape[0]} positions")
     if b:
         rule = _check_rule(rule or launch_rule(ratio, d, prefill=False), ratio, d)
         ws = _workspace(workspace, b, d, ratio, u.device)
         _dsv4_compress_decode_kernel[(b * rule.split,)](
             u, state, state_pages, seq_lens, bias, norm_w, cos, sin, out, ws.pooled, ws.sum_sq, ws.count,
-            float(eps), u.stride(0), state.stride(0), state_pages.stride(0), cos.stride(0), out.stride(0),
+            float(eps), n_state_pages, cos.shape[0], u.stride(0), state.stride(0), state_pages.stride(0), cos.stride(0),
+            out.stride(0),
             RATIO=ratio, D=d, LOG2_D=d.bit_length() - 1, SPLIT=rule.split, N_PAGES=n_pages, BK=rule.rows_per_tile,
             ROTATE=bool(rotate), num_warps=rule.num_warps,
         )
@@ -228,11 +285,12 @@ def plan_prefill(prefix_lens, extend_lens, ratio, device=None, pad_blocks_to=Non
 
 
 def compress_prefill(u, state, state_pages, plan: PrefillPlan, bias, norm_w, eps, cos, sin, rotate=False, out=None,
-                     workspace=None, rule: LaunchRule | None = None):
-    """u (T, W) the ragged new rows. Returns out (plan rows, d): row i is block ``plan.blocks[i]``
-    (0 for padding rows). Then stores the kept rows in ``state``."""
+                     workspace=None, rule: LaunchRule | None = None, check_indices: bool = True):
+    """u (T, W) the ragged new rows. Returns out (plan rows, d) in u's dtype: row i is block
+    ``plan.blocks[i]`` (0 for padding rows). Then stores the kept rows in ``state``. The page ids of
+    the plan's requests are checked (module docstring) unless capturing or ``check_indices=False``."""
     ratio = plan.ratio
-    d, _, n_pages = _check(u, state, state_pages, bias, norm_w, cos, sin, ratio)
+    d, _, n_pages = _check(u, state, state_pages, bias, norm_w, cos, sin, eps, ratio)
     if state_pages.shape[0] < plan.n_requests or u.shape[0] != plan.n_rows or plan.max_position >= cos.shape[0]:
         raise ValueError(f"dsv4 compress_prefill: the plan is for {plan.n_requests} requests, {plan.n_rows} new rows and positions "
                          f"< {plan.max_position + 1}; got state_pages for {state_pages.shape[0]}, u with {u.shape[0]} rows, "
@@ -242,19 +300,25 @@ def compress_prefill(u, state, state_pages, plan: PrefillPlan, bias, norm_w, eps
             raise ValueError(f"dsv4 compress_prefill: plan.{name} must be contiguous int32 (n, {cols}) on {u.device}")
     nb, nw = plan.blocks.shape[0], plan.writes.shape[0]
     out = _out(out, nb, d, u.dtype, u.device)
+    n_state_pages = state.shape[0] // ratio
+    if plan.n_requests and _checking_values(check_indices, u.device):
+        requests = state_pages[: plan.n_requests]
+        _check_pages(requests, torch.ones(plan.n_requests, dtype=torch.bool, device=u.device), n_state_pages,
+                     "compress_prefill")
     rule = _check_rule(rule or launch_rule(ratio, d, prefill=True), ratio, d)
     fused_writes = nw if plan.writes_in_same_launch else 0
     if nb or fused_writes:
         ws = _workspace(workspace, max(nb, 1), d, ratio, u.device)
         _dsv4_compress_prefill_kernel[(nb * rule.split + fused_writes,)](
             u, state, state_pages, plan.blocks, plan.writes, bias, norm_w, cos, sin, out, ws.pooled, ws.sum_sq, ws.count,
-            nb * rule.split, float(eps), u.stride(0), state.stride(0), state_pages.stride(0), cos.stride(0), out.stride(0),
+            nb * rule.split, float(eps), n_state_pages, cos.shape[0], u.stride(0), state.stride(0), state_pages.stride(0),
+            cos.stride(0), out.stride(0),
             RATIO=ratio, D=d, LOG2_D=d.bit_length() - 1, SPLIT=rule.split, N_PAGES=n_pages, BK=rule.rows_per_tile,
             ROTATE=bool(rotate), num_warps=rule.num_warps,
         )
     if nw and not fused_writes:
         _dsv4_state_write_kernel[(nw,)](
-            u, state, state_pages, plan.writes, u.stride(0), state.stride(0), state_pages.stride(0),
+            u, state, state_pages, plan.writes, n_state_pages, u.stride(0), state.stride(0), state_pages.stride(0),
             RATIO=ratio, N_PAGES=n_pages, W=u.shape[1], num_warps=4,
         )
     return out

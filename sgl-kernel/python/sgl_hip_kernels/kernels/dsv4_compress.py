@@ -17,6 +17,11 @@ one at row ``last_u``), the others sit in the request's state ring: token q live
 Layouts read (stated because upstream's fused kernel read the checkpoint ape layout, unusable for
 the overlap case): a raw row is ``[kv_A | kv_B | s_A | s_B]`` (ratio 4) or ``[kv | s]`` (ratio 128);
 ``bias`` is (K, D) with rows 0..3 the A half and 4..7 the B half for ratio 4 (the hot-fixed ape).
+
+Guards (the launchers check index values on the host except under graph capture; these hold
+regardless): a ring page id outside ``[0, n_state_pages)`` makes its request store nothing and
+read nothing from the state, with an out row of NaN; a block whose first token's position is at or
+past ``n_cos`` (the RoPE table's rows) gives a NaN row.
 """
 
 import triton
@@ -90,6 +95,12 @@ def _butterfly(y, D: tl.constexpr, H: tl.constexpr):
 
 
 @triton.jit
+def _nan_row(out_ptr, slot, s_out, D: tl.constexpr):
+    """The defined output of a block the guards refuse."""
+    tl.store(out_ptr + slot * s_out + tl.arange(0, D), tl.full((D,), float("nan"), tl.float32).to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
 def _ring_page(page_a, page_b, block, N_PAGES: tl.constexpr):
     """Page id of a block in a ring of N_PAGES (1 or 2) pages whose ids are page_a, page_b."""
     if N_PAGES == 1:
@@ -147,17 +158,23 @@ def _emit_block(
 
 
 @triton.jit
+def _pages_inside(page_a, page_b, n_state_pages):
+    return (page_a >= 0) & (page_a < n_state_pages) & (page_b >= 0) & (page_b < n_state_pages)
+
+
+@triton.jit
 def _dsv4_compress_decode_kernel(
     u_ptr, state_ptr, pages_ptr, seq_lens_ptr, bias_ptr, normw_ptr, cos_ptr, sin_ptr, out_ptr,
     pooled_ptr, sumsq_ptr, count_ptr,
-    eps, s_u, s_state, s_pages, s_cos, s_out,
+    eps, n_state_pages, n_cos, s_u, s_state, s_pages, s_cos, s_out,
     RATIO: tl.constexpr, D: tl.constexpr, LOG2_D: tl.constexpr, SPLIT: tl.constexpr, N_PAGES: tl.constexpr,
     BK: tl.constexpr, ROTATE: tl.constexpr,
 ):
     """Programs (b, chunk): chunk 0 stores request b's new row (token seq_len - 1) in its ring;
     when that token closes a block (seq_len % RATIO == 0) every chunk pools its channels of the
     block, else chunk 0 writes out[b] = 0. seq_len <= 0 (a padded slot) touches no state and gives 0.
-    The new row is pooled from ``u``, not re-read from the state it is being stored to."""
+    The new row is pooled from ``u``, not re-read from the state it is being stored to. Guards:
+    module docstring (every chunk of a request takes the same decision)."""
     W: tl.constexpr = (4 if RATIO == 4 else 2) * D
     BW: tl.constexpr = triton.next_power_of_2(W)
     b = tl.program_id(0).to(tl.int64) // SPLIT
@@ -165,32 +182,38 @@ def _dsv4_compress_decode_kernel(
     seq_len = tl.load(seq_lens_ptr + b)
     page_a = tl.load(pages_ptr + b * s_pages).to(tl.int64)  # the ring's page ids, loaded beside seq_len
     page_b = tl.load(pages_ptr + b * s_pages + N_PAGES - 1).to(tl.int64)
+    live = seq_len > 0
+    pages_ok = _pages_inside(page_a, page_b, n_state_pages)
+    emits = live & (seq_len % RATIO == 0)
     t = seq_len - 1
-    if (seq_len > 0) & (chunk == 0):
+    if live & pages_ok & (chunk == 0):
         wc = tl.arange(0, BW)
         row = tl.load(u_ptr + b * s_u + wc, mask=wc < W).to(tl.float32)
         page = _ring_page(page_a, page_b, t // RATIO, N_PAGES)
         tl.store(state_ptr + (page * RATIO + t % RATIO) * s_state + wc, row, mask=wc < W)
-    if (seq_len > 0) & (seq_len % RATIO == 0):
+    if emits & pages_ok & (seq_len - RATIO < n_cos):
         n = seq_len // RATIO - 1
         _emit_block(u_ptr, state_ptr, bias_ptr, normw_ptr, cos_ptr, sin_ptr, out_ptr, pooled_ptr, sumsq_ptr, count_ptr,
                     seq_len - RATIO, b, 1, _ring_page(page_a, page_b, n, N_PAGES), _ring_page(page_a, page_b, n - 1, N_PAGES),
                     b, chunk, eps, s_u, s_state, s_cos, s_out, RATIO, D, LOG2_D, SPLIT, BK, ROTATE)
     elif chunk == 0:
-        tl.store(out_ptr + b * s_out + tl.arange(0, D), tl.zeros((D,), out_ptr.dtype.element_ty))
+        if live & (not pages_ok or emits):  # refused by a guard
+            _nan_row(out_ptr, b, s_out, D)
+        else:
+            tl.store(out_ptr + b * s_out + tl.arange(0, D), tl.zeros((D,), out_ptr.dtype.element_ty))
 
 
 @triton.jit
-def _store_kept_row(u_ptr, state_ptr, pages_ptr, writes_ptr, i, s_u, s_state, s_pages,
+def _store_kept_row(u_ptr, state_ptr, pages_ptr, writes_ptr, i, n_state_pages, s_u, s_state, s_pages,
                     RATIO: tl.constexpr, N_PAGES: tl.constexpr, W: tl.constexpr):
     """Copy ragged row writes[i, 0] (fp32) to token writes[i, 2]'s slot in request writes[i, 1]'s
-    ring; a negative ragged row is padding."""
+    ring; a negative ragged row is padding; a page id outside the state stores nothing."""
     BW: tl.constexpr = triton.next_power_of_2(W)
     src = tl.load(writes_ptr + i * 3 + 0).to(tl.int64)
-    if src >= 0:
-        req = tl.load(writes_ptr + i * 3 + 1).to(tl.int64)
-        t = tl.load(writes_ptr + i * 3 + 2)
-        page = tl.load(pages_ptr + req * s_pages + (t // RATIO) % N_PAGES).to(tl.int64)
+    req = tl.load(writes_ptr + i * 3 + 1).to(tl.int64)
+    t = tl.load(writes_ptr + i * 3 + 2)
+    page = tl.load(pages_ptr + req * s_pages + (t // RATIO) % N_PAGES, mask=src >= 0, other=-1).to(tl.int64)
+    if (src >= 0) & (page >= 0) & (page < n_state_pages):
         wc = tl.arange(0, BW)
         row = tl.load(u_ptr + src * s_u + wc, mask=wc < W).to(tl.float32)
         tl.store(state_ptr + (page * RATIO + t % RATIO) * s_state + wc, row, mask=wc < W)
@@ -200,7 +223,7 @@ def _store_kept_row(u_ptr, state_ptr, pages_ptr, writes_ptr, i, s_u, s_state, s_
 def _dsv4_compress_prefill_kernel(
     u_ptr, state_ptr, pages_ptr, plan_ptr, writes_ptr, bias_ptr, normw_ptr, cos_ptr, sin_ptr, out_ptr,
     pooled_ptr, sumsq_ptr, count_ptr,
-    n_compress_programs, eps, s_u, s_state, s_pages, s_cos, s_out,
+    n_compress_programs, eps, n_state_pages, n_cos, s_u, s_state, s_pages, s_cos, s_out,
     RATIO: tl.constexpr, D: tl.constexpr, LOG2_D: tl.constexpr, SPLIT: tl.constexpr, N_PAGES: tl.constexpr,
     BK: tl.constexpr, ROTATE: tl.constexpr,
 ):
@@ -214,27 +237,30 @@ def _dsv4_compress_prefill_kernel(
         i = pid.to(tl.int64) // SPLIT
         chunk = pid % SPLIT
         pos = tl.load(plan_ptr + i * 4 + 0)
-        if pos >= 0:
-            req = tl.load(plan_ptr + i * 4 + 3).to(tl.int64)
-            page_a = tl.load(pages_ptr + req * s_pages).to(tl.int64)
-            page_b = tl.load(pages_ptr + req * s_pages + N_PAGES - 1).to(tl.int64)
+        req = tl.load(plan_ptr + i * 4 + 3).to(tl.int64)
+        page_a = tl.load(pages_ptr + req * s_pages, mask=pos >= 0, other=-1).to(tl.int64)
+        page_b = tl.load(pages_ptr + req * s_pages + N_PAGES - 1, mask=pos >= 0, other=-1).to(tl.int64)
+        if (pos >= 0) & _pages_inside(page_a, page_b, n_state_pages) & (pos < n_cos):
             n = pos // RATIO
             _emit_block(u_ptr, state_ptr, bias_ptr, normw_ptr, cos_ptr, sin_ptr, out_ptr, pooled_ptr, sumsq_ptr, count_ptr,
                         pos, tl.load(plan_ptr + i * 4 + 1), tl.load(plan_ptr + i * 4 + 2),
                         _ring_page(page_a, page_b, n, N_PAGES), _ring_page(page_a, page_b, n - 1, N_PAGES),
                         i, chunk, eps, s_u, s_state, s_cos, s_out, RATIO, D, LOG2_D, SPLIT, BK, ROTATE)
         elif chunk == 0:
-            tl.store(out_ptr + i * s_out + tl.arange(0, D), tl.zeros((D,), out_ptr.dtype.element_ty))
+            if pos >= 0:  # refused by a guard
+                _nan_row(out_ptr, i, s_out, D)
+            else:
+                tl.store(out_ptr + i * s_out + tl.arange(0, D), tl.zeros((D,), out_ptr.dtype.element_ty))
     else:
-        _store_kept_row(u_ptr, state_ptr, pages_ptr, writes_ptr, (pid - n_compress_programs).to(tl.int64), s_u, s_state,
-                        s_pages, RATIO, N_PAGES, (4 if RATIO == 4 else 2) * D)
+        _store_kept_row(u_ptr, state_ptr, pages_ptr, writes_ptr, (pid - n_compress_programs).to(tl.int64), n_state_pages,
+                        s_u, s_state, s_pages, RATIO, N_PAGES, (4 if RATIO == 4 else 2) * D)
 
 
 @triton.jit
 def _dsv4_state_write_kernel(
-    u_ptr, state_ptr, pages_ptr, writes_ptr, s_u, s_state, s_pages,
+    u_ptr, state_ptr, pages_ptr, writes_ptr, n_state_pages, s_u, s_state, s_pages,
     RATIO: tl.constexpr, N_PAGES: tl.constexpr, W: tl.constexpr,
 ):
     """Program i: store kept row writes[i] (after the compress launch, when the two may not overlap)."""
-    _store_kept_row(u_ptr, state_ptr, pages_ptr, writes_ptr, tl.program_id(0).to(tl.int64), s_u, s_state, s_pages,
-                    RATIO, N_PAGES, W)
+    _store_kept_row(u_ptr, state_ptr, pages_ptr, writes_ptr, tl.program_id(0).to(tl.int64), n_state_pages, s_u, s_state,
+                    s_pages, RATIO, N_PAGES, W)
