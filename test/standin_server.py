@@ -6,8 +6,12 @@ like SGLang, it calls the installed plugin's ``register()`` at start-up (the ent
 
 GSM8K: answers the last "Question: ... What is A plus B?" in the prompt with A+B (A*B when
 ``--wrong`` says so, to produce a failing accuracy). /generate streams one token (a word) every
-``--token-ms`` milliseconds. Failure modes: ``--never-healthy``, ``--die-after N`` (exit after N
-/generate requests), ``--skip-plugin``.
+``--token-ms`` milliseconds (at most ``--max-tokens`` of them when set). ``/server_info`` reports the
+parsed launch flags as SGLang's does (its server arguments as a dict). ``--workers N`` starts N
+processes that call ``register()`` too (SGLang's scheduler processes), with ``--worker-env K=V``
+added to their environment. Failure modes: ``--never-healthy``, ``--die-after N`` (exit after N
+/generate requests), ``--fail-streams-after N`` (streamed requests after the first N get HTTP 500),
+``--skip-plugin``.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import argparse
 import json
 import os
 import re
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -30,14 +36,37 @@ p.add_argument("--die-after", type=int, default=0)
 p.add_argument("--wrong", action="store_true")
 p.add_argument("--skip-plugin", action="store_true")
 p.add_argument("--token-ms", type=float, default=1.0)
+p.add_argument("--max-tokens", type=int, default=0)
+p.add_argument("--fail-streams-after", type=int, default=-1)
+p.add_argument("--workers", type=int, default=0)
+p.add_argument("--worker-env", action="append", default=[])
+# Launch flags SGLang reports back in /server_info (the rest are accepted and ignored).
+p.add_argument("--trust-remote-code", action="store_true")
+p.add_argument("--attention-backend", default=None)
+p.add_argument("--decode-attention-backend", default=None)
+p.add_argument("--nsa-decode-backend", default=None)
+p.add_argument("--nsa-prefill-backend", default=None)
+p.add_argument("--kv-cache-dtype", default="auto")
 args, _unknown = p.parse_known_args()  # launch_server flags this stand-in does not model
 
 if not args.skip_plugin:
     import sglang_hip_decode
 
     sglang_hip_decode.register()
+    worker_env = dict(os.environ, **dict(kv.split("=", 1) for kv in args.worker_env))
+    for _ in range(args.workers):  # like scheduler processes: each registers and reports
+        subprocess.run([sys.executable, "-c", "import sglang_hip_decode; sglang_hip_decode.register()"], env=worker_env,
+                       check=True)
 
-state = {"generates": 0}
+SERVER_INFO = {
+    "model_path": args.model_path, "tp_size": args.tp_size, "host": args.host, "port": args.port,
+    "trust_remote_code": args.trust_remote_code, "attention_backend": args.attention_backend,
+    "decode_attention_backend": args.decode_attention_backend, "nsa_decode_backend": args.nsa_decode_backend,
+    "nsa_prefill_backend": args.nsa_prefill_backend, "kv_cache_dtype": args.kv_cache_dtype,
+    "internal_states": [{}], "version": "stand-in",
+}
+
+state = {"generates": 0, "streams": 0}
 lock = threading.Lock()
 
 
@@ -70,7 +99,7 @@ class Handler(BaseHTTPRequestHandler):
         if self.path == "/v1/models":  # bench_serving's readiness check
             return self._json({"object": "list", "data": [{"id": args.model_path, "object": "model"}]})
         if self.path in ("/server_info", "/get_server_info"):
-            return self._json({"version": "stand-in", "internal_states": [{}]})
+            return self._json(SERVER_INFO)
         return self._json({"error": "not found"}, 404)
 
     def do_POST(self):
@@ -88,7 +117,12 @@ class Handler(BaseHTTPRequestHandler):
         params = payload.get("sampling_params", {})
         max_new = int(params.get("max_new_tokens", 16))
         if payload.get("stream"):
-            words = [f" w{i}" for i in range(max_new)]
+            with lock:
+                state["streams"] += 1
+                failing = 0 <= args.fail_streams_after < state["streams"]
+            if failing:
+                return self._json({"error": "stand-in: this request fails"}, 500)
+            words = [f" w{i}" for i in range(min(max_new, args.max_tokens) if args.max_tokens else max_new)]
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.end_headers()

@@ -2,18 +2,24 @@
 process), with SGLang 0.5.11's real clients (sglang.test.few_shot_gsm8k, sglang.bench_serving)
 pointed at it, tiny local GSM8K / ShareGPT / tokenizer files written by the tests.
 
-Covered: success path and report; server never healthy (clear error, nothing left running); server
-dying mid-run; an 'on' run whose server applied nothing (refused); the parsers on real client
-output; --dry-run of the GLM-5 preset.
+Covered: success path and report (with and without a preset); server never healthy (clear error,
+nothing left running); server dying mid-run; an 'on' run whose server applied nothing, or whose
+worker processes did not apply a measured patch (refused, naming the process); bench_serving runs
+that did not complete every request or measured no TPOT (refused, what was measured kept); the
+server's own /server_info contradicting the preset (refused); SIGINT/SIGTERM/SIGHUP and a killed
+runner (nothing left running); usage errors caught before anything starts (exit 2); the server
+arguments adding to the preset's; the parsers on real client output; --dry-run of the GLM-5 preset.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -108,17 +114,21 @@ def test_on_run_that_applied_nothing_is_refused(files, tmp_path):
     # On this CPU the HIP-gated patches stay off unless forced: the 'on' server applies nothing.
     port = free_port()
     proc = run_runner(runner_args(files, tmp_path / "ab", port), {})
-    assert proc.returncode == 2
-    assert "[on] the server applied no patch, refusing to report an 'on' run" in proc.stderr
-    assert "off (not HIP" in proc.stderr
+    assert proc.returncode == 1
+    assert "[on] refusing the 'on' arm: not every measured patch (nsa-cat-skip, mxfp4-vbmm-layout, indexer-rope-guard)" \
+        in proc.stderr
+    assert "nsa-cat-skip: off (not HIP" in proc.stderr
     assert not (tmp_path / "ab" / "results.json").exists()
+    partial = json.loads((tmp_path / "ab" / "results.partial.json").read_text())
+    assert partial["arms"]["off"]["bench"]["completed"] == 4  # the off arm's measurements are kept
+    assert "refusing the 'on' arm" in partial["error"]
     assert processes_on_port(port) == []
 
 
 def test_server_never_healthy(files, tmp_path):
     port = free_port()
     proc = run_runner(runner_args(files, tmp_path / "ab", port, "--never-healthy", health_timeout=4), {})
-    assert proc.returncode == 2
+    assert proc.returncode == 1
     assert "[off] the server was not healthy within 4 s" in proc.stderr
     assert processes_on_port(port) == []
 
@@ -126,7 +136,7 @@ def test_server_never_healthy(files, tmp_path):
 def test_server_dying_mid_run(files, tmp_path):
     port = free_port()
     proc = run_runner(runner_args(files, tmp_path / "ab", port, "--die-after 2"), {})
-    assert proc.returncode == 2
+    assert proc.returncode == 1
     assert "[off]" in proc.stderr and ("the server died during GSM8K" in proc.stderr or "GSM8K failed" in proc.stderr)
     assert processes_on_port(port) == []
 
@@ -134,7 +144,7 @@ def test_server_dying_mid_run(files, tmp_path):
 def test_no_plugin_status_is_an_error(files, tmp_path):
     port = free_port()
     proc = run_runner(runner_args(files, tmp_path / "ab", port, "--skip-plugin"), {})
-    assert proc.returncode == 2 and "the server wrote no plugin status" in proc.stderr
+    assert proc.returncode == 1 and "the server wrote no plugin status" in proc.stderr
 
 
 def test_parsers_on_real_client_output():
@@ -142,6 +152,17 @@ def test_parsers_on_real_client_output():
     assert validate.parse_gsm8k(text) == {"accuracy": 0.953, "invalid": 0.001, "latency_s": 120.5, "output_throughput": 4123.4}
     with pytest.raises(validate.ValidationError, match="Accuracy"):
         validate.parse_gsm8k("no summary here")
+
+
+def test_check_bench_refuses_what_is_not_a_measurement(tmp_path):
+    good = dict(completed=4, median_tpot_ms=1.5, median_itl_ms=1.4, output_len=6)
+    validate.check_bench("off", good, 4, tmp_path / "log")
+    for bad, message in [(dict(good, completed=0), "completed 0 of 4"), (dict(good, completed=3), "completed 3 of 4"),
+                         (dict(good, median_tpot_ms=0.0), "median_tpot_ms = 0.0"),
+                         (dict(good, median_tpot_ms=float("nan")), "median_tpot_ms = nan"),
+                         (dict(good, median_itl_ms=None), "median_itl_ms = None")]:
+        with pytest.raises(validate.ValidationError, match=message):
+            validate.check_bench("off", bad, 4, tmp_path / "log")
 
 
 def test_dry_run_glm5_preset(capsys):
@@ -157,11 +178,7 @@ def test_dry_run_glm5_preset(capsys):
     assert "-m sglang.test.few_shot_gsm8k --host http://127.0.0.1 --port 30000 --num-questions 1319 --num-shots 5" in out
 
 
-def test_ctrl_c_leaves_nothing_running(files, tmp_path):
-    import signal
-    import time
-
-    port = free_port()
+def start_runner_until_healthy(files, tmp_path, port):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SGLANG_HIP_DECODE")}
     # A slow stream keeps the run inside bench_serving / GSM8K long enough to interrupt it.
     args = runner_args(files, tmp_path / "ab", port, "--token-ms 200")
@@ -176,7 +193,142 @@ def test_ctrl_c_leaves_nothing_running(files, tmp_path):
             break
     assert "[off] healthy" in seen, seen
     assert processes_on_port(port)
-    proc.send_signal(signal.SIGINT)
+    return proc
+
+
+@pytest.mark.parametrize("sig, code, message", [
+    (signal.SIGINT, 130, "interrupted; servers stopped"),
+    (signal.SIGTERM, 143, "terminated by SIGTERM; servers stopped"),
+    (signal.SIGHUP, 129, "terminated by SIGHUP; servers stopped"),
+], ids=["SIGINT", "SIGTERM", "SIGHUP"])
+def test_signals_leave_nothing_running(files, tmp_path, sig, code, message):
+    port = free_port()
+    proc = start_runner_until_healthy(files, tmp_path, port)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "interrupted; servers stopped" in err
+    assert proc.returncode == code and message in err, err[-2000:]
     assert processes_on_port(port) == []
+
+
+def test_a_killed_runner_takes_its_server_with_it(files, tmp_path):
+    # SIGKILL runs no handler: the server must die on its own (PR_SET_PDEATHSIG set before exec).
+    port = free_port()
+    proc = start_runner_until_healthy(files, tmp_path, port)
+    proc.kill()
+    proc.communicate(timeout=60)
+    deadline = time.monotonic() + 30
+    while processes_on_port(port) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert processes_on_port(port) == []
+
+
+def test_every_measured_patch_in_every_process(files, tmp_path):
+    # Two "scheduler" processes whose switches leave out the measured patches (as if they failed
+    # there), while the main process applied them: the 'on' arm is refused, naming each process.
+    port = free_port()
+    extra = "--workers 2 --worker-env SGLANG_HIP_DECODE_PATCHES=mxfp4-vbmm-layout"
+    proc = run_runner(runner_args(files, tmp_path / "ab", port, extra, patches="nsa-cat-skip,mxfp4-vbmm-layout"),
+                      {"SGLANG_HIP_DECODE_ANY_PLATFORM": "1"})
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "not every measured patch (nsa-cat-skip, mxfp4-vbmm-layout) is applied in every server process (3 reported)" \
+        in proc.stderr
+    wrong = [line for line in proc.stderr.splitlines() if "nsa-cat-skip: off (not in SGLANG_HIP_DECODE_PATCHES)" in line]
+    assert len(wrong) == 2 and all(line.strip().startswith("pid ") for line in wrong)
+    assert processes_on_port(port) == []
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("--fail-streams-after 3", "[off] bench_serving completed 2 of 4 requests: refusing the measurement"),
+    # sglang 0.5.11's bench_serving itself raises when no request completed (numpy percentile of
+    # nothing): a failed client, its traceback in the message; check_bench covers a file saying 0.
+    ("--fail-streams-after 1", "[off] bench_serving failed (exit 1)"),
+    ("--max-tokens 1", "[off] bench_serving reports median_tpot_ms = 0"),
+], ids=["half-completed", "none-completed", "no-tpot"])
+def test_a_measurement_that_is_not_one_is_refused(files, tmp_path, extra, message):
+    port = free_port()
+    proc = run_runner(runner_args(files, tmp_path / "ab", port, extra), {"SGLANG_HIP_DECODE_ANY_PLATFORM": "1"})
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert message in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr.split(message)[0], "the runner itself must not raise"
+    assert not (tmp_path / "ab" / "results.json").exists()
+    partial = json.loads((tmp_path / "ab" / "results.partial.json").read_text())
+    assert partial["arms"]["off"]["gsm8k"]["accuracy"] == 1.0  # what was measured is kept
+    assert processes_on_port(port) == []
+
+
+def test_preset_run_adds_arguments_and_checks_the_server(files, tmp_path):
+    # The GLM-5 preset against the stand-in: the preset's flags reach the server with the extra
+    # ones after them, the server's /server_info confirms NSA + TileLang, the two patches that act on
+    # GLM-5 are measured (mxfp4-vbmm-layout is selected by default but does not act there).
+    port = free_port()
+    out = tmp_path / "ab"
+    args = runner_args(files, out, port, "--kv-cache-dtype fp8_e4m3") + ["--preset", "glm5", "--tp", "1"]
+    proc = run_runner(args, {"SGLANG_HIP_DECODE_ANY_PLATFORM": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["patches_measured"] == ["nsa-cat-skip", "indexer-rope-guard"]
+    assert results["server_args"] == ("--trust-remote-code --attention-backend nsa --nsa-decode-backend tilelang "
+                                      "--nsa-prefill-backend tilelang --kv-cache-dtype fp8_e4m3")
+    for arm in ("off", "on"):
+        server = results["arms"][arm]["server"]
+        assert (server["attention_backend"], server["nsa_decode_backend"], server["kv_cache_dtype"]) == ("nsa", "tilelang", "fp8_e4m3")
+    report = (out / "report.md").read_text()
+    assert "--nsa-decode-backend tilelang --nsa-prefill-backend tilelang --kv-cache-dtype fp8_e4m3" in report
+    # The same preset with the decode backend overridden to one the patches do not act on: refused.
+    port = free_port()
+    args = runner_args(files, tmp_path / "ab2", port, "--nsa-decode-backend flashmla_sparse") + ["--preset", "glm5"]
+    proc = run_runner(args, {"SGLANG_HIP_DECODE_ANY_PLATFORM": "1"})
+    assert proc.returncode == 1
+    assert "[off] the server does not run what the preset needs (nsa_decode_backend tilelang or aiter" in proc.stderr
+    assert "'nsa_decode_backend': 'flashmla_sparse'" in proc.stderr
+    assert processes_on_port(port) == []
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(model="/no/such/model"), "--model /no/such/model does not exist"),
+    (dict(gsm8k_data="/no/such/gsm8k.jsonl"), "--gsm8k-data /no/such/gsm8k.jsonl does not exist"),
+    (dict(patches="nsa-cat-skp"), "--patches: unknown patch nsa-cat-skp"),
+    (dict(patches="hip-alt-stream"), "--patches: hip-alt-stream not implemented yet"),
+    (dict(patches="none"), "--patches none measures nothing"),
+    (dict(preset="kimi", patches="nsa-cat-skip"), "preset kimi: none of the selected patches (nsa-cat-skip) acts on it"),
+    (dict(preset="dsv4"), "preset dsv4: none of the selected patches"),
+    (dict(server_args="--host 0.0.0.0 --port 1234"), "--server-args may not set --host: the runner binds 127.0.0.1"),
+    (dict(server_args="--port=1234"), "--server-args may not set --port: use the runner's --port"),
+    (dict(server_args="--tp-size 2"), "--server-args may not set --tp-size: use the runner's --tp"),
+    (dict(drop="--no-such-flag", preset="glm5"), "--drop-server-arg --no-such-flag: the preset's server arguments have no"),
+    (dict(out="FILE/sub"), "is not a writable folder"),
+    (dict(output_len=1), "--output-len >= 2"),
+])
+def test_usage_errors_are_caught_before_anything_starts(files, tmp_path, change, message):
+    port = free_port()
+    blocker = tmp_path / "FILE"
+    blocker.write_text("a file, so no folder can be made under it")
+    out = str(tmp_path / change.pop("out")) if "out" in change else str(tmp_path / "ab")
+    args = runner_args(files, out, port, change.pop("server_args", ""))
+    for key, value in change.items():
+        if key == "drop":
+            args += [f"--drop-server-arg={value}"]
+        elif key == "model":
+            args[args.index("--model") + 1] = value
+        elif key == "gsm8k_data":
+            args[args.index("--gsm8k-data") + 1] = value
+        else:
+            args += [f"--{key.replace('_', '-')}", str(value)]
+    start = time.monotonic()
+    proc = run_runner(args, {"SGLANG_HIP_DECODE_ANY_PLATFORM": "1"})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.startswith("usage error: ") and message in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert "starting" not in proc.stdout and processes_on_port(port) == []
+    assert time.monotonic() - start < 60
+
+
+def test_dry_run_prints_the_final_command(capsys):
+    assert validate.main(["--preset", "glm5", "--model", "/models/GLM-5.1-FP8", "--dry-run",
+                          "--server-args=--kv-cache-dtype fp8_e4m3", "--drop-server-arg=--nsa-prefill-backend"]) == 0
+    out = capsys.readouterr().out
+    assert "--port 30000 --trust-remote-code --attention-backend nsa --nsa-decode-backend tilelang --kv-cache-dtype " \
+           "fp8_e4m3\n" in out
+    assert "--nsa-prefill-backend" not in out
+    assert "# measured patches: nsa-cat-skip, indexer-rope-guard" in out
+    assert "SGLANG_HIP_DECODE=1 SGLANG_HIP_DECODE_PATCHES=nsa-cat-skip,mxfp4-vbmm-layout,indexer-rope-guard " in out

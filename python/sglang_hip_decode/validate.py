@@ -2,23 +2,35 @@
 
     python -m sglang_hip_decode.validate --preset glm5 --model /models/GLM-5.1-FP8 --out ab-glm5
 
-For each arm (``off``: ``SGLANG_HIP_DECODE=0``; ``on``: the plugin enabled, optionally
-``--patches``) it launches ``python -m sglang.launch_server`` on 127.0.0.1 in its own process group,
-waits for ``/health`` (timeout; on failure it prints the tail of the server log and stops), reads
-which patches every server process applied (the plugin's ``SGLANG_HIP_DECODE_STATUS_FILE``) and
-refuses an ``on`` run that applied nothing (or an ``off`` run that applied something), runs SGLang's
-own clients — ``sglang.test.few_shot_gsm8k`` (accuracy) and ``sglang.bench_serving`` (decode
-TPOT/ITL, random dataset, JSONL) — and stops the server (SIGTERM to the group, SIGKILL after a
-grace period; also on Ctrl-C or any failure). It writes ``results.json`` and ``report.md``.
+Before any server starts it checks what it was given (the model path and data files exist, the
+patches are known, implemented and act on the preset, ``--out`` is writable, the port is free, the
+extra server arguments do not touch what the runner owns) and exits 2 on a usage error.
 
+For each arm (``off``: ``SGLANG_HIP_DECODE=0``; ``on``: the plugin enabled, optionally
+``--patches``) it launches ``python -m sglang.launch_server`` on 127.0.0.1 in its own process group
+(killed if the runner dies), waits for ``/health``, checks from the server's own ``/server_info``
+that it runs the attention backend the preset needs, reads which patches every server process
+applied (the plugin's ``SGLANG_HIP_DECODE_STATUS_FILE``) and accepts an ``on`` arm only if every
+patch it measures is ``applied`` in every process that reported (an ``off`` arm only if none applied
+anything), runs SGLang's own clients — ``sglang.test.few_shot_gsm8k`` (accuracy) and
+``sglang.bench_serving`` (decode TPOT/ITL, JSONL), refusing a run that did not complete every
+request or has no positive TPOT — and stops the server (SIGTERM to the group, SIGKILL after a
+grace period; also on Ctrl-C, SIGTERM, SIGHUP or any failure). It writes ``results.json`` and
+``report.md``; a run that stops early leaves what it measured in ``results.partial.json``.
+
+Exit codes: 0 done; 1 the validation failed (a server, a client or a measurement was refused);
+2 usage error (nothing was started); 130 / 143 / 129 interrupted by SIGINT / SIGTERM / SIGHUP.
 ``--dry-run`` prints every command (with the environment it sets) and runs nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import dataclasses
 import json
+import math
 import os
 import re
 import shlex
@@ -30,37 +42,179 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Callable
 
 from . import gates
+
+EXIT_FAILED, EXIT_USAGE = 1, 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Requirement:
+    """Something the server must report in ``/server_info`` for the preset's patches to act."""
+
+    what: str
+    holds: Callable[[dict], bool]
+
+
+def _decode_backend(info: dict):
+    return info.get("decode_attention_backend") or info.get("attention_backend")
+
 
 # The three seed workloads (SPEC "MI355X validation recipe"); the model path is the user's.
 PRESETS = {
     "glm5": dict(
         family="GLM-5", tp=8, threshold=0.93,
         server_args="--trust-remote-code --attention-backend nsa --nsa-decode-backend tilelang --nsa-prefill-backend tilelang",
+        patches=("nsa-cat-skip", "indexer-rope-guard"),
+        requires=(
+            Requirement("decode attention backend nsa", lambda i: _decode_backend(i) == "nsa"),
+            # nsa-cat-skip acts where forward_absorb_core takes the fused-RoPE branch (TileLang decode
+            # or prefill) and the decode impl is tilelang or aiter.
+            Requirement("nsa_decode_backend tilelang or aiter, with tilelang decode or prefill",
+                        lambda i: i.get("nsa_decode_backend") in ("tilelang", "aiter")
+                        and "tilelang" in (i.get("nsa_decode_backend"), i.get("nsa_prefill_backend"))),
+        ),
         note="GLM-5.1-FP8, TP8, NSA with TileLang decode and prefill (nsa-cat-skip, indexer-rope-guard).",
     ),
     "kimi": dict(
         family="Kimi", tp=8, threshold=0.92,
         server_args="--trust-remote-code --attention-backend aiter",
+        patches=("mxfp4-vbmm-layout",),
+        requires=(Requirement("decode attention backend aiter", lambda i: _decode_backend(i) == "aiter"),),
         note="Kimi-K2.6-MXFP4, TP8, aiter MLA backend (mxfp4-vbmm-layout).",
     ),
     "dsv4": dict(
         family="DeepSeek-V4", tp=8, threshold=0.91,
         server_args="--trust-remote-code",
-        note="DeepSeek-V4 needs sglang >= 0.5.13 (0.5.11 has no DeepSeek-V4 model): there this plugin reports "
-             "'unsupported sglang' and applies nothing, so the runner refuses the 'on' run. Kept for when the pin moves.",
+        patches=(),
+        requires=(),
+        note="DeepSeek-V4 needs sglang >= 0.5.13 (0.5.11 has no DeepSeek-V4 model), and no patch of this plugin acts on "
+             "it yet: the runner refuses the preset before starting anything. Kept for when the pin moves.",
     ),
 }
 FAMILY_THRESHOLDS = (("glm", "GLM-5", 0.93), ("kimi", "Kimi", 0.92), ("deepseek-v4", "DeepSeek-V4", 0.91))
 
+# launch_server flags the runner sets itself (the port it polls, the loopback bind, the model it
+# reports, the TP size it records): refused in --server-args.
+OWNED_FLAGS = {"--host": "the runner binds 127.0.0.1", "--port": "use the runner's --port",
+               "--model-path": "use the runner's --model", "--model": "use the runner's --model",
+               "--tp-size": "use the runner's --tp", "--tensor-parallel-size": "use the runner's --tp"}
+
 
 class ValidationError(RuntimeError):
-    pass
+    """The validation ran and failed (exit 1)."""
+
+
+class UsageError(ValueError):
+    """The arguments cannot give a meaningful run; nothing was started (exit 2)."""
+
+
+class Interrupted(BaseException):
+    """SIGINT, SIGTERM or SIGHUP arrived: unwinds like Ctrl-C, so every ``finally`` stops what it
+    started."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+# Signals noted by the handlers. A handler that raised would raise wherever the signal lands
+# (inside a fork hook or a finaliser, where Python drops the exception): the waits poll this
+# instead, at least every half second, and raise Interrupted from there.
+_SIGNALS: list[int] = []
+
+
+def _note_signal(signum, _frame) -> None:
+    _SIGNALS.append(signum)
+
+
+def _check_signals() -> None:
+    if _SIGNALS:
+        raise Interrupted(_SIGNALS[0])
 
 
 # ---------------------------------------------------------------------------------------------
-# Commands
+# Arguments -> plan
+
+
+def _flag_name(token: str) -> str:
+    return token.split("=", 1)[0]
+
+
+def merge_server_args(preset_args: str, extra: str, drop: list[str]) -> list[str]:
+    """The preset's arguments without the ``drop`` flags (each with its values), then ``extra``.
+    ``extra`` may repeat a preset flag (the last one wins, as in SGLang's argparse)."""
+    tokens = shlex.split(preset_args)
+    for flag in drop:
+        if not flag.startswith("--"):
+            raise UsageError(f"--drop-server-arg takes a flag such as --nsa-prefill-backend, got {flag!r}")
+        if flag not in {_flag_name(t) for t in tokens if t.startswith("--")}:
+            raise UsageError(f"--drop-server-arg {flag}: the preset's server arguments have no {flag} ({preset_args or 'none'})")
+        kept, skipping = [], False
+        for token in tokens:
+            if token.startswith("--"):
+                skipping = _flag_name(token) == flag
+            if not skipping:
+                kept.append(token)
+        tokens = kept
+    extra_tokens = shlex.split(extra)
+    for token in extra_tokens:
+        name = _flag_name(token)
+        if name in OWNED_FLAGS:
+            raise UsageError(f"--server-args may not set {name}: {OWNED_FLAGS[name]}")
+    return tokens + extra_tokens
+
+
+def resolve_patches(requested: str, preset: str | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``(selected, measured)``: what SGLANG_HIP_DECODE_PATCHES selects for the 'on' arm, and the
+    part of it that acts on the preset (every selected patch when there is no preset)."""
+    from .patches import catalog
+
+    entries = {e.name: e for e in catalog()}
+    value = requested.strip()
+    if value.lower() in ("", "default"):
+        selected = [n for n, e in entries.items() if e.patch is not None and e.default]
+    elif value.lower() == "all":
+        selected = [n for n, e in entries.items() if e.patch is not None]
+    elif value.lower() == "none":
+        raise UsageError("--patches none measures nothing: the 'on' arm would equal the 'off' arm")
+    else:
+        selected = list(dict.fromkeys(n.strip() for n in value.split(",") if n.strip()))
+        unknown = [n for n in selected if n not in entries]
+        if unknown:
+            raise UsageError(f"--patches: unknown patch {', '.join(unknown)} (known: {', '.join(entries)})")
+        missing = [n for n in selected if entries[n].patch is None]
+        if missing:
+            raise UsageError(f"--patches: {', '.join(missing)} not implemented yet")
+    if preset is None:
+        return tuple(selected), tuple(selected)
+    acts = PRESETS[preset]["patches"]
+    measured = tuple(n for n in selected if n in acts)
+    if not measured:
+        raise UsageError(f"preset {preset}: none of the selected patches ({', '.join(selected) or 'none'}) acts on it "
+                         f"(patches that do: {', '.join(acts) or 'none'}); the A/B would measure nothing")
+    return tuple(selected), measured
+
+
+def _existing(path: str | None, what: str) -> str | None:
+    if path is None:
+        return None
+    if not os.path.exists(path):
+        raise UsageError(f"{what} {path} does not exist")
+    return os.path.abspath(path)
+
+
+def _writable_out(out: str) -> Path:
+    path = Path(out).resolve()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(f"--out {out} is not a writable folder: {exc.strerror or exc}") from None
+    return path
 
 
 @dataclasses.dataclass
@@ -69,11 +223,15 @@ class Plan:
     out: Path
     family: str | None
     threshold: float | None
+    server_args: list[str]
+    selected: tuple[str, ...]
+    measured: tuple[str, ...]
+    requires: tuple[Requirement, ...]
 
     def server_cmd(self) -> list[str]:
         a = self.args
         return (shlex.split(a.server_cmd) + ["--model-path", a.model, "--tp-size", str(a.tp), "--host", "127.0.0.1",
-                                             "--port", str(a.port)] + shlex.split(a.server_args))
+                                             "--port", str(a.port)] + self.server_args)
 
     def server_env(self, arm: str) -> dict[str, str]:
         env = {gates.ENV_STATUS_FILE: str(self.out / arm / "status.jsonl")}
@@ -81,8 +239,7 @@ class Plan:
             env[gates.ENV_ENABLE] = "0"
         else:
             env[gates.ENV_ENABLE] = "1"
-            if self.args.patches:
-                env[gates.ENV_PATCHES] = self.args.patches
+            env[gates.ENV_PATCHES] = ",".join(self.selected)
         return env
 
     def gsm8k_cmd(self) -> list[str]:
@@ -112,7 +269,34 @@ def _shell(cmd: list[str], env: dict[str, str] | None = None) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Server lifecycle
+# Processes
+
+
+def _die_with_runner(parent: int) -> Callable[[], None]:
+    """A ``preexec_fn``: the child gets SIGKILL when the runner dies, however it dies (SIGKILL, a
+    crash), through Linux's PR_SET_PDEATHSIG; elsewhere a no-op."""
+    def preexec() -> None:
+        if sys.platform.startswith("linux"):
+            try:
+                ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+            except Exception:
+                pass
+            if os.getppid() != parent:  # the runner died before prctl took effect
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    return preexec
+
+
+def _popen(cmd, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True,
+                            preexec_fn=_die_with_runner(os.getpid()), **kwargs)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 class Server:
@@ -125,6 +309,7 @@ class Server:
         self.log_path = self.dir / "server.log"
         self.status_path = Path(plan.server_env(arm)[gates.ENV_STATUS_FILE])
         self.proc: subprocess.Popen | None = None
+        self._log = None
 
     def start(self) -> None:
         if self.status_path.exists():
@@ -132,8 +317,7 @@ class Server:
         env = {k: v for k, v in os.environ.items() if not k.startswith("SGLANG_HIP_DECODE") or k == gates.ENV_ANY_PLATFORM}
         env.update(self.plan.server_env(self.arm))
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(self.plan.server_cmd(), env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        self.proc = _popen(self.plan.server_cmd(), env=env, stdout=self._log, stderr=subprocess.STDOUT)
 
     def log_tail(self, lines: int = 40) -> str:
         try:
@@ -150,6 +334,7 @@ class Server:
     def wait_healthy(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            _check_signals()
             if not self.alive():
                 raise ValidationError(f"[{self.arm}] the server exited (code {self.proc.returncode}) before it was "
                                       f"healthy; last lines of {self.log_path}:\n{self.log_tail()}")
@@ -163,6 +348,18 @@ class Server:
         raise ValidationError(f"[{self.arm}] the server was not healthy within {timeout:.0f} s; last lines of "
                               f"{self.log_path}:\n{self.log_tail()}")
 
+    def server_info(self) -> dict:
+        """The server's own view of its arguments (SGLang's ``/server_info``; older releases
+        ``/get_server_info``)."""
+        for path in ("/server_info", "/get_server_info"):
+            try:
+                with urllib.request.urlopen(self.url(path), timeout=30) as resp:
+                    return json.loads(resp.read())
+            except (urllib.error.URLError, OSError, ValueError):
+                continue
+        raise ValidationError(f"[{self.arm}] the server answers neither /server_info nor /get_server_info: cannot check "
+                              "which attention backend it runs")
+
     def stop(self, grace: float = 30.0) -> None:
         if self.proc is None:
             return
@@ -171,16 +368,17 @@ class Server:
                 os.killpg(self.proc.pid, signal.SIGTERM)
                 self.proc.wait(timeout=grace)
             except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+                pass
             except ProcessLookupError:
                 pass
-        # Children left in the group (a dead parent's workers): take them down too.
-        try:
+        # Whatever is left in the group (a slow parent, a dead parent's workers): SIGKILL.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        self._log.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=grace)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
 
 
 def read_status(path: Path) -> list[dict]:
@@ -194,19 +392,37 @@ def read_status(path: Path) -> list[dict]:
     return records
 
 
-def check_applied(arm: str, records: list[dict]) -> list[str]:
-    """The patches the server applied; refuses an 'on' run that applied nothing, and an 'off' run
-    that applied anything."""
+def check_applied(arm: str, records: list[dict], measured: tuple[str, ...] = ()) -> list[str]:
+    """The patches the server applied. An 'on' arm is accepted only if every ``measured`` patch is
+    ``applied`` in every process that reported; an 'off' arm only if no process applied anything."""
     if not records:
         raise ValidationError(f"[{arm}] the server wrote no plugin status: is sglang-hip-decode installed in the "
                               f"server's Python (entry point sglang.srt.plugins)? SGLang calls it in load_plugins().")
     applied = sorted({name for r in records for name in r.get("applied", [])})
-    if arm == "on" and not applied:
-        statuses = "; ".join(f"{k}: {v}" for k, v in records[0].get("patches", {}).items())
-        raise ValidationError(f"[on] the server applied no patch, refusing to report an 'on' run ({statuses})")
     if arm == "off" and applied:
         raise ValidationError(f"[off] the server applied {applied} although SGLANG_HIP_DECODE=0")
+    if arm == "on":
+        wrong = []
+        for r in records:
+            for name in measured:
+                status = r.get("patches", {}).get(name, "(not reported)")
+                if status != "applied":
+                    problems = "; ".join(r.get("problems", []))
+                    wrong.append(f"pid {r.get('pid')} ({r.get('argv0') or '?'}): {name}: {status}"
+                                 + (f" [problems: {problems}]" if problems else ""))
+        if wrong:
+            raise ValidationError(f"[on] refusing the 'on' arm: not every measured patch ({', '.join(measured)}) is applied "
+                                  f"in every server process ({len(records)} reported):\n  " + "\n  ".join(wrong))
     return applied
+
+
+def check_server(arm: str, info: dict, requires: tuple[Requirement, ...]) -> None:
+    failed = [req.what for req in requires if not req.holds(info)]
+    if failed:
+        shown = {k: info.get(k) for k in ("attention_backend", "decode_attention_backend", "prefill_attention_backend",
+                                          "nsa_decode_backend", "nsa_prefill_backend") if k in info}
+        raise ValidationError(f"[{arm}] the server does not run what the preset needs ({'; '.join(failed)}); it reports "
+                              f"{shown or 'none of the backend fields'}: the patches measured would not act, refusing the arm")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,26 +431,19 @@ def check_applied(arm: str, records: list[dict]) -> list[str]:
 
 def run_client(cmd: list[str], cwd: Path, log: Path, timeout: float, server: Server, what: str) -> str:
     with open(log, "wb") as fh:
-        proc = subprocess.Popen(cmd, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
+        proc = _popen(cmd, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + timeout
             while proc.poll() is None:
+                _check_signals()
                 if not server.alive():
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
                     raise ValidationError(f"[{server.arm}] the server died during {what}; last lines of "
                                           f"{server.log_path}:\n{server.log_tail()}")
                 if time.monotonic() > deadline:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
                     raise ValidationError(f"[{server.arm}] {what} did not finish within {timeout:.0f} s (log {log})")
                 time.sleep(0.5)
-        except BaseException:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-            raise
+        finally:
+            _kill_group(proc)
     text = log.read_text(errors="replace")
     if proc.returncode != 0:
         tail = "\n".join(text.splitlines()[-30:])
@@ -273,6 +482,18 @@ def parse_bench(path: Path) -> dict:
     return {k: record[k] for k in BENCH_KEYS}
 
 
+def check_bench(arm: str, bench: dict, num_prompts: int, log: Path) -> None:
+    """Refuse a measurement that is not one: requests that did not complete, or no decode time."""
+    if bench["completed"] < num_prompts:
+        raise ValidationError(f"[{arm}] bench_serving completed {bench['completed']} of {num_prompts} requests: refusing "
+                              f"the measurement (failed requests are not timed; see {log})")
+    for key in ("median_tpot_ms", "median_itl_ms"):
+        value = bench[key]
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ValidationError(f"[{arm}] bench_serving reports {key} = {value!r}: no decode time was measured (each "
+                                  f"request needs at least 2 output tokens; --output-len is {bench.get('output_len', '?')})")
+
+
 # ---------------------------------------------------------------------------------------------
 # Report
 
@@ -300,8 +521,11 @@ def render_report(results: dict) -> str:
     lines = [
         f"# sglang-hip-decode A/B: {results['model']}",
         "",
-        f"- family: {results['family'] or 'unknown'}; TP {results['tp']}; server args: `{results['server_args']}`",
-        f"- applied (on): {', '.join(on['applied'])}; (off): {', '.join(off['applied']) or 'none'}",
+        f"- family: {results['family'] or 'unknown'}; TP {results['tp']}",
+        f"- server command (off; 'on' the same with SGLANG_HIP_DECODE=1): `{results['server_cmd']}`",
+        f"- measured patches: {', '.join(results['patches_measured'])}; applied (on): {', '.join(on['applied'])} "
+        f"in all {on['processes']} reporting processes; (off): {', '.join(off['applied']) or 'none'}",
+        f"- server reports: " + ", ".join(f"{k} {v}" for k, v in on["server"].items()),
         "- versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()),
         "",
         "| metric | off | on | change |",
@@ -317,6 +541,7 @@ def render_report(results: dict) -> str:
                        ("output_throughput", "output throughput (tok/s)")):
         a, b = off["bench"][key], on["bench"][key]
         lines.append(f"| {label} | {a:.3f} | {b:.3f} | {_pct(a, b)} |")
+    lines.append(f"| requests completed | {off['bench']['completed']} | {on['bench']['completed']} | |")
     return "\n".join(lines) + "\n"
 
 
@@ -325,12 +550,20 @@ def render_report(results: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m sglang_hip_decode.validate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="model path (also the tokenizer unless --tokenizer)")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="GLM-5 / Kimi / DeepSeek-V4 server arguments and threshold")
+    p = argparse.ArgumentParser(prog="python -m sglang_hip_decode.validate", description=__doc__.split("\n\n")[0],
+                                epilog="Exit codes: 0 done; 1 validation failed; 2 usage error (nothing started); "
+                                       "130/143/129 interrupted by SIGINT/SIGTERM/SIGHUP.")
+    p.add_argument("--model", required=True, help="local model folder (also the tokenizer unless --tokenizer)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="GLM-5 / Kimi / DeepSeek-V4 server arguments, threshold, "
+                                                             "and the patches that act on it")
     p.add_argument("--tp", type=int, help="tensor parallel size (default: the preset's, else 1)")
-    p.add_argument("--server-args", default=None, help="extra launch_server arguments (default: the preset's)")
-    p.add_argument("--patches", default="", help="SGLANG_HIP_DECODE_PATCHES for the 'on' run (default: the default set)")
+    p.add_argument("--server-args", default="", help="extra launch_server arguments, added after the preset's (one "
+                                                     "string: --server-args=\"--kv-cache-dtype fp8_e4m3\"); not "
+                                                     "--host/--port/--model-path/--tp-size")
+    p.add_argument("--drop-server-arg", action="append", default=[], metavar="FLAG",
+                   help="remove a preset flag and its values (repeatable), e.g. --drop-server-arg=--nsa-prefill-backend")
+    p.add_argument("--patches", default="", help="SGLANG_HIP_DECODE_PATCHES for the 'on' run (default: the default set; "
+                                                 "each must be implemented, and with a preset at least one must act on it)")
     p.add_argument("--port", type=int, default=30000)
     p.add_argument("--out", default="ab-validate", help="output folder (results.json, report.md, logs)")
     p.add_argument("--threshold", type=float, help="GSM8K accuracy threshold (default: by model family)")
@@ -356,9 +589,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
+    """Check the arguments and build the plan; raises :class:`UsageError`."""
     preset = PRESETS.get(args.preset or "", {})
     args.tp = args.tp or preset.get("tp", 1)
-    args.server_args = args.server_args if args.server_args is not None else preset.get("server_args", "")
+    if args.tp < 1 or args.num_prompts < 1 or args.output_len < 2 or args.concurrency < 1:
+        raise UsageError("--tp, --num-prompts and --concurrency must be >= 1 and --output-len >= 2 (TPOT needs two "
+                         "output tokens)")
+    server_args = merge_server_args(preset.get("server_args", ""), args.server_args, args.drop_server_arg)
+    selected, measured = resolve_patches(args.patches, args.preset)
     args.server_cmd = args.server_cmd or f"{args.python} -m sglang.launch_server"
     family, threshold = preset.get("family"), preset.get("threshold")
     if family is None:
@@ -368,16 +606,25 @@ def make_plan(args: argparse.Namespace) -> Plan:
                 break
     if args.threshold is not None:
         threshold = args.threshold
-    for name in ("gsm8k_data", "bench_dataset_path", "tokenizer"):  # clients run in the arm's folder
-        value = getattr(args, name)
-        if value and os.path.exists(value):
-            setattr(args, name, os.path.abspath(value))
-    return Plan(args, Path(args.out).resolve(), family, threshold)
+    if not args.dry_run:
+        _existing(args.model, "--model")
+        # The clients run in the arm's folder: absolute paths.
+        args.gsm8k_data = _existing(args.gsm8k_data, "--gsm8k-data")
+        args.bench_dataset_path = _existing(args.bench_dataset_path, "--bench-dataset-path")
+        args.tokenizer = _existing(args.tokenizer, "--tokenizer")
+        if not (os.path.isfile(args.python) and os.access(args.python, os.X_OK)):
+            raise UsageError(f"--python {args.python} is not an executable file")
+        out = _writable_out(args.out)
+    else:
+        out = Path(args.out).resolve()
+    return Plan(args, out, family, threshold, server_args, selected, measured, preset.get("requires", ()))
 
 
 def dry_run(plan: Plan) -> str:
     lines = [f"# {PRESETS[plan.args.preset]['note']}" if plan.args.preset else "# custom run",
-             f"# GSM8K threshold: {plan.threshold} ({plan.family or 'family unknown'})"]
+             f"# GSM8K threshold: {plan.threshold} ({plan.family or 'family unknown'})",
+             f"# measured patches: {', '.join(plan.measured)} (selected for 'on': {', '.join(plan.selected)})",
+             "# server checks: " + ("; ".join(r.what for r in plan.requires) or "none")]
     for arm in ("off", "on"):
         lines += [f"# --- {arm}: server on 127.0.0.1:{plan.args.port}, health GET /health, status file read after health",
                   _shell(plan.server_cmd(), plan.server_env(arm)),
@@ -393,33 +640,63 @@ def _port_free(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) != 0
 
 
+SERVER_FIELDS = ("attention_backend", "decode_attention_backend", "nsa_decode_backend", "nsa_prefill_backend",
+                 "kv_cache_dtype", "tp_size", "version")
+
+
+def run_arm(plan: Plan, arm: str, measured: dict) -> None:
+    """One arm, recorded into ``measured`` step by step (so a failure keeps what was measured)."""
+    args = plan.args
+    server = Server(plan, arm)
+    print(f"[{arm}] starting: {_shell(plan.server_cmd(), plan.server_env(arm))}", flush=True)
+    try:
+        server.start()
+        server.wait_healthy(args.health_timeout)
+        info = server.server_info()
+        _check_signals()
+        measured["server"] = {k: info[k] for k in SERVER_FIELDS if k in info}
+        check_server(arm, info, plan.requires)
+        records = read_status(server.status_path)
+        measured["applied"] = check_applied(arm, records, plan.measured)
+        measured["processes"] = len(records)
+        measured["status"] = records
+        print(f"[{arm}] healthy; applied: {measured['applied'] or 'none'} ({len(records)} processes reported)", flush=True)
+        measured["gsm8k"] = parse_gsm8k(run_client(plan.gsm8k_cmd(), server.dir, server.dir / "gsm8k.log",
+                                                   args.client_timeout, server, "GSM8K"))
+        print(f"[{arm}] GSM8K accuracy {measured['gsm8k']['accuracy']:.3f}", flush=True)
+        log = server.dir / "bench_serving.log"
+        run_client(plan.bench_cmd(arm), server.dir, log, args.client_timeout, server, "bench_serving")
+        bench = parse_bench(server.dir / "bench_serving.jsonl")
+        bench["output_len"] = args.output_len
+        measured["bench"] = bench
+        check_bench(arm, bench, args.num_prompts, log)
+        print(f"[{arm}] TPOT median {bench['median_tpot_ms']:.3f} ms", flush=True)
+        _check_signals()
+    finally:
+        server.stop()
+
+
 def run(plan: Plan) -> dict:
     args = plan.args
     if not _port_free(args.port):
-        raise ValidationError(f"port {args.port} on 127.0.0.1 is already in use; pass --port")
+        raise UsageError(f"port {args.port} on 127.0.0.1 is already in use; pass a different --port")
     plan.out.mkdir(parents=True, exist_ok=True)
     results = {"model": args.model, "family": plan.family, "threshold": plan.threshold, "tp": args.tp,
-               "server_args": args.server_args, "patches_requested": args.patches or "default", "arms": {},
+               "server_args": " ".join(shlex.quote(a) for a in plan.server_args),
+               "server_cmd": _shell(plan.server_cmd()), "patches_requested": args.patches or "default",
+               "patches_selected": list(plan.selected), "patches_measured": list(plan.measured), "arms": {},
                "versions": versions(args.python)}
-    for arm in ("off", "on"):
-        server = Server(plan, arm)
-        print(f"[{arm}] starting: {_shell(plan.server_cmd(), plan.server_env(arm))}", flush=True)
-        try:
-            server.start()
-            server.wait_healthy(args.health_timeout)
-            applied = check_applied(arm, read_status(server.status_path))
-            print(f"[{arm}] healthy; applied: {applied or 'none'}", flush=True)
-            gsm = parse_gsm8k(run_client(plan.gsm8k_cmd(), server.dir, server.dir / "gsm8k.log", args.client_timeout,
-                                         server, "GSM8K"))
-            print(f"[{arm}] GSM8K accuracy {gsm['accuracy']:.3f}", flush=True)
-            run_client(plan.bench_cmd(arm), server.dir, server.dir / "bench_serving.log", args.client_timeout, server,
-                       "bench_serving")
-            bench = parse_bench(server.dir / "bench_serving.jsonl")
-            print(f"[{arm}] TPOT median {bench['median_tpot_ms']:.3f} ms", flush=True)
-            results["arms"][arm] = {"applied": applied, "status": read_status(server.status_path)[:1], "gsm8k": gsm,
-                                    "bench": bench}
-        finally:
-            server.stop()
+    partial = plan.out / "results.partial.json"
+    partial.unlink(missing_ok=True)
+    try:
+        for arm in ("off", "on"):
+            results["arms"][arm] = {}
+            run_arm(plan, arm, results["arms"][arm])
+    except BaseException as exc:
+        results["error"] = f"{type(exc).__name__}: {exc}"
+        partial.write_text(json.dumps(results, indent=1, sort_keys=True, default=str))
+        print(f"what was measured before the stop: {partial}", file=sys.stderr)
+        raise
     on, off = results["arms"]["on"], results["arms"]["off"]
     results["verdict"] = {
         "gsm8k_on_pass": None if plan.threshold is None else on["gsm8k"]["accuracy"] >= plan.threshold,
@@ -433,18 +710,32 @@ def run(plan: Plan) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    plan = make_plan(args)
+    try:
+        plan = make_plan(args)
+    except UsageError as exc:
+        print(f"usage error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     if args.dry_run:
         print(dry_run(plan))
         return 0
+    _SIGNALS.clear()
+    previous = {s: signal.signal(s, _note_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         run(plan)
+    except UsageError as exc:
+        print(f"usage error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except ValidationError as exc:
         print(f"validation failed: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; servers stopped", file=sys.stderr)
-        return 130
+        return EXIT_FAILED
+    except (KeyboardInterrupt, Interrupted) as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        what = "interrupted" if signum == signal.SIGINT else f"terminated by {signal.Signals(signum).name}"
+        print(f"{what}; servers stopped", file=sys.stderr)
+        return 128 + signum
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     print((plan.out / "report.md").read_text())
     return 0
 
