@@ -350,31 +350,23 @@ def test_a_functools_wraps_decorator_is_refused_and_left_in_place(fixture_module
     assert fixture_module.Decorated().method() == 6
 
 
-def test_a_function_from_another_file_is_refused(fixture_module):
+def _foreign(self):  # no __wrapped__: a hand-rolled replacement defined in this test file
+    value = 5
+    return value
+
+
+@pytest.mark.parametrize("replacement, message", [
+    (lambda original: _foreign, r"Doc\.tagged is wrapped by _foreign \(.*test_engine\.py:"),
+    (lambda original: torch.compile(original), r"Doc\.tagged is wrapped by .*around Doc\.tagged"),  # lazy: compiles on call
+], ids=["function-from-another-file", "torch-compile"])
+def test_a_replacement_that_is_not_the_plain_function_is_refused(fixture_module, replacement, message):
     original = fixture_module.Doc.__dict__["tagged"]
-
-    def foreign(self):  # no __wrapped__: a hand-rolled replacement defined in this test file
-        value = 5
-        return value
-
-    fixture_module.Doc.tagged = foreign
+    replaced = replacement(original)
+    fixture_module.Doc.tagged = replaced
     try:
-        with pytest.raises(patching.PatchError, match=r"Doc\.tagged is wrapped by .*foreign \(.*test_engine\.py:"):
-            patching.apply(make("t-foreign", Edit(f"{FIX}:Doc.tagged", (Hunk("value = 5", "value = 50"),))))
-        assert fixture_module.Doc.__dict__["tagged"] is foreign
-    finally:
-        fixture_module.Doc.tagged = original
-
-
-def test_torch_compile_wrapper_is_refused(fixture_module):
-    original = fixture_module.Doc.__dict__["tagged"]
-    compiled = torch.compile(original)  # lazy: nothing compiles until it is called
-    assert compiled is not original
-    fixture_module.Doc.tagged = compiled
-    try:
-        with pytest.raises(patching.PatchError, match=r"Doc\.tagged is wrapped by .*around Doc\.tagged"):
-            patching.apply(make("t-compiled", Edit(f"{FIX}:Doc.tagged", (Hunk("value = 5", "value = 50"),))))
-        assert fixture_module.Doc.__dict__["tagged"] is compiled
+        with pytest.raises(patching.PatchError, match=message):
+            patching.apply(make("t-replaced", Edit(f"{FIX}:Doc.tagged", (Hunk("value = 5", "value = 50"),))))
+        assert fixture_module.Doc.__dict__["tagged"] is replaced
     finally:
         fixture_module.Doc.tagged = original
 

@@ -288,7 +288,7 @@ def test_preset_run_adds_arguments_and_checks_the_server(files, tmp_path):
     (dict(model="/no/such/model"), "--model /no/such/model does not exist"),
     (dict(gsm8k_data="/no/such/gsm8k.jsonl"), "--gsm8k-data /no/such/gsm8k.jsonl does not exist"),
     (dict(patches="nsa-cat-skp"), "--patches: unknown patch nsa-cat-skp"),
-    (dict(patches="hip-alt-stream"), "--patches: hip-alt-stream not implemented yet"),
+    (dict(patches="hip-alt-stream"), "--patches: not implemented yet: hip-alt-stream"),
     (dict(patches="none"), "--patches none measures nothing"),
     (dict(preset="kimi", patches="nsa-cat-skip"), "preset kimi: none of the selected patches (nsa-cat-skip) acts on it"),
     (dict(preset="dsv4"), "preset dsv4: none of the selected patches"),

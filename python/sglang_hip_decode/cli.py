@@ -76,17 +76,14 @@ def _diff_path(real_file: str) -> str:
 
 def unified_diff(names: list[str] | None = None) -> str:
     """The diff text for ``names`` (default: every implemented patch)."""
-    from .patches import NAMES, catalog
+    from .patches import catalog, pick
 
-    entries = {e.name: e for e in catalog()}
-    wanted = names or [n for n in NAMES if entries[n].patch is not None]
-    unknown = [n for n in wanted if n not in entries]
-    if unknown:
-        raise SystemExit(f"sglang-hip-decode: unknown patch {', '.join(unknown)} (known: {', '.join(NAMES)})")
-    missing = [n for n in wanted if entries[n].patch is None]
-    if missing:
-        raise SystemExit(f"sglang-hip-decode: not implemented yet: {', '.join(missing)}")
-    return render_diff([entries[n].patch for n in NAMES if n in wanted])  # application order
+    wanted = names or [e.name for e in catalog() if e.patch is not None]
+    try:
+        entries = pick(wanted)
+    except ValueError as exc:
+        raise SystemExit(f"sglang-hip-decode: {exc}")
+    return render_diff([e.patch for e in entries])  # application order
 
 
 def render_diff(patches) -> str:

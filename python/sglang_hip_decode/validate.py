@@ -169,24 +169,20 @@ def merge_server_args(preset_args: str, extra: str, drop: list[str]) -> list[str
 def resolve_patches(requested: str, preset: str | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """``(selected, measured)``: what SGLANG_HIP_DECODE_PATCHES selects for the 'on' arm, and the
     part of it that acts on the preset (every selected patch when there is no preset)."""
-    from .patches import catalog
+    from .patches import catalog, pick
 
-    entries = {e.name: e for e in catalog()}
     value = requested.strip()
     if value.lower() in ("", "default"):
-        selected = [n for n, e in entries.items() if e.patch is not None and e.default]
+        selected = [e.name for e in catalog() if e.patch is not None and e.default]
     elif value.lower() == "all":
-        selected = [n for n, e in entries.items() if e.patch is not None]
+        selected = [e.name for e in catalog() if e.patch is not None]
     elif value.lower() == "none":
         raise UsageError("--patches none measures nothing: the 'on' arm would equal the 'off' arm")
     else:
-        selected = list(dict.fromkeys(n.strip() for n in value.split(",") if n.strip()))
-        unknown = [n for n in selected if n not in entries]
-        if unknown:
-            raise UsageError(f"--patches: unknown patch {', '.join(unknown)} (known: {', '.join(entries)})")
-        missing = [n for n in selected if entries[n].patch is None]
-        if missing:
-            raise UsageError(f"--patches: {', '.join(missing)} not implemented yet")
+        try:
+            selected = [e.name for e in pick(list(dict.fromkeys(n.strip() for n in value.split(",") if n.strip())))]
+        except ValueError as exc:
+            raise UsageError(f"--patches: {exc}") from None
     if preset is None:
         return tuple(selected), tuple(selected)
     acts = PRESETS[preset]["patches"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.util
+from typing import Sequence
 
 from ..patching import Patch
 
@@ -45,3 +46,16 @@ def catalog() -> list[Entry]:
                 raise ValueError(f"{full}.PATCH says {patch.name!r}/default={patch.default}, expected {name!r}/{default}")
         entries.append(Entry(name, module, default, patch))
     return entries
+
+
+def pick(names: Sequence[str]) -> list[Entry]:
+    """The implemented patches ``names``, in application order; raises ValueError naming any that
+    is unknown or not implemented yet."""
+    entries = {e.name: e for e in catalog()}
+    unknown = [n for n in names if n not in entries]
+    if unknown:
+        raise ValueError(f"unknown patch {', '.join(unknown)} (known: {', '.join(entries)})")
+    missing = [n for n in names if entries[n].patch is None]
+    if missing:
+        raise ValueError(f"not implemented yet: {', '.join(missing)}")
+    return [e for e in entries.values() if e.name in names]
