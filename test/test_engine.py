@@ -275,6 +275,12 @@ class Doc:
         value = 5
         return value
 
+    def in_fstring(self):
+        text = f"""
+        value = 8 {self!r}
+        """
+        return text
+
 
 class Decorated:
     @passthrough
@@ -321,6 +327,10 @@ def test_anchor_only_in_a_docstring_or_string_fails(fixture_module):
     assert fixture_module.Doc.__dict__["only_in_docstring"] is original
     # A match that starts inside a string literal and runs out of it is not code either.
     patch = make("t-straddle", Edit(f"{FIX}:Doc.starts_in_string", (Hunk('value = 4\n"""', 'value = 40\n"""'),)))
+    with pytest.raises(patching.PatchError, match="did not match in code"):
+        patching.apply(patch)
+    # Inside an f-string (one STRING token up to Python 3.11, FSTRING_START..FSTRING_END from 3.12).
+    patch = make("t-fstring", Edit(f"{FIX}:Doc.in_fstring", (Hunk("value = 8 {self!r}", "value = 80"),)))
     with pytest.raises(patching.PatchError, match="did not match in code"):
         patching.apply(patch)
 
