@@ -287,6 +287,34 @@ class Decorated:
     def method(self):
         value = 6
         return value
+
+
+def _impl(self):
+    value = 9
+    return value
+
+
+scale = 100  # a module global with the closure's free variable's name
+
+
+def _factory(scale):
+    def scaled(self, x):
+        return x * scale
+
+    return scaled
+
+
+class Odd:
+    forward = _impl  # defined under another name
+    scaled = _factory(2)  # a closure
+    cached = staticmethod(functools.lru_cache(maxsize=None)(lambda x: x))
+
+    def __private(self):
+        value = 11
+        return value
+
+    def call_private(self):
+        return self.__private()
 '''
 
 
@@ -381,9 +409,70 @@ def test_a_replacement_that_is_not_the_plain_function_is_refused(fixture_module,
         fixture_module.Doc.tagged = original
 
 
+@pytest.mark.parametrize("target, hunk, message", [
+    ("Odd.forward", ("value = 9", "value = 90"), r"Odd\.forward is the function _impl \(defined under another name\)"),
+    ("Odd.scaled", ("return x * scale", "return x * scale  # a comment"), r"Odd\.scaled is a closure over scale"),
+    ("Odd.cached", ("x", "y"), r"Odd\.cached is wrapped by functools\._lru_cache_wrapper inside a staticmethod"),
+], ids=["alias", "closure", "staticmethod-of-lru-cache"])
+def test_functions_the_engine_cannot_recompile_faithfully_are_refused(fixture_module, target, hunk, message):
+    # Recompiling an alias would define the other name and install nothing new ("applied", with
+    # the original made to wrap itself); a closure's free variable would become a module global
+    # (here: x * 100 instead of x * 2).
+    owner, attr = fixture_module.Odd, target.split(".")[1]
+    before = owner.__dict__[attr]
+    with pytest.raises(patching.PatchError, match=message):
+        patching.apply(make("t-odd", Edit(f"{FIX}:{target}", (Hunk(*hunk),))))
+    assert owner.__dict__[attr] is before
+    inner = _impl_of(before)
+    assert not hasattr(inner, patching.PATCHED_MARKER)
+    assert callable(getattr(inner, "cache_info", None)) or not hasattr(inner, "__wrapped__")  # only lru_cache's own
+    assert fixture_module.Odd().scaled(3) == 6
+
+
+def _impl_of(raw):
+    return getattr(raw, "__func__", raw)
+
+
+def test_a_private_method_is_still_editable(cleanup, fixture_module):
+    patch = make("t-private", Edit(f"{FIX}:Odd._Odd__private", (Hunk("value = 11", "value = 110"),)))
+    assert patching.apply(patch) == "applied"
+    cleanup.append(patch)
+    assert fixture_module.Odd().call_private() == 110
+
+
+def test_clearcache_wrapped_by_someone_else_after_us_does_not_recurse(cleanup, fixture_module):
+    import linecache as lc
+
+    first = make("t-lc1", Edit(f"{FIX}:Doc.tagged", (Hunk("value = 5", "value = 51"),)))
+    patching.apply(first)
+    cleanup.append(first)
+    ours = lc.clearcache
+    calls = []
+
+    def theirs():  # another library wrapping clearcache after the engine did
+        calls.append(1)
+        ours()
+
+    lc.clearcache = theirs
+    try:
+        second = make("t-lc2", Edit(f"{FIX}:Decorated.method", (Hunk("x", "y"),)))  # refused, but nothing rebinds
+        with pytest.raises(patching.PatchError):
+            patching.apply(second)
+        third = make("t-lc3", Edit(f"{FIX}:Doc.documented", (Hunk("value = 1\nreturn value", "value = 12\nreturn value"),)))
+        patching.apply(third)
+        cleanup.append(third)
+        assert lc.clearcache is theirs
+        lc.clearcache()
+        assert calls == [1]
+        assert "value = 12" in inspect.getsource(fixture_module.Doc.__dict__["documented"].__code__)
+    finally:
+        lc.clearcache = ours
+
+
 def test_private_attributes_of_the_original_are_not_copied(cleanup, fixture_module):
     func = fixture_module.Doc.__dict__["tagged"]
     func.release_note = "public: copied"
+    func._torchscript_modifier = "a decorator's marker on the function itself: copied"
     func._torchdynamo_orig_callable = func  # what a compiled wrapper carries: not ours to claim
     try:
         patch = make("t-attrs", Edit(f"{FIX}:Doc.tagged", (Hunk("value = 5", "value = 50"),)))
@@ -391,10 +480,11 @@ def test_private_attributes_of_the_original_are_not_copied(cleanup, fixture_modu
         cleanup.append(patch)
         new = fixture_module.Doc.__dict__["tagged"]
         assert new.release_note == "public: copied"
+        assert new._torchscript_modifier.endswith("copied")
         assert not hasattr(new, "_torchdynamo_orig_callable")
         assert fixture_module.Doc().tagged() == 50
     finally:
-        del func.release_note, func._torchdynamo_orig_callable
+        del func.release_note, func._torchdynamo_orig_callable, func._torchscript_modifier
 
 
 def test_patched_source_survives_linecache_clearcache(cleanup):

@@ -18,8 +18,9 @@ naming a target method ``module:Class.method`` and the :class:`Hunk` s to apply 
   imported under ``TYPE_CHECKING`` must not break the patch);
 * keeps the original's defaults, annotations, qualname and attributes, sets ``__wrapped__`` to the
   original function, and registers the patched text with ``linecache`` under a file name that
-  says it is patched, so tracebacks and ``inspect.getsource`` show the lines that really run
-  (kept there through ``linecache.clearcache()``);
+  says it is patched, so tracebacks and ``inspect.getsource(func.__code__)`` show the lines that
+  really run (kept there through ``linecache.clearcache()``; ``inspect.getsource(func)`` follows
+  ``__wrapped__`` to the original, by Python's design);
 * installs the result on the owning class itself, all targets of a patch or none of them.
 
 Several patches may edit one method: the installed method is always the original source with the
@@ -181,6 +182,10 @@ def resolve_target(target: str) -> tuple[type, str, object]:
             raise PatchError(f"{target} is wrapped by {type(raw).__module__}.{type(raw).__qualname__} (not a plain "
                              "function); not touching it")
         raise PatchError(f"{target}: is a {type(raw).__name__}; only plain, static and class methods can be edited")
+    inner = _function_of(raw)
+    if not isinstance(inner, types.FunctionType):  # staticmethod(lru_cache(f)), classmethod(partial(f)), ...
+        raise PatchError(f"{target} is wrapped by {type(inner).__module__}.{type(inner).__qualname__} inside a "
+                         f"{type(raw).__name__} (not a plain function); not touching it")
     return obj, attr, raw
 
 
@@ -214,10 +219,25 @@ def _require_plain(target: str, owner: type, raw: object) -> None:
     wrapped = getattr(func, "__wrapped__", None)
     same_file = os.path.realpath(func.__code__.co_filename) == os.path.realpath(module_file)
     if wrapped is not None or not same_file:
-        inner = f"around {_code_location(inspect.unwrap(func))}; " if wrapped is not None else ""
+        try:
+            inner = f"around {_code_location(inspect.unwrap(func))}; " if wrapped is not None else ""
+        except ValueError:  # a __wrapped__ cycle
+            inner = "around a __wrapped__ cycle; "
         raise PatchError(f"{target} is wrapped by {_code_location(func)} ({inner}the engine edits only the plain "
                          f"function defined in {module_file}: apply sglang-hip-decode before the wrapper is installed; "
                          "the wrapper is left in place)")
+    attr, name = target.rsplit(".", 1)[1], func.__code__.co_name
+    if name.startswith("__") and not name.endswith("__"):
+        name = f"_{owner.__name__.lstrip('_')}{name}"  # a private method's attribute is mangled
+    if name != attr:
+        # ``forward = _impl`` or a factory's function: recompiling defines ``_impl``, not ``attr``.
+        raise PatchError(f"{target} is the function {func.__code__.co_name} (defined under another name); only a "
+                         "method defined under its own name can be edited")
+    free = [name for name in func.__code__.co_freevars if name != "__class__"]
+    if free:
+        # Recompiled at class level, a closure's free variables would become module globals.
+        raise PatchError(f"{target} is a closure over {', '.join(free)} (made by a factory); recompiling it would "
+                         "lose those cells")
 
 
 # --------------------------------------------------------------------------------------------
@@ -379,6 +399,8 @@ def _compile(
         raise PatchError(f"patched {owner.__name__}.{attr} failed to define: {type(exc).__name__}: {exc}") from exc
     namespace = scratch[owner.__name__]
     new_raw = namespace[attr]
+    if new_raw is original_raw or _function_of(new_raw).__code__.co_filename != filename:
+        raise PatchError(f"patched {owner.__name__}.{attr} was not defined by the edited source")
     if type(new_raw) is not type(original_raw):
         raise PatchError(
             f"patched {owner.__name__}.{attr} is a {type(new_raw).__name__}, the original a {type(original_raw).__name__}"
@@ -405,7 +427,7 @@ def _compile(
 # has no file to be re-read from, and re-reading "lazily" through the module's loader would show
 # the *original* lines at the patched line numbers. So clearcache is wrapped once to put these back.
 _SHOWN: dict[str, tuple] = {}
-_clearcache = linecache.clearcache  # as it was before the engine wrapped it
+_clearcache = None  # linecache.clearcache as it was when the engine wrapped it, once
 
 
 def _clearcache_keeping_patched_sources() -> None:
@@ -418,7 +440,7 @@ def _show_in_linecache(filename: str, text: list[str]) -> None:
     entry = (sum(map(len, text)), None, text, filename)
     _SHOWN[filename] = entry
     linecache.cache[filename] = entry
-    if linecache.clearcache is not _clearcache_keeping_patched_sources:
+    if _clearcache is None:  # wrap once; whoever wraps it after us calls through to us
         _clearcache, linecache.clearcache = linecache.clearcache, _clearcache_keeping_patched_sources
 
 
@@ -438,11 +460,10 @@ def _copy_metadata(original: types.FunctionType, new: types.FunctionType) -> Non
     new.__qualname__ = original.__qualname__
     new.__module__ = original.__module__
     for key, value in vars(original).items():
-        # Public attributes and dunders describe the function; private ones (``_torchdynamo_*``,
-        # a compiled wrapper's bookkeeping) belong to whoever set them and would make the new
-        # function claim to be something it is not.
-        private = key.startswith("_") and not (key.startswith("__") and key.endswith("__"))
-        if key not in ("__wrapped__", PATCHED_MARKER) and not private:
+        # Markers a decorator set on the function itself (``_torchscript_modifier``, public tags)
+        # are kept; torch.compile's wrapper bookkeeping (``_torchdynamo_*``) would make the new
+        # function claim to be a compiled wrapper of something else.
+        if key not in ("__wrapped__", PATCHED_MARKER) and not key.startswith("_torchdynamo"):
             setattr(new, key, value)
 
 
