@@ -13,6 +13,9 @@ DeepSeek-V4 shapes, and CUDA-graph replay == eager.
 
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
 import pytest
 import torch
 
@@ -314,7 +317,7 @@ def test_device_guard_never_writes_outside_the_state(rng, ratio):
     big, state = guarded_state(c, guard_rows=2 * r)
     before = big.clone()
     pages = c.pages.clone()
-    pages[1] = n_state_pages  # one past the last page (both ring pages for ratio 4)
+    pages[1, -1] = n_state_pages  # one past the last page (ratio 4: the second ring page only)
     pages[2] = -1
     out = torch.zeros(3, d, device=DEV)
     compress_decode(rows, state, c.dev(pages, torch.int32), seq_lens, *c.kernel_args(), ratio, out=out, check_indices=False)
@@ -333,6 +336,20 @@ def test_device_guard_never_writes_outside_the_state(rng, ratio):
     changed = {i - 2 * r for i in range(big.shape[0]) if not torch.equal(big[i].view(torch.int32), before[i].view(torch.int32))}
     assert changed <= set(c.ring_rows(0, lens[0])), f"rows written outside request 0's ring: {sorted(changed)}"
     req = plan.blocks[:, 3].cpu()
+    assert out[req != 0].isnan().all() and not out[req == 0].isnan().any()
+    # A hand-made plan whose rows name a request past state_pages, or ragged rows past u: the host
+    # checks the plan's own requests only, the kernel refuses these rows (NaN, nothing written).
+    big, state = guarded_state(c, guard_rows=2 * r)
+    before = big.clone()
+    blocks, writes = plan.blocks.clone(), plan.writes.clone()
+    blocks[req == 1, 3] = 7
+    blocks[req == 2, 1] = u.shape[0] + 5
+    writes[writes[:, 1] == 1, 1] = 7
+    writes[writes[:, 1] == 2, 0] = u.shape[0] + 5
+    bad = dataclasses.replace(plan, blocks=blocks, writes=writes)
+    out = compress_prefill(u, state, c.dev(c.pages, torch.int32), bad, *c.kernel_args())
+    changed = {i - 2 * r for i in range(big.shape[0]) if not torch.equal(big[i].view(torch.int32), before[i].view(torch.int32))}
+    assert changed <= set(c.ring_rows(0, lens[0])), f"rows written outside request 0's ring: {sorted(changed)}"
     assert out[req != 0].isnan().all() and not out[req == 0].isnan().any()
 
 
@@ -357,10 +374,12 @@ def test_out_dtype_and_eps_are_checked(rng):
     for out in (torch.empty(1, 128, dtype=torch.float64, device=DEV), torch.empty(1, 128, dtype=torch.int32, device=DEV)):
         with pytest.raises(ValueError, match="out must be"):
             compress_decode(rows, state, pages, seq_lens, bias, norm_w, EPS, cos, sin, 4, out=out)
-    for eps in (-1e-6, 0.0, float("nan"), float("inf")):
-        with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+    for eps in (np.float32(1e-6), torch.tensor(1e-6, dtype=torch.float64)):  # any real scalar
+        compress_decode(rows, state, pages, seq_lens, bias, norm_w, eps, cos, sin, 4)
+    for eps in (-1e-6, 0.0, float("nan"), float("inf"), torch.ones(2)):
+        with pytest.raises(ValueError, match="eps must be a"):
             compress_decode(rows, state, pages, seq_lens, bias, norm_w, eps, cos, sin, 4)
-        with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+        with pytest.raises(ValueError, match="eps must be a"):
             compress_prefill(rows, state, pages, plan_prefill([0], [1], 4, device=DEV), bias, norm_w, eps, cos, sin)
 
 

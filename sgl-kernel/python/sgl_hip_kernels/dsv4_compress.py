@@ -27,10 +27,13 @@ What is checked, and when (the launchers trust nothing they are handed):
   every ring page id of a request that touches the state is inside the state (``0 <= id < S //
   ratio``), no two requests (nor one request's two ratio-4 pages) share a page, and every token
   position is inside the RoPE table (prefill: checked from the plan, always);
-* on the device, always: a request whose ring page id is outside the state stores nothing (no
-  load or store ever leaves ``state``) and gets an out row of NaN; a block whose RoPE position is at
-  or past the table's end gets a NaN row (its ring row is still stored). Shared pages cannot be
-  seen from one program: under capture they are the caller's contract.
+* on the device, always: a request with a ring page id outside the state stores nothing (no load
+  or store ever leaves ``state``) and gets an out row of NaN; a block whose RoPE position is at or
+  past the table's end gets a NaN row (its ring row is still stored); a prefill plan row naming a
+  request or ragged rows that do not exist reads and writes nothing. Shared pages cannot be seen
+  from one program: under capture they are the caller's contract.
+* a caller that runs many compressor layers over one batch may check the page ids once and pass
+  ``check_indices=False`` to the other layers (each eager check is one device->host read).
 """
 
 from __future__ import annotations
@@ -119,7 +122,11 @@ def _check(u, state, state_pages, bias, norm_w, cos, sin, eps, ratio):
                     ("sin", sin)):
         if t.device != u.device:
             raise ValueError(f"dsv4 compress: {name} is on {t.device}, u on {u.device}")
-    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+    try:
+        eps = float(eps)  # a Python, numpy or 0-d tensor scalar
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"dsv4 compress: eps must be a number, got {eps!r}") from None
+    if not (math.isfinite(eps) and eps > 0):
         raise ValueError(f"dsv4 compress: eps must be a finite number > 0 (an all-invalid block pools to 0), got {eps!r}")
     if u.dim() != 2 or u.dtype not in (torch.float32, torch.bfloat16) or u.stride(1) != 1:
         raise ValueError(f"dsv4 compress: u must be (rows, W) fp32/bf16 with contiguous rows, got {tuple(u.shape)} {u.dtype}")
@@ -139,7 +146,7 @@ def _check(u, state, state_pages, bias, norm_w, cos, sin, eps, ratio):
     if cos.shape != sin.shape or cos.dim() != 2 or cos.shape[1] != 32 or cos.stride() != sin.stride() or cos.stride(1) != 1 \
             or cos.dtype != torch.float32 or sin.dtype != torch.float32:
         raise ValueError("dsv4 compress: cos/sin must be fp32 (max_pos, 32) tables with one layout")
-    return d, k, n_pages
+    return d, k, n_pages, eps
 
 
 def _check_rule(rule: LaunchRule, ratio: int, d: int) -> LaunchRule:
@@ -192,7 +199,7 @@ def compress_decode(u, state, state_pages, seq_lens, bias, norm_w, eps, cos, sin
     block ``seq_len // ratio - 1`` where ``seq_len % ratio == 0``, else 0. Writes ``state``. The page
     ids of requests with ``seq_len > 0`` and their positions are checked (module docstring) unless
     capturing or ``check_indices=False``; padded slots (``seq_len <= 0``) may hold any page ids."""
-    d, _, n_pages = _check(u, state, state_pages, bias, norm_w, cos, sin, eps, ratio)
+    d, _, n_pages, eps = _check(u, state, state_pages, bias, norm_w, cos, sin, eps, ratio)
     b = u.shape[0]
     if seq_lens.shape != (b,) or seq_lens.dtype != torch.int32 or seq_lens.stride(0) != 1 or state_pages.shape[0] != b \
             or seq_lens.device != u.device:
@@ -210,7 +217,7 @@ def compress_decode(u, state, state_pages, seq_lens, bias, norm_w, eps, cos, sin
         ws = _workspace(workspace, b, d, ratio, u.device)
         _dsv4_compress_decode_kernel[(b * rule.split,)](
             u, state, state_pages, seq_lens, bias, norm_w, cos, sin, out, ws.pooled, ws.sum_sq, ws.count,
-            float(eps), n_state_pages, cos.shape[0], u.stride(0), state.stride(0), state_pages.stride(0), cos.stride(0),
+            eps, n_state_pages, cos.shape[0], u.stride(0), state.stride(0), state_pages.stride(0), cos.stride(0),
             out.stride(0),
             RATIO=ratio, D=d, LOG2_D=d.bit_length() - 1, SPLIT=rule.split, N_PAGES=n_pages, BK=rule.rows_per_tile,
             ROTATE=bool(rotate), num_warps=rule.num_warps,
@@ -290,7 +297,7 @@ def compress_prefill(u, state, state_pages, plan: PrefillPlan, bias, norm_w, eps
     ``plan.blocks[i]`` (0 for padding rows). Then stores the kept rows in ``state``. The page ids of
     the plan's requests are checked (module docstring) unless capturing or ``check_indices=False``."""
     ratio = plan.ratio
-    d, _, n_pages = _check(u, state, state_pages, bias, norm_w, cos, sin, eps, ratio)
+    d, _, n_pages, eps = _check(u, state, state_pages, bias, norm_w, cos, sin, eps, ratio)
     if state_pages.shape[0] < plan.n_requests or u.shape[0] != plan.n_rows or plan.max_position >= cos.shape[0]:
         raise ValueError(f"dsv4 compress_prefill: the plan is for {plan.n_requests} requests, {plan.n_rows} new rows and positions "
                          f"< {plan.max_position + 1}; got state_pages for {state_pages.shape[0]}, u with {u.shape[0]} rows, "
@@ -311,14 +318,15 @@ def compress_prefill(u, state, state_pages, plan: PrefillPlan, bias, norm_w, eps
         ws = _workspace(workspace, max(nb, 1), d, ratio, u.device)
         _dsv4_compress_prefill_kernel[(nb * rule.split + fused_writes,)](
             u, state, state_pages, plan.blocks, plan.writes, bias, norm_w, cos, sin, out, ws.pooled, ws.sum_sq, ws.count,
-            nb * rule.split, float(eps), n_state_pages, cos.shape[0], u.stride(0), state.stride(0), state_pages.stride(0),
-            cos.stride(0), out.stride(0),
+            nb * rule.split, eps, n_state_pages, cos.shape[0], state_pages.shape[0], u.shape[0], u.stride(0), state.stride(0),
+            state_pages.stride(0), cos.stride(0), out.stride(0),
             RATIO=ratio, D=d, LOG2_D=d.bit_length() - 1, SPLIT=rule.split, N_PAGES=n_pages, BK=rule.rows_per_tile,
             ROTATE=bool(rotate), num_warps=rule.num_warps,
         )
     if nw and not fused_writes:
         _dsv4_state_write_kernel[(nw,)](
-            u, state, state_pages, plan.writes, n_state_pages, u.stride(0), state.stride(0), state_pages.stride(0),
+            u, state, state_pages, plan.writes, n_state_pages, state_pages.shape[0], u.shape[0], u.stride(0), state.stride(0),
+            state_pages.stride(0),
             RATIO=ratio, N_PAGES=n_pages, W=u.shape[1], num_warps=4,
         )
     return out

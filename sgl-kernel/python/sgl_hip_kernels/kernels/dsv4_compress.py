@@ -19,9 +19,10 @@ the overlap case): a raw row is ``[kv_A | kv_B | s_A | s_B]`` (ratio 4) or ``[kv
 ``bias`` is (K, D) with rows 0..3 the A half and 4..7 the B half for ratio 4 (the hot-fixed ape).
 
 Guards (the launchers check index values on the host except under graph capture; these hold
-regardless): a ring page id outside ``[0, n_state_pages)`` makes its request store nothing and
-read nothing from the state, with an out row of NaN; a block whose first token's position is at or
-past ``n_cos`` (the RoPE table's rows) gives a NaN row.
+regardless): a request with a ring page id outside ``[0, n_state_pages)`` stores nothing and reads
+nothing from the state, with an out row of NaN; a block whose first token's position is at or past
+``n_cos`` (the RoPE table's rows) gives a NaN row; a prefill plan row naming a request outside
+``state_pages`` or ragged rows outside ``u`` reads and writes nothing (NaN row for a block).
 """
 
 import triton
@@ -204,16 +205,28 @@ def _dsv4_compress_decode_kernel(
 
 
 @triton.jit
-def _store_kept_row(u_ptr, state_ptr, pages_ptr, writes_ptr, i, n_state_pages, s_u, s_state, s_pages,
+def _request_pages(pages_ptr, req, use, n_req, s_pages, N_PAGES: tl.constexpr):
+    """A request's two ring page ids (the same one twice for a 1-page ring), -1 when ``use`` is
+    false or ``req`` is not a row of ``state_pages``."""
+    ok = use & (req >= 0) & (req < n_req)
+    page_a = tl.load(pages_ptr + req * s_pages, mask=ok, other=-1).to(tl.int64)
+    page_b = tl.load(pages_ptr + req * s_pages + N_PAGES - 1, mask=ok, other=-1).to(tl.int64)
+    return page_a, page_b
+
+
+@triton.jit
+def _store_kept_row(u_ptr, state_ptr, pages_ptr, writes_ptr, i, n_state_pages, n_req, n_u, s_u, s_state, s_pages,
                     RATIO: tl.constexpr, N_PAGES: tl.constexpr, W: tl.constexpr):
     """Copy ragged row writes[i, 0] (fp32) to token writes[i, 2]'s slot in request writes[i, 1]'s
-    ring; a negative ragged row is padding; a page id outside the state stores nothing."""
+    ring; a negative ragged row is padding; a request any of whose ring pages is outside the state
+    (or a row outside u) stores nothing, as in decode."""
     BW: tl.constexpr = triton.next_power_of_2(W)
     src = tl.load(writes_ptr + i * 3 + 0).to(tl.int64)
     req = tl.load(writes_ptr + i * 3 + 1).to(tl.int64)
     t = tl.load(writes_ptr + i * 3 + 2)
-    page = tl.load(pages_ptr + req * s_pages + (t // RATIO) % N_PAGES, mask=src >= 0, other=-1).to(tl.int64)
-    if (src >= 0) & (page >= 0) & (page < n_state_pages):
+    page_a, page_b = _request_pages(pages_ptr, req, src >= 0, n_req, s_pages, N_PAGES)
+    page = _ring_page(page_a, page_b, t // RATIO, N_PAGES)
+    if (src >= 0) & (src < n_u) & (t >= 0) & _pages_inside(page_a, page_b, n_state_pages):
         wc = tl.arange(0, BW)
         row = tl.load(u_ptr + src * s_u + wc, mask=wc < W).to(tl.float32)
         tl.store(state_ptr + (page * RATIO + t % RATIO) * s_state + wc, row, mask=wc < W)
@@ -223,7 +236,7 @@ def _store_kept_row(u_ptr, state_ptr, pages_ptr, writes_ptr, i, n_state_pages, s
 def _dsv4_compress_prefill_kernel(
     u_ptr, state_ptr, pages_ptr, plan_ptr, writes_ptr, bias_ptr, normw_ptr, cos_ptr, sin_ptr, out_ptr,
     pooled_ptr, sumsq_ptr, count_ptr,
-    n_compress_programs, eps, n_state_pages, n_cos, s_u, s_state, s_pages, s_cos, s_out,
+    n_compress_programs, eps, n_state_pages, n_cos, n_req, n_u, s_u, s_state, s_pages, s_cos, s_out,
     RATIO: tl.constexpr, D: tl.constexpr, LOG2_D: tl.constexpr, SPLIT: tl.constexpr, N_PAGES: tl.constexpr,
     BK: tl.constexpr, ROTATE: tl.constexpr,
 ):
@@ -237,13 +250,16 @@ def _dsv4_compress_prefill_kernel(
         i = pid.to(tl.int64) // SPLIT
         chunk = pid % SPLIT
         pos = tl.load(plan_ptr + i * 4 + 0)
+        last_u = tl.load(plan_ptr + i * 4 + 1)
+        n_new = tl.load(plan_ptr + i * 4 + 2)
         req = tl.load(plan_ptr + i * 4 + 3).to(tl.int64)
-        page_a = tl.load(pages_ptr + req * s_pages, mask=pos >= 0, other=-1).to(tl.int64)
-        page_b = tl.load(pages_ptr + req * s_pages + N_PAGES - 1, mask=pos >= 0, other=-1).to(tl.int64)
-        if (pos >= 0) & _pages_inside(page_a, page_b, n_state_pages) & (pos < n_cos):
+        page_a, page_b = _request_pages(pages_ptr, req, pos >= 0, n_req, s_pages, N_PAGES)
+        K: tl.constexpr = 8 if RATIO == 4 else RATIO
+        rows_ok = (n_new >= 1) & (n_new <= K) & (last_u < n_u) & (last_u - n_new + 1 >= 0)
+        if (pos >= 0) & _pages_inside(page_a, page_b, n_state_pages) & (pos < n_cos) & rows_ok:
             n = pos // RATIO
             _emit_block(u_ptr, state_ptr, bias_ptr, normw_ptr, cos_ptr, sin_ptr, out_ptr, pooled_ptr, sumsq_ptr, count_ptr,
-                        pos, tl.load(plan_ptr + i * 4 + 1), tl.load(plan_ptr + i * 4 + 2),
+                        pos, last_u, n_new,
                         _ring_page(page_a, page_b, n, N_PAGES), _ring_page(page_a, page_b, n - 1, N_PAGES),
                         i, chunk, eps, s_u, s_state, s_cos, s_out, RATIO, D, LOG2_D, SPLIT, BK, ROTATE)
         elif chunk == 0:
@@ -253,14 +269,14 @@ def _dsv4_compress_prefill_kernel(
                 tl.store(out_ptr + i * s_out + tl.arange(0, D), tl.zeros((D,), out_ptr.dtype.element_ty))
     else:
         _store_kept_row(u_ptr, state_ptr, pages_ptr, writes_ptr, (pid - n_compress_programs).to(tl.int64), n_state_pages,
-                        s_u, s_state, s_pages, RATIO, N_PAGES, (4 if RATIO == 4 else 2) * D)
+                        n_req, n_u, s_u, s_state, s_pages, RATIO, N_PAGES, (4 if RATIO == 4 else 2) * D)
 
 
 @triton.jit
 def _dsv4_state_write_kernel(
-    u_ptr, state_ptr, pages_ptr, writes_ptr, n_state_pages, s_u, s_state, s_pages,
+    u_ptr, state_ptr, pages_ptr, writes_ptr, n_state_pages, n_req, n_u, s_u, s_state, s_pages,
     RATIO: tl.constexpr, N_PAGES: tl.constexpr, W: tl.constexpr,
 ):
     """Program i: store kept row writes[i] (after the compress launch, when the two may not overlap)."""
-    _store_kept_row(u_ptr, state_ptr, pages_ptr, writes_ptr, tl.program_id(0).to(tl.int64), n_state_pages, s_u, s_state,
-                    s_pages, RATIO, N_PAGES, W)
+    _store_kept_row(u_ptr, state_ptr, pages_ptr, writes_ptr, tl.program_id(0).to(tl.int64), n_state_pages, n_req, n_u,
+                    s_u, s_state, s_pages, RATIO, N_PAGES, W)
