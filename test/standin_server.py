@@ -7,9 +7,9 @@ like SGLang, it calls the installed plugin's ``register()`` at start-up (the ent
 GSM8K: answers the last "Question: ... What is A plus B?" in the prompt with A+B (A*B when
 ``--wrong`` says so, to produce a failing accuracy). /generate streams one token (a word) every
 ``--token-ms`` milliseconds (at most ``--max-tokens`` of them when set). ``/server_info`` reports the
-parsed launch flags as SGLang's does (its server arguments as a dict). ``--workers N`` starts N
-processes that call ``register()`` too (SGLang's scheduler processes), with ``--worker-env K=V``
-added to their environment. Failure modes: ``--never-healthy``, ``--die-after N`` (exit after N
+parsed launch flags as SGLang's does (its server arguments as a dict). It starts one process per
+TP rank (``--workers N`` to change that) that calls ``register()`` too, as SGLang's scheduler
+processes do, with ``--worker-env K=V`` added to their environment. Failure modes: ``--never-healthy``, ``--die-after N`` (exit after N
 /generate requests), ``--fail-streams-after N`` (streamed requests after the first N get HTTP 500),
 ``--skip-plugin``.
 """
@@ -38,7 +38,7 @@ p.add_argument("--skip-plugin", action="store_true")
 p.add_argument("--token-ms", type=float, default=1.0)
 p.add_argument("--max-tokens", type=int, default=0)
 p.add_argument("--fail-streams-after", type=int, default=-1)
-p.add_argument("--workers", type=int, default=0)
+p.add_argument("--workers", type=int, default=None)  # default: one per TP rank, as SGLang's schedulers
 p.add_argument("--worker-env", action="append", default=[])
 # Launch flags SGLang reports back in /server_info (the rest are accepted and ignored).
 p.add_argument("--trust-remote-code", action="store_true")
@@ -54,9 +54,10 @@ if not args.skip_plugin:
 
     sglang_hip_decode.register()
     worker_env = dict(os.environ, **dict(kv.split("=", 1) for kv in args.worker_env))
-    for _ in range(args.workers):  # like scheduler processes: each registers and reports
-        subprocess.run([sys.executable, "-c", "import sglang_hip_decode; sglang_hip_decode.register()"], env=worker_env,
-                       check=True)
+    workers = [subprocess.Popen([sys.executable, "-c", "import sglang_hip_decode; sglang_hip_decode.register()"],
+                                env=worker_env) for _ in range(args.tp_size if args.workers is None else args.workers)]
+    if any(w.wait() != 0 for w in workers):  # scheduler processes register too, before the server is healthy
+        sys.exit("stand-in: a worker failed")
 
 SERVER_INFO = {
     "model_path": args.model_path, "tp_size": args.tp_size, "host": args.host, "port": args.port,

@@ -154,13 +154,69 @@ def test_parsers_on_real_client_output():
         validate.parse_gsm8k("no summary here")
 
 
+def test_too_few_processes_reported(files, tmp_path):
+    # SGLang calls the plugin in the launcher and in each scheduler: one status line alone means a
+    # scheduler ran without it.
+    port = free_port()
+    proc = run_runner(runner_args(files, tmp_path / "ab", port, "--workers 0"), {"SGLANG_HIP_DECODE_ANY_PLATFORM": "1"})
+    assert proc.returncode == 1
+    assert "[off] only 1 server processes wrote a plugin status, expected at least 2" in proc.stderr
+    assert processes_on_port(port) == []
+
+
+def test_gsm8k_below_the_threshold_fails_with_the_report_written(files, tmp_path):
+    port = free_port()
+    out = tmp_path / "ab"
+    proc = run_runner(runner_args(files, out, port, "--wrong", threshold=0.9), {"SGLANG_HIP_DECODE_ANY_PLATFORM": "1"})
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "validation failed: the 'on' arm's GSM8K accuracy is below the threshold 0.9 (the 'off' arm fails it too" \
+        in proc.stderr
+    assert "(FAIL)" in (out / "report.md").read_text()
+    results = json.loads((out / "results.json").read_text())
+    assert results["verdict"]["gsm8k_on_pass"] is False and results["arms"]["on"]["gsm8k"]["accuracy"] < 0.9
+
+
+def test_a_signal_during_the_last_stop_is_not_lost(files, tmp_path, monkeypatch):
+    # A SIGTERM noted while the 'on' server was being stopped: the run must end as terminated
+    # (what it measured in results.partial.json), not print a report and exit 0.
+    args = validate.build_parser().parse_args(runner_args(files, tmp_path / "ab", free_port()))
+    plan = validate.make_plan(args)
+
+    def fake_arm(plan, arm, measured):
+        measured["arm"] = arm
+        if arm == "on":
+            validate._SIGNALS.append(signal.SIGTERM)  # what the handler does
+
+    monkeypatch.setattr(validate, "run_arm", fake_arm)
+    monkeypatch.setattr(validate, "versions", lambda python: {})
+    validate._SIGNALS.clear()
+    try:
+        with pytest.raises(validate.Interrupted):
+            validate.run(plan)
+    finally:
+        validate._SIGNALS.clear()
+    assert not (plan.out / "results.json").exists()
+    partial = json.loads((plan.out / "results.partial.json").read_text())
+    assert partial["arms"] == {"off": {"arm": "off"}, "on": {"arm": "on"}} and "SIGTERM" in partial["error"]
+
+
+def test_a_runner_bug_is_exit_3_not_a_validation_result(files, tmp_path, monkeypatch, capsys):
+    def broken(plan):
+        raise TypeError("simulated bug")
+
+    monkeypatch.setattr(validate, "run", broken)
+    assert validate.main(runner_args(files, tmp_path / "ab", free_port())) == 3
+    assert "runner error (a bug, not a validation result): TypeError: simulated bug" in capsys.readouterr().err
+
+
 def test_check_bench_refuses_what_is_not_a_measurement(tmp_path):
     good = dict(completed=4, median_tpot_ms=1.5, median_itl_ms=1.4, output_len=6)
     validate.check_bench("off", good, 4, tmp_path / "log")
     for bad, message in [(dict(good, completed=0), "completed 0 of 4"), (dict(good, completed=3), "completed 3 of 4"),
                          (dict(good, median_tpot_ms=0.0), "median_tpot_ms = 0.0"),
                          (dict(good, median_tpot_ms=float("nan")), "median_tpot_ms = nan"),
-                         (dict(good, median_itl_ms=None), "median_itl_ms = None")]:
+                         (dict(good, median_itl_ms=None), "median_itl_ms = None"),
+                         (dict(good, completed=None), "completed None of 4")]:
         with pytest.raises(validate.ValidationError, match=message):
             validate.check_bench("off", bad, 4, tmp_path / "log")
 
@@ -246,6 +302,8 @@ def test_every_measured_patch_in_every_process(files, tmp_path):
 ], ids=["half-completed", "none-completed", "no-tpot"])
 def test_a_measurement_that_is_not_one_is_refused(files, tmp_path, extra, message):
     port = free_port()
+    (tmp_path / "ab").mkdir()
+    (tmp_path / "ab" / "results.json").write_text("{}")  # an earlier run's: must not survive this one
     proc = run_runner(runner_args(files, tmp_path / "ab", port, extra), {"SGLANG_HIP_DECODE_ANY_PLATFORM": "1"})
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert message in proc.stderr, proc.stderr[-3000:]
@@ -276,7 +334,7 @@ def test_preset_run_adds_arguments_and_checks_the_server(files, tmp_path):
     assert "--nsa-decode-backend tilelang --nsa-prefill-backend tilelang --kv-cache-dtype fp8_e4m3" in report
     # The same preset with the decode backend overridden to one the patches do not act on: refused.
     port = free_port()
-    args = runner_args(files, tmp_path / "ab2", port, "--nsa-decode-backend flashmla_sparse") + ["--preset", "glm5"]
+    args = runner_args(files, tmp_path / "ab2", port, "--nsa-decode-backend flashmla_sparse") + ["--preset", "glm5", "--tp", "1"]
     proc = run_runner(args, {"SGLANG_HIP_DECODE_ANY_PLATFORM": "1"})
     assert proc.returncode == 1
     assert "[off] the server does not run what the preset needs (nsa_decode_backend tilelang or aiter" in proc.stderr
@@ -295,6 +353,12 @@ def test_preset_run_adds_arguments_and_checks_the_server(files, tmp_path):
     (dict(server_args="--host 0.0.0.0 --port 1234"), "--server-args may not set --host: the runner binds 127.0.0.1"),
     (dict(server_args="--port=1234"), "--server-args may not set --port: use the runner's --port"),
     (dict(server_args="--tp-size 2"), "--server-args may not set --tp-size: use the runner's --tp"),
+    # SGLang's argparse takes any unambiguous prefix of a long flag: so does the refusal.
+    (dict(server_args="--hos 0.0.0.0"), "--server-args may not set --hos (that is --host)"),
+    (dict(server_args="--tp 4"), "--server-args may not set --tp (that is --tp-size)"),
+    (dict(server_args="--tensor=4"), "--server-args may not set --tensor (that is --tensor-parallel-size)"),
+    (dict(server_args="--model-p /elsewhere"), "--server-args may not set --model-p (that is --model-path)"),
+    (dict(server_args="--config extra.yaml"), "--server-args may not set --config: put the flags in --server-args"),
     (dict(drop="--no-such-flag", preset="glm5"), "--drop-server-arg --no-such-flag: the preset's server arguments have no"),
     (dict(out="FILE/sub"), "is not a writable folder"),
     (dict(output_len=1), "--output-len >= 2"),

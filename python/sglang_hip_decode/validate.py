@@ -18,8 +18,10 @@ request or has no positive TPOT — and stops the server (SIGTERM to the group, 
 grace period; also on Ctrl-C, SIGTERM, SIGHUP or any failure). It writes ``results.json`` and
 ``report.md``; a run that stops early leaves what it measured in ``results.partial.json``.
 
-Exit codes: 0 done; 1 the validation failed (a server, a client or a measurement was refused);
-2 usage error (nothing was started); 130 / 143 / 129 interrupted by SIGINT / SIGTERM / SIGHUP.
+Exit codes: 0 done; 1 the validation failed (a server, a client or a measurement was refused, or
+the 'on' arm's GSM8K accuracy is below the threshold: the report is still written); 2 usage error
+(nothing was started); 3 the runner itself failed (a bug: the message says where); 130 / 143 / 129
+interrupted by SIGINT / SIGTERM / SIGHUP.
 ``--dry-run`` prints every command (with the environment it sets) and runs nothing.
 """
 
@@ -46,7 +48,7 @@ from typing import Callable
 
 from . import gates
 
-EXIT_FAILED, EXIT_USAGE = 1, 2
+EXIT_FAILED, EXIT_USAGE, EXIT_INTERNAL = 1, 2, 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,10 +98,20 @@ PRESETS = {
 FAMILY_THRESHOLDS = (("glm", "GLM-5", 0.93), ("kimi", "Kimi", 0.92), ("deepseek-v4", "DeepSeek-V4", 0.91))
 
 # launch_server flags the runner sets itself (the port it polls, the loopback bind, the model it
-# reports, the TP size it records): refused in --server-args.
+# reports, the TP size it records), and --config (whose values land after the runner's flags):
+# refused in --server-args, with every prefix of them, since SGLang's argparse takes abbreviations.
 OWNED_FLAGS = {"--host": "the runner binds 127.0.0.1", "--port": "use the runner's --port",
                "--model-path": "use the runner's --model", "--model": "use the runner's --model",
-               "--tp-size": "use the runner's --tp", "--tensor-parallel-size": "use the runner's --tp"}
+               "--tp-size": "use the runner's --tp", "--tensor-parallel-size": "use the runner's --tp",
+               "--config": "put the flags in --server-args (the runner cannot check a config file)"}
+
+
+def _owned_flag(name: str) -> str | None:
+    """The runner-owned flag that ``name`` (a long flag) is, or abbreviates."""
+    for flag in OWNED_FLAGS:
+        if len(name) > 2 and flag.startswith(name):
+            return flag
+    return None
 
 
 class ValidationError(RuntimeError):
@@ -160,9 +172,10 @@ def merge_server_args(preset_args: str, extra: str, drop: list[str]) -> list[str
         tokens = kept
     extra_tokens = shlex.split(extra)
     for token in extra_tokens:
-        name = _flag_name(token)
-        if name in OWNED_FLAGS:
-            raise UsageError(f"--server-args may not set {name}: {OWNED_FLAGS[name]}")
+        owned = _owned_flag(_flag_name(token)) if token.startswith("--") else None
+        if owned:
+            shown = owned if _flag_name(token) == owned else f"{_flag_name(token)} (that is {owned})"
+            raise UsageError(f"--server-args may not set {shown}: {OWNED_FLAGS[owned]}")
     return tokens + extra_tokens
 
 
@@ -381,19 +394,31 @@ def read_status(path: Path) -> list[dict]:
     if not path.exists():
         return []
     records = []
-    for line in path.read_text().splitlines():
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
         line = line.strip()
         if line:
-            records.append(json.loads(line))
+            try:
+                record = json.loads(line)
+            except ValueError:
+                raise ValidationError(f"line {number} of {path} is not a plugin status record: {line[:200]!r}") from None
+            if not isinstance(record, dict):
+                raise ValidationError(f"line {number} of {path} is not a plugin status record: {line[:200]!r}")
+            records.append(record)
     return records
 
 
-def check_applied(arm: str, records: list[dict], measured: tuple[str, ...] = ()) -> list[str]:
-    """The patches the server applied. An 'on' arm is accepted only if every ``measured`` patch is
-    ``applied`` in every process that reported; an 'off' arm only if no process applied anything."""
+def check_applied(arm: str, records: list[dict], measured: tuple[str, ...] = (), processes: int = 1) -> list[str]:
+    """The patches the server applied. At least ``processes`` processes must have reported (SGLang
+    calls the plugin in the launcher and in every scheduler process). An 'on' arm is accepted only
+    if every ``measured`` patch is ``applied`` in every process that reported; an 'off' arm only if
+    no process applied anything."""
     if not records:
         raise ValidationError(f"[{arm}] the server wrote no plugin status: is sglang-hip-decode installed in the "
                               f"server's Python (entry point sglang.srt.plugins)? SGLang calls it in load_plugins().")
+    if len(records) < processes:
+        raise ValidationError(f"[{arm}] only {len(records)} server processes wrote a plugin status, expected at least "
+                              f"{processes} (the launcher and one scheduler per TP rank): a process that did not load "
+                              "the plugin runs unpatched")
     applied = sorted({name for r in records for name in r.get("applied", [])})
     if arm == "off" and applied:
         raise ValidationError(f"[off] the server applied {applied} although SGLANG_HIP_DECODE=0")
@@ -480,7 +505,7 @@ def parse_bench(path: Path) -> dict:
 
 def check_bench(arm: str, bench: dict, num_prompts: int, log: Path) -> None:
     """Refuse a measurement that is not one: requests that did not complete, or no decode time."""
-    if bench["completed"] < num_prompts:
+    if not isinstance(bench["completed"], int) or bench["completed"] < num_prompts:
         raise ValidationError(f"[{arm}] bench_serving completed {bench['completed']} of {num_prompts} requests: refusing "
                               f"the measurement (failed requests are not timed; see {log})")
     for key in ("median_tpot_ms", "median_itl_ms"):
@@ -518,7 +543,8 @@ def render_report(results: dict) -> str:
         f"# sglang-hip-decode A/B: {results['model']}",
         "",
         f"- family: {results['family'] or 'unknown'}; TP {results['tp']}",
-        f"- server command (off; 'on' the same with SGLANG_HIP_DECODE=1): `{results['server_cmd']}`",
+        f"- server command, off: `{results['server_cmds']['off']}`",
+        f"- server command, on: `{results['server_cmds']['on']}`",
         f"- measured patches: {', '.join(results['patches_measured'])}; applied (on): {', '.join(on['applied'])} "
         f"in all {on['processes']} reporting processes; (off): {', '.join(off['applied']) or 'none'}",
         f"- server reports: " + ", ".join(f"{k} {v}" for k, v in on["server"].items()),
@@ -547,8 +573,9 @@ def render_report(results: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m sglang_hip_decode.validate", description=__doc__.split("\n\n")[0],
-                                epilog="Exit codes: 0 done; 1 validation failed; 2 usage error (nothing started); "
-                                       "130/143/129 interrupted by SIGINT/SIGTERM/SIGHUP.")
+                                epilog="Exit codes: 0 done; 1 validation failed (incl. the 'on' arm below the GSM8K "
+                                       "threshold); 2 usage error (nothing started); 3 runner error; 130/143/129 "
+                                       "interrupted by SIGINT/SIGTERM/SIGHUP.")
     p.add_argument("--model", required=True, help="local model folder (also the tokenizer unless --tokenizer)")
     p.add_argument("--preset", choices=sorted(PRESETS), help="GLM-5 / Kimi / DeepSeek-V4 server arguments, threshold, "
                                                              "and the patches that act on it")
@@ -653,7 +680,7 @@ def run_arm(plan: Plan, arm: str, measured: dict) -> None:
         measured["server"] = {k: info[k] for k in SERVER_FIELDS if k in info}
         check_server(arm, info, plan.requires)
         records = read_status(server.status_path)
-        measured["applied"] = check_applied(arm, records, plan.measured)
+        measured["applied"] = check_applied(arm, records, plan.measured, processes=args.tp + 1)
         measured["processes"] = len(records)
         measured["status"] = records
         print(f"[{arm}] healthy; applied: {measured['applied'] or 'none'} ({len(records)} processes reported)", flush=True)
@@ -661,6 +688,7 @@ def run_arm(plan: Plan, arm: str, measured: dict) -> None:
                                                    args.client_timeout, server, "GSM8K"))
         print(f"[{arm}] GSM8K accuracy {measured['gsm8k']['accuracy']:.3f}", flush=True)
         log = server.dir / "bench_serving.log"
+        (server.dir / "bench_serving.jsonl").unlink(missing_ok=True)  # bench_serving appends; the last line is read
         run_client(plan.bench_cmd(arm), server.dir, log, args.client_timeout, server, "bench_serving")
         bench = parse_bench(server.dir / "bench_serving.jsonl")
         bench["output_len"] = args.output_len
@@ -677,17 +705,21 @@ def run(plan: Plan) -> dict:
     if not _port_free(args.port):
         raise UsageError(f"port {args.port} on 127.0.0.1 is already in use; pass a different --port")
     plan.out.mkdir(parents=True, exist_ok=True)
+    partial = plan.out / "results.partial.json"
+    for stale in (partial, plan.out / "results.json", plan.out / "report.md"):  # an earlier run's
+        stale.unlink(missing_ok=True)
     results = {"model": args.model, "family": plan.family, "threshold": plan.threshold, "tp": args.tp,
                "server_args": " ".join(shlex.quote(a) for a in plan.server_args),
-               "server_cmd": _shell(plan.server_cmd()), "patches_requested": args.patches or "default",
-               "patches_selected": list(plan.selected), "patches_measured": list(plan.measured), "arms": {},
-               "versions": versions(args.python)}
-    partial = plan.out / "results.partial.json"
-    partial.unlink(missing_ok=True)
+               "server_cmds": {arm: _shell(plan.server_cmd(), plan.server_env(arm)) for arm in ("off", "on")},
+               "patches_requested": args.patches or "default",
+               "patches_selected": list(plan.selected), "patches_measured": list(plan.measured), "arms": {}}
     try:
+        results["versions"] = versions(args.python)
         for arm in ("off", "on"):
+            _check_signals()
             results["arms"][arm] = {}
             run_arm(plan, arm, results["arms"][arm])
+            _check_signals()  # one that arrived while the server was being stopped
     except BaseException as exc:
         results["error"] = f"{type(exc).__name__}: {exc}"
         partial.write_text(json.dumps(results, indent=1, sort_keys=True, default=str))
@@ -729,10 +761,22 @@ def main(argv: list[str] | None = None) -> int:
         what = "interrupted" if signum == signal.SIGINT else f"terminated by {signal.Signals(signum).name}"
         print(f"{what}; servers stopped", file=sys.stderr)
         return 128 + signum
+    except Exception as exc:  # a bug of the runner's: still a clear line, servers already stopped
+        import traceback
+
+        traceback.print_exc()
+        print(f"runner error (a bug, not a validation result): {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_INTERNAL
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
     print((plan.out / "report.md").read_text())
+    verdict = json.loads((plan.out / "results.json").read_text())["verdict"]
+    if verdict["gsm8k_on_pass"] is False:
+        also = " (the 'off' arm fails it too: look at the model and server set-up first)" if verdict["gsm8k_off_pass"] is False else ""
+        print(f"validation failed: the 'on' arm's GSM8K accuracy is below the threshold {plan.threshold}{also}",
+              file=sys.stderr)
+        return EXIT_FAILED
     return 0
 
 
