@@ -209,6 +209,10 @@ def test_missing_sglang_is_a_clear_error():
         proc = _python_without_site_packages(f"from sglang_hip_decode.cli import main; sys.exit(main([{command!r}]))")
         assert proc.returncode == 3
         assert "sglang is not installed" in proc.stderr
+    proc = _python_without_site_packages("from sglang_hip_decode.cli import main; sys.exit(main(['status', '--json']))")
+    import json
+
+    assert proc.returncode == 3 and json.loads(proc.stdout)["exit_code"] == 3
     proc = _python_without_site_packages("from sglang_hip_decode.cli import main; sys.exit(main(['doctor']))")
     assert proc.returncode == 1 and "sglang NOT INSTALLED" in proc.stdout, proc.stderr
     assert "torch not importable" in proc.stdout

@@ -28,14 +28,18 @@ from . import __version__, evaluate, gates
 EXIT_NO_SGLANG = 3
 
 
-def _require_sglang() -> str:
+def _require_sglang(as_json: bool = False) -> str:
+    """sglang's version, or exit 3 saying why not (as a JSON object too, for ``--json``)."""
     try:
         version = gates.sglang_version()
+        problem = None if version is not None and importlib.util.find_spec("sglang") is not None else \
+            "sglang is not installed in this Python environment"
     except Exception as exc:
-        version = None
-        print(f"sglang-hip-decode: cannot read sglang's version: {type(exc).__name__}: {exc}", file=sys.stderr)
-    if version is None or importlib.util.find_spec("sglang") is None:
-        print("sglang-hip-decode: sglang is not installed in this Python environment", file=sys.stderr)
+        version, problem = None, f"cannot read sglang's version (a broken installation?): {type(exc).__name__}: {exc}"
+    if problem:
+        if as_json:
+            print(json.dumps({"error": problem, "exit_code": EXIT_NO_SGLANG}))
+        print(f"sglang-hip-decode: {problem}", file=sys.stderr)
         raise SystemExit(EXIT_NO_SGLANG)
     return version
 
@@ -47,7 +51,7 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 
 def cmd_status(args) -> int:
-    _require_sglang()
+    _require_sglang(as_json=args.json)
     report = evaluate()
     if args.json:
         print(json.dumps(dict(report.to_json(), exit_code=report.exit_code), indent=2, sort_keys=True))
