@@ -66,7 +66,7 @@ def pytest_sessionfinish(session, exitstatus):
 
 def pytest_terminal_summary(terminalreporter):
     try:
-        from sglang_hip_decode import providers
+        from sglang_hip_decode.testing import providers
 
         terminalreporter.write_line(f"kernel providers used: {providers.describe_used()}")
     except Exception as exc:  # reporting must not hide the real result

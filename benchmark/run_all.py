@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from sglang_hip_decode.harness.report import render
+from sgl_hip_kernels.testing.report import render
 
 ROOT = Path(__file__).resolve().parents[1]
 SEARCH = (ROOT / "benchmark" / "decode", ROOT / "sgl-kernel" / "benchmark")

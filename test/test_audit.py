@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from sglang_hip_decode.audit import CopyAudit
+from sglang_hip_decode.testing.audit import CopyAudit
 
 
 def randn(*shape, rng, dtype=torch.float32):

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from sglang_hip_decode import evaluate, patching
-from sglang_hip_decode.audit import CopyAudit
-from sglang_hip_decode.harness.nsa_indexer import IndexerCase, IndexerPath, import_indexer
+from sglang_hip_decode.testing.audit import CopyAudit
+from sglang_hip_decode.testing.nsa_indexer import IndexerCase, IndexerPath, import_indexer
 from sglang_hip_decode.patches.indexer_rope_guard import PATCH
 
 

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from sglang_hip_decode import evaluate, patching
-from sglang_hip_decode.audit import CopyAudit
-from sglang_hip_decode.harness.mla_decode import MlaDecodeCase, MlaDecodePath, import_sglang, make_inputs
+from sglang_hip_decode.testing.audit import CopyAudit
+from sglang_hip_decode.testing.mla_decode import MlaDecodeCase, MlaDecodePath, import_sglang, make_inputs
 from sglang_hip_decode.patches.mxfp4_vbmm_layout import PATCH
 from sglang_hip_decode.patches.nsa_cat_skip import PATCH as CAT_SKIP
 

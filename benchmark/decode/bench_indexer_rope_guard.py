@@ -26,9 +26,10 @@ import types
 import torch
 
 from sglang_hip_decode import patching
-from sglang_hip_decode.harness import timing
-from sglang_hip_decode.harness.nsa_indexer import IndexerCase, IndexerPath, _Linear, import_indexer
-from sglang_hip_decode.harness.report import render
+from sgl_hip_kernels.testing import timing
+from sglang_hip_decode.testing.ab import ab_runs
+from sglang_hip_decode.testing.nsa_indexer import IndexerCase, IndexerPath, _Linear, import_indexer
+from sgl_hip_kernels.testing.report import render
 from sglang_hip_decode.patches.indexer_rope_guard import PATCH
 from sglang_hip_decode.patching import Edit, Hunk, Patch
 
@@ -55,7 +56,7 @@ def measure(case: IndexerCase, ni, gpu: bool, repeats: int) -> dict:
     row = {"tokens": case.tokens, "rope": "in place" if case.in_place_rope else "out of place"}
     arms = {arm: (ARM_PATCH[arm],) if ARM_PATCH[arm] is not None else () for arm in ARMS}
     with path.rotate_stand_in():
-        runs = timing.ab_runs(call, arms, 8, repeats, gpu)
+        runs = ab_runs(call, arms, 8, repeats, gpu)
     for arm, r in runs.items():
         row[f"copies_{arm}"] = f"{r.audit.total_count} ({r.audit.total_bytes} B)"
     if gpu:

@@ -19,10 +19,11 @@ import sys
 
 import torch
 
-from sglang_hip_decode import providers
-from sglang_hip_decode.harness import timing
-from sglang_hip_decode.harness.mla_decode import KIMI_K2, MlaDecodeCase, MlaDecodePath, import_sglang, make_inputs, model_shapes
-from sglang_hip_decode.harness.report import emit
+from sglang_hip_decode.testing import providers
+from sgl_hip_kernels.testing import timing
+from sglang_hip_decode.testing.ab import ab_runs
+from sglang_hip_decode.testing.mla_decode import KIMI_K2, MlaDecodeCase, MlaDecodePath, import_sglang, make_inputs, model_shapes
+from sgl_hip_kernels.testing.report import emit
 from sglang_hip_decode.patches.mxfp4_vbmm_layout import PATCH
 
 BATCHES = (1, 4, 16, 64, 128, 256)
@@ -36,7 +37,7 @@ def measure(case: MlaDecodeCase, sg, calls: int, repeats: int, gpu: bool, layers
     x = make_inputs(case, gen)
     fb = path.forward_batch(x)
     with path.hip():
-        runs = timing.ab_runs(lambda: path.step(x, fb), {"unpatched": (), "patched": (PATCH,)}, calls, repeats, gpu)
+        runs = ab_runs(lambda: path.step(x, fb), {"unpatched": (), "patched": (PATCH,)}, calls, repeats, gpu)
     row = {"o_proj": case.o_proj, "batch": case.batch}
     for arm, r in runs.items():
         row[f"copies_{arm}"] = f"{r.audit.total_count / case.layers:g} ({r.audit.total_bytes // case.layers} B)"

@@ -20,10 +20,11 @@ import sys
 
 import torch
 
-from sglang_hip_decode import providers
-from sglang_hip_decode.harness import timing
-from sglang_hip_decode.harness.report import emit
-from sglang_hip_decode.harness.mla_decode import GLM5, MlaDecodeCase, MlaDecodePath, import_sglang, make_inputs, model_shapes
+from sglang_hip_decode.testing import providers
+from sgl_hip_kernels.testing import timing
+from sglang_hip_decode.testing.ab import ab_runs
+from sgl_hip_kernels.testing.report import emit
+from sglang_hip_decode.testing.mla_decode import GLM5, MlaDecodeCase, MlaDecodePath, import_sglang, make_inputs, model_shapes
 from sglang_hip_decode.patches.nsa_cat_skip import PATCH
 
 BATCHES = (1, 4, 16, 64, 128, 256)
@@ -42,7 +43,7 @@ def measure(case: MlaDecodeCase, sg, calls: int, repeats: int, gpu: bool) -> dic
     row = {"heads": case.heads, "batch": case.batch, "kv": case.kv_dtype}
     with path.hip():
         step = lambda: path.step(x, fb)  # noqa: E731
-        runs = timing.ab_runs(step, {"unpatched": (), "patched": (PATCH,)}, calls, repeats, gpu)
+        runs = ab_runs(step, {"unpatched": (), "patched": (PATCH,)}, calls, repeats, gpu)
     audits = {arm: r.audit for arm, r in runs.items()}
     cats = {arm: audits[arm].counts["cat"] / case.layers for arm in audits}
     row.update(cats_unpatched=cats["unpatched"], cats_patched=cats["patched"],

@@ -132,7 +132,7 @@ def _probe_import(module: str) -> str:
 
 
 def cmd_doctor(args) -> int:
-    from . import providers
+    from .testing import providers
 
     lines = [f"sglang-hip-decode {__version__}", f"python {sys.version.split()[0]}"]
     version = gates.sglang_version()

@@ -34,6 +34,7 @@ applies later, in ``apply_hooks()``; the parity tests need an exact in-process A
 from __future__ import annotations
 
 import __future__
+import contextlib
 import dataclasses
 import importlib
 import inspect
@@ -41,11 +42,12 @@ import io
 import linecache
 import os
 import sys
-import textwrap
 import threading
 import tokenize
 import types
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
+
+from .declare import Edit, Hunk, Patch, _split_target  # re-exported: patching.Patch keeps working
 
 __all__ = [
     "Hunk",
@@ -54,6 +56,7 @@ __all__ = [
     "PatchError",
     "apply",
     "unapply",
+    "applied",
     "is_applied",
     "active_patches",
     "patched_source",
@@ -63,67 +66,6 @@ __all__ = [
 
 # Marker set on every function the engine installs: the names of the patches it carries.
 PATCHED_MARKER = "__sglang_hip_decode_patches__"
-
-
-@dataclasses.dataclass(frozen=True)
-class Hunk:
-    """Replace the lines ``before`` (which must occur exactly once) with ``after``.
-
-    Both are written dedented; leading and trailing blank lines are ignored. The match may sit at
-    any indentation inside the method, and ``after`` is re-indented by the same amount.
-    """
-
-    before: str
-    after: str
-
-    def before_lines(self) -> list[str]:
-        return _normalise(self.before)
-
-    def after_lines(self) -> list[str]:
-        return _normalise(self.after)
-
-
-@dataclasses.dataclass(frozen=True)
-class Edit:
-    """The hunks applied to one target method, ``"package.module:Class.method"``."""
-
-    target: str
-    hunks: tuple[Hunk, ...]
-
-    def __post_init__(self) -> None:
-        _split_target(self.target)  # validates the form early, at import of the patch file
-        if not self.hunks:
-            raise ValueError(f"edit of {self.target} has no hunks")
-
-
-@dataclasses.dataclass(frozen=True)
-class Patch:
-    """One switchable decode-path edit, declared as data.
-
-    ``gate`` is ``"hip"`` (applied only on ROCm unless forced) or ``"any"``. ``default`` says
-    whether the patch is in the default set. ``upstream`` names the upstream change and release
-    that later carries an equivalent; ``summary`` is one line for ``status``.
-    """
-
-    name: str
-    summary: str
-    edits: tuple[Edit, ...]
-    gate: str = "hip"
-    default: bool = True
-    upstream: str = ""
-
-    def __post_init__(self) -> None:
-        if self.gate not in ("hip", "any"):
-            raise ValueError(f"patch {self.name}: gate must be 'hip' or 'any', not {self.gate!r}")
-        if not self.edits:
-            raise ValueError(f"patch {self.name} has no edits")
-        targets = [e.target for e in self.edits]
-        if len(set(targets)) != len(targets):
-            raise ValueError(f"patch {self.name}: a target appears twice; merge its hunks")
-
-    @property
-    def targets(self) -> tuple[str, ...]:
-        return tuple(e.target for e in self.edits)
 
 
 class PatchError(Exception):
@@ -149,14 +91,6 @@ class _Target:
 _LOCK = threading.RLock()
 _TARGETS: dict[str, _Target] = {}
 _SUPPORTED_KINDS = (types.FunctionType, staticmethod, classmethod)
-
-
-def _split_target(target: str) -> tuple[str, list[str]]:
-    module, sep, path = target.partition(":")
-    parts = path.split(".") if path else []
-    if not sep or not module or len(parts) < 2 or not all(p.isidentifier() for p in parts):
-        raise ValueError(f"target {target!r} is not of the form 'package.module:Class.method'")
-    return module, parts
 
 
 def resolve_target(target: str) -> tuple[type, str, object]:
@@ -242,15 +176,6 @@ def _require_plain(target: str, owner: type, raw: object) -> None:
 
 # --------------------------------------------------------------------------------------------
 # Source editing
-
-
-def _normalise(text: str) -> list[str]:
-    lines = textwrap.dedent(text).split("\n")
-    while lines and not lines[0].strip():
-        lines.pop(0)
-    while lines and not lines[-1].strip():
-        lines.pop()
-    return [line.rstrip() for line in lines]
 
 
 def _find(source: list[str], before: list[str]) -> list[tuple[int, str]]:
@@ -545,6 +470,20 @@ def unapply(patch: Patch) -> None:
             return
         active_after = {t: [p for p in _TARGETS[t].active if p.name != patch.name] for t in targets}
         _install(_plan(targets, active_after), active_after)
+
+
+@contextlib.contextmanager
+def applied(*patches: Patch) -> Iterator[None]:
+    """Apply ``patches`` in order for the block, unapply them in reverse after it (also on errors)."""
+    done = []
+    try:
+        for patch in patches:
+            apply(patch)
+            done.append(patch)
+        yield
+    finally:
+        for patch in reversed(done):
+            unapply(patch)
 
 
 def active_patches(target: str) -> tuple[str, ...]:

@@ -12,8 +12,9 @@ Per shape, in one run on the GPU, each a CUDA graph of ``calls`` calls that rota
 independent input sets (so L2 does not hold the previous call's rows; it is also flushed before every
 replay), µs per call, median [p20, p80], replays interleaved:
 * ``fused`` — sgl_hip_kernels.dsv4_compress (one launch: decode, and prefill without a prefix);
-* ``torch`` — the unfused torch sequence: state write, row gather, bias add, masked softmax, weighted
-  sum, RMSNorm, RoPE (and the rotation as a matmul);
+* ``torch`` — the unfused torch sequence (``compress_ref.compress_{decode,prefill}_torch``, the tests'
+  own baseline): state write, row gather, bias add, masked softmax, weighted sum, RMSNorm, RoPE (and
+  the rotation as a matmul);
 * ``floor`` — an empty Triton kernel launched on the same grid (what one launch costs);
 bytes moved term by term (``moved_bytes``) -> GB/s and % of the device-to-device copy bandwidth
 measured in the same run.
@@ -31,10 +32,12 @@ import sys
 import torch
 import triton
 
-from sglang_hip_decode.harness import timing
-from sglang_hip_decode.harness.report import bench_args, emit
-from sgl_hip_kernels.dsv4_compress import compress_decode, compress_prefill, plan_prefill, ratio_geometry
-from sgl_hip_kernels.ref import hadamard_ref
+from sgl_hip_kernels.testing import timing
+from sgl_hip_kernels.testing.report import bench_args, emit
+from sgl_hip_kernels.dsv4.compress import compress_decode, compress_prefill
+from sgl_hip_kernels.dsv4.compress_ref import compress_decode_torch, compress_prefill_torch
+from sgl_hip_kernels.dsv4.plan import plan_prefill, ratio_geometry
+from sgl_hip_kernels.rotations_ref import hadamard_ref
 
 CONFIGS = (("attn c4", 4, 512, False), ("attn c128", 128, 512, False), ("indexer c4", 4, 128, True))
 DECODE = (1, 4, 16, 64, 128, 256)
@@ -82,43 +85,15 @@ def decode_set(c: Compressor, batch: int, all_emit: bool, gen):
     }
 
 
-def torch_pool(c: Compressor, rows, valid, pos):
-    """The unfused torch sequence over gathered raw rows (N, K, W): bias, masked softmax, weighted
-    sum, RMSNorm, GPT-J RoPE on the last 64 at ``pos``, rotation."""
-    d = c.d
-    if c.ratio == 4:
-        kv = torch.cat([rows[:, :4, :d], rows[:, 4:, d:2 * d]], 1)
-        score = torch.cat([rows[:, :4, 2 * d:3 * d], rows[:, 4:, 3 * d:]], 1)
-    else:
-        kv, score = rows[..., :d], rows[..., d:]
-    score = (score + c.bias).masked_fill(~valid[..., None], float("-inf"))
-    pooled = (torch.softmax(score, 1).nan_to_num(0.0) * kv).sum(1)
-    y = pooled * torch.rsqrt(pooled.pow(2).mean(-1, keepdim=True) + EPS) * c.norm_w
-    pairs = y[:, -64:].unflatten(-1, (32, 2))
-    cos, sin = c.cos[pos], c.sin[pos]
-    rope = torch.stack([pairs[..., 0] * cos - pairs[..., 1] * sin, pairs[..., 1] * cos + pairs[..., 0] * sin], -1)
-    y = torch.cat([y[:, :-64], rope.flatten(-2)], -1)
-    return y @ c.hadamard if c.rotate else y
-
-
 def torch_decode(c: Compressor, s):
-    r, seq_lens, pages, state = c.ratio, s["seq_lens"].long(), s["pages"].long(), s["state"]
-    t = seq_lens - 1
-    state.index_copy_(0, pages.gather(1, ((t // r) % c.n_pages)[:, None])[:, 0] * r + t % r, s["u"])
-    emit = (seq_lens > 0) & (seq_lens % r == 0)
-    pos = (seq_lens - r).clamp(min=0)
-    q = pos[:, None] - (4 if r == 4 else 0) + torch.arange(c.k, device=state.device)
-    qs = q.clamp(min=0)
-    rows = state[pages.gather(1, (qs // r) % c.n_pages) * r + qs % r]
-    y = torch_pool(c, rows, (q >= 0) & emit[:, None], pos)
-    return torch.where(emit[:, None], y, torch.zeros_like(y))
+    """The test's own baseline (``compress_ref.compress_decode_torch``, checked there against the
+    per-block reference), the rotation applied as a matmul."""
+    return compress_decode_torch(s["u"], s["state"], s["pages"], s["seq_lens"], *c.params(), c.ratio,
+                                 rotation=c.hadamard if c.rotate else None)
 
 
 def torch_prefill(c: Compressor, u):
-    r = c.ratio
-    pos = torch.arange(u.shape[0] // r, device=u.device) * r
-    q = pos[:, None] - (4 if r == 4 else 0) + torch.arange(c.k, device=u.device)
-    return torch_pool(c, u[q.clamp(min=0)], q >= 0, pos)
+    return compress_prefill_torch(u, c.ratio, *c.params(), rotation=c.hadamard if c.rotate else None)
 
 
 def decode_bytes(c: Compressor, s) -> int:

@@ -3,7 +3,7 @@
 DeepSeek-V4 shapes (reference §5): 64 q heads without weight, 1 k head with weight, head dim 512,
 bf16; decode batch 1..256 tokens and prefill 8192 tokens. Per shape, in one run on the GPU, each as a
 CUDA graph of ``calls`` calls (µs per call, median [p20, p80], replays interleaved):
-* ``fused`` — sgl_hip_kernels.qk_norm.fused_qk_norm (one launch);
+* ``fused`` — sgl_hip_kernels.dsv4.qk_norm.fused_qk_norm (one launch);
 * ``torch`` — the unfused torch ops (q norm, then k norm with its weight);
 * ``floor`` — an empty Triton kernel launched the same way (what one launch costs);
 bytes moved term by term (read q, k, weight; write q, k) -> GB/s and % of the device-to-device copy
@@ -20,10 +20,10 @@ import sys
 import torch
 import triton
 
-from sglang_hip_decode.harness import timing
-from sglang_hip_decode.harness.report import bench_args, emit
-from sgl_hip_kernels.qk_norm import fused_qk_norm
-from sgl_hip_kernels.ref import fused_qk_norm_ref
+from sgl_hip_kernels.testing import timing
+from sgl_hip_kernels.testing.report import bench_args, emit
+from sgl_hip_kernels.dsv4.qk_norm import fused_qk_norm
+from sgl_hip_kernels.dsv4.qk_norm_ref import fused_qk_norm_ref
 
 HQ, HK, D = 64, 1, 512
 DECODE = (1, 4, 16, 64, 128, 256)
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     rows = [measure(t, args.repeats, copy_gbps) for t in tokens]
     emit({
         "benchmark": f"dsv4 fused QK RMSNorm (64 q heads, 1 k head, D 512, bf16); copy bandwidth {copy_gbps:.0f} GB/s",
-        "device": timing.device_name(), "providers": "triton (sgl_hip_kernels.qk_norm) vs torch ops",
+        "device": timing.device_name(), "providers": "triton (sgl_hip_kernels.dsv4.qk_norm) vs torch ops",
         "columns": ["tokens", "fused_us", "torch_us", "floor_us", "fused/floor", "torch/fused", "bytes", "GBps", "pct_copy_bw",
                     "kernels_fused", "kernels_torch", "max_abs_err_vs_ref"],
         "rows": rows,

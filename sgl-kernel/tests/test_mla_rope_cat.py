@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from kernel_checks import assert_within_torch_error, graph_replay_equals_eager
-from sgl_hip_kernels.mla_rope_cat import fused_qk_rope_cat_and_cache_mla
-from sgl_hip_kernels.ref import _rope_fp32, fused_qk_rope_cat_and_cache_mla_ref
+from sgl_hip_kernels.standins.mla_rope_cat import fused_qk_rope_cat_and_cache_mla
+from sgl_hip_kernels.rotations_ref import rope_ref
+from sgl_hip_kernels.standins.mla_rope_cat_ref import fused_qk_rope_cat_and_cache_mla_ref
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -113,10 +114,10 @@ def test_zero_and_one_token(rng, b):
 def test_reference_rope_is_complex_rotation(rng):
     x = torch.randn(4, 3, 64, generator=rng, dtype=torch.float64)
     angle = torch.rand(4, 1, 32, generator=rng, dtype=torch.float64)
-    got = _rope_fp32(x.float(), angle.cos().float(), angle.sin().float(), is_neox=False).double()
+    got = rope_ref(x.float(), angle.cos().float(), angle.sin().float(), is_neox=False).double()
     want = torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (32, 2))) * torch.polar(torch.ones_like(angle), angle)).flatten(-2)
     assert (got - want).abs().max() < 1e-5
-    neox = _rope_fp32(x.float(), angle.cos().float(), angle.sin().float(), is_neox=True).double()
+    neox = rope_ref(x.float(), angle.cos().float(), angle.sin().float(), is_neox=True).double()
     halves = torch.complex(x[..., :32], x[..., 32:]) * torch.polar(torch.ones_like(angle), angle)
     assert (neox - torch.cat([halves.real, halves.imag], -1)).abs().max() < 1e-5
 
@@ -151,12 +152,12 @@ def test_gpu_bf16_fp8_against_reference(rng, cache_dtype, q_dtype, is_neox):
     assert bits_equal(tri[0][..., :512].contiguous(), ref[0][..., :512].contiguous())
     xd = to("cuda", x)
     table = lambda t: t.reshape(t.shape[0], -1)[xd["pos"]][:, None, :].double()  # noqa: E731
-    q_rope64 = _rope_fp32(xd["q_pe"].double(), table(xd["cos"]), table(xd["sin"]), is_neox)
+    q_rope64 = rope_ref(xd["q_pe"].double(), table(xd["cos"]), table(xd["sin"]), is_neox)
     # torch's own same-precision result is the reference rounded once to the output dtype.
     assert_within_torch_error(tri[0][..., 512:].float(), q_rope64, ref[0][..., 512:].float(), "q rope")
     valid = slot_mapping >= 0
     rows, slots = valid.nonzero()[:, 0], slot_mapping[valid]
-    k_rope64 = _rope_fp32(xd["k_pe"][rows].double(), table(xd["cos"])[rows], table(xd["sin"])[rows], is_neox)
+    k_rope64 = rope_ref(xd["k_pe"][rows].double(), table(xd["cos"])[rows], table(xd["sin"])[rows], is_neox)
     cache64 = torch.cat([xd["k_nope"][rows].double(), k_rope64], -1) * (1 / scale.double())
     assert_within_torch_error(tri[3][slots].float(), cache64, ref[3][slots].float(), "kv cache")
     graph_replay_equals_eager(

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from kernel_checks import assert_within_torch_error, graph_replay_equals_eager
-from sgl_hip_kernels import ref
-from sgl_hip_kernels.mxfp4 import batched_gemm_afp4wfp4_pre_quant, fused_flatten_fp8_group_quant, fused_flatten_mxfp4_quant
+from sgl_hip_kernels.standins import mxfp4_ref as ref
+from sgl_hip_kernels.standins.mxfp4 import batched_gemm_afp4wfp4_pre_quant, fused_flatten_fp8_group_quant, fused_flatten_mxfp4_quant
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from kernel_checks import assert_within_torch_error, graph_replay_equals_eager
-from sgl_hip_kernels.qk_norm import fused_qk_norm
-from sgl_hip_kernels.ref import fused_qk_norm_ref
+from sgl_hip_kernels.dsv4.qk_norm import fused_qk_norm
+from sgl_hip_kernels.dsv4.qk_norm_ref import fused_qk_norm_ref
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 

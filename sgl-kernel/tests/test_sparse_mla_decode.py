@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from kernel_checks import assert_within_torch_error, graph_replay_equals_eager
-from sgl_hip_kernels.ref import sparse_mla_decode_ref
-from sgl_hip_kernels.sparse_mla_decode import sparse_mla_decode
+from sgl_hip_kernels.standins.sparse_mla_decode_ref import sparse_mla_decode_ref
+from sgl_hip_kernels.standins.sparse_mla_decode import sparse_mla_decode
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -11,7 +11,7 @@ import importlib
 import importlib.util
 from typing import Sequence
 
-from ..patching import Patch
+from ..declare import Patch
 
 
 @dataclasses.dataclass(frozen=True)

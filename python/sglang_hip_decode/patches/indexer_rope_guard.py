@@ -28,7 +28,7 @@ Upstream: the data_ptr-only form is still there in 0.5.23 (``dsa_indexer.py``). 
 when upstream's guard compares the whole view.
 """
 
-from ..patching import Edit, Hunk, Patch
+from ..declare import Edit, Hunk, Patch
 
 PATCH = Patch(
     name="indexer-rope-guard",

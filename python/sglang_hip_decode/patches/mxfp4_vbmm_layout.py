@@ -21,7 +21,7 @@ Upstream: #25463, in sglang 0.5.13 (0.5.23 extends it to the fp8 and bf16 v-bmm)
 patch when the pinned sglang moves to 0.5.13 or later.
 """
 
-from ..patching import Edit, Hunk, Patch
+from ..declare import Edit, Hunk, Patch
 
 FORWARD_MLA = "sglang.srt.models.deepseek_common.attention_forward_methods.forward_mla"
 

@@ -29,7 +29,7 @@ Upstream: #24125, in sglang 0.5.12 (decode/idle; 0.5.23 extends it to target-ver
 Delete this patch when the pinned sglang moves to 0.5.12 or later.
 """
 
-from ..patching import Edit, Hunk, Patch
+from ..declare import Edit, Hunk, Patch
 
 FORWARD_MLA = "sglang.srt.models.deepseek_common.attention_forward_methods.forward_mla"
 NSA_BACKEND = "sglang.srt.layers.attention.nsa_backend"

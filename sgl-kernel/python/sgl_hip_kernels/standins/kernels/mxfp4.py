@@ -1,7 +1,7 @@
 """Triton bodies: MXFP4 (e2m1 + e8m0 per 32) quantisation with aiter's exact integer rounding, the
 flatten-quant kernels the MLA o_proj uses (MXFP4 and FP8 per group), and the MXFP4 pre-quant
-batched GEMM of the v-bmm. The rounding rules are stated in ``ref.mxfp4_quant_ref`` /
-``ref.fused_flatten_fp8_group_quant_ref``; these bodies compute the same bits."""
+batched GEMM of the v-bmm. The rounding rules are stated in ``mxfp4_ref.mxfp4_quant_ref`` /
+``mxfp4_ref.fused_flatten_fp8_group_quant_ref``; these bodies compute the same bits."""
 
 import triton
 import triton.language as tl

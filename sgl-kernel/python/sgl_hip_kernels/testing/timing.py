@@ -1,4 +1,4 @@
-"""Timing for the decode benchmarks: CUDA graphs, A/B interleaving, median with p20/p80.
+"""Timing for microsecond GPU work: CUDA graphs, interleaved arms, median with p20/p80.
 
 Decode work is microseconds long, so each measurement replays a CUDA graph that holds ``calls``
 invocations and divides by ``calls``; the arms of an A/B comparison are replayed alternately so that
@@ -120,35 +120,3 @@ def device_name() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
     return "cpu"
-
-
-@dataclasses.dataclass
-class ArmResult:
-    audit: object  # a CopyAudit of one eager call
-    kernels: float | None  # GPU kernels per call (None on the CPU)
-    samples: list[float] | None  # µs per call, one per round (None on the CPU)
-
-
-def ab_runs(call: Callable[[], object], arms: dict, calls: int, repeats: int, gpu: bool) -> dict[str, ArmResult]:
-    """Run ``call`` under each arm (``{name: patches to apply}``): a copy audit of one eager call, and
-    on a GPU the kernels of one call and µs-per-call samples from interleaved CUDA-graph replays
-    (``calls`` calls per graph)."""
-    from .. import patching
-    from ..audit import CopyAudit
-
-    audits, kernels, graphs = {}, {}, {}
-    for name, patches in arms.items():
-        for patch in patches:
-            patching.apply(patch)
-        try:
-            with CopyAudit() as audit:
-                call()
-            audits[name] = audit
-            if gpu:
-                kernels[name] = count_gpu_kernels(call)
-                graphs[name] = capture(call, calls)
-        finally:
-            for patch in reversed(patches):
-                patching.unapply(patch)
-    samples = time_graphs(graphs, calls, repeats) if gpu else {}
-    return {name: ArmResult(audits[name], kernels.get(name), samples.get(name)) for name in arms}

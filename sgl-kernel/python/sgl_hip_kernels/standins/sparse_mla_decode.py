@@ -1,5 +1,5 @@
 """Portable NSA sparse MLA decode with TileLang's ``tilelang_sparse_fwd`` contract (see
-``ref.sparse_mla_decode_ref``): ``q`` (N, H, d_v + rope), ``kv`` (slots, 1, d_v + rope), ``indices``
+``sparse_mla_decode_ref``): ``q`` (N, H, d_v + rope), ``kv`` (slots, 1, d_v + rope), ``indices``
 (N, 1, topk) int32 with -1 for none; output (N, H, d_v), bf16 (fp32 for fp32 inputs). fp8 inputs
 are read as their values (k_scale = 1, as TileLang's fp8 kernel assumes)."""
 

@@ -17,66 +17,34 @@ the upstream code's copies, not the reference kernels' internals. The CUDA-only 
 (flashmla_sparse, flashmla_kv, fa3, trtllm) and ``forward_extend`` are recorders that compute the same
 attention from what they were handed, so their inputs and outputs can be compared too.
 
-Shapes (GLM-5, ``glm_moe_dsa``, from its published config, as SPEC records them): 78 layers, 64
-attention heads (8 per rank at TP8, 64 with DP attention), kv_lora_rank 512, qk_rope 64, index_topk
-2048. The post-attention v-bmm and o_proj only need consistent shapes: v_head_dim 128 (DeepSeek-V3.2's)
-unless a config says otherwise.
+The stand-in backends and o_proj are in ``fake_backends``, the model shapes in ``shapes``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib
 import types
 from typing import Callable, Optional
 
 import torch
 
-from .. import providers
-from ..audit import opaque
-
-GLM5 = dict(layers=78, heads=64, kv_lora_rank=512, rope_dim=64, topk=2048, v_head_dim=128)
-# Kimi-K2 (published config): 61 layers, 64 heads, kv_lora_rank 512, qk_rope 64, v_head_dim 128.
-KIMI_K2 = dict(layers=61, heads=64, kv_lora_rank=512, rope_dim=64, v_head_dim=128, hidden=7168)
-
-
-
-def model_shapes(defaults: dict, config_path: str | None = None) -> dict:
-    """``defaults`` overridden by a model's ``config.json`` where it names the same quantities."""
-    import json
-
-    shapes = dict(defaults)
-    if config_path:
-        with open(config_path) as fh:
-            cfg = json.load(fh)
-        for key, name in (("layers", "num_hidden_layers"), ("heads", "num_attention_heads"), ("kv_lora_rank", "kv_lora_rank"),
-                          ("rope_dim", "qk_rope_head_dim"), ("topk", "index_topk"), ("v_head_dim", "v_head_dim"),
-                          ("hidden", "hidden_size")):
-            if name in cfg:
-                shapes[key] = cfg[name]
-    return shapes
-
+from . import providers
+from .audit import opaque
+from .fake_backends import OProj, aiter_mla_backend, nsa_backend, wrap_backend
+from .shapes import GLM5, KIMI_K2, model_shapes  # noqa: F401 (the shapes the benchmarks name)
+from .sglang_import import import_modules, swap_attrs
 
 FM = "sglang.srt.models.deepseek_common.attention_forward_methods.forward_mla"
 NB = "sglang.srt.layers.attention.nsa_backend"
 
 
 def import_sglang() -> types.SimpleNamespace:
-    """Import the sglang modules the path needs. On CUDA, sglang would import sgl_kernel (absent
-    here): hide CUDA during the import only, so module flags come out as on a CPU host."""
-    real = torch.cuda.is_available
-    torch.cuda.is_available = lambda: False
-    try:
-        fm = importlib.import_module(FM)
-        nb = importlib.import_module(NB)
-        fbi = importlib.import_module("sglang.srt.model_executor.forward_batch_info")
-        ra = importlib.import_module("sglang.srt.layers.radix_attention")
-        dv2 = importlib.import_module("sglang.srt.models.deepseek_v2")
-        hybrid = importlib.import_module("sglang.srt.layers.attention.hybrid_attn_backend")
-        tbo = importlib.import_module("sglang.srt.layers.attention.tbo_backend")
-    finally:
-        torch.cuda.is_available = real
+    """The sglang modules the path needs (CUDA hidden during the import: ``sglang_import``)."""
+    fm, nb, fbi, ra, dv2, hybrid, tbo = import_modules(
+        FM, NB, "sglang.srt.model_executor.forward_batch_info", "sglang.srt.layers.radix_attention",
+        "sglang.srt.models.deepseek_v2", "sglang.srt.layers.attention.hybrid_attn_backend",
+        "sglang.srt.layers.attention.tbo_backend")
     return types.SimpleNamespace(
         fm=fm, nb=nb, ForwardMode=fbi.ForwardMode, RadixAttention=ra.RadixAttention,
         AttentionMLA=dv2.DeepseekV2AttentionMLA, Backend=nb.NativeSparseAttnBackend,
@@ -173,40 +141,9 @@ def make_inputs(case: MlaDecodeCase, gen: torch.Generator) -> MlaDecodeInputs:
 
 
 def _mxfp4_quantise(x: torch.Tensor):
-    from sgl_hip_kernels.ref import mxfp4_quant_ref
+    from sgl_hip_kernels.standins.mxfp4_ref import mxfp4_quant_ref
 
     return mxfp4_quant_ref(x)
-
-
-class _OProj(torch.nn.Module):
-    """o_proj stand-in: ``weight.dtype`` picks forward_absorb_core's quant branch; the forward takes
-    what that branch produces (bf16 (B, H*V), or the (values, scales) tuple of the FP8 / MXFP4 quant),
-    dequantises it (fp32) and applies a bf16 weight. Identical work in both arms of an A/B."""
-
-    def __init__(self, kind: str, weight: torch.Tensor, device):
-        super().__init__()
-        self.kind = kind
-        self.dense = weight.to(torch.bfloat16).to(device)
-        dtype = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn, "mxfp4": torch.uint8}[kind]
-        self.weight = types.SimpleNamespace(dtype=dtype)
-
-    def forward(self, x):
-        return _o_proj_kernel(self, x)
-
-    def _apply(self, x):
-        if self.kind == "bf16":
-            return x @ self.dense.t(), None
-        values, scales = x
-        if self.kind == "fp8":
-            deq = (values.float().unflatten(-1, (scales.shape[-1], -1)) * scales[..., None]).flatten(-2)
-        else:
-            from sgl_hip_kernels.ref import mxfp4_dequant_ref
-
-            deq = mxfp4_dequant_ref(values, scales.contiguous())
-        return (deq.to(torch.bfloat16) @ self.dense.t()), None
-
-
-_o_proj_kernel = opaque("o_proj", lambda module, x: module._apply(x))
 
 
 class MlaDecodePath:
@@ -234,7 +171,7 @@ class MlaDecodePath:
                 self._mxfp4[name] = opaque(name, self._recording_quant(name, res.fn))
         self.layers = [self._make_layer(i, gen) for i in range(case.layers)]
         self.backend = self._make_backend()
-        self.attn_backend = self._wrap(self.backend)
+        self.attn_backend = wrap_backend(self.sg, self.backend, case.wrapper)
 
     # -- kernels -----------------------------------------------------------------------------
     def _recording_fused(self, fn: Callable) -> Callable:
@@ -289,98 +226,14 @@ class MlaDecodePath:
             layer.w_scale_v = scales.transpose(1, 2).contiguous().to(dev)
         else:
             layer.w_vc = w(h, case.kv_lora_rank, case.v_head_dim)
-        layer.o_proj = _OProj(case.o_proj, torch.randn(case.hidden, h * case.v_head_dim, generator=gen) * (h * case.v_head_dim) ** -0.5, dev)
+        layer.o_proj = OProj(case.o_proj, torch.randn(case.hidden, h * case.v_head_dim, generator=gen) * (h * case.v_head_dim) ** -0.5, dev)
         return layer
 
     def _make_backend(self):
         if self.case.attention == "aiter":
-            return self._make_mla_backend()
-        return self._make_nsa_backend()
-
-    def _wrap(self, backend):
-        """``forward_batch.attn_backend`` as SGLang builds it: the backend, or a real
-        ``HybridAttnBackend`` (decode and prefill backends differ) / ``TboAttnBackend`` (two-batch
-        overlap) around it, made without ``__init__`` where that needs a model runner."""
-        if self.case.wrapper == "none":
-            return backend
-        if self.case.wrapper == "hybrid":
-            hybrid = self.sg.HybridAttnBackend.__new__(self.sg.HybridAttnBackend)
-            hybrid.decode_backend = hybrid.prefill_backend = backend
-            hybrid.model_runner = types.SimpleNamespace(server_args=types.SimpleNamespace(speculative_attention_mode="prefill"))
-            return hybrid
-        if self.case.wrapper == "tbo":
-            return self.sg.TboAttnBackend(primary=backend, children=[backend, backend])
-        raise ValueError(f"unknown backend wrapper {self.case.wrapper!r}")
-
-    def _make_mla_backend(self):
-        """A stand-in for aiter's MLA backend (``attention="aiter"``): the base backend's ``forward``
-        (idle/decode dispatch) with a ``forward_decode`` that attends over each token's top-k slots."""
-        path = self
-        base = importlib.import_module("sglang.srt.layers.attention.base_attn_backend").AttentionBackend
-
-        class AiterMlaStandIn(base):
-            def init_forward_metadata(self, forward_batch):  # not used: no metadata to build
-                pass
-
-            def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
-                kv = forward_batch.token_to_kv_pool.get_key_buffer(layer.layer_id)
-                return path._attention("aiter-mla", q, kv, forward_batch.topk_for_stand_in, layer.scaling).reshape(q.shape[0], -1)
-
-        backend = AiterMlaStandIn.__new__(AiterMlaStandIn)
-        return backend
-
-    def _make_nsa_backend(self):
-        sg, case = self.sg, self.case
-        backend = sg.Backend.__new__(sg.Backend)
-        backend.nsa_decode_impl = case.impl
-        backend.kv_cache_dtype = _kv_torch_dtype(case)
-        # forward_decode reads these before calling the impls (SGLANG_NSA_FUSE_TOPK, the default,
-        # takes the page table from topk_indices); the recorders ignore them.
-        backend.forward_metadata = types.SimpleNamespace(
-            page_table_1=None, cache_seqlens_int32=None, nsa_cache_seqlens_int32=None, nsa_cu_seqlens_q=None,
-            nsa_cu_seqlens_k=None, nsa_max_seqlen_q=None, flashmla_metadata=None, cu_seqlens_q=None, max_seq_len_q=None,
-        )
-        backend._forward_tilelang = lambda q_all, kv_cache, page_table_1, sm_scale, v_head_dim: self._attention(
-            "tilelang", q_all, kv_cache, page_table_1, sm_scale)
-        backend._forward_aiter = lambda q_all, kv_cache, page_table_1, layer, metadata, bs: self._attention(
-            "aiter", q_all, kv_cache, page_table_1, layer.scaling).reshape(q_all.shape[0], -1)
-        backend._forward_flashmla_sparse = lambda q_all, kv_cache, page_table_1, sm_scale, v_head_dim: self._attention(
-            "flashmla_sparse", q_all, kv_cache, page_table_1, sm_scale)
-        backend._forward_flashmla_kv = lambda q_all, kv_cache, sm_scale, v_head_dim, layer, metadata, page_table_1: self._attention(
-            "flashmla_kv", q_all, kv_cache, page_table_1, sm_scale)
-
-        def split_consumer(impl):
-            def consume(q_nope, q_rope, kv_cache, page_table_1, sm_scale):
-                self.record.split_calls.append((impl, q_nope, q_rope))
-                n = q_nope.shape[0]
-                q_all = torch.cat([q_nope.reshape(n, case.heads, -1), q_rope.reshape(n, case.heads, -1)], -1)
-                return self._attention(impl, q_all, kv_cache, page_table_1, sm_scale)
-
-            return opaque(impl, consume)
-
-        fa3 = split_consumer("fa3")
-        backend._forward_fa3 = lambda q_rope, kv_cache, v_head_dim, q_nope, page_table, sm_scale, **_: fa3(
-            q_nope, q_rope, kv_cache, page_table, sm_scale)
-        trtllm = split_consumer("trtllm")
-
-        def forward_trtllm(q, k, v, layer, forward_batch, seqlens, save_kv_cache, q_rope, k_rope, topk_indices, *rest):
-            self.record.trtllm_args.append((q, q_rope))
-            if q_rope is None:  # the full 576-wide q handed over whole
-                q_rope = q.reshape(q.shape[0], case.heads, -1)[..., case.kv_lora_rank:]
-                q = q.reshape(q.shape[0], case.heads, -1)[..., : case.kv_lora_rank]
-            kv = forward_batch.token_to_kv_pool.get_key_buffer(layer.layer_id)
-            return trtllm(q, q_rope, kv, topk_indices, layer.scaling)
-
-        backend._forward_trtllm = forward_trtllm
-        extend = split_consumer("extend")
-
-        def forward_extend(q, k, v, layer, forward_batch, save_kv_cache=True, q_rope=None, k_rope=None, topk_indices=None, **_):
-            assert q_rope is not None, "forward_extend needs the split form (nsa_backend asserts it)"
-            kv = forward_batch.token_to_kv_pool.get_key_buffer(layer.layer_id)
-            return extend(q, q_rope, kv, topk_indices, layer.scaling)
-
-        backend.forward_extend = forward_extend
-        return backend
+            return aiter_mla_backend(self._attention)
+        return nsa_backend(self.sg, self.case.impl, _kv_torch_dtype(self.case), self.case.heads, self.case.kv_lora_rank,
+                           self._attention, self.record)
 
     # -- running -------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -393,18 +246,8 @@ class MlaDecodePath:
             (fm, "fused_qk_rope_cat_and_cache_mla", self._fused), (fm, "get_global_server_args", lambda: server_args),
             (nb, "_is_hip", True),
         ] + [(fm, name, fn) for name, fn in self._mxfp4.items()]
-        missing = object()
-        saved = [(mod, name, getattr(mod, name, missing)) for mod, name, _ in changes]
-        try:
-            for mod, name, value in changes:
-                setattr(mod, name, value)
+        with swap_attrs(*changes):
             yield self
-        finally:
-            for mod, name, value in saved:
-                if value is missing:
-                    delattr(mod, name)
-                else:
-                    setattr(mod, name, value)
 
     def forward_batch(self, x: MlaDecodeInputs, layer_index: int = 0):
         pool = types.SimpleNamespace(get_key_buffer=lambda layer_id: x.kv_caches[layer_id])

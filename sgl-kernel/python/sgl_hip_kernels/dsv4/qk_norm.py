@@ -1,6 +1,6 @@
 """Portable fused QK RMSNorm (DeepSeek-V4 attention, sglang 0.5.13 ``layers/fused_qk_norm.py``):
 ``y = x * rsqrt(mean(x^2) + eps) * w`` per row, q heads with ``q_weight`` (None: no weight), k heads
-with ``k_weight``, fp32 math, one launch for both; see ``ref.fused_qk_norm_ref``."""
+with ``k_weight``, fp32 math, one launch for both; see ``qk_norm_ref.fused_qk_norm_ref``."""
 
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
-"""Kernel providers: one table that says which implementation of each ROCm kernel runs here.
+"""Kernel providers (tests and benchmarks): one table that says which implementation of each ROCm kernel runs here.
 
 The patched upstream code calls ROCm kernels (aiter, TileLang). Tests and benchmarks resolve each
 through :func:`resolve`, which takes the first that is available, in this order:
 
 1. ``rocm``: the real kernel, where it imports (a ROCm torch with aiter / TileLang installed);
-2. ``triton``: this project's portable Triton kernel (``sgl_hip_kernels``), on a GPU;
+2. ``triton``: this project's portable Triton kernel (``sgl_hip_kernels.PROVIDERS``), on a GPU;
 3. ``torch``: the torch reference, anywhere (the CPU's provider).
 
 ``SGLANG_HIP_DECODE_PROVIDER=rocm|triton|torch`` (or ``resolve(..., prefer=...)``) forces one kind
@@ -162,9 +162,8 @@ def describe_used() -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# The kernels the patched upstream code calls, with the real ROCm kernel as first choice. The
-# portable Triton kernels and torch references register themselves next to these as they land
-# (sgl_hip_kernels).
+# The kernels the patched upstream code calls, with the real ROCm kernel as first choice; the
+# portable Triton kernels and torch references come from sgl_hip_kernels.PROVIDERS (plain data).
 
 _BUILTIN_ROCM = {
     "fused_qk_rope_cat_and_cache_mla": (
@@ -187,14 +186,6 @@ _BUILTIN_ROCM = {
         "sglang.srt.layers.attention.nsa.tilelang_kernel:tilelang_sparse_fwd",
         "NSA sparse MLA decode (TileLang), nsa_backend._forward_tilelang",
     ),
-    "mla_decode_fwd": (
-        "aiter.mla:mla_decode_fwd",
-        "aiter MLA decode, nsa_backend._forward_aiter",
-    ),
-    "indexer_k_quant_and_cache": (
-        "aiter.ops.cache:indexer_k_quant_and_cache",
-        "NSA indexer K fp8 quantisation into the (preshuffled) index K cache",
-    ),
 }
 
 _builtin_loaded = False
@@ -207,8 +198,11 @@ def _load_builtin() -> None:
     _builtin_loaded = True
     for name, (path, doc) in _BUILTIN_ROCM.items():
         register_kernel(name, doc=doc, rocm=import_loader(path))
-    try:  # the portable kernels register their triton/torch loaders on import
-        importlib.import_module("sgl_hip_kernels.providers")
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("sgl_hip_kernels", "sgl_hip_kernels.providers"):
+    try:
+        from sgl_hip_kernels import PROVIDERS
+    except ModuleNotFoundError as exc:  # the kernel library is not installed: ROCm kernels only
+        if exc.name != "sgl_hip_kernels":
             raise
+        return
+    for name, paths in PROVIDERS.items():
+        register_kernel(name, **{kind: import_loader(path) for kind, path in paths.items()})

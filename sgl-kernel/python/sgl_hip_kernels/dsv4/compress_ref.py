@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from .ref import _rope_fp32, hadamard_ref
+from ..rotations_ref import hadamard_ref, rope_ref
 
 
 def pool_block_ref(kv, score, valid, bias, norm_w, eps, cos, sin, rotate=False):
@@ -38,7 +38,7 @@ def pool_block_ref(kv, score, valid, bias, norm_w, eps, cos, sin, rotate=False):
     l = e.sum(0)
     pooled = torch.where(l > 0, (e * torch.where(weight_ok, kv, torch.zeros_like(kv))).sum(0) / torch.where(l > 0, l, torch.ones_like(l)), torch.zeros_like(l))
     y = pooled * torch.rsqrt(pooled.pow(2).mean() + eps) * norm_w.to(work)
-    y = torch.cat([y[:-64], _rope_fp32(y[-64:], cos, sin, is_neox=False)])
+    y = torch.cat([y[:-64], rope_ref(y[-64:], cos, sin, is_neox=False)])
     return hadamard_ref(y) if rotate else y
 
 
@@ -69,3 +69,56 @@ def compress_sequence_ref(u, ratio, d, bias, norm_w, eps, cos_table, sin_table, 
         kv, score, valid = block_rows_ref(lambda t: u[t], n, ratio, d)
         out.append(pool_block_ref(kv, score, valid, bias, norm_w, eps, cos_table[ratio * n], sin_table[ratio * n], rotate))
     return torch.stack(out) if out else u.new_zeros((0, d), dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# The same contract written as the unfused torch sequence over a whole batch (state write, row
+# gather, bias, masked softmax, weighted sum, RMSNorm, RoPE, rotation): the baseline the benchmark
+# times the fused kernel against, checked against the per-block reference above in the tests.
+
+
+def _pool_rows_torch(rows, valid, pos, ratio, bias, norm_w, eps, cos, sin, rotation):
+    """Gathered raw rows (N, K, W) and their validity (N, K) -> (N, d), block first positions ``pos``."""
+    d = bias.shape[1]
+    if ratio == 4:
+        kv = torch.cat([rows[:, :4, :d], rows[:, 4:, d:2 * d]], 1)
+        score = torch.cat([rows[:, :4, 2 * d:3 * d], rows[:, 4:, 3 * d:]], 1)
+    else:
+        kv, score = rows[..., :d], rows[..., d:]
+    score = (score + bias).masked_fill(~valid[..., None], float("-inf"))
+    pooled = (torch.softmax(score, 1).nan_to_num(0.0) * kv).sum(1)
+    y = pooled * torch.rsqrt(pooled.pow(2).mean(-1, keepdim=True) + eps) * norm_w
+    pairs = y[:, -64:].unflatten(-1, (32, 2))
+    c, s = cos[pos], sin[pos]
+    rope = torch.stack([pairs[..., 0] * c - pairs[..., 1] * s, pairs[..., 1] * c + pairs[..., 0] * s], -1)
+    y = torch.cat([y[:, :-64], rope.flatten(-2)], -1)
+    if rotation is None:
+        return y
+    return y @ rotation if isinstance(rotation, torch.Tensor) else hadamard_ref(y)
+
+
+def compress_decode_torch(u, state, state_pages, seq_lens, bias, norm_w, eps, cos, sin, ratio, rotation=None):
+    """``compress_decode``'s contract in torch ops: stores each request's row (token ``seq_len - 1``)
+    in its ring and returns (B, d), block ``seq_len // ratio - 1`` where ``seq_len % ratio == 0``, else
+    0. ``rotation``: None, ``True`` (the Walsh-Hadamard transform) or a (d, d) matrix applying it.
+    Every request must have ``seq_len >= 1`` (no padded slots)."""
+    k = bias.shape[0]
+    n_pages = state_pages.shape[1]
+    seq_lens, pages = seq_lens.long(), state_pages.long()
+    t = seq_lens - 1
+    state.index_copy_(0, pages.gather(1, ((t // ratio) % n_pages)[:, None])[:, 0] * ratio + t % ratio, u.to(state.dtype))
+    emit = (seq_lens > 0) & (seq_lens % ratio == 0)
+    pos = (seq_lens - ratio).clamp(min=0)
+    q = pos[:, None] - (4 if ratio == 4 else 0) + torch.arange(k, device=state.device)
+    qs = q.clamp(min=0)
+    rows = state[pages.gather(1, (qs // ratio) % n_pages) * ratio + qs % ratio]
+    y = _pool_rows_torch(rows, (q >= 0) & emit[:, None], pos, ratio, bias, norm_w, eps, cos, sin, rotation)
+    return torch.where(emit[:, None], y, torch.zeros_like(y))
+
+
+def compress_prefill_torch(u, ratio, bias, norm_w, eps, cos, sin, rotation=None):
+    """Every full block of one request's raw rows ``u`` (T, W) with no prefix, in torch ops: (T // ratio, d)."""
+    k = bias.shape[0]
+    pos = torch.arange(u.shape[0] // ratio, device=u.device) * ratio
+    q = pos[:, None] - (4 if ratio == 4 else 0) + torch.arange(k, device=u.device)
+    return _pool_rows_torch(u[q.clamp(min=0)], q >= 0, pos, ratio, bias, norm_w, eps, cos, sin, rotation)

@@ -16,37 +16,33 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib
 import types
 
 import torch
 
-from ..audit import opaque
+from .audit import opaque
+from .sglang_import import import_modules, swap_attrs
 
 NI = "sglang.srt.layers.attention.nsa.nsa_indexer"
 
 
 def import_indexer():
-    real = torch.cuda.is_available
-    torch.cuda.is_available = lambda: False  # sglang on CUDA would import sgl_kernel: hide CUDA meanwhile
-    try:
-        return importlib.import_module(NI)
-    finally:
-        torch.cuda.is_available = real
+    (module,) = import_modules(NI)
+    return module
 
 
 def hadamard(x: torch.Tensor) -> torch.Tensor:
     """``rotate_activation``'s transform (scale d^-1/2) in fp32, returned in x's dtype."""
-    from sgl_hip_kernels.ref import hadamard_ref
+    from sgl_hip_kernels.rotations_ref import hadamard_ref
 
     return hadamard_ref(x.float()).to(x.dtype)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # GPT-J interleaved pairs in fp32, rounded once to x's dtype
-    from sgl_hip_kernels.ref import _rope_fp32
+    from sgl_hip_kernels.rotations_ref import rope_ref
 
-    return _rope_fp32(x, cos, sin, is_neox=False).to(x.dtype)
+    return rope_ref(x, cos, sin, is_neox=False).to(x.dtype)
 
 
 class RopeStandIn:
@@ -121,12 +117,8 @@ class IndexerPath:
     @contextlib.contextmanager
     def rotate_stand_in(self):
         """``rotate_activation`` imports a CUDA JIT kernel; use the torch transform meanwhile."""
-        saved = self.ni.rotate_activation
-        self.ni.rotate_activation = opaque("hadamard", hadamard)
-        try:
+        with swap_attrs((self.ni, "rotate_activation", opaque("hadamard", hadamard))):
             yield self
-        finally:
-            self.ni.rotate_activation = saved
 
     def q_k(self, q_lora, x, positions):
         return self.indexer._get_q_k_bf16(q_lora, x, positions, False, self.forward_batch)

@@ -1,0 +1,257 @@
+"""Portable DeepSeek-V4 KV compressor (reference §5.3; the contract and its layouts are written out
+in ``dsv4_ref``): per emitted block, APE bias + per-channel online-softmax pooling + RMSNorm + GPT-J
+RoPE on the last 64 channels (+ the indexer's Walsh-Hadamard rotation) in one Triton program.
+
+State: ``state`` (S, W) fp32, W = 4d (ratio 4) or 2d (ratio 128), the raw rows of each request's
+recent tokens, pages of ``ratio`` rows. Request b's ring is ``state_pages[b]``: 2 pages for ratio 4
+(the current block and the previous one), 1 for ratio 128; token t lives on page
+``state_pages[b, (t // ratio) % n_pages]``, slot ``t % ratio``.
+
+* :func:`compress_decode`: one new token per request. Stores its row in the ring and emits the
+  block when ``seq_len % ratio == 0`` (out[b] = 0 otherwise); one launch. A request that does not
+  emit touches only its own slot; ``seq_len <= 0`` (a padded slot) touches nothing.
+* :func:`plan_prefill` + :func:`compress_prefill`: a ragged batch of new tokens after a prefix whose
+  rows are in the ring. Emits every block that closes in the chunk, then stores the rows the ring
+  must keep (the open block, and for ratio 4 the last closed block): one launch, or two where a
+  kept row would overwrite a ring slot that a block of the same chunk still reads.
+
+Where a block's channels are split over several programs (``launch_rule``), they meet in a
+``CompressWorkspace`` whose counters reset themselves; the default one is made on first use for
+each (device, ratio, d), so make the first call outside CUDA-graph capture (a warm-up does).
+
+What is checked, and when (the launchers trust nothing they are handed):
+* always, on the host, free: shapes, dtypes, strides, devices, ``eps`` (finite, > 0: an all-invalid
+  block pools to 0 and RMSNorm must not divide 0 by 0), ``out`` (u's dtype and device);
+* the index values, on the host with one device->host read (a min/max/duplicate reduction),
+  unless a CUDA graph is being captured (the values do not exist yet) or ``check_indices=False``:
+  every ring page id of a request that touches the state is inside the state (``0 <= id < S //
+  ratio``), no two requests (nor one request's two ratio-4 pages) share a page, and every token
+  position is inside the RoPE table (prefill: checked from the plan, always);
+* on the device, always: a request with a ring page id outside the state stores nothing (no load
+  or store ever leaves ``state``) and gets an out row of NaN; a block whose RoPE position is at or
+  past the table's end gets a NaN row (its ring row is still stored); a prefill plan row naming a
+  request or ragged rows that do not exist reads and writes nothing. Shared pages cannot be seen
+  from one program: under capture they are the caller's contract.
+* a caller that runs many compressor layers over one batch may check the page ids once and pass
+  ``check_indices=False`` to the other layers (each eager check is one device->host read).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from .plan import PrefillPlan, plan_prefill, ratio_geometry  # noqa: F401 (re-exported)
+from .kernels.compress import _dsv4_compress_decode_kernel, _dsv4_compress_prefill_kernel, _dsv4_state_write_kernel
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchRule:
+    """How a launch is cut (``rule=`` on the launchers overrides the fixed rule: sweeps, and tests
+    of the multi-tile path that the production rules do not take)."""
+
+    split: int  # programs per block, each pooling d / split channels (a power of two, <= 16)
+    rows_per_tile: int  # rows each loop step loads (a power of two dividing the block's rows)
+    num_warps: int
+
+
+def launch_rule(ratio: int, d: int, prefill: bool) -> LaunchRule:
+    """Fixed per-shape launch rules (no runtime autotune), from a sweep of split x rows per tile x
+    warps on the H100 with L2 flushed before every replay (decode batch 1/16/64 with every request
+    emitting, batch 64 mixed, prefill 8k): the rule best or within ~10% of the best at each shape."""
+    if ratio == 4 and d >= 512:
+        return LaunchRule(split=8, rows_per_tile=8, num_warps=1) if prefill else LaunchRule(split=16, rows_per_tile=8, num_warps=4)
+    if ratio == 4:
+        return LaunchRule(split=1, rows_per_tile=8, num_warps=1) if prefill else LaunchRule(split=4, rows_per_tile=8, num_warps=1)
+    return LaunchRule(split=min(16, max(1, d // 32)), rows_per_tile=128, num_warps=4)
+
+
+class CompressWorkspace:
+    """Where the programs of one block meet when its channels are split (``LaunchRule.split > 1``):
+    pooled channels and partial sums of squares (scratch) and one ticket counter per block row,
+    zero between launches (the last program of a block resets it). One workspace must not serve two
+    launches that run at the same time; the default is one per (device, ratio, d), so the attention
+    and indexer compressors never share one; pass ``workspace=`` to run two compressors of one shape
+    concurrently on different streams."""
+
+    MAX_SPLIT = 16
+
+    def __init__(self, rows: int, d: int, device):
+        self.rows, self.d = rows, d
+        self.pooled = torch.empty(rows, d, dtype=torch.float32, device=device)
+        self.sum_sq = torch.empty(rows, self.MAX_SPLIT, dtype=torch.float32, device=device)
+        self.count = torch.zeros(rows, dtype=torch.int32, device=device)
+
+    def fits(self, rows: int, d: int) -> bool:
+        return rows <= self.rows and d <= self.d
+
+
+# (device, ratio, d) -> every workspace made for it, the newest (largest) last. Outgrown ones are
+# kept: a CUDA graph captured with one still points at it.
+_WORKSPACES: dict = {}
+
+
+def _workspace(workspace, rows: int, d: int, ratio: int, device) -> CompressWorkspace:
+    if workspace is not None:
+        if not workspace.fits(rows, d) or workspace.count.device != device:
+            raise ValueError(f"dsv4 compress: workspace ({workspace.rows} rows of {workspace.d}) does not fit {rows} rows of {d} on {device}")
+        return workspace
+    made = _WORKSPACES.setdefault((str(device), ratio, d), [])
+    if not made or not made[-1].fits(rows, d):
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("dsv4 compress: no workspace this large while capturing a CUDA graph: run the call once "
+                               "eagerly before capture (the usual warm-up), or pass workspace=CompressWorkspace(...)")
+        made.append(CompressWorkspace(max([rows] + [w.rows for w in made]), d, device))
+    return made[-1]
+
+
+def _check(u, state, state_pages, bias, norm_w, cos, sin, eps, ratio):
+    k, n_pages, width = ratio_geometry(ratio)
+    for name, t in (("state", state), ("state_pages", state_pages), ("bias", bias), ("norm weight", norm_w), ("cos", cos),
+                    ("sin", sin)):
+        if t.device != u.device:
+            raise ValueError(f"dsv4 compress: {name} is on {t.device}, u on {u.device}")
+    try:
+        eps = float(eps)  # a Python, numpy or 0-d tensor scalar
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"dsv4 compress: eps must be a number, got {eps!r}") from None
+    if not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"dsv4 compress: eps must be a finite number > 0 (an all-invalid block pools to 0), got {eps!r}")
+    if u.dim() != 2 or u.dtype not in (torch.float32, torch.bfloat16) or u.stride(1) != 1:
+        raise ValueError(f"dsv4 compress: u must be (rows, W) fp32/bf16 with contiguous rows, got {tuple(u.shape)} {u.dtype}")
+    if u.shape[1] % width:
+        raise ValueError(f"dsv4 compress: ratio {ratio} rows are {width}*d wide, got width {u.shape[1]}")
+    d = u.shape[1] // width
+    if d < 64 or d & (d - 1):
+        raise ValueError(f"dsv4 compress: d must be a power of two >= 64 (RoPE on the last 64), got {d}")
+    if state.dim() != 2 or state.shape[1] != u.shape[1] or state.dtype != torch.float32 or state.stride(1) != 1:
+        raise ValueError(f"dsv4 compress: state must be (S, {u.shape[1]}) fp32 with contiguous rows")
+    if state_pages.dim() != 2 or state_pages.shape[1] != n_pages or state_pages.dtype != torch.int32 or state_pages.stride(1) != 1:
+        raise ValueError(f"dsv4 compress: state_pages must be (requests, {n_pages}) int32 with contiguous rows for ratio {ratio}")
+    if tuple(bias.shape) != (k, d) or not bias.is_contiguous() or bias.dtype != torch.float32:
+        raise ValueError(f"dsv4 compress: bias must be contiguous fp32 ({k}, {d}) (ratio 4: the hot-fixed ape rows)")
+    if tuple(norm_w.shape) != (d,) or norm_w.dtype != torch.float32 or not norm_w.is_contiguous():
+        raise ValueError(f"dsv4 compress: norm weight must be contiguous fp32 ({d},)")
+    if cos.shape != sin.shape or cos.dim() != 2 or cos.shape[1] != 32 or cos.stride() != sin.stride() or cos.stride(1) != 1 \
+            or cos.dtype != torch.float32 or sin.dtype != torch.float32:
+        raise ValueError("dsv4 compress: cos/sin must be fp32 (max_pos, 32) tables with one layout")
+    return d, k, n_pages, eps
+
+
+def _check_rule(rule: LaunchRule, ratio: int, d: int) -> LaunchRule:
+    k, _, _ = ratio_geometry(ratio)
+    ok = lambda n: n > 0 and n & (n - 1) == 0  # noqa: E731
+    if not (ok(rule.split) and rule.split <= CompressWorkspace.MAX_SPLIT and d // rule.split >= 1 and ok(rule.rows_per_tile)
+            and rule.rows_per_tile <= k and ok(rule.num_warps)):
+        raise ValueError(f"dsv4 compress: bad launch rule {rule} for ratio {ratio}, d {d}")
+    return rule
+
+
+def _out(out, rows, d, dtype, device):
+    if out is None:
+        return torch.empty(rows, d, dtype=dtype, device=device)
+    if tuple(out.shape) != (rows, d) or out.stride(1) != 1 or out.dtype != dtype or out.device != device:
+        raise ValueError(f"dsv4 compress: out must be ({rows}, {d}) {dtype} on {device} with contiguous rows, got "
+                         f"{tuple(out.shape)} {out.dtype} on {out.device}")
+    return out
+
+
+def _checking_values(check_indices: bool, device) -> bool:
+    """Whether to read index values back to the host now: not while a CUDA graph is captured."""
+    return check_indices and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
+def _check_pages(state_pages, active, n_state_pages: int, what: str, extra=None) -> list[int]:
+    """One device->host read: the ring page ids of the ``active`` requests (at least one request)
+    lie in [0, n_state_pages) and are all distinct. ``extra``: more scalars read in the same trip."""
+    pages = state_pages.to(torch.int64)
+    act = active[:, None].expand_as(pages)
+    far = torch.iinfo(torch.int64).max
+    # Inactive entries become distinct negative sentinels: they neither collide nor count.
+    sentinels = -1 - torch.arange(pages.numel(), device=pages.device).view_as(pages)
+    ordered = torch.where(act, pages, sentinels).flatten().sort().values
+    scalars = [torch.where(act, pages, far).amin(), torch.where(act, pages, -1).amax(), (ordered[1:] == ordered[:-1]).any()]
+    values = torch.stack([x.to(torch.int64) for x in scalars + list(extra or [])]).tolist()
+    lo, hi, shared = values[:3]
+    if hi >= 0 and (lo < 0 or hi >= n_state_pages):
+        raise ValueError(f"dsv4 {what}: state_pages holds page ids outside the state (min {lo}, max {hi}; the state has "
+                         f"{n_state_pages} pages, ids 0..{n_state_pages - 1})")
+    if shared:
+        raise ValueError(f"dsv4 {what}: two requests (or one request's two ring pages) share a state page")
+    return values[3:]
+
+
+def compress_decode(u, state, state_pages, seq_lens, bias, norm_w, eps, cos, sin, ratio, rotate=False, out=None,
+                    workspace=None, rule: LaunchRule | None = None, check_indices: bool = True):
+    """u (B, W) the new token's raw row per request; seq_lens (B,) int32 after appending it.
+    Returns out (B, d) in u's dtype (``out``, if given, must be that dtype): the compressed vector of
+    block ``seq_len // ratio - 1`` where ``seq_len % ratio == 0``, else 0. Writes ``state``. The page
+    ids of requests with ``seq_len > 0`` and their positions are checked (module docstring) unless
+    capturing or ``check_indices=False``; padded slots (``seq_len <= 0``) may hold any page ids."""
+    d, _, n_pages, eps = _check(u, state, state_pages, bias, norm_w, cos, sin, eps, ratio)
+    b = u.shape[0]
+    if seq_lens.shape != (b,) or seq_lens.dtype != torch.int32 or seq_lens.stride(0) != 1 or state_pages.shape[0] != b \
+            or seq_lens.device != u.device:
+        raise ValueError(f"dsv4 compress_decode: seq_lens must be contiguous ({b},) int32 on {u.device} and state_pages "
+                         f"({b}, {n_pages})")
+    out = _out(out, b, d, u.dtype, u.device)
+    n_state_pages = state.shape[0] // ratio
+    if b and _checking_values(check_indices, u.device):
+        (last,) = _check_pages(state_pages, seq_lens > 0, n_state_pages, "compress_decode", extra=[seq_lens.amax()])
+        if last - 1 >= cos.shape[0]:
+            raise ValueError(f"dsv4 compress_decode: a token at position {last - 1} is past the RoPE table of "
+                             f"{cos.shape[0]} positions")
+    if b:
+        rule = _check_rule(rule or launch_rule(ratio, d, prefill=False), ratio, d)
+        ws = _workspace(workspace, b, d, ratio, u.device)
+        _dsv4_compress_decode_kernel[(b * rule.split,)](
+            u, state, state_pages, seq_lens, bias, norm_w, cos, sin, out, ws.pooled, ws.sum_sq, ws.count,
+            eps, n_state_pages, cos.shape[0], u.stride(0), state.stride(0), state_pages.stride(0), cos.stride(0),
+            out.stride(0),
+            RATIO=ratio, D=d, LOG2_D=d.bit_length() - 1, SPLIT=rule.split, N_PAGES=n_pages, BK=rule.rows_per_tile,
+            ROTATE=bool(rotate), num_warps=rule.num_warps,
+        )
+    return out
+
+
+def compress_prefill(u, state, state_pages, plan: PrefillPlan, bias, norm_w, eps, cos, sin, rotate=False, out=None,
+                     workspace=None, rule: LaunchRule | None = None, check_indices: bool = True):
+    """u (T, W) the ragged new rows. Returns out (plan rows, d) in u's dtype: row i is block
+    ``plan.blocks[i]`` (0 for padding rows). Then stores the kept rows in ``state``. The page ids of
+    the plan's requests are checked (module docstring) unless capturing or ``check_indices=False``."""
+    ratio = plan.ratio
+    d, _, n_pages, eps = _check(u, state, state_pages, bias, norm_w, cos, sin, eps, ratio)
+    if state_pages.shape[0] < plan.n_requests or u.shape[0] != plan.n_rows or plan.max_position >= cos.shape[0]:
+        raise ValueError(f"dsv4 compress_prefill: the plan is for {plan.n_requests} requests, {plan.n_rows} new rows and positions "
+                         f"< {plan.max_position + 1}; got state_pages for {state_pages.shape[0]}, u with {u.shape[0]} rows, "
+                         f"RoPE tables of {cos.shape[0]}")
+    for name, t, cols in (("blocks", plan.blocks, 4), ("writes", plan.writes, 3)):
+        if t.dim() != 2 or t.shape[1] != cols or t.dtype != torch.int32 or not t.is_contiguous() or t.device != u.device:
+            raise ValueError(f"dsv4 compress_prefill: plan.{name} must be contiguous int32 (n, {cols}) on {u.device}")
+    nb, nw = plan.blocks.shape[0], plan.writes.shape[0]
+    out = _out(out, nb, d, u.dtype, u.device)
+    n_state_pages = state.shape[0] // ratio
+    if plan.n_requests and _checking_values(check_indices, u.device):
+        requests = state_pages[: plan.n_requests]
+        _check_pages(requests, torch.ones(plan.n_requests, dtype=torch.bool, device=u.device), n_state_pages,
+                     "compress_prefill")
+    rule = _check_rule(rule or launch_rule(ratio, d, prefill=True), ratio, d)
+    fused_writes = nw if plan.writes_in_same_launch else 0
+    if nb or fused_writes:
+        ws = _workspace(workspace, max(nb, 1), d, ratio, u.device)
+        _dsv4_compress_prefill_kernel[(nb * rule.split + fused_writes,)](
+            u, state, state_pages, plan.blocks, plan.writes, bias, norm_w, cos, sin, out, ws.pooled, ws.sum_sq, ws.count,
+            nb * rule.split, eps, n_state_pages, cos.shape[0], state_pages.shape[0], u.shape[0], u.stride(0), state.stride(0),
+            state_pages.stride(0), cos.stride(0), out.stride(0),
+            RATIO=ratio, D=d, LOG2_D=d.bit_length() - 1, SPLIT=rule.split, N_PAGES=n_pages, BK=rule.rows_per_tile,
+            ROTATE=bool(rotate), num_warps=rule.num_warps,
+        )
+    if nw and not fused_writes:
+        _dsv4_state_write_kernel[(nw,)](
+            u, state, state_pages, plan.writes, n_state_pages, state_pages.shape[0], u.shape[0], u.stride(0), state.stride(0),
+            state_pages.stride(0),
+            RATIO=ratio, N_PAGES=n_pages, W=u.shape[1], num_warps=4,
+        )
+    return out

@@ -1,0 +1,1 @@
+"""``@triton.jit`` bodies only; their launchers live one level up."""
