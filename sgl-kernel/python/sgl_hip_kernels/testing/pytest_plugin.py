@@ -1,0 +1,71 @@
+"""The pytest set-up every test suite of this repository shares (registered by both conftest.py files):
+seeds, the ``gpu`` marker, the Triton interpreter on the CPU, and no false greens.
+
+* Every test starts from ``torch.manual_seed(0)``; ``rng`` gives a CPU ``torch.Generator`` seeded
+  from the test's file name and id, so each case gets its own fresh inputs, identical on every
+  machine and from either the repository root or ``sgl-kernel/``.
+* ``@pytest.mark.gpu`` tests are skipped where no GPU is visible; there, Triton kernels run under
+  ``TRITON_INTERPRET=1`` (fp32: the interpreter's bf16/fp8 arithmetic is not trustworthy).
+* The run fails when tests were collected and every one of them was skipped: a green suite that
+  tested nothing on this machine is a false green.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+
+import pytest
+import torch
+
+# Without a GPU the Triton kernels run under the interpreter; it must be on before any
+# @triton.jit kernel module is imported (triton reads it at decoration time).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+_outcomes = {"passed": 0, "failed": 0, "skipped": 0}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA/ROCm GPU (skipped elsewhere)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a GPU (torch.cuda.is_available() is False)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def rng(request):
+    """A CPU generator seeded from the test's file name and id (not its path, so the inputs do not
+    depend on where pytest was started): fresh inputs per case, the same on every run."""
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(zlib.crc32(request.node.nodeid.rsplit("/", 1)[-1].encode()))
+    return gen
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
+        _outcomes[report.outcome] = _outcomes.get(report.outcome, 0) + 1
+
+
+def pytest_sessionfinish(session, exitstatus):
+    ran = _outcomes["passed"] + _outcomes["failed"]
+    if session.testscollected and ran == 0 and _outcomes["skipped"]:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        _outcomes["all_skipped"] = True
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _outcomes.get("all_skipped"):
+        terminalreporter.write_line("FAILED: every collected test was skipped on this machine", red=True)
