@@ -1,6 +1,7 @@
 # make test   the test suite (CPU: engine, parity, kernels under the Triton interpreter)
+# make lint   ruff with the rules in pyproject.toml (CI runs it before the tests)
 # make bench  every decode and kernel benchmark, one table (quick shapes on the CPU)
-# Both create .venv on first use with the pinned environment (requirements/cpu.txt).
+# All create .venv on first use with the pinned environment (requirements/cpu.txt).
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -8,16 +9,16 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 SGLANG_WHEEL_DIR ?= .whl
 
-.PHONY: test test-gpu bench venv clean-venv device-wheels
+.PHONY: test test-gpu lint bench venv clean-venv device-wheels
 
 venv: $(STAMP)
 
-$(STAMP): requirements/cpu.txt pyproject.toml
+$(STAMP): requirements/cpu.txt requirements/lint.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.11.0 torchvision==0.26.0
 	$(PY) -m pip download -q --disable-pip-version-check --no-deps sglang==0.5.11 -d $(SGLANG_WHEEL_DIR)
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps $(SGLANG_WHEEL_DIR)/sglang-0.5.11-*.whl
-	$(PY) -m pip install -q --disable-pip-version-check -r requirements/cpu.txt
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements/cpu.txt -r requirements/lint.txt
 	$(PY) -m pip install -q --disable-pip-version-check wheel==0.45.1
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
@@ -27,6 +28,9 @@ test: $(STAMP)
 
 test-gpu: $(STAMP)
 	$(PY) -m pytest -q -ra -m gpu
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
 
 bench: $(STAMP)
 	$(PY) benchmark/run_all.py $(BENCH_ARGS)

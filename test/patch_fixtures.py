@@ -32,6 +32,7 @@ def make(name, *edits, gate="any", default=False):
 ON = make("t-on", DOUBLE_EPS, gate="hip", default=True)
 OPT = make("t-opt", GROW_HIDDEN, gate="hip", default=False)
 BROKEN = make("t-broken", MISSING, gate="hip", default=True)
+STAND_IN_PATCHES = (ON, OPT, BROKEN)
 TEST_NAMES = ("t-on", "t-opt", "t-broken", "t-planned")
 
 

@@ -9,7 +9,8 @@ GSM8K: answers the last "Question: ... What is A plus B?" in the prompt with A+B
 ``--token-ms`` milliseconds (at most ``--max-tokens`` of them when set). ``/server_info`` reports the
 parsed launch flags as SGLang's does (its server arguments as a dict). It starts one process per
 TP rank (``--workers N`` to change that) that calls ``register()`` too, as SGLang's scheduler
-processes do, with ``--worker-env K=V`` added to their environment. Failure modes: ``--never-healthy``, ``--die-after N`` (exit after N
+processes do, with ``--worker-env K=V`` added to their environment. Failure modes: ``--never-healthy``,
+``--die-after N`` (exit after N
 /generate requests), ``--fail-streams-after N`` (streamed requests after the first N get HTTP 500),
 ``--skip-plugin``.
 """

@@ -14,7 +14,7 @@ import pytest
 
 from sglang_hip_decode import cli, patching
 
-from patch_fixtures import DOUBLE_EPS, GROW_HIDDEN, GUARD_RAISES, install_test_catalog, make
+from patch_fixtures import DOUBLE_EPS, GROW_HIDDEN, GUARD_RAISES, make
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = Path(sys.executable).with_name("sglang-hip-decode")
@@ -34,15 +34,11 @@ def test_status_prints_the_table():
     assert "switches: none set (defaults)" in out
     header = next(line for line in out.splitlines() if line.startswith("patch"))
     assert header.split() == ["patch", "targets", "default", "status"]
-    for name, default in [
-        ("nsa-cat-skip", "on"),
-        ("mxfp4-vbmm-layout", "on"),
-        ("indexer-rope-guard", "on"),
-        ("hip-alt-stream", "opt-in"),
-        ("hip-dual-stream-av4", "opt-in"),
-    ]:
+    from sglang_hip_decode.patches import PLANNED
+
+    for name, _, default in PLANNED:
         row = next(line for line in out.splitlines() if line.startswith(name + " "))
-        assert f" {default} " in row
+        assert f" {'on' if default else 'opt-in'} " in row
 
 
 def test_status_json_and_switch_problems():
@@ -51,7 +47,9 @@ def test_status_json_and_switch_problems():
     import json
 
     data = json.loads(proc.stdout)
-    assert set(data["patches"]) == {"nsa-cat-skip", "mxfp4-vbmm-layout", "indexer-rope-guard", "hip-alt-stream", "hip-dual-stream-av4"}
+    from sglang_hip_decode.patches import NAMES
+
+    assert list(data["patches"]) == sorted(NAMES)  # sort_keys
     assert any("unknown patch 'bogus'" in p for p in data["problems"])
     assert data["exit_code"] == 2 and data["selected"] == ["nsa-cat-skip"]
 
@@ -60,21 +58,13 @@ def test_status_json_and_switch_problems():
 def test_status_exit_codes_tell_a_script_the_truth(form):
     # Default switches on this CPU: every patch off for the platform -> 0, in both forms.
     assert run_cli("status", *form).returncode == 0
-    # A malformed switch -> 2; naming an unimplemented patch -> 2.
+    # A malformed switch -> 2 (naming an unimplemented patch: test_plugin's test_report_exit_code).
     assert run_cli("status", *form, env_extra={"SGLANG_HIP_DECODE": "maybe"}).returncode == 2
-    assert run_cli("status", *form, env_extra={"SGLANG_HIP_DECODE_PATCHES": "hip-alt-stream"}).returncode == 2
 
 
-def test_status_json_exits_1_when_a_patch_failed(monkeypatch, capsys):
-    install_test_catalog(monkeypatch.setattr)
+def test_status_json_exits_1_when_a_patch_failed(stand_in, monkeypatch, capsys):
     monkeypatch.setenv("SGLANG_HIP_DECODE_ANY_PLATFORM", "1")
-    try:
-        rc = cli.main(["status", "--json"])
-    finally:
-        from patch_fixtures import BROKEN, ON, OPT
-
-        for p in (ON, OPT, BROKEN):
-            patching.unapply(p)
+    rc = cli.main(["status", "--json"])
     import json
 
     data = json.loads(capsys.readouterr().out)
@@ -94,16 +84,9 @@ def test_status_on_an_unsupported_sglang_exits_1(tmp_path):
         assert "unsupported sglang 0.5.12 (targets 0.5.11)" in proc.stdout
 
 
-def test_status_table_with_implemented_patches(monkeypatch, capsys):
-    install_test_catalog(monkeypatch.setattr)
+def test_status_table_with_implemented_patches(stand_in, monkeypatch, capsys):
     monkeypatch.setenv("SGLANG_HIP_DECODE_ANY_PLATFORM", "1")
-    try:
-        rc = cli.main(["status"])
-    finally:
-        from patch_fixtures import BROKEN, ON, OPT
-
-        for p in (ON, OPT, BROKEN):
-            patching.unapply(p)
+    rc = cli.main(["status"])
     out = capsys.readouterr().out
     assert rc == 1  # a failed patch makes status exit non-zero
     assert "switches: SGLANG_HIP_DECODE_ANY_PLATFORM=1" in out
@@ -218,6 +201,7 @@ def test_missing_sglang_is_a_clear_error():
     assert "torch not importable" in proc.stdout
     assert "fused_qk_rope_cat_and_cache_mla  NONE" in proc.stdout
     # The plugin itself, if ever called without sglang, still does not raise.
-    proc = _python_without_site_packages("import sglang_hip_decode as s; r = s.register(); print(r.sglang, set(p.status for p in r.patches))")
+    proc = _python_without_site_packages(
+        "import sglang_hip_decode as s; r = s.register(); print(r.sglang, set(p.status for p in r.patches))")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("None ")

@@ -93,7 +93,8 @@ def test_unapply_restores_the_original_object():
 
 def test_missing_anchor_fails_and_leaves_the_function_object_unchanged():
     original = raw(GUARD)
-    with pytest.raises(patching.PatchError, match=r"hunk 1 of .*Indexer\._update_rope_guarded did not match \(upstream changed\)"):
+    message = r"hunk 1 of .*Indexer\._update_rope_guarded did not match \(upstream changed\)"
+    with pytest.raises(patching.PatchError, match=message):
         patching.apply(make("t-missing", MISSING))
     assert raw(GUARD) is original
     assert patching.active_patches(GUARD) == ()

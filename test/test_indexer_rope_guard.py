@@ -14,7 +14,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sglang_hip_decode import evaluate, patching
+from sgl_hip_kernels.testing.checks import assert_bits_equal
+from sglang_hip_decode import patching
 from sglang_hip_decode.testing.audit import CopyAudit
 from sglang_hip_decode.testing.nsa_indexer import IndexerCase, IndexerPath, import_indexer
 from sglang_hip_decode.patches.indexer_rope_guard import PATCH
@@ -25,27 +26,15 @@ def ni():
     return import_indexer()
 
 
-@pytest.fixture
-def patched():
-    patching.apply(PATCH)
-    yield
-    patching.unapply(PATCH)
-
-
 def upstream_guard(ni):
     return patching.original(PATCH.targets[0]).__func__
 
 
 def patched_guard(ni):
-    patching.apply(PATCH)
-    try:
-        return ni.Indexer.__dict__["_update_rope_guarded"].__func__
-    finally:
-        patching.unapply(PATCH)
-
-
-def bits(t):
-    return t.contiguous().view(torch.int16)
+    with patching.applied(PATCH):
+        guard = ni.Indexer.__dict__["_update_rope_guarded"].__func__
+    assert guard.__code__.co_filename.endswith("(patched by sglang-hip-decode: indexer-rope-guard)")
+    return guard
 
 
 @pytest.mark.parametrize("in_place", [True, False], ids=["rope-in-place", "rope-out-of-place"])
@@ -56,19 +45,17 @@ def test_real_indexer_path_bit_identical_and_copies(rng, ni, in_place, tokens):
     q_lora, x, positions = path.inputs(rng)
     results = {}
     with path.rotate_stand_in():
-        for arm in ("upstream", "patched"):
-            if arm == "patched":
-                patching.apply(PATCH)
-            try:
+        for arm, patches in (("upstream", ()), ("patched", (PATCH,))):
+            with patching.applied(*patches):
+                assert patching.is_applied(PATCH) == bool(patches)
                 with CopyAudit() as audit_qk:
                     q, k = path.q_k(q_lora, x, positions)
                 with CopyAudit() as audit_k:
                     k_only = path.k(x, positions)
                 results[arm] = (q, k, k_only, audit_qk, audit_k)
-            finally:
-                patching.unapply(PATCH)
     (q0, k0, ko0, a0, b0), (q1, k1, ko1, a1, b1) = results["upstream"], results["patched"]
-    assert torch.equal(bits(q0), bits(q1)) and torch.equal(bits(k0), bits(k1)) and torch.equal(bits(ko0), bits(ko1))
+    for a, b in ((q0, q1), (k0, k1), (ko0, ko1)):
+        assert_bits_equal(a, b)
     assert a0.counts == a1.counts and a0.bytes == a1.bytes and b0.counts == b1.counts
     rope_bytes = tokens * case.rope_dim * 2
     if in_place:  # RoPE returned the very views: no write-back at all
@@ -194,19 +181,6 @@ def test_torch_compile(ni, alias):
     assert torch.equal(got, want)
 
 
-def test_not_applied_off_hip_unless_forced(ni):
-    original = ni.Indexer.__dict__["_update_rope_guarded"]
-    assert evaluate({}).status_of("indexer-rope-guard").startswith("off (not HIP")
-    assert ni.Indexer.__dict__["_update_rope_guarded"] is original
-    try:
-        report = evaluate({"SGLANG_HIP_DECODE_ANY_PLATFORM": "1", "SGLANG_HIP_DECODE_PATCHES": "indexer-rope-guard"})
-        assert report.status_of("indexer-rope-guard") == "applied"
-        assert isinstance(ni.Indexer.__dict__["_update_rope_guarded"], staticmethod)
-    finally:
-        patching.unapply(PATCH)
-    assert ni.Indexer.__dict__["_update_rope_guarded"] is original
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("in_place", [True, False], ids=["rope-in-place", "rope-out-of-place"])
 def test_gpu_indexer_path_bit_identical(rng, ni, in_place):
@@ -215,12 +189,9 @@ def test_gpu_indexer_path_bit_identical(rng, ni, in_place):
     q_lora, x, positions = path.inputs(rng)
     outs = []
     with path.rotate_stand_in():
-        for arm in ("upstream", "patched"):
-            if arm == "patched":
-                patching.apply(PATCH)
-            try:
+        for patches in ((), (PATCH,)):
+            with patching.applied(*patches):
                 outs.append(path.q_k(q_lora, x, positions) + (path.k(x, positions),))
-            finally:
-                patching.unapply(PATCH)
+    assert len(outs) == 2 and len(outs[0]) == len(outs[1]) == 3
     for a, b in zip(*outs):
-        assert torch.equal(bits(a), bits(b))
+        assert_bits_equal(a, b)

@@ -16,7 +16,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sglang_hip_decode import evaluate, patching
+from sgl_hip_kernels.testing.checks import assert_bits_equal
+from sglang_hip_decode import patching
 from sglang_hip_decode.testing.audit import CopyAudit
 from sglang_hip_decode.testing.mla_decode import MlaDecodeCase, MlaDecodePath, import_sglang, make_inputs
 from sglang_hip_decode.patches.nsa_cat_skip import PATCH
@@ -36,37 +37,30 @@ def run_ab(case, rng, sg):
     pristine = {k: getattr(x, k).clone() for k in ("q_pe", "k_pe", "q_nope_out", "k_nope", "positions", "topk_indices")}
     runs = {}
     with path.hip():
-        for arm in ("unpatched", "patched"):
-            if arm == "patched":
-                patching.apply(PATCH)
-            try:
+        for arm, patches in (("unpatched", ()), ("patched", (PATCH,))):
+            with patching.applied(*patches):
                 xi = x.clone()
                 start_q, start_split = len(path.record.kernel_q), len(path.record.split_calls)
                 start_cat = len(path.record.q_cat_ptr)
                 with CopyAudit() as audit:
                     out = path.step(xi)
                 runs[arm] = dict(
-                    out=out, caches=xi.kv_caches, audit=audit,
+                    out=out, caches=xi.kv_caches, audit=audit, active=patching.active_patches(PATCH.targets[1]),
                     kernel_q=path.record.kernel_q[start_q:], split=path.record.split_calls[start_split:],
                     q_cat_ptr=path.record.q_cat_ptr[start_cat:],
                 )
-            finally:
-                patching.unapply(PATCH)
+    assert runs["patched"]["active"] == ("nsa-cat-skip",) and runs["unpatched"]["active"] == ()
     for name, before in pristine.items():  # inputs not modified
         assert torch.equal(getattr(x, name), before), f"{name} was modified"
     return runs
 
 
-def bits(t):
-    return t.contiguous().view(torch.uint8) if t.dtype.itemsize == 1 else t.contiguous().view(torch.int16 if t.dtype.itemsize == 2 else torch.int32)
-
-
 def assert_bit_identical(a, b):
-    assert len(a["out"]) == len(b["out"])
+    assert len(a["out"]) == len(b["out"]) > 0 and len(a["caches"]) == len(b["caches"]) == len(a["out"])
     for x, y in zip(a["out"], b["out"]):
-        assert x.shape == y.shape and x.dtype == y.dtype and torch.equal(bits(x), bits(y))
+        assert_bits_equal(x, y, "attention output")
     for x, y in zip(a["caches"], b["caches"]):
-        assert torch.equal(bits(x), bits(y))
+        assert_bits_equal(x, y, "KV cache")
 
 
 DECODE_CASES = [
@@ -86,6 +80,8 @@ def test_decode_bit_identical_zero_copy_one_cat_fewer(rng, sg, impl, kv, llama, 
 
     q_bytes = batch * case.heads * 576 * (1 if kv == "fp8_e4m3" else 2)
     # Unpatched: the kernel gets a fresh concatenation. Patched: q_cat itself, zero-copy.
+    for arm in (before, after):
+        assert len(arm["kernel_q"]) == len(arm["q_cat_ptr"]) == case.layers
     for (impl_seen, q), cat_ptr in zip(before["kernel_q"], before["q_cat_ptr"]):
         assert impl_seen == impl and q.data_ptr() != cat_ptr
     for (impl_seen, q), cat_ptr in zip(after["kernel_q"], after["q_cat_ptr"]):
@@ -111,12 +107,9 @@ def test_fp8_with_llama_4_scaling_is_not_an_input_0_5_11_accepts(rng, sg):
     with path.hip():
         with pytest.raises(RuntimeError, match="Float8"):
             path.step(x.clone())
-        patching.apply(PATCH)
-        try:
+        with patching.applied(PATCH):
             with pytest.raises(RuntimeError, match="Float8"):
                 path.step(x.clone())
-        finally:
-            patching.unapply(PATCH)
 
 
 def test_idle_zero_tokens(rng, sg):
@@ -158,6 +151,7 @@ def test_other_impls_are_handed_exactly_what_they_were_before(rng, sg, impl):
         assert ra.shape == rb.shape and ra.stride() == rb.stride() and torch.equal(ra, rb)
     else:  # flashmla: still concatenated (CUDA-only impls keep the cat, as upstream 0.5.12 does)
         assert before["audit"].counts["cat"] == after["audit"].counts["cat"] == 1
+        assert len(before["kernel_q"]) == len(after["kernel_q"]) == case.layers
         for (_, qa), (_, qb) in zip(before["kernel_q"], after["kernel_q"]):
             assert qa.shape == qb.shape and qa.stride() == qb.stride() and torch.equal(qa, qb)
 
@@ -172,15 +166,11 @@ def test_behind_hybrid_and_tbo_backends(rng, sg, wrapper):
     x = make_inputs(trtllm, rng)
     handed = {}
     with path.hip():
-        for arm in ("unpatched", "patched"):
-            if arm == "patched":
-                patching.apply(PATCH)
-            try:
+        for arm, patches in (("unpatched", ()), ("patched", (PATCH,))):
+            with patching.applied(*patches):
                 start = len(path.record.trtllm_args)
                 out = path.step(x.clone())
                 handed[arm] = (out, path.record.trtllm_args[start:])
-            finally:
-                patching.unapply(PATCH)
     (out_a, [(qa, ra)]), (out_b, [(qb, rb)]) = handed["unpatched"], handed["patched"]
     assert ra is not None and rb is not None, "trtllm must get the split form (q_rope), as in 0.5.11"
     assert qa.shape == qb.shape and qa.stride() == qb.stride() and ra.stride() == rb.stride()
@@ -190,6 +180,7 @@ def test_behind_hybrid_and_tbo_backends(rng, sg, wrapper):
     runs = run_ab(case, rng, sg)
     assert_bit_identical(runs["unpatched"], runs["patched"])
     assert (runs["unpatched"]["audit"].counts - runs["patched"]["audit"].counts) == {"cat": case.layers}
+    assert len(runs["patched"]["kernel_q"]) == len(runs["patched"]["q_cat_ptr"]) == case.layers
     for (_, q), ptr in zip(runs["patched"]["kernel_q"], runs["patched"]["q_cat_ptr"]):
         assert q.data_ptr() == ptr
 
@@ -214,35 +205,15 @@ def test_forward_decode_with_a_split_q_still_concatenates_on_hip(rng, sg):
     layer = path.layers[0].attn_mqa
     results = []
     with path.hip():
-        for arm in ("unpatched", "patched"):
-            if arm == "patched":
-                patching.apply(PATCH)
-            try:
+        for patches in ((), (PATCH,)):
+            with patching.applied(*patches):
                 with CopyAudit() as audit:
                     out = path.backend.forward_decode(q[..., :512], None, None, layer, path.forward_batch(x),
                                                       save_kv_cache=False, q_rope=q[..., 512:], topk_indices=x.topk_indices)
                 results.append((out, audit.counts["cat"], path.record.kernel_q[-1][1]))
-            finally:
-                patching.unapply(PATCH)
     (out_a, cats_a, qa), (out_b, cats_b, qb) = results
     assert torch.equal(out_a, out_b) and cats_a == cats_b == 1
     assert qb.data_ptr() != q.data_ptr()
-
-
-def test_not_applied_off_hip_unless_forced(sg):
-    fm_core = sg.fm.DeepseekMLAForwardMixin.__dict__["forward_absorb_core"]
-    decode = sg.nb.NativeSparseAttnBackend.__dict__["forward_decode"]
-    report = evaluate({})
-    assert report.status_of("nsa-cat-skip") == "off (not HIP; set SGLANG_HIP_DECODE_ANY_PLATFORM=1 to force)"
-    assert sg.fm.DeepseekMLAForwardMixin.__dict__["forward_absorb_core"] is fm_core
-    assert sg.nb.NativeSparseAttnBackend.__dict__["forward_decode"] is decode
-    try:
-        report = evaluate({"SGLANG_HIP_DECODE_ANY_PLATFORM": "1", "SGLANG_HIP_DECODE_PATCHES": "nsa-cat-skip"})
-        assert report.status_of("nsa-cat-skip") == "applied"
-        assert sg.fm.DeepseekMLAForwardMixin.__dict__["forward_absorb_core"].__wrapped__ is fm_core
-    finally:
-        patching.unapply(PATCH)
-    assert sg.nb.NativeSparseAttnBackend.__dict__["forward_decode"] is decode
 
 
 @pytest.mark.gpu
@@ -254,5 +225,6 @@ def test_gpu_decode_bit_identical_with_triton_kernels(rng, sg, impl, kv):
     runs = run_ab(case, rng, sg)
     assert_bit_identical(runs["unpatched"], runs["patched"])
     assert runs["unpatched"]["audit"].counts["cat"] - runs["patched"]["audit"].counts["cat"] == case.layers
+    assert len(runs["patched"]["kernel_q"]) == len(runs["patched"]["q_cat_ptr"]) == case.layers
     for (_, q), ptr in zip(runs["patched"]["kernel_q"], runs["patched"]["q_cat_ptr"]):
         assert q.data_ptr() == ptr

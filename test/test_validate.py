@@ -50,7 +50,8 @@ def files(tmp_path_factory):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(["tell", "me", "about", "and", "please", "is", "a", "word"] + [f"w{i}" for i in range(64)])}}
+    words = ["tell", "me", "about", "and", "please", "is", "a", "word"] + [f"w{i}" for i in range(64)]
+    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     model_dir = root / "model"
@@ -329,7 +330,8 @@ def test_preset_run_adds_arguments_and_checks_the_server(files, tmp_path):
                                       "--nsa-prefill-backend tilelang --kv-cache-dtype fp8_e4m3")
     for arm in ("off", "on"):
         server = results["arms"][arm]["server"]
-        assert (server["attention_backend"], server["nsa_decode_backend"], server["kv_cache_dtype"]) == ("nsa", "tilelang", "fp8_e4m3")
+        shown = (server["attention_backend"], server["nsa_decode_backend"], server["kv_cache_dtype"])
+        assert shown == ("nsa", "tilelang", "fp8_e4m3")
     report = (out / "report.md").read_text()
     assert "--nsa-decode-backend tilelang --nsa-prefill-backend tilelang --kv-cache-dtype fp8_e4m3" in report
     # The same preset with the decode backend overridden to one the patches do not act on: refused.

@@ -73,10 +73,8 @@ def guard_host_cost(ni, device: str, n: int = 20000) -> dict:
     buf = torch.randn(64, 64, 128, device=device, dtype=torch.bfloat16)
     dst = buf[..., :64]
     costs = {}
-    for arm, patch in (("0.5.11", None), ("patched", PATCH)):
-        if patch is not None:
-            patching.apply(patch)
-        try:
+    for arm, patches in (("0.5.11", ()), ("patched", (PATCH,))):
+        with patching.applied(*patches):
             guard = ni.Indexer._update_rope_guarded
             for _ in range(100):
                 guard(dst, buf[..., :64])
@@ -84,9 +82,6 @@ def guard_host_cost(ni, device: str, n: int = 20000) -> dict:
             for _ in range(n):
                 guard(dst, buf[..., :64])
             costs[arm] = (time.perf_counter() - start) / n * 1e6
-        finally:
-            if patch is not None:
-                patching.unapply(patch)
     return costs
 
 

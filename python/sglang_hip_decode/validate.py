@@ -547,7 +547,7 @@ def render_report(results: dict) -> str:
         f"- server command, on: `{results['server_cmds']['on']}`",
         f"- measured patches: {', '.join(results['patches_measured'])}; applied (on): {', '.join(on['applied'])} "
         f"in all {on['processes']} reporting processes; (off): {', '.join(off['applied']) or 'none'}",
-        f"- server reports: " + ", ".join(f"{k} {v}" for k, v in on["server"].items()),
+        "- server reports: " + ", ".join(f"{k} {v}" for k, v in on["server"].items()),
         "- versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()),
         "",
         "| metric | off | on | change |",
@@ -555,7 +555,8 @@ def render_report(results: dict) -> str:
     ]
     ga, gb = off["gsm8k"], on["gsm8k"]
     verdict = lambda acc: "" if thr is None else (" (pass)" if acc >= thr else " (FAIL)")  # noqa: E731
-    lines.append(f"| GSM8K accuracy (threshold {thr if thr is not None else 'none'}) | {ga['accuracy']:.3f}{verdict(ga['accuracy'])} "
+    lines.append(f"| GSM8K accuracy (threshold {thr if thr is not None else 'none'}) "
+                 f"| {ga['accuracy']:.3f}{verdict(ga['accuracy'])} "
                  f"| {gb['accuracy']:.3f}{verdict(gb['accuracy'])} | {gb['accuracy'] - ga['accuracy']:+.3f} |")
     lines.append(f"| GSM8K invalid | {ga['invalid']:.3f} | {gb['invalid']:.3f} | |")
     for key, label in (("median_tpot_ms", "TPOT median (ms)"), ("p99_tpot_ms", "TPOT p99 (ms)"),
@@ -729,7 +730,7 @@ def run(plan: Plan) -> dict:
     results["verdict"] = {
         "gsm8k_on_pass": None if plan.threshold is None else on["gsm8k"]["accuracy"] >= plan.threshold,
         "gsm8k_off_pass": None if plan.threshold is None else off["gsm8k"]["accuracy"] >= plan.threshold,
-        "tpot_change_pct": (on["bench"]["median_tpot_ms"] - off["bench"]["median_tpot_ms"]) / off["bench"]["median_tpot_ms"] * 100,
+        "tpot_change_pct": (on["bench"]["median_tpot_ms"] / off["bench"]["median_tpot_ms"] - 1) * 100,
     }
     (plan.out / "results.json").write_text(json.dumps(results, indent=1, sort_keys=True))
     (plan.out / "report.md").write_text(render_report(results))
@@ -773,7 +774,8 @@ def main(argv: list[str] | None = None) -> int:
     print((plan.out / "report.md").read_text())
     verdict = json.loads((plan.out / "results.json").read_text())["verdict"]
     if verdict["gsm8k_on_pass"] is False:
-        also = " (the 'off' arm fails it too: look at the model and server set-up first)" if verdict["gsm8k_off_pass"] is False else ""
+        also = (" (the 'off' arm fails it too: look at the model and server set-up first)"
+                if verdict["gsm8k_off_pass"] is False else "")
         print(f"validation failed: the 'on' arm's GSM8K accuracy is below the threshold {plan.threshold}{also}",
               file=sys.stderr)
         return EXIT_FAILED

@@ -171,7 +171,8 @@ def measure_prefill(c: Compressor, tokens: int, repeats: int, copy_gbps: float) 
     s0 = sets[0]
     diff = (fused_one(s0) - torch_prefill(c, s0["u"])).abs().max().item()
 
-    graphs = {"fused": timing.capture(over_sets(sets, fused_one), 1), "torch": timing.capture(over_sets(sets, lambda s: torch_prefill(c, s["u"])), 1)}
+    graphs = {"fused": timing.capture(over_sets(sets, fused_one), 1),
+              "torch": timing.capture(over_sets(sets, lambda s: torch_prefill(c, s["u"])), 1)}
     t = timed(graphs, calls, repeats)
     moved = prefill_bytes(c, tokens, plan)
     gbps = moved / (t["fused"].median_us * 1e-6) / 1e9

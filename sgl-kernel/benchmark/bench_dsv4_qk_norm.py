@@ -82,7 +82,8 @@ def main(argv=None) -> int:
         w = torch.randn(D, generator=gen)
         got, want = fused_qk_norm(q, k, None, w, 1e-6), fused_qk_norm_ref(q, k, None, w, 1e-6)
         err = max((a - b).abs().max().item() for a, b in zip(got, want))
-        emit({"benchmark": "dsv4 fused QK RMSNorm (64 q heads, 1 k head, D 512)", "device": "cpu (no timing; interpreter check only)",
+        emit({"benchmark": "dsv4 fused QK RMSNorm (64 q heads, 1 k head, D 512)",
+              "device": "cpu (no timing; interpreter check only)",
               "providers": "triton (interpreter)", "columns": ["tokens", "max_abs_err_vs_ref"],
               "rows": [{"tokens": 2, "max_abs_err_vs_ref": err}]}, args.json)
         return 0

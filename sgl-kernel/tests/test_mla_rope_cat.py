@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernel_checks import assert_within_torch_error, graph_replay_equals_eager
+from sgl_hip_kernels.testing.checks import assert_bits_equal, assert_within_torch_error, graph_replay_equals_eager
 from sgl_hip_kernels.standins.mla_rope_cat import fused_qk_rope_cat_and_cache_mla
 from sgl_hip_kernels.rotations_ref import rope_ref
 from sgl_hip_kernels.standins.mla_rope_cat_ref import fused_qk_rope_cat_and_cache_mla_ref
@@ -53,10 +53,6 @@ def run_both(x, kh, slots_total, is_neox, k_scale, cache_dtype, q_out_dtype=None
     return results, slot_mapping
 
 
-def bits_equal(a, b):
-    return torch.equal(a.view(torch.uint8), b.view(torch.uint8)) if a.numel() else a.shape == b.shape
-
-
 @pytest.mark.parametrize("is_neox", [False, True], ids=["gptj", "neox"])
 @pytest.mark.parametrize("half", [True, False], ids=["freq32", "freq64"])
 @pytest.mark.parametrize("scale", ["tensor", "none"])
@@ -67,7 +63,7 @@ def test_interpreter_fp32_bit_exact(rng, is_neox, half, scale):
     k_scale = torch.tensor([0.625], device=DEV) if scale == "tensor" else None
     (tri, ref), slot_mapping = run_both(x, 1, 12, is_neox, k_scale, torch.float32, n_zero=2)
     for got, want in zip(tri, ref):
-        assert bits_equal(got, want)
+        assert_bits_equal(got, want)
     # Poison checks: every q element written; only the valid slots' cache rows written, fully.
     assert not tri[0].isnan().any()
     written = slot_mapping[slot_mapping >= 0].cpu()
@@ -95,7 +91,7 @@ def test_mixed_batch_k_only_rows_and_gqa(rng):
     x = make_inputs(rng, 2, 4, kh=2, bk=6, slots=20)
     (tri, ref), _ = run_both(x, 2, 20, False, torch.tensor([1.5], device=DEV), torch.float32, b_slot=5)
     for got, want in zip(tri, ref):
-        assert bits_equal(got, want)
+        assert_bits_equal(got, want)
     assert tri[2][5].isnan().all()  # row 5 is past slot_mapping: k_pe_out untouched
     # K-only rows store k_pe as given (no RoPE), the decode rows rotate it.
     assert torch.equal(tri[2][2:5], x["k_pe"][2:5].to(DEV))
@@ -108,14 +104,15 @@ def test_zero_and_one_token(rng, b):
     (tri, ref), _ = run_both(x, 1, 16, False, None, torch.float32)
     assert tri[0].shape == (b, 2, 576)
     for got, want in zip(tri, ref):
-        assert bits_equal(got, want)
+        assert_bits_equal(got, want)
 
 
 def test_reference_rope_is_complex_rotation(rng):
     x = torch.randn(4, 3, 64, generator=rng, dtype=torch.float64)
     angle = torch.rand(4, 1, 32, generator=rng, dtype=torch.float64)
     got = rope_ref(x.float(), angle.cos().float(), angle.sin().float(), is_neox=False).double()
-    want = torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (32, 2))) * torch.polar(torch.ones_like(angle), angle)).flatten(-2)
+    rotated = torch.view_as_complex(x.unflatten(-1, (32, 2))) * torch.polar(torch.ones_like(angle), angle)
+    want = torch.view_as_real(rotated).flatten(-2)
     assert (got - want).abs().max() < 1e-5
     neox = rope_ref(x.float(), angle.cos().float(), angle.sin().float(), is_neox=True).double()
     halves = torch.complex(x[..., :32], x[..., 32:]) * torch.polar(torch.ones_like(angle), angle)
@@ -149,17 +146,17 @@ def test_gpu_bf16_fp8_against_reference(rng, cache_dtype, q_dtype, is_neox):
     scale = torch.tensor([0.5], device="cuda")
     (tri, ref), slot_mapping = run_both(x, 1, 64, is_neox, scale, cache_dtype, q_out_dtype=q_dtype, device="cuda")
     # q's nope half is a cast: exact. The rope half and the cache: within torch's own error.
-    assert bits_equal(tri[0][..., :512].contiguous(), ref[0][..., :512].contiguous())
+    assert_bits_equal(tri[0][..., :512].contiguous(), ref[0][..., :512].contiguous())
     xd = to("cuda", x)
     table = lambda t: t.reshape(t.shape[0], -1)[xd["pos"]][:, None, :].double()  # noqa: E731
     q_rope64 = rope_ref(xd["q_pe"].double(), table(xd["cos"]), table(xd["sin"]), is_neox)
     # torch's own same-precision result is the reference rounded once to the output dtype.
-    assert_within_torch_error(tri[0][..., 512:].float(), q_rope64, ref[0][..., 512:].float(), "q rope")
+    assert_within_torch_error(tri[0][..., 512:], q_rope64, ref[0][..., 512:], "q rope")
     valid = slot_mapping >= 0
     rows, slots = valid.nonzero()[:, 0], slot_mapping[valid]
     k_rope64 = rope_ref(xd["k_pe"][rows].double(), table(xd["cos"])[rows], table(xd["sin"])[rows], is_neox)
     cache64 = torch.cat([xd["k_nope"][rows].double(), k_rope64], -1) * (1 / scale.double())
-    assert_within_torch_error(tri[3][slots].float(), cache64, ref[3][slots].float(), "kv cache")
+    assert_within_torch_error(tri[3][slots], cache64, ref[3][slots], "kv cache")
     graph_replay_equals_eager(
         lambda: fused_qk_rope_cat_and_cache_mla(xd["q_nope"], xd["q_pe"], xd["k_nope"], xd["k_pe"], tri[3], slot_mapping,
                                                 xd["pos"], xd["cos"], xd["sin"], scale, is_neox, q_out=tri[0], k_pe_out=tri[2]),

@@ -12,9 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernel_checks import assert_within_torch_error, graph_replay_equals_eager
+from sgl_hip_kernels.testing.checks import assert_within_torch_error, graph_replay_equals_eager
 from sgl_hip_kernels.standins import mxfp4_ref as ref
-from sgl_hip_kernels.standins.mxfp4 import batched_gemm_afp4wfp4_pre_quant, fused_flatten_fp8_group_quant, fused_flatten_mxfp4_quant
+from sgl_hip_kernels.standins.mxfp4 import (batched_gemm_afp4wfp4_pre_quant, fused_flatten_fp8_group_quant,
+                                             fused_flatten_mxfp4_quant)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -107,7 +108,7 @@ def test_gpu_gemm_bf16_and_graph(rng, m):
     batched_gemm_afp4wfp4_pre_quant(x, wq, ws, torch.bfloat16, y)
     exact = ref.batched_gemm_afp4wfp4_pre_quant_ref(x.double(), wq, ws, torch.float64)
     torch_bf16 = ref.batched_gemm_afp4wfp4_pre_quant_ref(x, wq, ws, torch.bfloat16)  # rounded once to bf16
-    assert_within_torch_error(y.float(), exact, torch_bf16.float(), "mxfp4 gemm bf16")
+    assert_within_torch_error(y, exact, torch_bf16, "mxfp4 gemm bf16")
     graph_replay_equals_eager(lambda: batched_gemm_afp4wfp4_pre_quant(x, wq, ws, torch.bfloat16, y), [buf])
 
 

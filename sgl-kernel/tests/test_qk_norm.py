@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernel_checks import assert_within_torch_error, graph_replay_equals_eager
+from sgl_hip_kernels.testing.checks import assert_within_torch_error, graph_replay_equals_eager
 from sgl_hip_kernels.dsv4.qk_norm import fused_qk_norm
 from sgl_hip_kernels.dsv4.qk_norm_ref import fused_qk_norm_ref
 
@@ -68,6 +68,6 @@ def test_gpu_bf16(rng, t):
         y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
         return y if wt is None else y * wt.to(torch.bfloat16)
 
-    assert_within_torch_error(q_out.float(), ref64[0], torch_bf16(q, None).float(), "q bf16")
-    assert_within_torch_error(k_out.float(), ref64[1], torch_bf16(k, w).float(), "k bf16")
+    assert_within_torch_error(q_out, ref64[0], torch_bf16(q, None), "q bf16")
+    assert_within_torch_error(k_out, ref64[1], torch_bf16(k, w), "k bf16")
     graph_replay_equals_eager(lambda: fused_qk_norm(q, k, None, w, 1e-6, q_out=q_out, k_out=k_out), [q_out, k_out])

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernel_checks import assert_within_torch_error, graph_replay_equals_eager
+from sgl_hip_kernels.testing.checks import assert_within_torch_error, graph_replay_equals_eager
 from sgl_hip_kernels.standins.sparse_mla_decode_ref import sparse_mla_decode_ref
 from sgl_hip_kernels.standins.sparse_mla_decode import sparse_mla_decode
 
@@ -92,6 +92,6 @@ def test_gpu_against_reference(rng, dtype, h):
     s = s.masked_fill((idx < 0), float("-inf"))
     p = torch.softmax(s.float(), -1).to(torch.bfloat16).nan_to_num(0)
     torch_bf16 = torch.einsum("nhk,nkd->nhd", p, rows[..., :512])
-    assert_within_torch_error(got.float(), ref64, torch_bf16.float(), f"{dtype} sparse decode")
+    assert_within_torch_error(got, ref64, torch_bf16, f"{dtype} sparse decode")
     assert (got[2] == 0).all() and not got.isnan().any()
     graph_replay_equals_eager(lambda: sparse_mla_decode(q, kv, idx, scale, out=out), [out])

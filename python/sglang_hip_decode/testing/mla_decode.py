@@ -118,7 +118,10 @@ def make_inputs(case: MlaDecodeCase, gen: torch.Generator) -> MlaDecodeInputs:
         caches.append(cache.to(dev))
     # Each token attends to top-k slots of its own request; the last slot is the new token's.
     base = torch.arange(b) * case.context
-    offsets = torch.stack([torch.randperm(case.context - 1, generator=gen)[: case.topk] for _ in range(b)]) if b else torch.zeros(0, case.topk, dtype=torch.long)
+    if b:
+        offsets = torch.stack([torch.randperm(case.context - 1, generator=gen)[: case.topk] for _ in range(b)])
+    else:
+        offsets = torch.zeros(0, case.topk, dtype=torch.long)
     topk = (base[:, None] + offsets).to(torch.int32)
     if b > 1:
         topk[b // 2, case.topk // 2 :] = -1  # a short request: ragged
@@ -204,7 +207,8 @@ class MlaDecodePath:
         torch.nn.Module.__init__(layer)
         h, dev = case.heads, case.device
         angle = torch.rand(8192, 1, 1, case.rope_dim // 2, generator=gen) * 6.283
-        layer.rotary_emb = types.SimpleNamespace(cos_cache=angle.cos().to(dev), sin_cache=angle.sin().to(dev), is_neox_style=False)
+        layer.rotary_emb = types.SimpleNamespace(cos_cache=angle.cos().to(dev), sin_cache=angle.sin().to(dev),
+                                                 is_neox_style=False)
         layer.current_attention_backend = case.attention
         layer.kv_cache_dtype = case.kv_dtype
         layer.attn_mqa = sg.RadixAttention(h, case.kv_lora_rank + case.rope_dim, (case.kv_lora_rank + case.rope_dim) ** -0.5,
@@ -226,7 +230,8 @@ class MlaDecodePath:
             layer.w_scale_v = scales.transpose(1, 2).contiguous().to(dev)
         else:
             layer.w_vc = w(h, case.kv_lora_rank, case.v_head_dim)
-        layer.o_proj = OProj(case.o_proj, torch.randn(case.hidden, h * case.v_head_dim, generator=gen) * (h * case.v_head_dim) ** -0.5, dev)
+        o_weight = torch.randn(case.hidden, h * case.v_head_dim, generator=gen) * (h * case.v_head_dim) ** -0.5
+        layer.o_proj = OProj(case.o_proj, o_weight, dev)
         return layer
 
     def _make_backend(self):

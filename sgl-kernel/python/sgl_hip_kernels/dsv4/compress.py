@@ -62,7 +62,9 @@ def launch_rule(ratio: int, d: int, prefill: bool) -> LaunchRule:
     warps on the H100 with L2 flushed before every replay (decode batch 1/16/64 with every request
     emitting, batch 64 mixed, prefill 8k): the rule best or within ~10% of the best at each shape."""
     if ratio == 4 and d >= 512:
-        return LaunchRule(split=8, rows_per_tile=8, num_warps=1) if prefill else LaunchRule(split=16, rows_per_tile=8, num_warps=4)
+        if prefill:
+            return LaunchRule(split=8, rows_per_tile=8, num_warps=1)
+        return LaunchRule(split=16, rows_per_tile=8, num_warps=4)
     if ratio == 4:
         return LaunchRule(split=1, rows_per_tile=8, num_warps=1) if prefill else LaunchRule(split=4, rows_per_tile=8, num_warps=1)
     return LaunchRule(split=min(16, max(1, d // 32)), rows_per_tile=128, num_warps=4)
@@ -96,7 +98,8 @@ _WORKSPACES: dict = {}
 def _workspace(workspace, rows: int, d: int, ratio: int, device) -> CompressWorkspace:
     if workspace is not None:
         if not workspace.fits(rows, d) or workspace.count.device != device:
-            raise ValueError(f"dsv4 compress: workspace ({workspace.rows} rows of {workspace.d}) does not fit {rows} rows of {d} on {device}")
+            raise ValueError(f"dsv4 compress: workspace ({workspace.rows} rows of {workspace.d}) does not fit {rows} rows of {d} "
+                             f"on {device}")
         return workspace
     made = _WORKSPACES.setdefault((str(device), ratio, d), [])
     if not made or not made[-1].fits(rows, d):
@@ -128,7 +131,8 @@ def _check(u, state, state_pages, bias, norm_w, cos, sin, eps, ratio):
         raise ValueError(f"dsv4 compress: d must be a power of two >= 64 (RoPE on the last 64), got {d}")
     if state.dim() != 2 or state.shape[1] != u.shape[1] or state.dtype != torch.float32 or state.stride(1) != 1:
         raise ValueError(f"dsv4 compress: state must be (S, {u.shape[1]}) fp32 with contiguous rows")
-    if state_pages.dim() != 2 or state_pages.shape[1] != n_pages or state_pages.dtype != torch.int32 or state_pages.stride(1) != 1:
+    if (state_pages.dim() != 2 or state_pages.shape[1] != n_pages or state_pages.dtype != torch.int32
+            or state_pages.stride(1) != 1):
         raise ValueError(f"dsv4 compress: state_pages must be (requests, {n_pages}) int32 with contiguous rows for ratio {ratio}")
     if tuple(bias.shape) != (k, d) or not bias.is_contiguous() or bias.dtype != torch.float32:
         raise ValueError(f"dsv4 compress: bias must be contiguous fp32 ({k}, {d}) (ratio 4: the hot-fixed ape rows)")
@@ -224,7 +228,8 @@ def compress_prefill(u, state, state_pages, plan: PrefillPlan, bias, norm_w, eps
     ratio = plan.ratio
     d, _, n_pages, eps = _check(u, state, state_pages, bias, norm_w, cos, sin, eps, ratio)
     if state_pages.shape[0] < plan.n_requests or u.shape[0] != plan.n_rows or plan.max_position >= cos.shape[0]:
-        raise ValueError(f"dsv4 compress_prefill: the plan is for {plan.n_requests} requests, {plan.n_rows} new rows and positions "
+        raise ValueError(f"dsv4 compress_prefill: the plan is for {plan.n_requests} requests, {plan.n_rows} new rows and "
+                         f"positions "
                          f"< {plan.max_position + 1}; got state_pages for {state_pages.shape[0]}, u with {u.shape[0]} rows, "
                          f"RoPE tables of {cos.shape[0]}")
     for name, t, cols in (("blocks", plan.blocks, 4), ("writes", plan.writes, 3)):

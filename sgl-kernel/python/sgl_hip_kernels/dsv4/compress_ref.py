@@ -35,8 +35,9 @@ def pool_block_ref(kv, score, valid, bias, norm_w, eps, cos, sin, rotate=False):
     s = torch.where(weight_ok, s, torch.full_like(s, float("-inf")))
     m = s.amax(0)
     e = torch.where(weight_ok, torch.exp(s - torch.where(m > float("-inf"), m, torch.zeros_like(m))), torch.zeros_like(s))
-    l = e.sum(0)
-    pooled = torch.where(l > 0, (e * torch.where(weight_ok, kv, torch.zeros_like(kv))).sum(0) / torch.where(l > 0, l, torch.ones_like(l)), torch.zeros_like(l))
+    den = e.sum(0)
+    num = (e * torch.where(weight_ok, kv, torch.zeros_like(kv))).sum(0)
+    pooled = torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(den))
     y = pooled * torch.rsqrt(pooled.pow(2).mean() + eps) * norm_w.to(work)
     y = torch.cat([y[:-64], rope_ref(y[-64:], cos, sin, is_neox=False)])
     return hadamard_ref(y) if rotate else y

@@ -49,7 +49,8 @@ def fused_qk_rope_cat_and_cache_mla(
     _check(slot_mapping.dim() == 1, "slot_mapping must be 1-D")
     b_slot = slot_mapping.shape[0]
     _check(b_slot <= bk and b <= bk, f"slot_mapping ({b_slot}) and q ({b}) may not exceed the k tokens ({bk})")
-    _check(kv_cache.shape[1] == kh and kv_cache.shape[2] == dk_nope + d_pe, f"kv_cache {tuple(kv_cache.shape)} != (slots, {kh}, {dk_nope + d_pe})")
+    _check(kv_cache.shape[1] == kh and kv_cache.shape[2] == dk_nope + d_pe,
+           f"kv_cache {tuple(kv_cache.shape)} != (slots, {kh}, {dk_nope + d_pe})")
     _check(dk_nope == d_nope, "this kernel needs k_nope and q_nope of one width")
     _check(qh % kh == 0, f"q heads ({qh}) must be a multiple of k heads ({kh})")
     _check(d_pe % 2 == 0 and triton.next_power_of_2(d_pe) == d_pe and triton.next_power_of_2(d_nope) == d_nope,

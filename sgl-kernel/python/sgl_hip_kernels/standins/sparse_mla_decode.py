@@ -15,7 +15,8 @@ _FLOAT8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e4m3fnuz", 
 
 def sparse_mla_decode(q, kv, indices, sm_scale: float, d_v: int = 512, out: torch.Tensor | None = None):
     if q.dim() != 3 or kv.dim() != 3 or indices.dim() != 3:
-        raise ValueError(f"sparse_mla_decode: q {tuple(q.shape)}, kv {tuple(kv.shape)}, indices {tuple(indices.shape)} must be 3-D")
+        raise ValueError(f"sparse_mla_decode: q {tuple(q.shape)}, kv {tuple(kv.shape)}, indices {tuple(indices.shape)} "
+                         "must be 3-D")
     n, h, d = q.shape
     if kv.shape[1] != 1 or kv.shape[2] != d:
         raise ValueError(f"sparse_mla_decode: kv {tuple(kv.shape)} must be (slots, 1, {d})")

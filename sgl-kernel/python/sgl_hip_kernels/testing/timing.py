@@ -64,7 +64,8 @@ def _flush_l2() -> None:
     torch.sum(_FLUSH["buf"], dim=0, out=_FLUSH["out"])
 
 
-def time_graphs(graphs: dict[str, torch.cuda.CUDAGraph], calls: int, repeats: int = 50, warmup: int = 5) -> dict[str, list[float]]:
+def time_graphs(graphs: dict[str, torch.cuda.CUDAGraph], calls: int, repeats: int = 50,
+                warmup: int = 5) -> dict[str, list[float]]:
     """Replay every graph ``repeats`` times, interleaved, and return the µs-per-call samples of each
     (sample i of every graph comes from the same round, so paired differences cancel drift)."""
     if not torch.cuda.is_available():

@@ -37,7 +37,7 @@ def _sparse_mla_decode_kernel(
     q_rope = tl.load(q_row + (D_V + dr)[None, :] * s_q_d, mask=head_ok[:, None], other=0.0).to(compute)
 
     m = tl.full((BLOCK_H,), float("-inf"), tl.float32)
-    l = tl.zeros((BLOCK_H,), tl.float32)
+    den = tl.zeros((BLOCK_H,), tl.float32)
     acc = tl.zeros((BLOCK_H, D_V), tl.float32)
     for start in range(0, TOPK, BLOCK_N):
         ks = start + tl.arange(0, BLOCK_N)
@@ -56,9 +56,9 @@ def _sparse_mla_decode_kernel(
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m - m_safe)
         p = tl.where(valid[None, :], tl.exp(s - m_safe[:, None]), 0.0)
-        l = l * alpha + tl.sum(p, 1)
+        den = den * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(compute), kv_nope, input_precision=precision)
         m = m_new
-    out = tl.where((l > 0)[:, None], acc / tl.where(l > 0, l, 1.0)[:, None], 0.0)
+    out = tl.where((den > 0)[:, None], acc / tl.where(den > 0, den, 1.0)[:, None], 0.0)
     o_row = out_ptr + n * s_o_n + heads[:, None] * s_o_h
     tl.store(o_row + dv[None, :] * s_o_d, out.to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
