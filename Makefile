@@ -23,8 +23,11 @@ $(STAMP): requirements/cpu.txt requirements/lint.txt pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+# Test files run on up to 4 workers (one file stays on one worker: its module fixtures run once).
+PYTEST_WORKERS ?= -n auto --maxprocesses 4 --dist loadfile
+
 test: $(STAMP)
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra $(PYTEST_WORKERS)
 
 test-gpu: $(STAMP)
 	$(PY) -m pytest -q -ra -m gpu

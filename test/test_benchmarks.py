@@ -1,50 +1,85 @@
-"""`make bench` in quick mode: every benchmark runs on the CPU and prints its table (so none rots)."""
+"""`make bench` in quick mode, so no benchmark rots: every benchmark ``run_all.discover()`` finds runs
+with ``--quick --json FILE`` (on the CPU: copy audits and interpreter checks, no timing), writes the
+shared table format, and where a benchmark states a verdict the quick shapes can show, it is checked
+from its JSON (not from the printed table)."""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmark"))
+from run_all import discover  # noqa: E402
+
+SCRIPTS = discover()
 
 
-def test_nsa_cat_skip_quick():
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmark" / "run_all.py"), "--only", "nsa_cat_skip"], cwd=ROOT,
+def check_nsa_cat_skip(result):
+    # The copy audit at the quick shapes: one cat per layer removed, its bytes B*H*576*2.
+    assert "fused_qk_rope_cat_and_cache_mla=" in result["providers"]
+    rows = [(r["heads"], r["batch"], r["kv"], r["cats_unpatched"], r["cats_patched"], r["cat_bytes"]) for r in result["rows"]]
+    assert rows == [(8, 1, "bf16", 1.0, 0.0, 9216), (8, 4, "bf16", 1.0, 0.0, 36864)]
+
+
+def check_indexer_rope_guard(result):
+    # In-place RoPE: 0.5.10 cloned and copied q and k (4 ops), 0.5.11 and the patch copy nothing.
+    first = result["rows"][0]
+    assert (first["tokens"], first["rope"], first["copies_0.5.10"], first["copies_0.5.11"], first["copies_patched"]) == (
+        1, "in place", "4 (16640 B)", "0 (0 B)", "0 (0 B)")
+
+
+def check_mxfp4_vbmm_layout(result):
+    # bf16 o_proj at B=4: the flatten copy gone; B=1 and quantised o_proj: no copy either way.
+    rows = result["rows"]
+    assert (rows[1]["o_proj"], rows[1]["batch"], rows[1]["copies_unpatched"], rows[1]["copies_patched"]) == (
+        "bf16", 4, "1 (8192 B)", "0 (0 B)")
+    assert all(r["copies_unpatched"] == r["copies_patched"] == "0 (0 B)" for i, r in enumerate(rows) if i != 1)
+    assert {r["o_proj"] for r in rows} == {"bf16", "fp8", "mxfp4"}
+
+
+def check_dsv4_kernel(column, count):
+    def check(result):
+        # On the CPU each table checks the kernel (interpreter, fp32) against torch: the error column.
+        errors = [r[column] for r in result["rows"]]
+        assert len(errors) == count and max(errors) < 1e-4, errors
+
+    return check
+
+
+CHECKS = {
+    "bench_nsa_cat_skip": check_nsa_cat_skip,
+    "bench_indexer_rope_guard": check_indexer_rope_guard,
+    "bench_mxfp4_vbmm_layout": check_mxfp4_vbmm_layout,
+    "bench_dsv4_compress": check_dsv4_kernel("max_abs_diff_vs_torch", 2),
+    "bench_dsv4_qk_norm": check_dsv4_kernel("max_abs_err_vs_ref", 1),
+}
+
+
+def test_every_benchmark_is_discovered_and_every_check_has_one():
+    assert len(SCRIPTS) >= 5
+    assert set(CHECKS) <= {s.stem for s in SCRIPTS}, "a check for a benchmark that no longer exists"
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=[s.stem for s in SCRIPTS])
+def test_quick_run_writes_its_table(script, tmp_path):
+    env = dict(os.environ)
+    if not torch.cuda.is_available():  # as run_all does: the kernels run under the interpreter
+        env.setdefault("TRITON_INTERPRET", "1")
+    out = tmp_path / "result.json"
+    proc = subprocess.run([sys.executable, str(script), "--quick", "--json", str(out)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    out = proc.stdout
-    assert "## nsa-cat-skip" in out
-    assert "providers: fused_qk_rope_cat_and_cache_mla=" in out
-    # The copy audit's verdict at the quick shapes: one cat per layer removed, its bytes B*H*576*2.
-    rows = [line.split() for line in out.splitlines() if line.strip().startswith("8 ")]
-    assert [r[:6] for r in rows] == [["8", "1", "bf16", "1.0", "0.0", "9216"], ["8", "4", "bf16", "1.0", "0.0", "36864"]]
-
-
-def test_indexer_rope_guard_quick():
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmark" / "run_all.py"), "--only", "indexer"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = [line.split() for line in proc.stdout.splitlines() if line.strip()[:1].isdigit()]
-    # in-place RoPE: 0.5.10 cloned and copied q and k (4 ops), 0.5.11 and the patch copy nothing
-    assert rows[0] == ["1", "in", "place", "4", "(16640", "B)", "0", "(0", "B)", "0", "(0", "B)"]
-
-
-def test_mxfp4_vbmm_layout_quick():
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmark" / "run_all.py"), "--only", "mxfp4"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = [line.split() for line in proc.stdout.splitlines() if line.split()[:1] in (["bf16"], ["fp8"], ["mxfp4"])]
-    # bf16 o_proj at B=4: the flatten copy (4*4*... bytes) gone; B=1 and quantised o_proj: no copy either way
-    assert rows[1] == ["bf16", "4", "1", "(8192", "B)", "0", "(0", "B)"]
-    assert all(r[2:] == ["0", "(0", "B)", "0", "(0", "B)"] for r in rows if r != rows[1])
-
-
-def test_dsv4_kernels_quick():
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmark" / "run_all.py"), "--only", "dsv4"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "## dsv4 fused KV compressor" in proc.stdout and "## dsv4 fused QK RMSNorm" in proc.stdout
-    # On the CPU each table checks the kernel (interpreter, fp32) against torch: the last column is the error.
-    errors = [float(line.split()[-1]) for line in proc.stdout.splitlines() if line.split()[-1:] and "e-" in line.split()[-1]]
-    assert len(errors) == 3 and max(errors) < 1e-4, proc.stdout
+    result = json.loads(out.read_text())
+    assert {"benchmark", "device", "providers", "columns", "rows"} <= set(result)
+    assert result["rows"] and all(set(result["columns"]) <= set(row) for row in result["rows"])
+    if not torch.cuda.is_available():
+        assert result["device"].startswith("cpu")
+    if script.stem in CHECKS:
+        CHECKS[script.stem](result)

@@ -1,5 +1,6 @@
-"""The console script: status table, diff that `git apply` accepts on the 0.5.11 tree, doctor,
-and clear errors when sglang is missing."""
+"""The CLI: status table and exit codes, diff that `git apply` accepts on the 0.5.11 tree, doctor, and
+clear errors when sglang is missing. In-process (``cli.main``), except one run of the installed
+console script and one Python without sglang."""
 
 from __future__ import annotations
 
@@ -20,14 +21,27 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = Path(sys.executable).with_name("sglang-hip-decode")
 
 
-def run_cli(*args, env_extra=None):
+@pytest.fixture
+def switches(monkeypatch):
+    """No SGLANG_HIP_DECODE* switch set; returns a setter for the ones a test wants."""
+    for key in [k for k in os.environ if k.startswith("SGLANG_HIP_DECODE")]:
+        monkeypatch.delenv(key)
+    return lambda **env: [monkeypatch.setenv(k, v) for k, v in env.items()]
+
+
+def run_main(capsys, *args):
+    """``cli.main(args)`` in this process: (exit code, stdout, stderr)."""
+    try:
+        code = cli.main(list(args))
+    except SystemExit as exc:
+        code = exc.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_the_console_script_prints_the_status_table():
     env = {k: v for k, v in os.environ.items() if not k.startswith("SGLANG_HIP_DECODE")}
-    env.update(env_extra or {})
-    return subprocess.run([str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=300)
-
-
-def test_status_prints_the_table():
-    proc = run_cli("status")
+    proc = subprocess.run([str(SCRIPT), "status"], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "sglang 0.5.11 (targets 0.5.11), platform cpu" in out
@@ -41,12 +55,13 @@ def test_status_prints_the_table():
         assert f" {'on' if default else 'opt-in'} " in row
 
 
-def test_status_json_and_switch_problems():
-    proc = run_cli("status", "--json", env_extra={"SGLANG_HIP_DECODE_PATCHES": "nsa-cat-skip,bogus"})
-    assert proc.returncode == 2, proc.stderr  # a switch naming an unknown patch
+def test_status_json_and_switch_problems(switches, capsys):
+    switches(SGLANG_HIP_DECODE_PATCHES="nsa-cat-skip,bogus")
+    code, out, err = run_main(capsys, "status", "--json")
+    assert code == 2, err  # a switch naming an unknown patch
     import json
 
-    data = json.loads(proc.stdout)
+    data = json.loads(out)
     from sglang_hip_decode.patches import NAMES
 
     assert list(data["patches"]) == sorted(NAMES)  # sort_keys
@@ -55,11 +70,12 @@ def test_status_json_and_switch_problems():
 
 
 @pytest.mark.parametrize("form", [(), ("--json",)])
-def test_status_exit_codes_tell_a_script_the_truth(form):
+def test_status_exit_codes_tell_a_script_the_truth(form, switches, capsys):
     # Default switches on this CPU: every patch off for the platform -> 0, in both forms.
-    assert run_cli("status", *form).returncode == 0
+    assert run_main(capsys, "status", *form)[0] == 0
     # A malformed switch -> 2 (naming an unimplemented patch: test_plugin's test_report_exit_code).
-    assert run_cli("status", *form, env_extra={"SGLANG_HIP_DECODE": "maybe"}).returncode == 2
+    switches(SGLANG_HIP_DECODE="maybe")
+    assert run_main(capsys, "status", *form)[0] == 2
 
 
 def test_status_json_exits_1_when_a_patch_failed(stand_in, monkeypatch, capsys):
@@ -71,17 +87,13 @@ def test_status_json_exits_1_when_a_patch_failed(stand_in, monkeypatch, capsys):
     assert rc == 1 and data["exit_code"] == 1 and data["patches"]["t-broken"].startswith("failed: hunk 1")
 
 
-def test_status_on_an_unsupported_sglang_exits_1(tmp_path):
-    # A fake sglang 0.5.12 distribution ahead of the real one on the path: every patch 'unsupported'.
-    dist = tmp_path / "sglang-0.5.12.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: sglang\nVersion: 0.5.12\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SGLANG_HIP_DECODE")}
-    env["PYTHONPATH"] = str(tmp_path) + os.pathsep + env.get("PYTHONPATH", "")
-    for form in ((), ("--json",)):
-        proc = subprocess.run([str(SCRIPT), "status", *form], env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 1, proc.stdout + proc.stderr
-        assert "unsupported sglang 0.5.12 (targets 0.5.11)" in proc.stdout
+@pytest.mark.parametrize("form", [(), ("--json",)])
+def test_status_on_an_unsupported_sglang_exits_1(form, switches, monkeypatch, capsys):
+    from sglang_hip_decode import gates
+
+    monkeypatch.setattr(gates, "sglang_version", lambda: "0.5.12")  # every patch 'unsupported'
+    code, out, _ = run_main(capsys, "status", *form)
+    assert code == 1 and "unsupported sglang 0.5.12 (targets 0.5.11)" in out
 
 
 def test_status_table_with_implemented_patches(stand_in, monkeypatch, capsys):
@@ -137,33 +149,26 @@ def test_diff_of_two_patches_on_one_method(upstream_tree):
     assert git_apply(upstream_tree, text, "--check").returncode == 0
 
 
-def test_diff_of_real_patches(upstream_tree):
+def test_diff_of_real_patches(upstream_tree, capsys):
     from sglang_hip_decode.patches import catalog
 
     implemented = [e.name for e in catalog() if e.patch is not None]
-    if not implemented:
-        proc = run_cli("diff")
-        assert proc.returncode == 1 and "no implemented patch" in proc.stderr
-        return
-    text = cli.unified_diff(implemented)
+    assert implemented
+    code, text, _ = run_main(capsys, "diff")  # no name: every implemented patch
+    assert code == 0 and text == cli.unified_diff(implemented)
     assert git_apply(upstream_tree, text, "--check").returncode == 0
 
 
-def test_diff_refuses_unknown_and_unimplemented_names():
-    proc = run_cli("diff", "no-such-patch")
-    assert proc.returncode != 0 and "unknown patch no-such-patch" in proc.stderr
-    from sglang_hip_decode.patches import catalog
-
-    planned = [e.name for e in catalog() if e.patch is None]
-    if planned:
-        proc = run_cli("diff", planned[0])
-        assert proc.returncode != 0 and "not implemented yet" in proc.stderr
+def test_diff_refuses_unknown_and_unimplemented_names(stand_in, capsys):
+    code, _, _ = run_main(capsys, "diff", "no-such-patch")
+    assert code == "sglang-hip-decode: unknown patch no-such-patch (known: t-on, t-opt, t-broken, t-planned)"
+    code, _, _ = run_main(capsys, "diff", "t-planned")  # the stand-in catalogue's unimplemented one
+    assert code == "sglang-hip-decode: not implemented yet: t-planned"
 
 
-def test_doctor():
-    proc = run_cli("doctor")
-    assert proc.returncode == 0, proc.stderr
-    out = proc.stdout
+def test_doctor(capsys):
+    code, out, err = run_main(capsys, "doctor")
+    assert code == 0, err
     assert "sglang 0.5.11 (supported: True)" in out
     assert "torch 2.11.0" in out
     assert "aiter not importable" in out and "tilelang not importable" in out

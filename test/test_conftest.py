@@ -7,20 +7,25 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_suite(tmp_path, body):
+def run_suite(tmp_path, body, *extra):
     shutil.copy(ROOT / "conftest.py", tmp_path / "conftest.py")
     (tmp_path / "test_one.py").write_text(body)
     return subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *extra, str(tmp_path)],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )
 
 
-def test_all_skipped_fails(tmp_path):
-    proc = run_suite(tmp_path, "import pytest\n\n@pytest.mark.skip(reason='x')\ndef test_a():\n    pass\n")
+@pytest.mark.parametrize("workers", [(), ("-n", "2")], ids=["serial", "xdist"])
+def test_all_skipped_fails(tmp_path, workers):
+    body = "import pytest\n\n@pytest.mark.skip(reason='x')\ndef test_a():\n    pass\n\n" \
+           "@pytest.mark.skip(reason='y')\ndef test_b():\n    pass\n"
+    proc = run_suite(tmp_path, body, *workers)
     assert proc.returncode == 1, proc.stdout
     assert "every collected test was skipped" in proc.stdout
 

@@ -262,13 +262,13 @@ patch_fixtures.install_test_catalog()
 import sglang_hip_decode
 start = time.monotonic()
 report = sglang_hip_decode.register()
-print("SECONDS", time.monotonic() - start, "APPLIED", ",".join(report.applied))
+print("SECONDS", time.monotonic() - start, "PATCHES", len(report.patches))
 """
 
 
 def run_register_with_status_file(path, timeout=60):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SGLANG_HIP_DECODE")}
-    env.update(SGLANG_HIP_DECODE_STATUS_FILE=str(path), SGLANG_HIP_DECODE_ANY_PLATFORM="1")
+    env.update(SGLANG_HIP_DECODE_STATUS_FILE=str(path))  # nothing forced: no sglang import, a fast start
     # A subprocess with a timeout: a register() that blocks fails this test instead of hanging the suite.
     return subprocess.run([sys.executable, "-c", STATUS_FILE_SCRIPT.format(here=str(HERE))], env=env,
                           capture_output=True, text=True, timeout=timeout)
@@ -279,7 +279,7 @@ def test_status_file_that_is_a_fifo_never_blocks(tmp_path):
     os.mkfifo(fifo)
     proc = run_register_with_status_file(fifo)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "APPLIED t-on" in proc.stdout
+    assert "PATCHES 4" in proc.stdout  # a full report of the stand-in catalogue
     assert float(proc.stdout.split()[1]) < 30
     assert f"cannot write status file {fifo}" in proc.stderr
     # With a reader on the other end the open succeeds, but a FIFO is still not a status file.
@@ -294,7 +294,7 @@ def test_status_file_that_is_a_fifo_never_blocks(tmp_path):
 
 def test_status_file_that_is_a_directory_is_a_warning(tmp_path):
     proc = run_register_with_status_file(tmp_path)
-    assert proc.returncode == 0 and "APPLIED t-on" in proc.stdout
+    assert proc.returncode == 0 and "PATCHES 4" in proc.stdout
     assert f"cannot write status file {tmp_path}" in proc.stderr
 
 

@@ -1,14 +1,13 @@
 """The A/B runner against a loopback stand-in server (test/standin_server.py: a real HTTP server
 process), with SGLang 0.5.11's real clients (sglang.test.few_shot_gsm8k, sglang.bench_serving)
-pointed at it, tiny local GSM8K / ShareGPT / tokenizer files written by the tests.
+pointed at it, tiny local GSM8K / ShareGPT / tokenizer files written by the tests (test/conftest.py).
 
-Covered: success path and report (with and without a preset); server never healthy (clear error,
-nothing left running); server dying mid-run; an 'on' run whose server applied nothing, or whose
-worker processes did not apply a measured patch (refused, naming the process); bench_serving runs
-that did not complete every request or measured no TPOT (refused, what was measured kept); the
-server's own /server_info contradicting the preset (refused); SIGINT/SIGTERM/SIGHUP and a killed
-runner (nothing left running); usage errors caught before anything starts (exit 2); the server
-arguments adding to the preset's; the parsers on real client output; --dry-run of the GLM-5 preset.
+Covered here: one successful run with the GLM-5 preset, shared by the assertions that read it
+(report, arguments added to the preset's, the server checks); SIGINT/SIGTERM/SIGHUP and a killed
+runner (nothing left running), a signal that arrives while the last server stops; the verdicts
+(GSM8K below the threshold, a runner bug) and the checks (status lines of every process, bench
+results) on the runner's own functions; every usage error caught before anything starts (exit 2);
+the parsers on real client output; --dry-run. The refused runs: test_validate_refusals.py.
 """
 
 from __future__ import annotations
@@ -16,86 +15,31 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from sglang_hip_decode import validate
 
-HERE = Path(__file__).resolve().parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from runner_helpers import free_port, processes_on_port, run_runner, runner_args
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ab")
-    gsm = root / "gsm8k.jsonl"
-    with open(gsm, "w") as fh:
-        for a, b in [(3, 4), (10, 5), (7, 8), (12, 30), (1, 1), (25, 17)]:
-            fh.write(json.dumps({"question": f"What is {a} plus {b}?", "answer": f"{a} + {b} = {a + b}\n#### {a + b}"}) + "\n")
-    share = root / "sharegpt.json"
-    convs = [{"conversations": [{"from": "human", "value": f"tell me about w{i} and w{i + 1} please"},
-                                {"from": "gpt", "value": f"w{i} is a word"}]} for i in range(20)]
-    share.write_text(json.dumps(convs))
-    # A tiny word-level tokenizer, saved the way a model folder holds one (bench_serving loads it).
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["tell", "me", "about", "and", "please", "is", "a", "word"] + [f"w{i}" for i in range(64)]
-    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    model_dir = root / "model"
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(model_dir)
-    return {"gsm": gsm, "share": share, "model": model_dir, "root": root}
-
-
-def runner_args(files, out, port, server_extra="", **overrides):
-    args = ["--model", str(files["model"]), "--out", str(out), "--port", str(port),
-            "--server-cmd", f"{sys.executable} {HERE / 'standin_server.py'}", f"--server-args={server_extra}",
-            "--gsm8k-questions", "6", "--gsm8k-shots", "2", "--gsm8k-parallel", "3", "--gsm8k-data", str(files["gsm"]),
-            "--input-len", "12", "--output-len", "6", "--range-ratio", "0.8", "--concurrency", "2", "--num-prompts", "4",
-            "--bench-dataset-path", str(files["share"]), "--health-timeout", "120", "--poll-interval", "0.2",
-            "--client-timeout", "300"]
-    for key, value in overrides.items():
-        args += [f"--{key.replace('_', '-')}", str(value)]
-    return args
-
-
-def run_runner(args, env_extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SGLANG_HIP_DECODE")}
-    env.update(env_extra)
-    return subprocess.run([sys.executable, "-m", "sglang_hip_decode.validate", *args], env=env,
-                          capture_output=True, text=True, timeout=900)
-
-
-def processes_on_port(port: int) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if "standin_server.py" in cmd and f"--port {port} " in cmd + " ":
-                pids.append(int(entry.name))
-    return pids
-
-
-def test_success_path_and_report(files, tmp_path):
+def successful_run(files, tmp_path_factory):
+    """One successful A/B run, shared by the tests that read it: the GLM-5 preset (its flags, its
+    server checks, its measured patches) on TP 1 with an extra server flag and a threshold of 0.9."""
     port = free_port()
-    out = tmp_path / "ab"
-    proc = run_runner(runner_args(files, out, port, threshold=0.9), {"SGLANG_HIP_DECODE_ANY_PLATFORM": "1"})
+    out = tmp_path_factory.mktemp("ab-ok") / "ab"
+    args = runner_args(files, out, port, "--kv-cache-dtype fp8_e4m3", threshold=0.9) + ["--preset", "glm5", "--tp", "1"]
+    proc = run_runner(args, {"SGLANG_HIP_DECODE_ANY_PLATFORM": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc, out, port
+
+
+def test_success_path_and_report(successful_run):
+    proc, out, port = successful_run
     results = json.loads((out / "results.json").read_text())
     on, off = results["arms"]["on"], results["arms"]["off"]
     assert off["applied"] == []
@@ -103,49 +47,13 @@ def test_success_path_and_report(files, tmp_path):
     for arm in (on, off):
         assert arm["gsm8k"]["accuracy"] == 1.0 and arm["gsm8k"]["invalid"] == 0.0
         assert arm["bench"]["completed"] == 4 and arm["bench"]["median_tpot_ms"] > 0
+        assert arm["processes"] == 2  # the launcher and one scheduler (TP 1)
     assert results["verdict"]["gsm8k_on_pass"] is True
     report = (out / "report.md").read_text()
     assert "| GSM8K accuracy (threshold 0.9) | 1.000 (pass) | 1.000 (pass) | +0.000 |" in report
     assert "TPOT median (ms)" in report and "applied (on): indexer-rope-guard, mxfp4-vbmm-layout, nsa-cat-skip" in report
     assert results["versions"]["sglang"] == "0.5.11"
     assert processes_on_port(port) == []
-
-
-def test_on_run_that_applied_nothing_is_refused(files, tmp_path):
-    # On this CPU the HIP-gated patches stay off unless forced: the 'on' server applies nothing.
-    port = free_port()
-    proc = run_runner(runner_args(files, tmp_path / "ab", port), {})
-    assert proc.returncode == 1
-    assert "[on] refusing the 'on' arm: not every measured patch (nsa-cat-skip, mxfp4-vbmm-layout, indexer-rope-guard)" \
-        in proc.stderr
-    assert "nsa-cat-skip: off (not HIP" in proc.stderr
-    assert not (tmp_path / "ab" / "results.json").exists()
-    partial = json.loads((tmp_path / "ab" / "results.partial.json").read_text())
-    assert partial["arms"]["off"]["bench"]["completed"] == 4  # the off arm's measurements are kept
-    assert "refusing the 'on' arm" in partial["error"]
-    assert processes_on_port(port) == []
-
-
-def test_server_never_healthy(files, tmp_path):
-    port = free_port()
-    proc = run_runner(runner_args(files, tmp_path / "ab", port, "--never-healthy", health_timeout=4), {})
-    assert proc.returncode == 1
-    assert "[off] the server was not healthy within 4 s" in proc.stderr
-    assert processes_on_port(port) == []
-
-
-def test_server_dying_mid_run(files, tmp_path):
-    port = free_port()
-    proc = run_runner(runner_args(files, tmp_path / "ab", port, "--die-after 2"), {})
-    assert proc.returncode == 1
-    assert "[off]" in proc.stderr and ("the server died during GSM8K" in proc.stderr or "GSM8K failed" in proc.stderr)
-    assert processes_on_port(port) == []
-
-
-def test_no_plugin_status_is_an_error(files, tmp_path):
-    port = free_port()
-    proc = run_runner(runner_args(files, tmp_path / "ab", port, "--skip-plugin"), {})
-    assert proc.returncode == 1 and "the server wrote no plugin status" in proc.stderr
 
 
 def test_parsers_on_real_client_output():
@@ -155,26 +63,25 @@ def test_parsers_on_real_client_output():
         validate.parse_gsm8k("no summary here")
 
 
-def test_too_few_processes_reported(files, tmp_path):
-    # SGLang calls the plugin in the launcher and in each scheduler: one status line alone means a
-    # scheduler ran without it.
-    port = free_port()
-    proc = run_runner(runner_args(files, tmp_path / "ab", port, "--workers 0"), {"SGLANG_HIP_DECODE_ANY_PLATFORM": "1"})
-    assert proc.returncode == 1
-    assert "[off] only 1 server processes wrote a plugin status, expected at least 2" in proc.stderr
-    assert processes_on_port(port) == []
+def test_gsm8k_below_the_threshold_fails_with_the_report_written(successful_run, files, tmp_path, monkeypatch, capsys):
+    # The shared run's results with both arms' accuracy pushed below the threshold, written the way
+    # run() writes them: main() prints the report and exits 1.
+    results = json.loads((successful_run[1] / "results.json").read_text())
+    for arm in ("off", "on"):
+        results["arms"][arm]["gsm8k"]["accuracy"] = 0.5
+    results["verdict"].update(gsm8k_on_pass=False, gsm8k_off_pass=False)
 
+    def fake_run(plan):
+        (plan.out / "results.json").write_text(json.dumps(results))
+        (plan.out / "report.md").write_text(validate.render_report(results))
 
-def test_gsm8k_below_the_threshold_fails_with_the_report_written(files, tmp_path):
-    port = free_port()
+    monkeypatch.setattr(validate, "run", fake_run)
     out = tmp_path / "ab"
-    proc = run_runner(runner_args(files, out, port, "--wrong", threshold=0.9), {"SGLANG_HIP_DECODE_ANY_PLATFORM": "1"})
-    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert validate.main(runner_args(files, out, free_port(), threshold=0.9)) == 1
+    captured = capsys.readouterr()
     assert "validation failed: the 'on' arm's GSM8K accuracy is below the threshold 0.9 (the 'off' arm fails it too" \
-        in proc.stderr
-    assert "(FAIL)" in (out / "report.md").read_text()
-    results = json.loads((out / "results.json").read_text())
-    assert results["verdict"]["gsm8k_on_pass"] is False and results["arms"]["on"]["gsm8k"]["accuracy"] < 0.9
+        in captured.err
+    assert "0.500 (FAIL)" in captured.out and "0.500 (FAIL)" in (out / "report.md").read_text()
 
 
 def test_a_signal_during_the_last_stop_is_not_lost(files, tmp_path, monkeypatch):
@@ -279,51 +186,39 @@ def test_a_killed_runner_takes_its_server_with_it(files, tmp_path):
     assert processes_on_port(port) == []
 
 
-def test_every_measured_patch_in_every_process(files, tmp_path):
-    # Two "scheduler" processes whose switches leave out the measured patches (as if they failed
-    # there), while the main process applied them: the 'on' arm is refused, naming each process.
-    port = free_port()
-    extra = "--workers 2 --worker-env SGLANG_HIP_DECODE_PATCHES=mxfp4-vbmm-layout"
-    proc = run_runner(runner_args(files, tmp_path / "ab", port, extra, patches="nsa-cat-skip,mxfp4-vbmm-layout"),
-                      {"SGLANG_HIP_DECODE_ANY_PLATFORM": "1"})
-    assert proc.returncode == 1, proc.stderr[-3000:]
+def test_every_measured_patch_in_every_process():
+    # Status lines as three server processes write them (the plugin's own Report.to_json): the
+    # launcher applied both measured patches, two scheduler processes did not (as if they failed
+    # there). The 'on' arm is refused, naming each process and its status.
+    from sglang_hip_decode import PatchStatus, Report
+
+    def line(pid, statuses):
+        rows = tuple(PatchStatus(name, status, True, (), "", selected=True) for name, status in statuses.items())
+        return dict(Report("0.5.11", "hip", rows, ()).to_json(), pid=pid, argv0=f"proc-{pid}")
+
+    records = [line(1, {"nsa-cat-skip": "applied", "mxfp4-vbmm-layout": "applied"})]
+    records += [line(pid, {"nsa-cat-skip": "off (not in SGLANG_HIP_DECODE_PATCHES)", "mxfp4-vbmm-layout": "applied"})
+                for pid in (2, 3)]
+    measured = ("nsa-cat-skip", "mxfp4-vbmm-layout")
+    with pytest.raises(validate.ValidationError) as info:
+        validate.check_applied("on", records, measured, processes=3)
+    message = str(info.value)
     assert "not every measured patch (nsa-cat-skip, mxfp4-vbmm-layout) is applied in every server process (3 reported)" \
-        in proc.stderr
-    wrong = [line for line in proc.stderr.splitlines() if "nsa-cat-skip: off (not in SGLANG_HIP_DECODE_PATCHES)" in line]
-    assert len(wrong) == 2 and all(line.strip().startswith("pid ") for line in wrong)
-    assert processes_on_port(port) == []
+        in message
+    wrong = [row.strip() for row in message.splitlines()[1:]]
+    assert wrong == [f"pid {pid} (proc-{pid}): nsa-cat-skip: off (not in SGLANG_HIP_DECODE_PATCHES)" for pid in (2, 3)]
+    assert validate.check_applied("on", records[:1], measured) == sorted(measured)
+    with pytest.raises(validate.ValidationError, match="only 1 server processes wrote a plugin status, expected at least 3"):
+        validate.check_applied("on", records[:1], measured, processes=3)
+    with pytest.raises(validate.ValidationError, match=r"\[off\] the server applied"):
+        validate.check_applied("off", records[:1])
 
 
-@pytest.mark.parametrize("extra, message", [
-    ("--fail-streams-after 3", "[off] bench_serving completed 2 of 4 requests: refusing the measurement"),
-    # sglang 0.5.11's bench_serving itself raises when no request completed (numpy percentile of
-    # nothing): a failed client, its traceback in the message; check_bench covers a file saying 0.
-    ("--fail-streams-after 1", "[off] bench_serving failed (exit 1)"),
-    ("--max-tokens 1", "[off] bench_serving reports median_tpot_ms = 0"),
-], ids=["half-completed", "none-completed", "no-tpot"])
-def test_a_measurement_that_is_not_one_is_refused(files, tmp_path, extra, message):
-    port = free_port()
-    (tmp_path / "ab").mkdir()
-    (tmp_path / "ab" / "results.json").write_text("{}")  # an earlier run's: must not survive this one
-    proc = run_runner(runner_args(files, tmp_path / "ab", port, extra), {"SGLANG_HIP_DECODE_ANY_PLATFORM": "1"})
-    assert proc.returncode == 1, proc.stderr[-3000:]
-    assert message in proc.stderr, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr.split(message)[0], "the runner itself must not raise"
-    assert not (tmp_path / "ab" / "results.json").exists()
-    partial = json.loads((tmp_path / "ab" / "results.partial.json").read_text())
-    assert partial["arms"]["off"]["gsm8k"]["accuracy"] == 1.0  # what was measured is kept
-    assert processes_on_port(port) == []
-
-
-def test_preset_run_adds_arguments_and_checks_the_server(files, tmp_path):
+def test_preset_run_adds_arguments_and_checks_the_server(successful_run, files, tmp_path):
     # The GLM-5 preset against the stand-in: the preset's flags reach the server with the extra
     # ones after them, the server's /server_info confirms NSA + TileLang, the two patches that act on
     # GLM-5 are measured (mxfp4-vbmm-layout is selected by default but does not act there).
-    port = free_port()
-    out = tmp_path / "ab"
-    args = runner_args(files, out, port, "--kv-cache-dtype fp8_e4m3") + ["--preset", "glm5", "--tp", "1"]
-    proc = run_runner(args, {"SGLANG_HIP_DECODE_ANY_PLATFORM": "1"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _, out, _ = successful_run
     results = json.loads((out / "results.json").read_text())
     assert results["patches_measured"] == ["nsa-cat-skip", "indexer-rope-guard"]
     assert results["server_args"] == ("--trust-remote-code --attention-backend nsa --nsa-decode-backend tilelang "

@@ -17,7 +17,6 @@ On the CPU only the copy audit is reported (absolute times come from a GPU only)
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -29,7 +28,7 @@ from sglang_hip_decode import patching
 from sgl_hip_kernels.testing import timing
 from sglang_hip_decode.testing.ab import ab_runs
 from sglang_hip_decode.testing.nsa_indexer import IndexerCase, IndexerPath, _Linear, import_indexer
-from sgl_hip_kernels.testing.report import render
+from sgl_hip_kernels.testing.report import bench_args, render
 from sglang_hip_decode.patches.indexer_rope_guard import PATCH
 from sglang_hip_decode.patching import Edit, Hunk, Patch
 
@@ -118,12 +117,8 @@ def head_gate_fusion(ni, tokens: int = 64) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json")
-    parser.add_argument("--repeats", type=int, default=100)
-    parser.add_argument("--head-gates-only", action="store_true", help="only the compile-fusion table (GPU)")
-    args = parser.parse_args(argv)
+    args = bench_args(__doc__, argv, extra=lambda p: p.add_argument(
+        "--head-gates-only", action="store_true", help="only the compile-fusion table (GPU)"))
     gpu = torch.cuda.is_available()
     ni = import_indexer()
     if args.head_gates_only:

@@ -14,7 +14,6 @@ On the CPU only the copy audit is reported (absolute times come from a GPU only)
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
@@ -23,7 +22,7 @@ from sglang_hip_decode.testing import providers
 from sgl_hip_kernels.testing import timing
 from sglang_hip_decode.testing.ab import ab_runs
 from sglang_hip_decode.testing.mla_decode import KIMI_K2, MlaDecodeCase, MlaDecodePath, import_sglang, make_inputs, model_shapes
-from sgl_hip_kernels.testing.report import emit
+from sgl_hip_kernels.testing.report import bench_args, emit
 from sglang_hip_decode.patches.mxfp4_vbmm_layout import PATCH
 
 BATCHES = (1, 4, 16, 64, 128, 256)
@@ -60,14 +59,12 @@ def measure(case: MlaDecodeCase, sg, calls: int, repeats: int, gpu: bool, layers
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json")
-    parser.add_argument("--config", help="the model's config.json (default: Kimi-K2's published shapes)")
-    parser.add_argument("--tp", type=int, default=8)
-    parser.add_argument("--batches")
-    parser.add_argument("--repeats", type=int, default=100)
-    args = parser.parse_args(argv)
+    def extra(parser):
+        parser.add_argument("--config", help="the model's config.json (default: Kimi-K2's published shapes)")
+        parser.add_argument("--tp", type=int, default=8, help="tensor parallel size for the per-rank head count")
+        parser.add_argument("--batches", help="comma-separated batch sizes")
+
+    args = bench_args(__doc__, argv, extra=extra)
     gpu = torch.cuda.is_available()
     shapes = model_shapes(KIMI_K2, args.config)
     batches = [int(b) for b in args.batches.split(",")] if args.batches else ([1, 4] if args.quick else list(BATCHES))

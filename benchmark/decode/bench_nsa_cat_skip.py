@@ -15,7 +15,6 @@ On the CPU only the copy audit is reported (absolute times come from a GPU only)
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
@@ -23,7 +22,7 @@ import torch
 from sglang_hip_decode.testing import providers
 from sgl_hip_kernels.testing import timing
 from sglang_hip_decode.testing.ab import ab_runs
-from sgl_hip_kernels.testing.report import emit
+from sgl_hip_kernels.testing.report import bench_args, emit
 from sglang_hip_decode.testing.mla_decode import GLM5, MlaDecodeCase, MlaDecodePath, import_sglang, make_inputs, model_shapes
 from sglang_hip_decode.patches.nsa_cat_skip import PATCH
 
@@ -71,15 +70,13 @@ def measure(case: MlaDecodeCase, sg, calls: int, repeats: int, gpu: bool) -> dic
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="two small batches (CI)")
-    parser.add_argument("--json", help="write the results here")
-    parser.add_argument("--config", help="the model's config.json (default: GLM-5's published shapes)")
-    parser.add_argument("--tp", type=int, default=8, help="tensor parallel size for the per-rank head count")
-    parser.add_argument("--batches", default=None, help="comma-separated batch sizes")
-    parser.add_argument("--kv", default="bf16", choices=["bf16", "fp8_e4m3"])
-    parser.add_argument("--repeats", type=int, default=100)
-    args = parser.parse_args(argv)
+    def extra(parser):
+        parser.add_argument("--config", help="the model's config.json (default: GLM-5's published shapes)")
+        parser.add_argument("--tp", type=int, default=8, help="tensor parallel size for the per-rank head count")
+        parser.add_argument("--batches", default=None, help="comma-separated batch sizes")
+        parser.add_argument("--kv", default="bf16", choices=["bf16", "fp8_e4m3"])
+
+    args = bench_args(__doc__, argv, extra=extra)
 
     gpu = torch.cuda.is_available()
     shapes = model_shapes(GLM5, args.config)

@@ -27,13 +27,15 @@ def emit(result: dict, json_path: str | None) -> None:
         print(render(result))
 
 
-def bench_args(doc: str, argv=None, repeats: int = 100):
-    """The options every kernel benchmark takes: ``--quick`` (CI's shapes), ``--json FILE``
-    (``make bench`` collects it), ``--repeats`` (timed rounds per arm)."""
+def bench_args(doc: str, argv=None, repeats: int = 100, extra=None):
+    """The options every benchmark takes: ``--quick`` (CI's shapes), ``--json FILE`` (``make bench``
+    collects it), ``--repeats`` (timed rounds per arm); ``extra(parser)`` adds a benchmark's own."""
     import argparse
 
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json")
-    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--quick", action="store_true", help="small shapes (what CI runs)")
+    parser.add_argument("--json", help="write the result table here as JSON")
+    parser.add_argument("--repeats", type=int, default=repeats, help="timed rounds per arm (GPU)")
+    if extra is not None:
+        extra(parser)
     return parser.parse_args(argv)
