@@ -3,13 +3,13 @@
 The same path as test/test_indexer_rope_guard.py: the real sglang 0.5.11 ``Indexer._get_q_k_bf16``
 (harness/nsa_indexer.py) at GLM-5 / DeepSeek-V3.2 indexer shapes (64 index heads, head dim 128,
 rope 64), tokens 1..4096, with an in-place RoPE (returns views: the HIP case) and an out-of-place one:
-* ``0.5.10`` — the form before #22232, ``query[..., :rope] = q_rope.clone()`` (reconstructed with a
+* ``0.5.10`` — the form before sglang#22232, ``query[..., :rope] = q_rope.clone()`` (reconstructed with a
   bench-only edit of the same function);
 * ``0.5.11`` — upstream's data_ptr guard; ``patched`` — this project's exact guard.
 Per call: copy ops and bytes (copy audit), GPU kernels, µs median [p20, p80] (CUDA graphs, arms
 interleaved), the µs saved against 0.5.10, and the host-side cost of the guard call itself in eager
 mode (what prefill pays; a CUDA graph replays none of it). A second table counts the kernels of
-0.5.11's head-gate functions eager vs ``torch.compile`` (inductor, as on HIP since #22232).
+0.5.11's head-gate functions eager vs ``torch.compile`` (inductor, as on HIP since sglang#22232).
 
 Run:  python benchmark/decode/bench_indexer_rope_guard.py [--quick] [--json out.json]
 On the CPU only the copy audit is reported (absolute times come from a GPU only).
@@ -34,7 +34,7 @@ from sglang_hip_decode.patching import Edit, Hunk, Patch
 
 TOKENS = (1, 16, 64, 256, 1024, 4096)
 ARMS = ("0.5.10", "0.5.11", "patched")
-# Before #22232 (up to 0.5.10.post1) the write-back always cloned and copied.
+# Before sglang#22232 (up to 0.5.10.post1) the write-back always cloned and copied.
 BEFORE_22232 = Patch(
     name="bench-0.5.10-writeback", summary="bench only", gate="any", default=False,
     edits=(Edit("sglang.srt.layers.attention.nsa.nsa_indexer:Indexer._get_q_k_bf16", (

@@ -63,7 +63,7 @@ def _decode_backend(info: dict):
     return info.get("decode_attention_backend") or info.get("attention_backend")
 
 
-# The three seed workloads (SPEC "MI355X validation recipe"); the model path is the user's.
+# The three workloads the upstream changes were validated on (benchmark/e2e/README.md); the model path is the user's.
 PRESETS = {
     "glm5": dict(
         family="GLM-5", tp=8, threshold=0.93,

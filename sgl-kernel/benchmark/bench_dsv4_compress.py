@@ -1,6 +1,6 @@
 """Benchmark: the fused DeepSeek-V4 KV compressor vs the unfused torch sequence and a one-launch floor.
 
-DeepSeek-V4's three compressors (reference §5.3): attention ratio 4 (overlap, d 512), attention
+DeepSeek-V4's three compressors (contract: ``dsv4/compress_ref.py``): attention ratio 4 (overlap, d 512), attention
 ratio 128 (d 512), indexer ratio 4 (d 128, Hadamard rotation); raw rows fp32 (``wkv_gate`` is
 ``linear_bf16_fp32``), state fp32, output fp32.
 * decode, batch 1..256, one new token per request, two step patterns: ``all`` — every request closes

@@ -1,6 +1,6 @@
 """Benchmark: fused QK RMSNorm (DeepSeek-V4 attention) vs the unfused torch sequence and a one-launch floor.
 
-DeepSeek-V4 shapes (reference §5): 64 q heads without weight, 1 k head with weight, head dim 512,
+DeepSeek-V4 shapes (its published config): 64 q heads without weight, 1 k head with weight, head dim 512,
 bf16; decode batch 1..256 tokens and prefill 8192 tokens. Per shape, in one run on the GPU, each as a
 CUDA graph of ``calls`` calls (µs per call, median [p20, p80], replays interleaved):
 * ``fused`` — sgl_hip_kernels.dsv4.qk_norm.fused_qk_norm (one launch);

@@ -157,7 +157,7 @@ def test_decode_steps_mixed_batch(rng, ratio, d, rotate):
 
 
 def test_edges_neg_inf_and_all_invalid(rng):
-    """The #26208 edges: an old max of -inf, a new score of -inf, invalid rows with NaN behind them.
+    """The sglang#26208 edges: an old max of -inf, a new score of -inf, invalid rows with NaN behind them.
     Block 0 of ratio 4 has no previous block (rows 0..3 invalid, their pages NaN); with its own rows'
     scores all -inf no row weighs at all, and the output is defined: exactly 0, never NaN."""
     c = Compressor(rng, 4, 128, 2)

@@ -3,7 +3,7 @@
 Removes: nothing new on the happy path; it keeps upstream's saving (no copy kernel when an in-place
 RoPE kernel returns a view of its input) and closes the holes in how 0.5.11 decides it.
 
-0.5.11 (#22232) writes the rotated q/k rope slices back with ``Indexer._update_rope_guarded(dst,
+0.5.11 (sglang#22232) writes the rotated q/k rope slices back with ``Indexer._update_rope_guarded(dst,
 src)``, which returns early when ``src.data_ptr() == dst.data_ptr()``. That compares start addresses
 only:
 * a ``src`` with the same start but another shape or stride (a rotated copy laid out differently in
@@ -35,7 +35,7 @@ PATCH = Patch(
     summary="NSA indexer RoPE write-back skips only a true alias; overlap and torch.compile stay correct",
     gate="hip",
     default=True,
-    upstream="#22232 (sglang 0.5.11) in a data_ptr-only form",
+    upstream="sglang#22232 (sglang 0.5.11) in a data_ptr-only form",
     edits=(
         Edit(
             "sglang.srt.layers.attention.nsa.nsa_indexer:Indexer._update_rope_guarded",

@@ -17,7 +17,7 @@ Why it is bit-identical: the GEMM computes the same values into the same logical
 positions, only the memory order differs; the quant kernels see the same logical (B, H, V) tensor
 (they take strides), and the bf16 flatten produces the same values.
 
-Upstream: #25463, in sglang 0.5.13 (0.5.23 extends it to the fp8 and bf16 v-bmm). Delete this
+Upstream: sglang#25463, in sglang 0.5.13 (0.5.23 extends it to the fp8 and bf16 v-bmm). Delete this
 patch when the pinned sglang moves to 0.5.13 or later.
 """
 
@@ -33,7 +33,7 @@ PATCH = Patch(
     summary="MXFP4 v-bmm writes a (B,H,V) buffer through a transposed view; o_proj reads it without a copy",
     gate="hip",
     default=True,
-    upstream="#25463, sglang 0.5.13",
+    upstream="sglang#25463, sglang 0.5.13",
     edits=(
         Edit(
             f"{FORWARD_MLA}:DeepseekMLAForwardMixin.forward_absorb_core",

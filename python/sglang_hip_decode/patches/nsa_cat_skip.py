@@ -25,7 +25,7 @@ Why it is bit-identical: the reused ``q_all`` is ``q.contiguous().view(...)``, w
 exactly what the cat would copy, in the same dtype; neither kernel writes its q. Off HIP the cat
 stays (on CUDA ``concat_mla_absorb_q_general`` may cast, so it is not skipped there).
 
-Upstream: #24125, in sglang 0.5.12 (decode/idle; 0.5.23 extends it to target-verify and extend).
+Upstream: sglang#24125, in sglang 0.5.12 (decode/idle; 0.5.23 extends it to target-verify and extend).
 Delete this patch when the pinned sglang moves to 0.5.12 or later.
 """
 
@@ -39,7 +39,7 @@ PATCH = Patch(
     summary="NSA decode reuses q_cat from the fused RoPE kernel instead of re-concatenating it",
     gate="hip",
     default=True,
-    upstream="#24125, sglang 0.5.12",
+    upstream="sglang#24125, sglang 0.5.12",
     edits=(
         Edit(
             f"{FORWARD_MLA}:DeepseekMLAForwardMixin.forward_absorb_core",

@@ -1,5 +1,5 @@
-"""Portable DeepSeek-V4 KV compressor (reference §5.3; the contract and its layouts are written out
-in ``dsv4_ref``): per emitted block, APE bias + per-channel online-softmax pooling + RMSNorm + GPT-J
+"""Portable DeepSeek-V4 KV compressor (the contract and its layouts are written out in
+``compress_ref``): per emitted block, APE bias + per-channel online-softmax pooling + RMSNorm + GPT-J
 RoPE on the last 64 channels (+ the indexer's Walsh-Hadamard rotation) in one Triton program.
 
 State: ``state`` (S, W) fp32, W = 4d (ratio 4) or 2d (ratio 128), the raw rows of each request's

@@ -1,4 +1,4 @@
-"""fp32 references for the DeepSeek-V4 KV compressor (reference §5.3), the contract the fused kernels
+"""fp32 references for the DeepSeek-V4 KV compressor, the contract the fused kernels
 must meet. Layouts this project's kernels read (stated because upstream's fused kernel read the
 checkpoint ape layout and was unusable for the overlap case):
 

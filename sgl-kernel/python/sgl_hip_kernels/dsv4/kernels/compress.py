@@ -1,4 +1,4 @@
-"""Triton bodies: the DeepSeek-V4 KV compressor (reference §5.3), fused: APE bias add, per-channel
+"""Triton bodies: the DeepSeek-V4 KV compressor (contract: ``dsv4/compress_ref.py``), fused: APE bias add, per-channel
 online-softmax pooling, RMSNorm, GPT-J RoPE on the last 64 channels, optional Walsh-Hadamard.
 
 A block's channels are split over SPLIT programs (pooling is per channel, so each pools CB = D/SPLIT
@@ -75,7 +75,7 @@ def _pool_rows(
         s = tl.where(new2, tl.load(u_base + s_col[None, :], mask=new2, other=0.0).to(tl.float32),
                      tl.load(st_base + s_col[None, :], mask=old2, other=0.0))
         s = s + tl.load(bias_ptr + j[None, :].to(tl.int64) * D + cols[:, None])
-        # Both #26208 guards: a row that is invalid or scores -inf weighs exactly 0 (and its kv is not
+        # Both sglang#26208 guards: a row that is invalid or scores -inf weighs exactly 0 (and its kv is not
         # multiplied in, so a NaN/inf kv there cannot leak); an old max of -inf rescales by 0, not NaN.
         weighs = valid[None, :] & (s > NEG_INF)
         s = tl.where(weighs, s, NEG_INF)
