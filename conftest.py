@@ -12,15 +12,15 @@ pytest_plugins = ["sgl_hip_kernels.testing.pytest_plugin"]
 _worker_providers: dict[str, str] = {}
 
 
-def _used() -> dict[str, str]:
+def _providers():
     from sglang_hip_decode.testing import providers
 
-    return providers.used()
+    return providers
 
 
 def pytest_sessionfinish(session):
     if hasattr(session.config, "workeroutput"):  # an xdist worker: hand its providers to the controller
-        session.config.workeroutput["providers"] = _used()
+        session.config.workeroutput["providers"] = _providers().used()
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -30,8 +30,7 @@ def pytest_testnodedown(node, error):
 
 def pytest_terminal_summary(terminalreporter):
     try:
-        used = {**_used(), **_worker_providers}
-        shown = ", ".join(f"{k}={v}" for k, v in sorted(used.items())) or "none resolved"
-        terminalreporter.write_line(f"kernel providers used: {shown}")
+        providers = _providers()
+        terminalreporter.write_line(f"kernel providers used: {providers.describe({**providers.used(), **_worker_providers})}")
     except Exception as exc:  # reporting must not hide the real result
         terminalreporter.write_line(f"kernel providers: unavailable ({exc})")

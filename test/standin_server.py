@@ -4,8 +4,7 @@ the A/B runner's tests. Started the way the runner starts ``sglang.launch_server
 like SGLang, it calls the installed plugin's ``register()`` at start-up (the entry point
 ``load_plugins()`` would call), so the status file is the real plugin's.
 
-GSM8K: answers the last "Question: ... What is A plus B?" in the prompt with A+B (A*B when
-``--wrong`` says so, to produce a failing accuracy). /generate streams one token (a word) every
+GSM8K: answers the last "Question: ... What is A plus B?" in the prompt with A+B. /generate streams one token (a word) every
 ``--token-ms`` milliseconds (at most ``--max-tokens`` of them when set). ``/server_info`` reports the
 parsed launch flags as SGLang's does (its server arguments as a dict). It starts one process per
 TP rank (``--workers N`` to change that) that calls ``register()`` too, as SGLang's scheduler
@@ -34,7 +33,6 @@ p.add_argument("--host", default="127.0.0.1")
 p.add_argument("--port", type=int, required=True)
 p.add_argument("--never-healthy", action="store_true")
 p.add_argument("--die-after", type=int, default=0)
-p.add_argument("--wrong", action="store_true")
 p.add_argument("--skip-plugin", action="store_true")
 p.add_argument("--token-ms", type=float, default=1.0)
 p.add_argument("--max-tokens", type=int, default=0)
@@ -75,7 +73,7 @@ lock = threading.Lock()
 def answer(prompt: str) -> str:
     last = prompt.rsplit("Question:", 1)[-1]
     nums = [int(n) for n in re.findall(r"What is (\d+) plus (\d+)", last)[-1]] if "plus" in last else [0, 0]
-    value = nums[0] * nums[1] if args.wrong else nums[0] + nums[1]
+    value = nums[0] + nums[1]
     return f" We add the numbers. The answer is {value}."
 
 

@@ -83,3 +83,16 @@ def test_quick_run_writes_its_table(script, tmp_path):
         assert result["device"].startswith("cpu")
     if script.stem in CHECKS:
         CHECKS[script.stem](result)
+
+
+def test_make_bench_runs_them_and_prints_one_table_each(tmp_path, monkeypatch, capsys):
+    import run_all
+
+    assert run_all.main(["--only", "bench_dsv4_qk_norm"]) == 0
+    out = capsys.readouterr().out
+    assert "## dsv4 fused QK RMSNorm" in out and "\ndevice: " in out and "; providers: " in out
+    # A benchmark that fails is named, and the run fails.
+    (tmp_path / "bench_broken.py").write_text("import sys\nsys.exit(3)\n")
+    monkeypatch.setattr(run_all, "SEARCH", (tmp_path,))
+    assert run_all.main([]) == 1
+    assert "FAILED: bench_broken.py" in capsys.readouterr().out

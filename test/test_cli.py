@@ -88,10 +88,13 @@ def test_status_json_exits_1_when_a_patch_failed(stand_in, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("form", [(), ("--json",)])
-def test_status_on_an_unsupported_sglang_exits_1(form, switches, monkeypatch, capsys):
-    from sglang_hip_decode import gates
-
-    monkeypatch.setattr(gates, "sglang_version", lambda: "0.5.12")  # every patch 'unsupported'
+def test_status_on_an_unsupported_sglang_exits_1(form, switches, monkeypatch, tmp_path, capsys):
+    # A fake sglang 0.5.12 distribution ahead of the real one on the path: its metadata is what
+    # importlib.metadata reads, and every patch is 'unsupported'.
+    dist = tmp_path / "sglang-0.5.12.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: sglang\nVersion: 0.5.12\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
     code, out, _ = run_main(capsys, "status", *form)
     assert code == 1 and "unsupported sglang 0.5.12 (targets 0.5.11)" in out
 

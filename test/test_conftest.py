@@ -30,6 +30,14 @@ def test_all_skipped_fails(tmp_path, workers):
     assert "every collected test was skipped" in proc.stdout
 
 
+def test_providers_resolved_in_xdist_workers_are_reported(tmp_path):
+    body = ("def test_resolve():\n    from sglang_hip_decode.testing import providers\n"
+            "    assert providers.resolve('tilelang_sparse_fwd', device='cpu').kind == 'torch'\n")
+    proc = run_suite(tmp_path, body, "-n", "2")
+    assert proc.returncode == 0, proc.stdout
+    assert "kernel providers used: tilelang_sparse_fwd=torch" in proc.stdout
+
+
 def test_gpu_tests_skip_without_a_gpu_and_one_pass_is_green(tmp_path):
     body = "import pytest\n\n@pytest.mark.gpu\ndef test_gpu():\n    pass\n\ndef test_cpu():\n    pass\n"
     proc = run_suite(tmp_path, body)

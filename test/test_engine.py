@@ -20,7 +20,7 @@ import torch
 from sglang_hip_decode import patching
 from sglang_hip_decode.patching import Edit, Hunk, Patch
 
-from patch_fixtures import CORE, DOUBLE_EPS, GUARD, GUARD_RAISES, MISSING, RMSNORM, make  # noqa: E402
+from patch_fixtures import CORE, DOUBLE_EPS, GROW_HIDDEN, GUARD, GUARD_RAISES, MISSING, RMSNORM, make  # noqa: E402
 
 
 @pytest.fixture
@@ -578,3 +578,19 @@ def test_hook_registry_after_the_patch_wraps_it_and_both_run(cleanup, hook_regis
                                                   r"installed after sglang-hip-decode patched it"):
         patching.unapply(patch)
     assert owner(8).variance_epsilon == 2e-6 and len(calls) == 2  # refused, nothing changed
+
+
+def test_applied_context_unapplies_what_it_applied_when_a_later_patch_fails():
+    original = raw(RMSNORM)
+    good, bad = make("t-good", DOUBLE_EPS), make("t-bad", MISSING)
+    with pytest.raises(patching.PatchError, match="did not match"):
+        with patching.applied(good, bad):
+            pass  # never reached: the second patch fails on entry
+    assert raw(RMSNORM) is original and patching.active_patches(RMSNORM) == ()
+    with patching.applied(good):
+        assert rmsnorm_cls()(4).variance_epsilon == 2e-6
+        with pytest.raises(RuntimeError, match="inside"):
+            with patching.applied(make("t-grow", GROW_HIDDEN)):
+                raise RuntimeError("inside")
+        assert patching.active_patches(RMSNORM) == ("t-good",)  # the inner one unapplied on the error
+    assert raw(RMSNORM) is original

@@ -1,6 +1,6 @@
 """indexer-rope-guard: the NSA indexer's RoPE write-back guard, 0.5.11 vs patched.
 
-* The real ``_get_q_k_bf16`` / ``_get_k_bf16`` (harness/nsa_indexer.py) with in-place and
+* The real ``_get_q_k_bf16`` / ``_get_k_bf16`` (``sglang_hip_decode.testing.nsa_indexer``) with in-place and
   out-of-place RoPE: bit-identical q and k, and the copy audit shows the write-back skipped only
   when RoPE returned the very views (in place), never otherwise.
 * Constructed cases where 0.5.11's ``data_ptr`` guard is wrong (DEFECT, asserted as such, not

@@ -93,11 +93,20 @@ def test_idle(rng, sg, o_proj):
     runs = run_arms(case, rng, sg, {"unpatched": (), "patched": (PATCH,)})
     assert runs["patched"]["active"] == ("mxfp4-vbmm-layout",)  # the patched body ran
     assert_same_outputs(runs["unpatched"], runs["patched"])
+    h, v = case.heads, case.v_head_dim
     for arm in runs.values():  # 0 tokens still go through the v-bmm and the o_proj quant
         assert arm["out"][0].shape == (0, case.hidden)
-        assert [tuple(y.shape) for y in arm["gemm_out"]] == [(case.heads, 0, case.v_head_dim)] * case.layers
+        assert [tuple(y.shape) for y in arm["gemm_out"]] == [(h, 0, v)] * case.layers
         assert len(arm["quant_in"]) == (0 if o_proj == "bf16" else case.layers)
         assert arm["audit"].total_count == 0
+    # What shows the patched body ran with 0 tokens: the GEMM writes the transposed view of a
+    # (0, H, V) buffer, and a quantised o_proj reads that buffer (contiguous (B, H, V) strides).
+    for y in runs["patched"]["gemm_out"]:
+        assert y.stride() == (v, h * v, 1) and y._base is not None and y._base.shape == (0, h, v)
+    for y in runs["unpatched"]["gemm_out"]:
+        assert y.is_contiguous() and y._base is None
+    for _, x in runs["patched"]["quant_in"]:
+        assert x.shape == (0, h, v) and x.stride() == (h * v, v, 1)
 
 
 @pytest.mark.parametrize("o_proj", ["bf16", "fp8", "mxfp4"])

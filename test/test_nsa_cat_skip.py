@@ -1,5 +1,5 @@
 """nsa-cat-skip parity: the real 0.5.11 forward_absorb_core -> RadixAttention -> forward_decode,
-unpatched then patched, on identical inputs (harness/mla_decode.py; kernels from the provider table).
+unpatched then patched, on identical inputs (``sglang_hip_decode.testing.mla_decode``; kernels from the provider table).
 
 Claims checked:
 * decode (tilelang, aiter): attention output and KV-cache contents bit-identical; the patched run

@@ -262,13 +262,15 @@ patch_fixtures.install_test_catalog()
 import sglang_hip_decode
 start = time.monotonic()
 report = sglang_hip_decode.register()
-print("SECONDS", time.monotonic() - start, "PATCHES", len(report.patches))
+print("SECONDS", time.monotonic() - start, "PATCHES", len(report.patches), "APPLIED", ",".join(report.applied))
 """
 
 
-def run_register_with_status_file(path, timeout=60):
+def run_register_with_status_file(path, timeout=60, force=False):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SGLANG_HIP_DECODE")}
-    env.update(SGLANG_HIP_DECODE_STATUS_FILE=str(path))  # nothing forced: no sglang import, a fast start
+    env.update(SGLANG_HIP_DECODE_STATUS_FILE=str(path))
+    if force:  # the stand-in patch really applies (imports sglang); else nothing does, a fast start
+        env.update(SGLANG_HIP_DECODE_ANY_PLATFORM="1")
     # A subprocess with a timeout: a register() that blocks fails this test instead of hanging the suite.
     return subprocess.run([sys.executable, "-c", STATUS_FILE_SCRIPT.format(here=str(HERE))], env=env,
                           capture_output=True, text=True, timeout=timeout)
@@ -277,9 +279,9 @@ def run_register_with_status_file(path, timeout=60):
 def test_status_file_that_is_a_fifo_never_blocks(tmp_path):
     fifo = tmp_path / "status.fifo"
     os.mkfifo(fifo)
-    proc = run_register_with_status_file(fifo)
+    proc = run_register_with_status_file(fifo, force=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "PATCHES 4" in proc.stdout  # a full report of the stand-in catalogue
+    assert "PATCHES 4 APPLIED t-on" in proc.stdout  # the patches still apply; only the status line is skipped
     assert float(proc.stdout.split()[1]) < 30
     assert f"cannot write status file {fifo}" in proc.stderr
     # With a reader on the other end the open succeeds, but a FIFO is still not a status file.

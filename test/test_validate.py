@@ -22,6 +22,7 @@ import time
 import pytest
 
 from sglang_hip_decode import validate
+from sglang_hip_decode.patches import catalog
 
 from runner_helpers import free_port, processes_on_port, run_runner, runner_args
 
@@ -42,8 +43,9 @@ def test_success_path_and_report(successful_run):
     proc, out, port = successful_run
     results = json.loads((out / "results.json").read_text())
     on, off = results["arms"]["on"], results["arms"]["off"]
+    defaults = sorted(e.name for e in catalog() if e.patch is not None and e.default)  # the 'on' arm's selection
     assert off["applied"] == []
-    assert on["applied"] == sorted(["nsa-cat-skip", "mxfp4-vbmm-layout", "indexer-rope-guard"])
+    assert on["applied"] == defaults
     for arm in (on, off):
         assert arm["gsm8k"]["accuracy"] == 1.0 and arm["gsm8k"]["invalid"] == 0.0
         assert arm["bench"]["completed"] == 4 and arm["bench"]["median_tpot_ms"] > 0
@@ -51,7 +53,7 @@ def test_success_path_and_report(successful_run):
     assert results["verdict"]["gsm8k_on_pass"] is True
     report = (out / "report.md").read_text()
     assert "| GSM8K accuracy (threshold 0.9) | 1.000 (pass) | 1.000 (pass) | +0.000 |" in report
-    assert "TPOT median (ms)" in report and "applied (on): indexer-rope-guard, mxfp4-vbmm-layout, nsa-cat-skip" in report
+    assert "TPOT median (ms)" in report and f"applied (on): {', '.join(defaults)} in all 2 reporting processes" in report
     assert results["versions"]["sglang"] == "0.5.11"
     assert processes_on_port(port) == []
 
@@ -64,23 +66,22 @@ def test_parsers_on_real_client_output():
 
 
 def test_gsm8k_below_the_threshold_fails_with_the_report_written(successful_run, files, tmp_path, monkeypatch, capsys):
-    # The shared run's results with both arms' accuracy pushed below the threshold, written the way
-    # run() writes them: main() prints the report and exits 1.
-    results = json.loads((successful_run[1] / "results.json").read_text())
-    for arm in ("off", "on"):
-        results["arms"][arm]["gsm8k"]["accuracy"] = 0.5
-    results["verdict"].update(gsm8k_on_pass=False, gsm8k_off_pass=False)
+    # Each arm measured as the shared run measured it, but answering half the questions wrong: the
+    # real run() computes the verdict and writes the report, main() prints it and exits 1.
+    measured = json.loads((successful_run[1] / "results.json").read_text())["arms"]
 
-    def fake_run(plan):
-        (plan.out / "results.json").write_text(json.dumps(results))
-        (plan.out / "report.md").write_text(validate.render_report(results))
+    def arm_below_threshold(plan, arm, into):
+        into.update(measured[arm], gsm8k=dict(measured[arm]["gsm8k"], accuracy=0.5))
 
-    monkeypatch.setattr(validate, "run", fake_run)
+    monkeypatch.setattr(validate, "run_arm", arm_below_threshold)
+    monkeypatch.setattr(validate, "versions", lambda python: {})
     out = tmp_path / "ab"
     assert validate.main(runner_args(files, out, free_port(), threshold=0.9)) == 1
     captured = capsys.readouterr()
     assert "validation failed: the 'on' arm's GSM8K accuracy is below the threshold 0.9 (the 'off' arm fails it too" \
         in captured.err
+    results = json.loads((out / "results.json").read_text())
+    assert results["verdict"]["gsm8k_on_pass"] is False and results["verdict"]["gsm8k_off_pass"] is False
     assert "0.500 (FAIL)" in captured.out and "0.500 (FAIL)" in (out / "report.md").read_text()
 
 

@@ -7,17 +7,26 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
+from sglang_hip_decode.patches import catalog
+
 from runner_helpers import free_port, processes_on_port, run_runner, runner_args
 
 
 def test_on_run_that_applied_nothing_is_refused(files, tmp_path):
-    # On this CPU the HIP-gated patches stay off unless forced: the 'on' server applies nothing.
+    # On this CPU the HIP-gated patches stay off unless forced: the 'on' server (the launcher and two
+    # "scheduler" processes, each writing its status line) applies nothing. The refusal names every
+    # process and patch.
     port = free_port()
-    proc = run_runner(runner_args(files, tmp_path / "ab", port), {})
+    proc = run_runner(runner_args(files, tmp_path / "ab", port, "--workers 2"), {})
     assert proc.returncode == 1
-    assert "[on] refusing the 'on' arm: not every measured patch (nsa-cat-skip, mxfp4-vbmm-layout, indexer-rope-guard)" \
-        in proc.stderr
-    assert "nsa-cat-skip: off (not HIP" in proc.stderr
+    defaults = [e.name for e in catalog() if e.patch is not None and e.default]
+    assert (f"[on] refusing the 'on' arm: not every measured patch ({', '.join(defaults)}) is applied in every "
+            "server process (3 reported)") in proc.stderr
+    wrong = [line.strip() for line in proc.stderr.splitlines() if ": off (not HIP" in line]
+    assert len(wrong) == 3 * len(defaults) and all(line.startswith("pid ") for line in wrong)
+    assert len({line.split()[1] for line in wrong}) == 3  # three distinct processes
     assert not (tmp_path / "ab" / "results.json").exists()
     partial = json.loads((tmp_path / "ab" / "results.partial.json").read_text())
     assert partial["arms"]["off"]["bench"]["completed"] == 4  # the off arm's measurements are kept
@@ -57,15 +66,18 @@ def test_too_few_processes_reported(files, tmp_path):
     assert processes_on_port(port) == []
 
 
-def test_a_measurement_that_is_not_one_is_refused(files, tmp_path):
-    # Half the streamed requests fail: bench_serving writes its file, the runner refuses it (a
-    # file with 0 completed or no TPOT: test_check_bench_refuses_what_is_not_a_measurement; sglang
-    # 0.5.11's bench_serving itself exits 1 when none completed, a failed client).
+@pytest.mark.parametrize("extra, message", [
+    ("--fail-streams-after 3", "[off] bench_serving completed 2 of 4 requests: refusing the measurement"),
+    # sglang 0.5.11's bench_serving itself raises when no request completed (numpy percentile of
+    # nothing): a failed client, its traceback in the message; check_bench covers a file saying 0.
+    ("--fail-streams-after 1", "[off] bench_serving failed (exit 1)"),
+    ("--max-tokens 1", "[off] bench_serving reports median_tpot_ms = 0"),
+], ids=["half-completed", "none-completed", "no-tpot"])
+def test_a_measurement_that_is_not_one_is_refused(files, tmp_path, extra, message):
     port = free_port()
-    message = "[off] bench_serving completed 2 of 4 requests: refusing the measurement"
     (tmp_path / "ab").mkdir()
     (tmp_path / "ab" / "results.json").write_text("{}")  # an earlier run's: must not survive this one
-    proc = run_runner(runner_args(files, tmp_path / "ab", port, "--fail-streams-after 3"), {})
+    proc = run_runner(runner_args(files, tmp_path / "ab", port, extra), {})
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert message in proc.stderr, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr.split(message)[0], "the runner itself must not raise"

@@ -1,7 +1,7 @@
 """Benchmark for indexer-rope-guard: the NSA indexer's q/k RoPE write-back, three ways.
 
 The same path as test/test_indexer_rope_guard.py: the real sglang 0.5.11 ``Indexer._get_q_k_bf16``
-(harness/nsa_indexer.py) at GLM-5 / DeepSeek-V3.2 indexer shapes (64 index heads, head dim 128,
+(``sglang_hip_decode.testing.nsa_indexer``) at GLM-5 / DeepSeek-V3.2 indexer shapes (64 index heads, head dim 128,
 rope 64), tokens 1..4096, with an in-place RoPE (returns views: the HIP case) and an out-of-place one:
 * ``0.5.10`` — the form before sglang#22232, ``query[..., :rope] = q_rope.clone()`` (reconstructed with a
   bench-only edit of the same function);
@@ -27,6 +27,7 @@ import torch
 from sglang_hip_decode import patching
 from sgl_hip_kernels.testing import timing
 from sglang_hip_decode.testing.ab import ab_runs
+from sglang_hip_decode.testing.sglang_import import swap_attrs
 from sglang_hip_decode.testing.nsa_indexer import IndexerCase, IndexerPath, _Linear, import_indexer
 from sgl_hip_kernels.testing.report import bench_args, render
 from sglang_hip_decode.patches.indexer_rope_guard import PATCH
@@ -90,9 +91,7 @@ def head_gate_fusion(ni, tokens: int = 64) -> list[dict]:
     hidden, heads = 6144, 64
     weight = (torch.randn(heads, hidden, device="cuda") * hidden**-0.5).to(torch.bfloat16)
     self = types.SimpleNamespace(n_heads=heads, softmax_scale=128**-0.5, weights_proj=_Linear(weight))
-    saved_hip = ni._is_hip
-    ni._is_hip = True  # the HIP branch of _weights_proj_bf16_in_fp32_out: bf16 out
-    try:
+    with swap_attrs((ni, "_is_hip", True)):  # the HIP branch of _weights_proj_bf16_in_fp32_out: bf16 out
         self._weights_proj_bf16_in_fp32_out = lambda x: ni.Indexer._weights_proj_bf16_in_fp32_out(self, x)
         x = torch.randn(tokens, hidden, device="cuda").to(torch.bfloat16)
         q_scale = torch.rand(tokens, heads, 1, device="cuda")
@@ -111,8 +110,6 @@ def head_gate_fusion(ni, tokens: int = 64) -> list[dict]:
                 "max_abs_diff": float((got.float() - want.float()).abs().max()),
                 "eager": " | ".join(n[:60] for n in names_eager), "compiled": " | ".join(n[:60] for n in names_compiled),
             })
-    finally:
-        ni._is_hip = saved_hip
     return rows
 
 

@@ -1,7 +1,7 @@
 """Decode benchmark for mxfp4-vbmm-layout: the same path as test/test_mxfp4_vbmm_layout.py.
 
 The real sglang 0.5.11 ``forward_absorb_core`` on Kimi-K2's path (aiter MLA backend, non-core
-branch; harness/mla_decode.py) with MXFP4 ``w_vc``, unpatched vs patched, per o_proj dtype (bf16,
+branch; ``sglang_hip_decode.testing.mla_decode``) with MXFP4 ``w_vc``, unpatched vs patched, per o_proj dtype (bf16,
 FP8, MXFP4), Kimi-K2 per-rank shapes at TP8 (8 heads, v_head_dim 128, kv_lora_rank 512, 61 layers),
 batch 1..256. Per layer: µs median [p20, p80] (CUDA graphs, arms interleaved), the saving (paired
 per-round differences), GPU kernels, copy ops and bytes; a standalone ``transpose(0, 1).flatten(1, 2)``

@@ -1,7 +1,7 @@
 """Decode benchmark for nsa-cat-skip: the same path as test/test_nsa_cat_skip.py, unpatched vs patched.
 
 Runs the real sglang 0.5.11 ``forward_absorb_core`` -> ``RadixAttention`` -> ``forward_decode`` with
-the HIP flags forced and the kernels from the provider table (harness/mla_decode.py), at GLM-5
+the HIP flags forced and the kernels from the provider table (``sglang_hip_decode.testing.mla_decode``), at GLM-5
 per-rank shapes: TP8 (8 heads) and DP attention (64 heads), batch 1..256, top-k 2048 over an 8k
 context. Per layer: µs median [p20, p80] of each arm (CUDA graphs, arms interleaved), the saving,
 a standalone ``torch.cat`` of the same q (the copy the patch removes) timed in the same run, the

@@ -730,7 +730,8 @@ def run(plan: Plan) -> dict:
     results["verdict"] = {
         "gsm8k_on_pass": None if plan.threshold is None else on["gsm8k"]["accuracy"] >= plan.threshold,
         "gsm8k_off_pass": None if plan.threshold is None else off["gsm8k"]["accuracy"] >= plan.threshold,
-        "tpot_change_pct": (on["bench"]["median_tpot_ms"] / off["bench"]["median_tpot_ms"] - 1) * 100,
+        "tpot_change_pct": (on["bench"]["median_tpot_ms"] - off["bench"]["median_tpot_ms"])
+        / off["bench"]["median_tpot_ms"] * 100,
     }
     (plan.out / "results.json").write_text(json.dumps(results, indent=1, sort_keys=True))
     (plan.out / "report.md").write_text(render_report(results))

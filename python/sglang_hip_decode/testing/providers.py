@@ -156,9 +156,13 @@ def used() -> dict[str, str]:
         return dict(_USED)
 
 
-def describe_used() -> str:
-    pairs = used()
+def describe(pairs: dict[str, str]) -> str:
+    """``kernel=kind, ...`` (sorted), or ``none resolved``."""
     return ", ".join(f"{k}={v}" for k, v in sorted(pairs.items())) if pairs else "none resolved"
+
+
+def describe_used() -> str:
+    return describe(used())
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ import torch
 def assert_bits_equal(a: torch.Tensor, b: torch.Tensor, what: str = "") -> None:
     """Same shape, same dtype, the same bytes (any element size: compared as raw bytes)."""
     assert a.shape == b.shape and a.dtype == b.dtype, f"{what}: {tuple(a.shape)} {a.dtype} vs {tuple(b.shape)} {b.dtype}"
-    assert torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8)), f"{what}: bits differ"
+    as_bytes = lambda t: t.contiguous().reshape(-1).view(torch.uint8)  # noqa: E731 - 0-d tensors too
+    assert torch.equal(as_bytes(a), as_bytes(b)), f"{what}: bits differ"
 
 
 def _rounding(ref: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -51,7 +51,8 @@ def rng(request):
     """A CPU generator seeded from the test's file name and id (not its path, so the inputs do not
     depend on where pytest was started): fresh inputs per case, the same on every run."""
     gen = torch.Generator(device="cpu")
-    gen.manual_seed(zlib.crc32(request.node.nodeid.rsplit("/", 1)[-1].encode()))
+    key = request.node.path.name + "::" + request.node.nodeid.split("::", 1)[1]
+    gen.manual_seed(zlib.crc32(key.encode()))
     return gen
 
 
