@@ -49,3 +49,17 @@ def install_test_catalog(setattr_=setattr):
     """Point the plugin at the stand-in catalog (``setattr_``: monkeypatch.setattr in tests)."""
     setattr_(patch_set, "catalog", stand_in_catalog)
     setattr_(patch_set, "NAMES", TEST_NAMES)
+
+
+def edits_here(patch) -> tuple[bool, str]:
+    """Whether ``patch`` declares edits for the installed sglang release, and if not, why (a skip reason)."""
+    from sglang_hip_decode.declare import format_release
+    from sglang_hip_decode.patching import installed_release
+
+    release = installed_release()
+    if patch.candidates(release):
+        return True, ""
+    declared = patch.for_release(release)
+    why = "nothing declared" if declared is None else (
+        f"upstream has it ({declared.upstream.change})" if declared.upstream else declared.not_applicable)
+    return False, f"{patch.name} has no edits on sglang {format_release(release)}: {why}"

@@ -44,7 +44,7 @@ def test_the_console_script_prints_the_status_table():
     proc = subprocess.run([str(SCRIPT), "status"], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
-    assert "sglang 0.5.11 (targets 0.5.11), platform cpu" in out
+    assert "sglang 0.5.11 (verified 0.5.11 ... 0.5.23), platform cpu" in out
     assert "switches: none set (defaults)" in out
     header = next(line for line in out.splitlines() if line.startswith("patch"))
     assert header.split() == ["patch", "targets", "default", "status"]
@@ -88,15 +88,19 @@ def test_status_json_exits_1_when_a_patch_failed(stand_in, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("form", [(), ("--json",)])
-def test_status_on_an_unsupported_sglang_exits_1(form, switches, monkeypatch, tmp_path, capsys):
+def test_status_with_two_sglang_installations_exits_1(form, switches, monkeypatch, tmp_path, capsys):
     # A fake sglang 0.5.12 distribution ahead of the real one on the path: its metadata is what
-    # importlib.metadata reads, and every patch is 'unsupported'.
+    # importlib.metadata reads, while the importable package is 0.5.11's: nothing is applied.
     dist = tmp_path / "sglang-0.5.12.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: sglang\nVersion: 0.5.12\n")
     monkeypatch.syspath_prepend(str(tmp_path))
+    switches(SGLANG_HIP_DECODE_ANY_PLATFORM="1")
     code, out, _ = run_main(capsys, "status", *form)
-    assert code == 1 and "unsupported sglang 0.5.12 (targets 0.5.11)" in out
+    assert code == 1 and "failed: two sglang installations are visible (metadata says 0.5.12" in out
+    from sglang_hip_decode import patches
+
+    assert not any(patching.is_applied(e.patch) for e in patches.catalog() if e.patch is not None)
 
 
 def test_status_table_with_implemented_patches(stand_in, monkeypatch, capsys):
@@ -172,7 +176,7 @@ def test_diff_refuses_unknown_and_unimplemented_names(stand_in, capsys):
 def test_doctor(capsys):
     code, out, err = run_main(capsys, "doctor")
     assert code == 0, err
-    assert "sglang 0.5.11 (supported: True)" in out
+    assert "sglang 0.5.11 (verified 0.5.11 ... 0.5.23)" in out
     assert "torch 2.11.0" in out
     assert "aiter not importable" in out and "tilelang not importable" in out
     lines = out.splitlines()

@@ -26,17 +26,20 @@ def test_the_default_set_applies_in_planned_order(unapply_every_patch):
     # edit carries them in PLANNED's order (nsa-cat-skip before mxfp4-vbmm-layout on forward_absorb_core).
     assert len(IMPLEMENTED) >= 3
     report = evaluate({"SGLANG_HIP_DECODE_ANY_PLATFORM": "1"})
-    defaults = [e.name for e in IMPLEMENTED if e.default]
+    release = patching.installed_release()
+    defaults = [e.name for e in IMPLEMENTED if e.default and e.patch.candidates(release)]  # edits on this release
     assert list(report.applied) == defaults
     order = [name for name, _, _ in PLANNED]
-    targets = {t for e in IMPLEMENTED if e.default for t in e.patch.targets}
+    views = {e.name: patching.for_release(e.patch) for e in IMPLEMENTED if e.name in defaults}
+    targets = {t for v in views.values() for t in v.targets}
     shared = 0
     for target in targets:
         active = patching.active_patches(target)
-        expected = [n for n in order if n in defaults and target in dict((e.name, e.patch.targets) for e in IMPLEMENTED)[n]]
+        expected = [n for n in order if n in views and target in views[n].targets]
         assert list(active) == expected, target
         shared += len(active) > 1
-    assert shared >= 1  # at least one target carries two patches
+    if release == patching.parse_release("0.5.11"):
+        assert shared >= 1  # at least one target carries two patches (cat-skip and mxfp4 share one there)
 
 
 @pytest.mark.parametrize("entry", IMPLEMENTED, ids=[e.name for e in IMPLEMENTED])
@@ -45,11 +48,18 @@ def test_hip_gated_applied_when_forced_and_unapplied_to_the_originals(entry, una
 
     patch = entry.patch
     assert patch.gate == "hip" and patch.default == entry.default
-    import_modules(*{t.split(":")[0] for t in patch.targets})  # CUDA hidden, as every test imports sglang
-    originals = {t: patching.resolve_target(t)[2] for t in patch.targets}
+    declared = patch.for_release(patching.installed_release())
+    if not declared.edits:  # upstream has it on this release: said, and nothing installed
+        report = evaluate({"SGLANG_HIP_DECODE_ANY_PLATFORM": "1", "SGLANG_HIP_DECODE_PATCHES": entry.name})
+        assert report.status_of(entry.name).startswith("upstream: sglang ") and report.applied == ()
+        assert not patching.is_applied(patch)
+        return
+    view = patching.for_release(patch)  # what it declares for the installed release
+    import_modules(*{t.split(":")[0] for t in view.targets})  # CUDA hidden, as every test imports sglang
+    originals = {t: patching.resolve_target(t)[2] for t in view.targets}
     report = evaluate({"SGLANG_HIP_DECODE_PATCHES": entry.name})
     assert report.status_of(entry.name) == "off (not HIP; set SGLANG_HIP_DECODE_ANY_PLATFORM=1 to force)"
-    assert {t: patching.resolve_target(t)[2] for t in patch.targets} == originals
+    assert {t: patching.resolve_target(t)[2] for t in view.targets} == originals
     report = evaluate({"SGLANG_HIP_DECODE_ANY_PLATFORM": "1", "SGLANG_HIP_DECODE_PATCHES": entry.name})
     assert report.status_of(entry.name) == "applied" and report.applied == (entry.name,)
     for target, original in originals.items():

@@ -20,7 +20,7 @@ import sglang_hip_decode
 from sglang_hip_decode import evaluate, gates, patching
 from sglang_hip_decode import patches as patch_set
 
-from patch_fixtures import RMSNORM
+from patch_fixtures import DOUBLE_EPS, GROW_HIDDEN, MISSING, RMSNORM, STAND_IN_PATCHES
 
 FORCE = "off (not HIP; set SGLANG_HIP_DECODE_ANY_PLATFORM=1 to force)"
 HERE = Path(__file__).resolve().parent
@@ -116,28 +116,151 @@ def test_malformed_any_platform_is_explained_and_not_forced(stand_in):
     assert report.problems == ("SGLANG_HIP_DECODE_ANY_PLATFORM='yes please' is not 0 or 1; HIP-gated patches stay HIP-only",)
 
 
-@pytest.mark.parametrize("version", ["0.5.12", "0.5.10.post1", "0.5.11.post1", None])
-def test_unsupported_sglang_applies_nothing(stand_in, monkeypatch, version):
+@pytest.mark.parametrize("version, status", [
+    ("0.5.10.post1", "unsupported sglang 0.5.10.post1 (releases 0.5.11 and later: older ones load no plugins)"),
+    ("0.5.11rc1", "unsupported sglang 0.5.11rc1 (releases 0.5.11 and later: older ones load no plugins)"),
+    ("0.5", "unsupported sglang '0.5' (not a release string this plugin can read)"),
+    ("main-abc123", "unsupported sglang 'main-abc123' (not a release string this plugin can read)"),
+    (None, "unsupported sglang (not installed)"),
+])
+def test_unsupported_sglang_applies_nothing(stand_in, monkeypatch, version, status):
     monkeypatch.setattr(gates, "sglang_version", lambda: version)
     report = evaluate({"SGLANG_HIP_DECODE_ANY_PLATFORM": "1", "SGLANG_HIP_DECODE_PATCHES": "all"})
-    shown = version or "(not installed)"
     for name in ("t-on", "t-opt", "t-broken"):
-        assert report.status_of(name) == f"unsupported sglang {shown} (targets 0.5.11)"
-    assert report.applied == ()
+        assert report.status_of(name) == status
+    assert report.applied == () and not any(patching.is_applied(p) for p in STAND_IN_PATCHES)
 
 
-def test_local_build_tag_of_the_pinned_release_is_supported():
-    assert gates.sglang_supported("0.5.11+rocm700")
-    assert not gates.sglang_supported("0.5.11rc1")
+def test_two_sglang_installations_apply_nothing(stand_in, monkeypatch):
+    # The metadata (importlib.metadata) names one release, the importable package another: which
+    # code runs is unknown, so nothing is applied and the status says why.
+    monkeypatch.setattr(gates, "sglang_version", lambda: "0.5.23")
+    assert gates.sglang_package_version() == "0.5.11"  # the importable package's _version.py
+    report = evaluate({"SGLANG_HIP_DECODE_ANY_PLATFORM": "1", "SGLANG_HIP_DECODE_PATCHES": "all"})
+    expected = ("failed: two sglang installations are visible (metadata says 0.5.23, the importable package's "
+                "version.py says 0.5.11): applying nothing")
+    assert all(report.status_of(n) == expected for n in ("t-on", "t-opt", "t-broken"))
+    assert report.applied == () and report.exit_code == 1
+
+
+def _release_catalog(monkeypatch, version, *patches):
+    """sglang ``version`` as metadata and package both say, and a catalogue of ``patches``."""
+    monkeypatch.setattr(gates, "sglang_version", lambda: version)
+    monkeypatch.setattr(gates, "sglang_package_version", lambda: version)
+    monkeypatch.setattr(patch_set, "catalog", lambda: [patch_set.Entry(p.name, p.name, True, p) for p in patches])
+    monkeypatch.setattr(patch_set, "NAMES", tuple(p.name for p in patches))
+    report = evaluate({"SGLANG_HIP_DECODE_ANY_PLATFORM": "1", "SGLANG_HIP_DECODE_PATCHES": "all"})
+    for p in patches:
+        patching.unapply(p)
+    return report
+
+
+def _per_release(name, *releases):
+    return patching.Patch(name=name, summary="test-only", gate="hip", releases=tuple(releases))
+
+
+UPSTREAM = patching.Upstream("0.5.13", "sglang#1")
+
+
+@pytest.mark.parametrize("version, status", [
+    ("0.5.11", "applied"),
+    ("0.5.12.post1", "applied"),
+    ("0.5.13", "upstream: sglang 0.5.13 has this (sglang#1, since 0.5.13)"),
+    ("0.5.23+rocm700", "upstream: sglang 0.5.23+rocm700 has this (sglang#1, since 0.5.13)"),
+])
+def test_a_patch_does_what_it_declares_for_the_release(monkeypatch, version, status):
+    patch = _per_release("t-rel", patching.Releases("0.5.11", "0.5.12.post1", edits=(DOUBLE_EPS,)),
+                         patching.Releases("0.5.13", None, upstream=UPSTREAM))
+    report = _release_catalog(monkeypatch, version, patch)
+    assert report.status_of("t-rel") == status
+    assert report.applied == (("t-rel",) if status == "applied" else ())
+    assert report.exit_code == 0
+    row = report.patches[0]
+    assert row.targets == ((RMSNORM,) if status == "applied" else ())
+
+
+def test_a_release_newer_than_the_newest_verified_is_tried_with_the_newest_edits(monkeypatch):
+    newest = _per_release("t-new", patching.Releases("0.5.11", "0.5.12", not_applicable="test-only"),
+                          patching.Releases("0.5.13", None, edits=(DOUBLE_EPS,)))
+    report = _release_catalog(monkeypatch, "0.6.0", newest)
+    assert report.status_of("t-new") == "applied (verified up to 0.5.23)" and report.applied == ("t-new",)
+    # the anchors decide: a newer release whose text differs fails, and nothing is left applied
+    broken = _per_release("t-new", patching.Releases("0.5.13", None, edits=(DOUBLE_EPS, MISSING)))
+    report = _release_catalog(monkeypatch, "0.6.0", broken)
+    assert report.status_of("t-new").startswith("failed: hunk 1 of ") and report.applied == ()
+    assert report.exit_code == 1
+    assert patching.resolve_target(RMSNORM)[2] is patching.original(RMSNORM)
+
+
+def test_a_release_between_two_ranges_tries_both_and_applies_all_or_nothing(monkeypatch):
+    # 0.5.12.post2 (no such release) lies between 0.5.11..0.5.12.post1 and 0.5.13+.
+    first_fails = _per_release("t-gap", patching.Releases("0.5.11", "0.5.12.post1", edits=(MISSING,)),
+                               patching.Releases("0.5.13", None, edits=(GROW_HIDDEN,)))
+    report = _release_catalog(monkeypatch, "0.5.12.post2", first_fails)
+    assert report.status_of("t-gap") == ("applied (sglang 0.5.12.post2 lies between the declared ranges; "
+                                         "the edits for 0.5.13+ matched)")
+    assert report.applied == ("t-gap",) and report.exit_code == 0
+    assert report.patches[0].targets == (MISSING.target, RMSNORM)  # both candidates' targets
+    # neither matches (the second one half: its first edit would apply): failed, and nothing applied
+    neither = _per_release("t-gap", patching.Releases("0.5.11", "0.5.12.post1", edits=(MISSING,)),
+                           patching.Releases("0.5.13", None, edits=(DOUBLE_EPS, MISSING)))
+    report = _release_catalog(monkeypatch, "0.5.12.post2", neither)
+    status = report.status_of("t-gap")
+    assert status.startswith("failed: sglang 0.5.12.post2 lies between t-gap's declared ranges and matches neither: "
+                             "the edits for 0.5.11..0.5.12.post1: hunk 1 of "), status
+    assert "; the edits for 0.5.13+: hunk 1 of " in status
+    assert report.applied == () and report.exit_code == 1
+    assert patching.resolve_target(RMSNORM)[2] is patching.original(RMSNORM)
+    # between an edit range and an upstream one: only the edits are tried
+    upstream_after = _per_release("t-gap", patching.Releases("0.5.11", "0.5.12.post1", edits=(DOUBLE_EPS,)),
+                                  patching.Releases("0.5.13", None, upstream=UPSTREAM))
+    report = _release_catalog(monkeypatch, "0.5.12.post2", upstream_after)
+    assert report.status_of("t-gap").startswith("applied (sglang 0.5.12.post2 lies between")
+    # no neighbour with edits: said, nothing tried, not a fault
+    nothing = _per_release("t-gap", patching.Releases("0.5.11", "0.5.12", not_applicable="test-only"),
+                           patching.Releases("0.5.13", None, upstream=UPSTREAM))
+    report = _release_catalog(monkeypatch, "0.5.12.post2", nothing)
+    assert report.status_of("t-gap") == ("not applicable: t-gap declares nothing for sglang 0.5.12.post2 "
+                                         "(its ranges: 0.5.11..0.5.12, 0.5.13+)")
+    assert report.exit_code == 0
+
+
+def test_release_declarations_refuse_bad_input():
+    R = patching.Releases
+    with pytest.raises(ValueError, match="exactly one of"):
+        R("0.5.11", edits=(DOUBLE_EPS,), upstream=UPSTREAM)
+    with pytest.raises(ValueError, match="exactly one of"):
+        R("0.5.11")
+    with pytest.raises(ValueError, match="not release strings"):
+        R("0.5.x", edits=(DOUBLE_EPS,))
+    with pytest.raises(ValueError, match="the range is empty"):
+        R("0.5.13", "0.5.12", edits=(DOUBLE_EPS,))
+    with pytest.raises(ValueError, match="in order and not overlap"):
+        _per_release("t", R("0.5.11", "0.5.13", edits=(DOUBLE_EPS,)), R("0.5.13", None, upstream=UPSTREAM))
+    with pytest.raises(ValueError, match="in order and not overlap"):
+        _per_release("t", R("0.5.11", None, edits=(DOUBLE_EPS,)), R("0.5.13", None, upstream=UPSTREAM))
+    with pytest.raises(ValueError, match="not both, not neither"):
+        patching.Patch(name="t", summary="", edits=(DOUBLE_EPS,), releases=(R("0.5.11", edits=(DOUBLE_EPS,)),))
+    with pytest.raises(ValueError, match="a target appears twice"):
+        R("0.5.11", edits=(DOUBLE_EPS, GROW_HIDDEN))
+
+
+def test_local_build_tags_and_post_releases_parse():
+    assert patching.parse_release("0.5.11+rocm700") == patching.parse_release("0.5.11") == (0, 5, 11, 0)
+    assert patching.parse_release("0.5.12.post1") == (0, 5, 12, 1) > patching.parse_release("0.5.12")
+    assert patching.parse_release("0.5.11rc1") < patching.parse_release("0.5.11")
+    assert patching.parse_release("0.5.12.dev3") < patching.parse_release("0.5.12")
+    assert [patching.parse_release(v) for v in ("0.5", "x", "", None, "0.5.11.post")] == [None] * 5
+    assert patching.format_release((0, 5, 12, 1)) == "0.5.12.post1" and patching.format_release((0, 5, 23, 0)) == "0.5.23"
 
 
 def test_an_unexpected_exception_in_one_patch_does_not_stop_the_others(stand_in, monkeypatch):
     real_apply = patching.apply
 
-    def apply(patch):
+    def apply(patch, release=None):
         if patch.name == "t-on":
             raise MemoryError("simulated")
-        return real_apply(patch)
+        return real_apply(patch, release)
 
     monkeypatch.setattr(patching, "apply", apply)
     report = evaluate({"SGLANG_HIP_DECODE_ANY_PLATFORM": "1", "SGLANG_HIP_DECODE_PATCHES": "all"})
@@ -248,7 +371,7 @@ def test_register_with_broken_sglang_metadata_still_reports(stand_in, monkeypatc
     monkeypatch.setenv("SGLANG_HIP_DECODE_ANY_PLATFORM", "1")
     report = sglang_hip_decode.register()
     assert report is not None and report.sglang is None and report.applied == ()
-    assert report.status_of("t-on") == "unsupported sglang (version unreadable) (targets 0.5.11)"
+    assert report.status_of("t-on") == "unsupported sglang (version unreadable)"
     assert any(p.startswith("cannot read sglang's version: UnicodeDecodeError") for p in report.problems)
     record = json.loads(status_file.read_text())
     assert record["applied"] == [] and record["patches"]["t-on"].startswith("unsupported sglang (version unreadable)")
@@ -317,7 +440,7 @@ def test_report_exit_code(stand_in, env, code):
     assert report.exit_code == code, (report.patches, report.problems)
 
 
-@pytest.mark.parametrize("version", ["0.5.12", None])
+@pytest.mark.parametrize("version", ["0.5.10", "0.5", None])
 def test_unsupported_sglang_is_a_fault_for_the_exit_code(stand_in, monkeypatch, version):
     monkeypatch.setattr(gates, "sglang_version", lambda: version)
     assert evaluate({}, apply=False).exit_code == 1

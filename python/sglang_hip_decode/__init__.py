@@ -41,6 +41,12 @@ class PatchStatus:
         return self.selected and self.status.startswith(("failed", "unsupported"))
 
 
+def is_applied_status(status: str) -> bool:
+    """``applied``, or applied with a remark (``applied (verified up to X)``, ``applied (sglang X lies
+    between the declared ranges; ...)``)."""
+    return status == "applied" or status.startswith("applied (")
+
+
 @dataclasses.dataclass(frozen=True)
 class Report:
     """What one evaluation of the switches did: a status per planned patch, and the problems."""
@@ -55,7 +61,7 @@ class Report:
 
     @property
     def applied(self) -> tuple[str, ...]:
-        return tuple(p.name for p in self.patches if p.status == "applied")
+        return tuple(p.name for p in self.patches if is_applied_status(p.status))
 
     @property
     def exit_code(self) -> int:
@@ -83,11 +89,13 @@ class Report:
 def evaluate(env: Mapping[str, str] | None = None, *, apply: bool = True) -> Report:
     """Decide every planned patch's status from ``env`` and, if ``apply``, apply the selected ones.
 
-    The first reason that holds wins: not implemented; ``SGLANG_HIP_DECODE`` off; sglang not the
-    pinned release; not selected by ``SGLANG_HIP_DECODE_PATCHES``; HIP-gated and not on HIP (unless
-    forced); otherwise the engine's answer, ``applied`` or ``failed: ...``. One patch failing
-    never stops the others. With ``apply=False`` a patch that would be applied reports
-    ``would apply``.
+    The first reason that holds wins: not implemented; ``SGLANG_HIP_DECODE`` off; no usable sglang
+    release (not installed, unreadable, older than the oldest supported, or two installations that
+    disagree); not selected by ``SGLANG_HIP_DECODE_PATCHES``; what the patch declares for this
+    release (``upstream: ...``, ``not applicable: ...``); HIP-gated and not on HIP (unless forced);
+    otherwise the engine's answer, ``applied`` (``applied (verified up to X)`` on a release newer than
+    the newest verified one) or ``failed: ...``. One patch failing never stops the others. With
+    ``apply=False`` a patch that would be applied reports ``would apply``.
     """
     from . import gates, patching
     from .patches import NAMES, catalog
@@ -99,6 +107,7 @@ def evaluate(env: Mapping[str, str] | None = None, *, apply: bool = True) -> Rep
     except Exception as exc:  # a broken installation's metadata: report it, apply nothing
         version, version_label = None, "(version unreadable)"
         problems.append(f"cannot read sglang's version: {type(exc).__name__}: {exc}")
+    release_problem, release = _release_problem(version, version_label)
     plat = gates.platform()
     switches = gates.read_switches(env, known=NAMES)
     problems += list(switches.problems)
@@ -121,29 +130,75 @@ def evaluate(env: Mapping[str, str] | None = None, *, apply: bool = True) -> Rep
             status = "not implemented"
         elif not switches.enabled:
             status = f"off ({switches.off_reason})"
-        elif not gates.sglang_supported(version):
-            status = f"unsupported sglang {version_label} (targets {gates.TARGET_SGLANG})"
+        elif release_problem:
+            status = release_problem
         elif not switches.selects(entry.name, entry.default):
             status = switches.not_selected_reason(entry.default)
+        elif (declared := _declared_status(patch, release, version)) is not None:
+            status = declared
         elif patch.gate == "hip" and plat != "hip" and not switches.any_platform:
             status = f"off (not HIP; set {gates.ENV_ANY_PLATFORM}=1 to force)"
         elif not apply:
             status = "would apply"
         else:
-            try:
-                status = patching.apply(patch)
-            except patching.PatchError as exc:
-                status = f"failed: {exc}"
-            except Exception as exc:  # anything else an apply raised: still a status
-                status = f"failed: {type(exc).__name__}: {exc}"
+            status = _apply(patch, release)
         selected = switches.enabled and switches.selects(entry.name, entry.default)
+        candidates = patch.candidates(release) if patch is not None and release is not None else ()
+        targets = tuple(dict.fromkeys(e.target for r in candidates for e in r.edits))  # this release's
         rows.append(
-            PatchStatus(
-                entry.name, status, entry.default, patch.targets if patch else (), patch.summary if patch else "",
-                selected=selected,
-            )
+            PatchStatus(entry.name, status, entry.default, targets, patch.summary if patch else "", selected=selected)
         )
     return Report(version, plat, tuple(rows), tuple(problems))
+
+
+def _release_problem(version, label):
+    """``(status that stops every patch, or None; the parsed release)`` for the installed sglang."""
+    from . import gates
+    from .declare import parse_release
+
+    if version is None:
+        return f"unsupported sglang {label}", None
+    release = parse_release(version)
+    if release is None:
+        return f"unsupported sglang {version!r} (not a release string this plugin can read)", None
+    if release < parse_release(gates.OLDEST_RELEASE):
+        return f"unsupported sglang {version} (releases {gates.OLDEST_RELEASE} and later: older ones load no plugins)", release
+    try:
+        package = gates.sglang_package_version()
+    except Exception:
+        package = None
+    if package is not None and parse_release(package) != release:
+        return (f"failed: two sglang installations are visible (metadata says {version}, the importable package's "
+                f"version.py says {package}): applying nothing"), release
+    return None, release
+
+
+def _declared_status(patch, release, version):
+    """The status a patch's declaration for ``release`` gives without applying anything, or None
+    when there are edits to try."""
+    declared = patch.for_release(release)
+    if declared is not None and declared.upstream is not None:
+        return f"upstream: sglang {version} has this ({declared.upstream.change}, since {declared.upstream.since})"
+    if declared is not None and declared.not_applicable:
+        return f"not applicable: {declared.not_applicable}"
+    if not patch.candidates(release):
+        ranges = ", ".join(r.describe() for r in patch.releases)
+        return f"not applicable: {patch.name} declares nothing for sglang {version} (its ranges: {ranges})"
+    return None
+
+
+def _apply(patch, release) -> str:
+    from . import gates, patching
+
+    try:
+        status = patching.apply(patch, release)
+    except patching.PatchError as exc:
+        return f"failed: {exc}"
+    except Exception as exc:  # anything else an apply raised: still a status
+        return f"failed: {type(exc).__name__}: {exc}"
+    if status == "applied" and release > patching.parse_release(gates.NEWEST_VERIFIED):
+        return f"applied (verified up to {gates.NEWEST_VERIFIED})"
+    return status
 
 
 def _planned():

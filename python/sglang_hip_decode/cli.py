@@ -1,14 +1,19 @@
-"""``sglang-hip-decode``: status, diff and doctor.
+"""``sglang-hip-decode``: status, diff, releases and doctor.
 
-* ``status [--json]``: every planned patch with its targets, default and the status it gets in this
-  process under the current switches (the patch is really applied here, so a changed upstream
-  shows up as ``failed: ...``), the sglang version and the platform. Exit code, both forms: 0 when
-  every selected patch is applied or off for a switch, the platform or upstream having it; 1 when a
-  selected patch failed or this sglang release is unsupported; 2 when a switch is malformed or
-  names an unknown or unimplemented patch (and nothing failed); 3 when sglang is not installed.
-* ``diff [NAME ...]``: the edits as a unified diff against the upstream files, with paths
-  ``a/python/sglang/...`` that ``git apply`` accepts in an sglang v0.5.11 checkout. No name: every
-  implemented patch, in application order.
+* ``status [--json]``: the installed sglang release and the platform, then every planned patch with
+  this release's targets, its default and the status it gets in this process under the current
+  switches (the patch is really applied here, so a changed upstream shows up as ``failed: ...``).
+  Exit code, both forms: 0 when every selected patch is applied or off for a switch, the platform,
+  upstream having it or not applying to this release; 1 when a selected patch failed or this sglang
+  is unsupported; 2 when a switch is malformed or names an unknown or unimplemented patch (and
+  nothing failed); 3 when sglang is not installed.
+* ``diff [NAME ...] [--release X] [--source WHEEL|DIR]``: the edits each patch declares for a
+  release as a unified diff against that release's files, with paths ``a/python/sglang/...`` that
+  ``git apply`` accepts in its checkout. The text is the installed sglang's (default) or a release
+  wheel's / checkout's (``--source``); the release is the source's own unless ``--release`` names it.
+  No name: every implemented patch, in application order; one upstream already has there is left out
+  (said on stderr).
+* ``releases [--markdown]``: what every patch does on every verified release (README's table).
 * ``doctor``: torch, GPU and HIP arch, Triton, aiter / TileLang importable, and which provider each
   kernel resolves to.
 """
@@ -56,7 +61,8 @@ def cmd_status(args) -> int:
     if args.json:
         print(json.dumps(dict(report.to_json(), exit_code=report.exit_code), indent=2, sort_keys=True))
         return report.exit_code
-    print(f"sglang-hip-decode {__version__}: sglang {report.sglang} (targets {gates.TARGET_SGLANG}), platform {report.platform}")
+    print(f"sglang-hip-decode {__version__}: sglang {report.sglang} "
+          f"(verified {gates.OLDEST_RELEASE} ... {gates.NEWEST_VERIFIED}), platform {report.platform}")
     switches = {k: os.environ[k] for k in (gates.ENV_ENABLE, gates.ENV_PATCHES, gates.ENV_ANY_PLATFORM) if k in os.environ}
     print("switches: " + (", ".join(f"{k}={v}" for k, v in switches.items()) or "none set (defaults)"))
     print()
@@ -70,16 +76,9 @@ def cmd_status(args) -> int:
     return report.exit_code
 
 
-def _diff_path(real_file: str) -> str:
-    import sglang
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(sglang.__file__)))
-    rel = os.path.relpath(os.path.abspath(real_file), root)
-    return "python/" + rel.replace(os.sep, "/")
-
-
-def unified_diff(names: list[str] | None = None) -> str:
-    """The diff text for ``names`` (default: every implemented patch)."""
+def unified_diff(names: list[str] | None = None, release: str | None = None, source: str | None = None) -> str:
+    """The diff text for ``names`` (default: every implemented patch) on ``release`` (default: the
+    source's), against ``source`` (a wheel or folder; default: the installed sglang)."""
     from .patches import catalog, pick
 
     wanted = names or [e.name for e in catalog() if e.patch is not None]
@@ -87,39 +86,143 @@ def unified_diff(names: list[str] | None = None) -> str:
         entries = pick(wanted)
     except ValueError as exc:
         raise SystemExit(f"sglang-hip-decode: {exc}")
-    return render_diff([e.patch for e in entries])  # application order
+    read, release = _diff_source(release, source)
+    patches = []
+    for entry in entries:  # application order
+        declared = entry.patch.for_release(release)
+        if declared is None or not declared.edits:
+            why = "declares nothing for it" if declared is None else (
+                f"upstream has it ({declared.upstream.change})" if declared.upstream else declared.not_applicable)
+            print(f"sglang-hip-decode: {entry.name}: no edits on sglang {_shown(release)}: {why}", file=sys.stderr)
+            continue
+        patches.append(entry.patch)
+    return render_diff(patches, read, release)
 
 
-def render_diff(patches) -> str:
-    """The unified diff of ``patches`` (applied in the order given) against the upstream files."""
+def _shown(release) -> str:
+    from .declare import format_release
+
+    return format_release(release)
+
+
+def _diff_source(release: str | None, source: str | None):
+    """``(read, parsed release)`` for ``diff``; exits with a clear message on bad input."""
+    from . import patching
+    from .declare import parse_release
+
+    wanted = parse_release(release) if release is not None else None
+    if release is not None and wanted is None:
+        raise SystemExit(f"sglang-hip-decode: --release {release!r} is not a release string (e.g. 0.5.12.post1)")
+    if source is not None:
+        try:
+            read = patching.source_reader(source)
+        except (OSError, patching.PatchError, ValueError) as exc:  # a missing path, not a wheel, a bad zip
+            raise SystemExit(f"sglang-hip-decode: --source {source}: {exc}")
+        own = gates.version_in_text(read("sglang/_version.py"))
+        if wanted is None and parse_release(own) is None:
+            raise SystemExit(f"sglang-hip-decode: --source {source} does not say its release (no sglang/_version.py): "
+                             "give --release")
+        if wanted is not None and own is not None and parse_release(own) != wanted:
+            raise SystemExit(f"sglang-hip-decode: --source {source} is sglang {own}, not {release}")
+        return read, wanted or parse_release(own)
+    installed = _require_sglang()
+    if wanted is not None and parse_release(installed) != wanted:
+        raise SystemExit(f"sglang-hip-decode: sglang {installed} is installed; for {release} give --source "
+                         f"(its wheel, e.g. from `pip download --no-deps sglang=={release}`, or a checkout)")
+    if parse_release(installed) is None:
+        raise SystemExit(f"sglang-hip-decode: the installed sglang's version {installed!r} is not a release string: "
+                         "give --release")
+    return patching.installed_sglang_reader(), parse_release(installed)
+
+
+def render_diff(patches, read=None, release=None) -> str:
+    """The unified diff of ``patches`` (applied in the order given, as declared for ``release``)
+    against the files ``read`` returns (default: the installed sglang's)."""
     from . import patching
 
     try:
-        edits = patching.file_edits(patches)
+        edits = patching.edit_file_texts(patches, read or patching.installed_sglang_reader(), release)
     except patching.PatchError as exc:
         raise SystemExit(f"sglang-hip-decode: failed: {exc}")
     out = []
-    for real_file in sorted(edits, key=_diff_path):
-        before, after = edits[real_file]
-        path = _diff_path(real_file)
+    for name in sorted(edits):
+        before, after = edits[name]
         out.extend(
             difflib.unified_diff(
                 before.splitlines(keepends=True),
                 after.splitlines(keepends=True),
-                fromfile=f"a/{path}",
-                tofile=f"b/{path}",
+                fromfile=f"a/python/{name}",
+                tofile=f"b/python/{name}",
             )
         )
     return "".join(out)
 
 
 def cmd_diff(args) -> int:
-    _require_sglang()
-    text = unified_diff(args.names)
+    text = unified_diff(args.names, args.release, args.source)
     if not text:
-        print("sglang-hip-decode: no implemented patch to diff", file=sys.stderr)
+        print("sglang-hip-decode: no patch has edits to diff on this release", file=sys.stderr)
         return 1
     sys.stdout.write(text)
+    return 0
+
+
+def release_rows() -> list[list[str]]:
+    """``[[releases, cell per implemented patch ...], ...]``: what each patch does on each verified
+    release, consecutive releases with the same cells merged, and a last row for newer releases."""
+    from .declare import parse_release
+    from .patches import catalog
+
+    patches = [e.patch for e in catalog() if e.patch is not None]
+
+    def cell(patch, release):
+        declared = patch.for_release(release)
+        if declared is None:
+            return "not declared"
+        if declared.upstream is not None:
+            return f"upstream ({declared.upstream.change}, since {declared.upstream.since})"
+        if declared.not_applicable:
+            return f"not applicable ({declared.not_applicable})"
+        files = dict.fromkeys(e.target.split(":")[0].rsplit(".", 1)[-1] for e in declared.edits)
+        return "applies: " + ", ".join(f"`{f}`" for f in files)
+
+    groups: list[tuple[list[str], list[str]]] = []
+    for release in gates.VERIFIED_RELEASES:
+        cells = [cell(p, parse_release(release)) for p in patches]
+        if groups and groups[-1][1] == cells:
+            groups[-1][0].append(release)
+        else:
+            groups.append(([release], cells))
+    rows = [[_span(names)] + cells for names, cells in groups]
+    newer = []
+    for p in patches:  # a newer release gets the open-ended last range, if the patch has one
+        last = p.for_release(parse_release(gates.NEWEST_VERIFIED))
+        if last is None or last.last is not None:
+            newer.append("not declared")
+        else:
+            shown = cell(p, parse_release(gates.NEWEST_VERIFIED))
+            newer.append(shown.replace("applies:", "tried (anchors decide):", 1) if last.edits else shown)
+    rows.append([f"newer than {gates.NEWEST_VERIFIED}"] + newer)
+    return [["release"] + [p.name for p in patches]] + rows
+
+
+def _span(names: list[str]) -> str:
+    if len(names) == 1:
+        return names[0]
+    if len(names) == 2:
+        return f"{names[0]}, {names[1]}"
+    return f"{names[0]} ... {names[-1]}"
+
+
+def cmd_releases(args) -> int:
+    header, *rows = release_rows()
+    if args.markdown:
+        print("| " + " | ".join(header) + " |")
+        print("|" + "---|" * len(header))
+        for row in rows:
+            print("| " + " | ".join(row) + " |")
+    else:
+        print(_table(rows, header))
     return 0
 
 
@@ -131,12 +234,27 @@ def _probe_import(module: str) -> str:
     return f"importable {getattr(mod, '__version__', '')}".rstrip()
 
 
+def _release_support(version: str | None) -> str:
+    from .declare import parse_release
+
+    release = parse_release(version)
+    if version is None:
+        return "no patch can apply"
+    if release is None:
+        return "not a release string: no patch applies"
+    if release < parse_release(gates.OLDEST_RELEASE):
+        return f"older than {gates.OLDEST_RELEASE}: no patch applies"
+    if release > parse_release(gates.NEWEST_VERIFIED):
+        return f"newer than the newest verified, {gates.NEWEST_VERIFIED}: tried with the newest edits"
+    return f"verified {gates.OLDEST_RELEASE} ... {gates.NEWEST_VERIFIED}"
+
+
 def cmd_doctor(args) -> int:
     from .testing import providers
 
     lines = [f"sglang-hip-decode {__version__}", f"python {sys.version.split()[0]}"]
     version = gates.sglang_version()
-    lines.append(f"sglang {version or 'NOT INSTALLED'} (supported: {gates.sglang_supported(version)})")
+    lines.append(f"sglang {version or 'NOT INSTALLED'} ({_release_support(version)})")
     try:
         import torch
 
@@ -171,7 +289,13 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_status)
     p = sub.add_parser("diff", help="unified diff against the upstream sglang files")
     p.add_argument("names", nargs="*", help="patch names (default: every implemented patch)")
+    p.add_argument("--release", help="the release whose declared edits to show (default: the source's)")
+    p.add_argument("--source", help="an sglang wheel (.whl) or a folder/checkout holding the sglang package "
+                                    "(default: the installed sglang)")
     p.set_defaults(func=cmd_diff)
+    p = sub.add_parser("releases", help="what every patch does on every verified sglang release")
+    p.add_argument("--markdown", action="store_true", help="a Markdown table (README's)")
+    p.set_defaults(func=cmd_releases)
     p = sub.add_parser("doctor", help="environment and kernel providers")
     p.set_defaults(func=cmd_doctor)
     args = parser.parse_args(argv)

@@ -1,5 +1,7 @@
-"""What a patch declares: :class:`Patch` (a name, a gate, a default and its :class:`Edit` s), each edit
-naming a target method ``package.module:Class.method`` and the :class:`Hunk` s to apply to its source.
+"""What a patch declares: :class:`Patch` (a name, a gate, a default and, per range of sglang releases,
+:class:`Releases`: the :class:`Edit` s for that range's text, or :class:`Upstream` (upstream has an
+equivalent there), or a reason it does not apply). Each edit names a target method
+``package.module:Class.method`` and the :class:`Hunk` s to apply to its source.
 
 A leaf module: the patch files import it and nothing else of this package, so declaring a patch never
 imports the engine (``patching``), which re-exports these names.
@@ -8,9 +10,30 @@ imports the engine (``patching``), which re-exports these names.
 from __future__ import annotations
 
 import dataclasses
+import re
 import textwrap
 
-__all__ = ["Hunk", "Edit", "Patch"]
+__all__ = ["Hunk", "Edit", "Upstream", "Releases", "Patch", "parse_release", "format_release"]
+
+_RELEASE = re.compile(r"(\d+)\.(\d+)\.(\d+)(?:\.post(\d+)|(?:rc|a|b|\.dev)(\d+))?")
+
+
+def parse_release(text: str | None) -> tuple[int, int, int, int] | None:
+    """An sglang release as a comparable tuple: ``"0.5.12.post1"`` -> ``(0, 5, 12, 1)``, ``"0.5.12"``
+    -> ``(0, 5, 12, 0)``; a pre-release (``rc``/``a``/``b``/``.dev``) sorts before its release
+    (``-1``); a local tag (``+rocm700``) is the same release. ``None`` for anything else."""
+    if not isinstance(text, str):
+        return None
+    match = _RELEASE.fullmatch(text.split("+", 1)[0].strip())
+    if match is None:
+        return None
+    major, minor, micro, post, pre = match.groups()
+    return int(major), int(minor), int(micro), int(post) if post is not None else (-1 if pre is not None else 0)
+
+
+def format_release(release: tuple[int, int, int, int]) -> str:
+    base = ".".join(map(str, release[:3]))
+    return base + (f".post{release[3]}" if release[3] > 0 else "")
 
 
 def _normalise(text: str) -> list[str]:
@@ -62,30 +85,108 @@ class Edit:
 
 
 @dataclasses.dataclass(frozen=True)
+class Upstream:
+    """Upstream carries an equivalent of the patch in a range of releases. ``evidence``: pairs of
+    (file inside the sglang package, text) that every release of the range contains, checked
+    against the release wheels by the status test."""
+
+    since: str  # the first release that has it
+    change: str  # e.g. "sglang#24125"
+    evidence: tuple[tuple[str, str], ...] = ()
+
+
+def _check_edits(owner: str, edits: tuple[Edit, ...]) -> None:
+    targets = [e.target for e in edits]
+    if len(set(targets)) != len(targets):
+        raise ValueError(f"{owner}: a target appears twice; merge its hunks")
+
+
+@dataclasses.dataclass(frozen=True)
+class Releases:
+    """What a patch does on the releases ``first`` ... ``last`` (inclusive; ``last=None``: and every
+    later one, which is tried with these edits): exactly one of ``edits``, ``upstream`` or
+    ``not_applicable`` (the reason)."""
+
+    first: str
+    last: str | None = None
+    edits: tuple[Edit, ...] = ()
+    upstream: Upstream | None = None
+    not_applicable: str = ""
+
+    def __post_init__(self) -> None:
+        if sum((bool(self.edits), self.upstream is not None, bool(self.not_applicable))) != 1:
+            raise ValueError(f"releases {self.first}..{self.last}: give exactly one of edits, upstream, not_applicable")
+        if parse_release(self.first) is None or (self.last is not None and parse_release(self.last) is None):
+            raise ValueError(f"releases {self.first}..{self.last}: not release strings")
+        if self.last is not None and parse_release(self.last) < parse_release(self.first):
+            raise ValueError(f"releases {self.first}..{self.last}: the range is empty")
+        _check_edits(f"releases {self.first}..{self.last}", self.edits)
+
+    def contains(self, release: tuple[int, int, int, int]) -> bool:
+        return parse_release(self.first) <= release and (self.last is None or release <= parse_release(self.last))
+
+    def describe(self) -> str:
+        return f"{self.first}+" if self.last is None else (self.first if self.first == self.last else f"{self.first}..{self.last}")
+
+
+@dataclasses.dataclass(frozen=True)
 class Patch:
     """One switchable decode-path edit, declared as data.
 
     ``gate`` is ``"hip"`` (applied only on ROCm unless forced) or ``"any"``. ``default`` says
-    whether the patch is in the default set. ``upstream`` names the upstream change and release
-    that later carries an equivalent; ``summary`` is one line for ``status``.
+    whether the patch is in the default set. ``releases`` says per range of sglang releases what
+    the patch does there (:class:`Releases`, in order, not overlapping); the short form ``edits=``
+    (no ``releases``) applies the same edits on every release. ``upstream`` names the upstream
+    change that carries an equivalent; ``summary`` is one line for ``status``.
     """
 
     name: str
     summary: str
-    edits: tuple[Edit, ...]
+    edits: tuple[Edit, ...] = ()
     gate: str = "hip"
     default: bool = True
     upstream: str = ""
+    releases: tuple[Releases, ...] = ()
 
     def __post_init__(self) -> None:
         if self.gate not in ("hip", "any"):
             raise ValueError(f"patch {self.name}: gate must be 'hip' or 'any', not {self.gate!r}")
-        if not self.edits:
-            raise ValueError(f"patch {self.name} has no edits")
-        targets = [e.target for e in self.edits]
-        if len(set(targets)) != len(targets):
-            raise ValueError(f"patch {self.name}: a target appears twice; merge its hunks")
+        if bool(self.edits) == bool(self.releases):
+            raise ValueError(f"patch {self.name}: give its edits, or its releases (not both, not neither)")
+        _check_edits(f"patch {self.name}", self.edits)
+        ranges = [(parse_release(r.first), parse_release(r.last) if r.last else None) for r in self.releases]
+        for (_, last), (first, _) in zip(ranges, ranges[1:]):
+            if last is None or first <= last:
+                raise ValueError(f"patch {self.name}: release ranges must be in order and not overlap")
+
+    def for_release(self, release: tuple[int, int, int, int] | None) -> Releases | None:
+        """The declaration that covers ``release`` (the short form covers every release)."""
+        if not self.releases:
+            return Releases("0.0.0", None, edits=self.edits)
+        if release is None:
+            return None
+        return next((r for r in self.releases if r.contains(release)), None)
+
+    def candidates(self, release: tuple[int, int, int, int] | None) -> tuple[Releases, ...]:
+        """The declarations whose edits to try on ``release``: the one covering it, if it declares
+        edits (none if it says upstream or not applicable); for a release between two declared
+        ranges (one nobody verified, e.g. a hot-fix), the range before it, then the range after it,
+        each that declares edits; the engine takes the first whose anchors all match."""
+        covering = self.for_release(release)
+        if covering is not None:
+            return (covering,) if covering.edits else ()
+        if release is None:
+            return ()
+        before = [r for r in self.releases if r.last is not None and parse_release(r.last) < release]
+        after = [r for r in self.releases if release < parse_release(r.first)]
+        return tuple(r for r in (before[-1:] + after[:1]) if r.edits)
+
+    def at(self, edits: tuple[Edit, ...]) -> "Patch":
+        """This patch with ``edits`` only (what the engine installs for one release)."""
+        return dataclasses.replace(self, edits=tuple(edits), releases=())
 
     @property
     def targets(self) -> tuple[str, ...]:
-        return tuple(e.target for e in self.edits)
+        """Every target any release's edits name, in order."""
+        edits = self.edits or tuple(e for r in self.releases for e in r.edits)
+        return tuple(dict.fromkeys(e.target for e in edits))

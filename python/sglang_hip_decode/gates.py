@@ -1,4 +1,4 @@
-"""Which patches run here: the pinned sglang version, the platform, and the environment switches.
+"""Which patches run here: the installed sglang release, the platform, and the environment switches.
 
 Everything in this module is cheap and never raises on bad input: a malformed switch becomes a
 ``problem`` string that ``status`` and the log show, and the safest reading is taken (a
@@ -11,7 +11,12 @@ import dataclasses
 import os
 from typing import Mapping, Sequence
 
-TARGET_SGLANG = "0.5.11"
+# The releases the patch set was checked on (each patch's declarations against each wheel's source;
+# parity on 0.5.11, 0.5.12.post1, 0.5.13.post1 and 0.5.23). Older ones lack SGLang's plugin loader;
+# a newer one is tried with each patch's newest edits ("applied (verified up to ...)").
+VERIFIED_RELEASES = ("0.5.11", "0.5.12", "0.5.12.post1", "0.5.13", "0.5.13.post1", "0.5.14", "0.5.15", "0.5.15.post1",
+                     "0.5.16", "0.5.17", "0.5.18", "0.5.19", "0.5.20", "0.5.21", "0.5.22", "0.5.23")
+OLDEST_RELEASE, NEWEST_VERIFIED = VERIFIED_RELEASES[0], VERIFIED_RELEASES[-1]
 
 ENV_ENABLE = "SGLANG_HIP_DECODE"
 ENV_PATCHES = "SGLANG_HIP_DECODE_PATCHES"
@@ -32,9 +37,37 @@ def sglang_version() -> str | None:
         return None
 
 
-def sglang_supported(version: str | None) -> bool:
-    """Exactly the pinned release; a local build tag (``0.5.11+rocm700``) is the same release."""
-    return version is not None and version.split("+", 1)[0] == TARGET_SGLANG
+def version_in_text(text: str | None) -> str | None:
+    """The ``__version__`` an sglang ``_version.py`` (its text) assigns, or None."""
+    import re
+
+    if not text:
+        return None
+    match = re.search(r"""^__version__\s*=\s*(?:version\s*=\s*)?["']([^"']+)["']""", text, re.MULTILINE)
+    return match.group(1) if match else None
+
+
+def sglang_package_version() -> str | None:
+    """The version the importable sglang package carries (its generated ``_version.py``, read as text,
+    without importing sglang); compared with the metadata, it shows two installations at once.
+    None where the package has no such file (a source checkout)."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("sglang")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for folder in spec.submodule_search_locations:
+        try:
+            with open(os.path.join(folder, "_version.py"), encoding="utf-8") as fh:
+                found = version_in_text(fh.read())
+        except OSError:
+            continue
+        if found:
+            return found
+    return None
 
 
 def platform() -> str:

@@ -34,6 +34,7 @@ applies later, in ``apply_hooks()``; the parity tests need an exact in-process A
 from __future__ import annotations
 
 import __future__
+import ast
 import contextlib
 import dataclasses
 import importlib
@@ -47,7 +48,7 @@ import tokenize
 import types
 from typing import Iterable, Iterator, Sequence
 
-from .declare import Edit, Hunk, Patch, _split_target  # re-exported: patching.Patch keeps working
+from .declare import Edit, Hunk, Patch, Releases, Upstream, _split_target, format_release, parse_release  # noqa: F401 (re-exported)
 
 __all__ = [
     "Hunk",
@@ -60,7 +61,7 @@ __all__ = [
     "is_applied",
     "active_patches",
     "patched_source",
-    "file_edits",
+    "edit_file_texts",
     "resolve_target",
 ]
 
@@ -442,30 +443,90 @@ def _install(plan: dict[str, tuple[_Target, object]], active_after: dict[str, li
             _TARGETS.pop(name, None)
 
 
+def installed_release() -> tuple[int, int, int, int] | None:
+    """The installed sglang release (from its metadata), parsed; None when unknown."""
+    from . import gates
+
+    try:
+        return parse_release(gates.sglang_version())
+    except Exception:
+        return None
+
+
+def for_release(patch: Patch, release: tuple[int, int, int, int] | None = None) -> Patch:
+    """``patch`` with the edits it declares for ``release`` (default: the installed one); raises
+    :class:`PatchError` where it declares none (upstream has it, it does not apply, or the release
+    lies between its declared ranges: :func:`apply` tries those)."""
+    if not patch.releases:
+        return patch
+    release = installed_release() if release is None else release
+    declared = patch.for_release(release)
+    if declared is None:
+        raise PatchError(f"{patch.name} declares nothing for sglang {_shown(release)}")
+    if not declared.edits:
+        why = f"upstream has it ({declared.upstream.change})" if declared.upstream else declared.not_applicable
+        raise PatchError(f"{patch.name} has no edits for sglang {_shown(release)}: {why}")
+    return patch.at(declared.edits)
+
+
+def _shown(release) -> str:
+    return format_release(release) if release else "(unknown release)"
+
+
+def _active_targets(name: str) -> list[str]:
+    return [t for t, state in _TARGETS.items() if any(p.name == name for p in state.active)]
+
+
 def is_applied(patch: Patch) -> bool:
     with _LOCK:
-        return all(
-            t in _TARGETS and any(p.name == patch.name for p in _TARGETS[t].active) for t in patch.targets
-        )
+        return bool(_active_targets(patch.name))
 
 
-def apply(patch: Patch) -> str:
-    """Apply every edit of ``patch`` or none. Returns ``"applied"``; raises :class:`PatchError`."""
+def apply(patch: Patch, release: tuple[int, int, int, int] | None = None) -> str:
+    """Apply every edit ``patch`` declares for ``release`` (default: the installed sglang) or none.
+    Returns ``"applied"``, or on a release between two declared ranges, which range's edits matched;
+    raises :class:`PatchError`."""
     with _LOCK:
         if is_applied(patch):
             return "applied"
-        active_after = {}
-        for t in patch.targets:
-            current = [p for p in (_TARGETS[t].active if t in _TARGETS else []) if p.name != patch.name]
-            active_after[t] = current + [patch]
-        _install(_plan(patch.targets, active_after), active_after)
-        return "applied"
+        if not patch.releases:
+            _install_view(patch)
+            return "applied"
+        release = installed_release() if release is None else release
+        candidates = patch.candidates(release)
+        if patch.for_release(release) is not None:
+            if not candidates:
+                for_release(patch, release)  # raises: upstream has it / not applicable
+            _install_view(patch.at(candidates[0].edits))
+            return "applied"
+        if not candidates:
+            raise PatchError(f"{patch.name} declares nothing for sglang {_shown(release)} (between its ranges "
+                             f"{', '.join(r.describe() for r in patch.releases)}; no neighbour has edits)")
+        failures = []
+        for declared in candidates:  # between two ranges: the first whose anchors all match
+            try:
+                _install_view(patch.at(declared.edits))
+            except PatchError as exc:
+                failures.append(f"the edits for {declared.describe()}: {exc}")
+                continue
+            return f"applied (sglang {_shown(release)} lies between the declared ranges; the edits for {declared.describe()} matched)"
+        raise PatchError(f"sglang {_shown(release)} lies between {patch.name}'s declared ranges and matches neither: "
+                         + "; ".join(failures))
+
+
+def _install_view(view: Patch) -> None:
+    """Install ``view`` (a patch with one release's edits) on its targets, all or nothing."""
+    active_after = {}
+    for t in view.targets:
+        current = [p for p in (_TARGETS[t].active if t in _TARGETS else []) if p.name != view.name]
+        active_after[t] = current + [view]
+    _install(_plan(view.targets, active_after), active_after)
 
 
 def unapply(patch: Patch) -> None:
     """Remove ``patch`` from every target; a target left with no patch gets its original back."""
     with _LOCK:
-        targets = [t for t in patch.targets if t in _TARGETS and any(p.name == patch.name for p in _TARGETS[t].active)]
+        targets = _active_targets(patch.name)
         if not targets:
             return
         active_after = {t: [p for p in _TARGETS[t].active if p.name != patch.name] for t in targets}
@@ -506,25 +567,107 @@ def original(target: str) -> object:
 
 
 def patched_source(target: str, patches: Sequence[Patch]) -> str:
-    """The source of ``target`` as ``patches`` (in order) leave it, with file indentation."""
+    """The source of ``target`` as ``patches`` (in order, as declared for the installed release)
+    leave it, with file indentation."""
     func = _function_of(original(target))
-    return "\n".join(_edited_lines(func, _edits_for(target, patches))) + "\n"
+    views = [for_release(p) for p in patches]
+    return "\n".join(_edited_lines(func, _edits_for(target, views))) + "\n"
 
 
-def file_edits(patches: Sequence[Patch]) -> dict[str, tuple[str, str]]:
-    """``{real file path: (original text, text with every edit of patches applied)}``."""
+def module_file(module: str) -> str:
+    """The file, inside an sglang tree, of ``module`` (``sglang.srt.x`` -> ``sglang/srt/x.py``)."""
+    return module.replace(".", "/") + ".py"
+
+
+def method_span(text: str, path: Sequence[str]) -> tuple[int, int]:
+    """0-based ``[start, end)`` lines of method ``Class.method`` (decorators included) in a module's
+    text, found with ``ast`` (what ``inspect.getsourcelines`` returns for the live function); raises
+    :class:`PatchError` when the class or method is not defined there."""
+    node: ast.AST = ast.parse(text)
+    for name in path[:-1]:
+        node = next((n for n in node.body if isinstance(n, ast.ClassDef) and n.name == name), None)
+        if node is None:
+            raise PatchError(f"class {'.'.join(path[:-1])} not found (upstream changed)")
+    func = next((n for n in node.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == path[-1]),
+                None)
+    if func is None:
+        raise PatchError(f"{'.'.join(path)} not defined (upstream changed)")
+    start = min([func.lineno] + [d.lineno for d in func.decorator_list]) - 1
+    return start, func.end_lineno
+
+
+def edit_file_texts(patches: Sequence[Patch], read, release: tuple[int, int, int, int] | None = None
+                    ) -> dict[str, tuple[str, str]]:
+    """``{file inside the sglang tree: (its text, the text with every edit of patches applied)}``
+    from source text alone (``read(path) -> text or None``: an installed tree, a wheel, a folder),
+    with the edits each patch declares for ``release``. Raises :class:`PatchError` like the engine:
+    a missing file or method, a hunk that does not match exactly once in code."""
+    views = [for_release(p, release) for p in patches]
     by_file: dict[str, list[tuple[int, int, list[str]]]] = {}
-    for target in dict.fromkeys(t for p in patches for t in p.targets):
-        func = _function_of(original(target))
-        orig_lines, first, real_file = _original_source(func)
-        new_lines = _edited_lines(func, _edits_for(target, patches))
-        by_file.setdefault(real_file, []).append((first - 1, len(orig_lines), new_lines))
+    texts: dict[str, str] = {}
+    for target in dict.fromkeys(t for v in views for t in v.targets):
+        module, path = _split_target(target)
+        name = module_file(module)
+        if name not in texts:
+            text = read(name)
+            if text is None:
+                raise PatchError(f"{target}: {name} is not in this sglang (upstream changed)")
+            texts[name] = text
+        lines = texts[name].split("\n")
+        try:
+            start, end = method_span(texts[name], path)
+        except PatchError as exc:
+            raise PatchError(f"{target}: {exc}") from None
+        method = lines[start:end]
+        for edit in _edits_for(target, views):
+            method = _apply_hunks(method, edit)
+        by_file.setdefault(name, []).append((start, end - start, method))
     result = {}
-    for real_file, spans in by_file.items():
-        with open(real_file, encoding="utf-8") as fh:
-            text = fh.read()
-        lines = text.split("\n")
+    for name, spans in by_file.items():
+        lines = texts[name].split("\n")
         for start, length, new_lines in sorted(spans, reverse=True):
             lines[start : start + length] = new_lines
-        result[real_file] = (text, "\n".join(lines))
+        result[name] = (texts[name], "\n".join(lines))
     return result
+
+
+def installed_sglang_reader():
+    """``read(path)`` over the importable sglang tree (no import of sglang itself)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sglang")
+    if spec is None or not spec.submodule_search_locations:
+        raise PatchError("sglang is not installed")
+    root = os.path.dirname(list(spec.submodule_search_locations)[0])
+
+    def read(name: str) -> str | None:
+        try:
+            with open(os.path.join(root, name), encoding="utf-8") as fh:
+                return fh.read()
+        except OSError:
+            return None
+
+    return read
+
+
+def source_reader(source: str):
+    """``read(path)`` over an sglang release given as a wheel (``.whl``), a folder holding the
+    ``sglang`` package, or a checkout (its ``python/`` folder)."""
+    import zipfile
+
+    if source.endswith(".whl"):
+        archive = zipfile.ZipFile(source)
+        names = set(archive.namelist())
+        return lambda name: archive.read(name).decode("utf-8") if name in names else None
+    root = os.path.join(source, "python") if os.path.isdir(os.path.join(source, "python", "sglang")) else source
+    if not os.path.isdir(os.path.join(root, "sglang")):
+        raise PatchError(f"{source}: not a wheel, nor a folder with the sglang package")
+
+    def read(name: str) -> str | None:
+        try:
+            with open(os.path.join(root, name), encoding="utf-8") as fh:
+                return fh.read()
+        except OSError:
+            return None
+
+    return read

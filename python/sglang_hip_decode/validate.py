@@ -46,7 +46,7 @@ import urllib.request
 from pathlib import Path
 from typing import Callable
 
-from . import gates
+from . import gates, is_applied_status
 
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERNAL = 1, 2, 3
 
@@ -427,7 +427,7 @@ def check_applied(arm: str, records: list[dict], measured: tuple[str, ...] = (),
         for r in records:
             for name in measured:
                 status = r.get("patches", {}).get(name, "(not reported)")
-                if status != "applied":
+                if not is_applied_status(status):
                     problems = "; ".join(r.get("problems", []))
                     wrong.append(f"pid {r.get('pid')} ({r.get('argv0') or '?'}): {name}: {status}"
                                  + (f" [problems: {problems}]" if problems else ""))

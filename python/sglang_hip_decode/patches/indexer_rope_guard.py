@@ -24,11 +24,40 @@ Why it is bit-identical where 0.5.11 is right: the true alias case still skips (
 already in place), and every case 0.5.11 copied is still a ``copy_`` of the same values; the only
 changed outcomes are the two where 0.5.11 is wrong or raises.
 
-Upstream: the data_ptr-only form is still there in 0.5.23 (``dsa_indexer.py``). Delete this patch
-when upstream's guard compares the whole view.
+Host cost: the alias case (the common one: HIP's RoPE kernels rotate in place) costs one
+``is_set_to`` (storage, offset, sizes, strides; False for a negated or conjugated view) and a dtype
+identity test after the compile check, about what upstream's two ``data_ptr()`` calls cost
+(``benchmark/decode/bench_indexer_rope_guard.py`` measures both).
+
+Per release: the edit on 0.5.11 ... 0.5.12.post1 (``nsa/nsa_indexer.py``, the same text); from 0.5.13
+on ``dsa/dsa_indexer.py``, where upstream guards with ``not torch.compiler.is_compiling() and
+src.data_ptr() == dst.data_ptr()`` (the compile bypass ours has too, the start-address test still),
+through 0.5.23 and later. Delete this patch when upstream's guard compares the whole view.
 """
 
-from ..declare import Edit, Hunk, Patch
+from ..declare import Edit, Hunk, Patch, Releases
+
+# The guard both forms of upstream's are replaced with.
+_GUARD = """
+# sglang-hip-decode indexer-rope-guard: skip only a true alias (the same view: is_set_to compares
+# storage, offset, sizes and strides and is False for a negated or conjugated view; the dtype
+# beside it); data_ptr() alone misses shape/stride and means nothing while compiling.
+if torch.compiler.is_compiling():
+    dst.copy_(src)
+    return
+if dst.is_set_to(src) and dst.dtype is src.dtype:
+    return
+if dst.untyped_storage().data_ptr() == src.untyped_storage().data_ptr() and dst.device == src.device:
+    # Byte ranges [lo, hi) of both views; where they meet, copy through a temporary (torch
+    # refuses, or gets wrong, a copy_ between partially overlapping views).
+    d_lo = dst.storage_offset() * dst.element_size()
+    s_lo = src.storage_offset() * src.element_size()
+    d_hi = d_lo + (sum((n - 1) * st for n, st in zip(dst.shape, dst.stride())) + 1) * dst.element_size()
+    s_hi = s_lo + (sum((n - 1) * st for n, st in zip(src.shape, src.stride())) + 1) * src.element_size()
+    if dst.numel() and src.numel() and d_lo < s_hi and s_lo < d_hi:
+        src = src.clone()
+dst.copy_(src)
+"""
 
 PATCH = Patch(
     name="indexer-rope-guard",
@@ -36,47 +65,26 @@ PATCH = Patch(
     gate="hip",
     default=True,
     upstream="sglang#22232 (sglang 0.5.11) in a data_ptr-only form",
-    edits=(
-        Edit(
-            "sglang.srt.layers.attention.nsa.nsa_indexer:Indexer._update_rope_guarded",
-            (
-                Hunk(
-                    before="""
-                    if src.data_ptr() == dst.data_ptr():
-                        return
-                    dst.copy_(src)
-                    """,
-                    after="""
-                    # sglang-hip-decode indexer-rope-guard: skip only a true alias (the same view);
-                    # data_ptr() alone misses shape/stride and means nothing while compiling.
-                    if torch.compiler.is_compiling():
-                        dst.copy_(src)
-                        return
-                    if (
-                        dst.untyped_storage().data_ptr() == src.untyped_storage().data_ptr()
-                        and dst.device == src.device
-                    ):
-                        if (
-                            dst.storage_offset() == src.storage_offset()
-                            and dst.shape == src.shape
-                            and dst.stride() == src.stride()
-                            and dst.dtype == src.dtype
-                            and dst.is_neg() == src.is_neg()
-                            and dst.is_conj() == src.is_conj()
-                        ):
-                            return
-                        # Byte ranges [lo, hi) of both views; where they meet, copy through a
-                        # temporary (torch refuses a copy_ between partially overlapping views).
-                        d_lo = dst.storage_offset() * dst.element_size()
-                        s_lo = src.storage_offset() * src.element_size()
-                        d_hi = d_lo + (sum((n - 1) * st for n, st in zip(dst.shape, dst.stride())) + 1) * dst.element_size()
-                        s_hi = s_lo + (sum((n - 1) * st for n, st in zip(src.shape, src.stride())) + 1) * src.element_size()
-                        if dst.numel() and src.numel() and d_lo < s_hi and s_lo < d_hi:
-                            src = src.clone()
-                    dst.copy_(src)
-                    """,
-                ),
-            ),
-        ),
+    releases=(
+        Releases("0.5.11", "0.5.12.post1", edits=(
+            Edit("sglang.srt.layers.attention.nsa.nsa_indexer:Indexer._update_rope_guarded", (Hunk(
+                before="""
+                if src.data_ptr() == dst.data_ptr():
+                    return
+                dst.copy_(src)
+                """,
+                after=_GUARD,
+            ),)),
+        )),
+        Releases("0.5.13", None, edits=(
+            Edit("sglang.srt.layers.attention.dsa.dsa_indexer:Indexer._update_rope_guarded", (Hunk(
+                before="""
+                if not torch.compiler.is_compiling() and src.data_ptr() == dst.data_ptr():
+                    return
+                dst.copy_(src)
+                """,
+                after=_GUARD,
+            ),)),
+        )),
     ),
 )

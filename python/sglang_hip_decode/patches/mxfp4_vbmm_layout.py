@@ -17,24 +17,21 @@ Why it is bit-identical: the GEMM computes the same values into the same logical
 positions, only the memory order differs; the quant kernels see the same logical (B, H, V) tensor
 (they take strides), and the bf16 flatten produces the same values.
 
-Upstream: sglang#25463, in sglang 0.5.13 (0.5.23 extends it to the fp8 and bf16 v-bmm). Delete this
-patch when the pinned sglang moves to 0.5.13 or later.
+Per release: the edit on 0.5.11 ... 0.5.12.post1 (the same text in all three); upstream from 0.5.13
+(sglang#25463: ``_bmm_buf`` in ``forward_absorb_core``), from 0.5.18 in the module-level
+``rocm_absorb_v_bmm`` of ``forward_mla_rocm.py`` (0.5.23 extends it to the fp8 and bf16 v-bmm).
+Upstream's form is ours (the same buffer, the same o_proj branches). Delete this patch when the
+oldest supported release is 0.5.13.
 """
 
-from ..declare import Edit, Hunk, Patch
+from ..declare import Edit, Hunk, Patch, Releases, Upstream
 
 FORWARD_MLA = "sglang.srt.models.deepseek_common.attention_forward_methods.forward_mla"
 
 _TRANSPOSE = "attn_bmm_output = attn_bmm_output.transpose(0, 1)"
 _FROM_BUF = "attn_bmm_output = _bmm_buf if _bmm_buf is not None else attn_bmm_output.transpose(0, 1)"
 
-PATCH = Patch(
-    name="mxfp4-vbmm-layout",
-    summary="MXFP4 v-bmm writes a (B,H,V) buffer through a transposed view; o_proj reads it without a copy",
-    gate="hip",
-    default=True,
-    upstream="sglang#25463, sglang 0.5.13",
-    edits=(
+EDITS = (
         Edit(
             f"{FORWARD_MLA}:DeepseekMLAForwardMixin.forward_absorb_core",
             (
@@ -108,5 +105,22 @@ PATCH = Patch(
                 ),
             ),
         ),
+    )
+
+_MLA_DIR = "sglang/srt/models/deepseek_common/attention_forward_methods"
+
+PATCH = Patch(
+    name="mxfp4-vbmm-layout",
+    summary="MXFP4 v-bmm writes a (B,H,V) buffer through a transposed view; o_proj reads it without a copy",
+    gate="hip",
+    default=True,
+    upstream="sglang#25463, sglang 0.5.13",
+    releases=(
+        Releases("0.5.11", "0.5.12.post1", edits=EDITS),
+        Releases("0.5.13", "0.5.17", upstream=Upstream("0.5.13", "sglang#25463", (
+            (f"{_MLA_DIR}/forward_mla.py", "_bmm_buf = torch.empty("),))),
+        Releases("0.5.18", None, upstream=Upstream("0.5.13", "sglang#25463", (
+            (f"{_MLA_DIR}/forward_mla_rocm.py", "def rocm_absorb_v_bmm("),
+            (f"{_MLA_DIR}/forward_mla_rocm.py", "_bmm_buf = torch.empty("),))),
     ),
 )

@@ -25,22 +25,22 @@ Why it is bit-identical: the reused ``q_all`` is ``q.contiguous().view(...)``, w
 exactly what the cat would copy, in the same dtype; neither kernel writes its q. Off HIP the cat
 stays (on CUDA ``concat_mla_absorb_q_general`` may cast, so it is not skipped there).
 
-Upstream: sglang#24125, in sglang 0.5.12 (decode/idle; 0.5.23 extends it to target-verify and extend).
-Delete this patch when the pinned sglang moves to 0.5.12 or later.
+Per release: the edit on 0.5.11 only; upstream from 0.5.12 (sglang#24125: decode and idle, from
+0.5.18 in ``forward_absorb_rocm_core`` of ``forward_mla_rocm.py``, target-verify too from 0.5.20).
+Upstream's form differs from ours in one way: it hands q_cat over whole to every decode impl,
+trtllm included. That has no effect where the branch runs: the fused-RoPE branch needs gfx95 with
+aiter, where trtllm (FlashInfer's TRT-LLM kernels) does not exist; and trtllm takes the whole q
+anyway in bf16 (``q.view``) and fails either way in fp8 on this branch (no ``k``/``cos_sin_cache``
+is passed). So there is nothing to test on those releases. Delete this patch when the oldest
+supported release is 0.5.12.
 """
 
-from ..declare import Edit, Hunk, Patch
+from ..declare import Edit, Hunk, Patch, Releases, Upstream
 
 FORWARD_MLA = "sglang.srt.models.deepseek_common.attention_forward_methods.forward_mla"
 NSA_BACKEND = "sglang.srt.layers.attention.nsa_backend"
 
-PATCH = Patch(
-    name="nsa-cat-skip",
-    summary="NSA decode reuses q_cat from the fused RoPE kernel instead of re-concatenating it",
-    gate="hip",
-    default=True,
-    upstream="sglang#24125, sglang 0.5.12",
-    edits=(
+EDITS = (
         Edit(
             f"{FORWARD_MLA}:DeepseekMLAForwardMixin.forward_absorb_core",
             (
@@ -116,5 +116,21 @@ PATCH = Patch(
                 ),
             ),
         ),
+    )
+
+_MLA_DIR = "sglang/srt/models/deepseek_common/attention_forward_methods"
+
+PATCH = Patch(
+    name="nsa-cat-skip",
+    summary="NSA decode reuses q_cat from the fused RoPE kernel instead of re-concatenating it",
+    gate="hip",
+    default=True,
+    upstream="sglang#24125, sglang 0.5.12",
+    releases=(
+        Releases("0.5.11", "0.5.11", edits=EDITS),
+        Releases("0.5.12", "0.5.17", upstream=Upstream("0.5.12", "sglang#24125", (
+            (f"{_MLA_DIR}/forward_mla.py", "q_rope=None,"),))),
+        Releases("0.5.18", None, upstream=Upstream("0.5.12", "sglang#24125", (
+            (f"{_MLA_DIR}/forward_mla_rocm.py", "q_rope=None,"),))),
     ),
 )

@@ -219,6 +219,7 @@ class MlaDecodePath:
         layer.v_head_dim = case.v_head_dim
         layer.use_deep_gemm_bmm = False
         layer.next_skip_topk = None
+        layer.kv_b_proj = types.SimpleNamespace()  # 0.5.12+ asks it whether a LoRA adapter is wrapped (none is)
         w = lambda *s: (torch.randn(*s, generator=gen) * s[-2] ** -0.5).to(torch.bfloat16).to(dev)  # noqa: E731
         layer.w_kc = w(h, 128, case.kv_lora_rank)
         layer.w_scale = 1.0

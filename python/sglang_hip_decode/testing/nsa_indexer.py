@@ -1,5 +1,7 @@
-"""The NSA indexer's q/k path of sglang 0.5.11 (``Indexer._get_q_k_bf16`` / ``_get_k_bf16``), on a
-real ``Indexer`` made without ``__init__``, for the indexer-rope-guard parity tests and benchmark.
+"""The NSA indexer's q/k path (``Indexer._get_q_k_bf16`` / ``_get_k_bf16``) of the installed sglang,
+on a real ``Indexer`` made without ``__init__``, for the indexer-rope-guard parity tests and benchmark:
+``nsa/nsa_indexer.py`` up to 0.5.12.post1, ``dsa/dsa_indexer.py`` from 0.5.13 (the NSA -> DSA rename;
+0.5.23 also returns the raw weights and drops ``_get_k_bf16``'s dual-stream argument).
 
 Stand-ins: ``wq_b``/``wk`` are bf16 linears, ``k_norm`` a LayerNorm, ``rotate_activation`` a torch
 Walsh-Hadamard transform (``scale = d^-1/2``, what sglang's hadamard kernel computes), and the
@@ -23,11 +25,19 @@ import torch
 from .audit import opaque
 from .sglang_import import import_modules, swap_attrs
 
-NI = "sglang.srt.layers.attention.nsa.nsa_indexer"
+NI = "sglang.srt.layers.attention.nsa.nsa_indexer"  # 0.5.11 ... 0.5.12.post1
+DI = "sglang.srt.layers.attention.dsa.dsa_indexer"  # 0.5.13 and later (nsa_indexer re-exports it)
+
+
+def indexer_module_name() -> str:
+    import importlib.util
+
+    import_modules("sglang.srt.layers.attention")
+    return DI if importlib.util.find_spec(DI) is not None else NI
 
 
 def import_indexer():
-    (module,) = import_modules(NI)
+    (module,) = import_modules(indexer_module_name())
     return module
 
 
@@ -103,9 +113,13 @@ class IndexerPath:
         idx.k_norm = torch.nn.LayerNorm(case.head_dim).to(torch.bfloat16).to(dev).requires_grad_(False)
         idx.rotary_emb = RopeStandIn(case.in_place_rope, case.rope_dim, 8192, gen, dev)
         idx.alt_stream = None
-        idx.nsa_enable_prefill_cp = False
+        idx.nsa_enable_prefill_cp = idx.dsa_enable_prefill_cp = False  # context parallel off (either name)
+        idx.use_dsa_indexer_fusion = idx.use_aiter_fused_fp8_writer = False  # 0.5.23: the unfused path
         self.indexer = idx
-        self.forward_batch = types.SimpleNamespace(attn_cp_metadata=None)
+        self.forward_batch = types.SimpleNamespace(attn_cp_metadata=None, forward_mode=None)
+        import inspect
+
+        self._k_takes_dual_stream = "enable_dual_stream" in inspect.signature(self.ni.Indexer._get_k_bf16).parameters
 
     def inputs(self, gen: torch.Generator):
         c, dev = self.case, self.case.device
@@ -121,7 +135,12 @@ class IndexerPath:
             yield self
 
     def q_k(self, q_lora, x, positions):
-        return self.indexer._get_q_k_bf16(q_lora, x, positions, False, self.forward_batch)
+        """``(query, key)`` (0.5.23 returns the raw weights third: None on this path)."""
+        out = self.indexer._get_q_k_bf16(q_lora, x, positions, False, self.forward_batch)
+        assert len(out) == 2 or (len(out) == 3 and out[2] is None), len(out)
+        return tuple(out[:2])
 
     def k(self, x, positions):
-        return self.indexer._get_k_bf16(x, positions, False)
+        if self._k_takes_dual_stream:
+            return self.indexer._get_k_bf16(x, positions, False)
+        return self.indexer._get_k_bf16(x, positions)
