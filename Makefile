@@ -1,4 +1,5 @@
-# make test   the test suite (CPU: engine, parity, kernels under the Triton interpreter)
+# make test   the test suite (CPU: engine, parity on 0.5.11 and, one process each, 0.5.12.post1,
+#             0.5.13.post1 and 0.5.23; every release's status; kernels under the Triton interpreter)
 # make lint   ruff with the rules in pyproject.toml (CI runs it before the tests)
 # make bench  every decode and kernel benchmark, one table (quick shapes on the CPU)
 # All create .venv on first use with the pinned environment (requirements/cpu.txt).
@@ -9,7 +10,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 SGLANG_WHEEL_DIR ?= .whl
 
-.PHONY: test test-gpu lint bench venv clean-venv device-wheels
+.PHONY: test test-gpu lint bench venv clean-venv device-wheels releases
 
 venv: $(STAMP)
 
@@ -26,8 +27,13 @@ $(STAMP): requirements/cpu.txt requirements/lint.txt pyproject.toml
 # Test files run on up to 4 workers (one file stays on one worker: its module fixtures run once).
 PYTEST_WORKERS ?= -n auto --maxprocesses 4 --dist loadfile
 
-test: $(STAMP)
-	$(PY) -m pytest -q -ra $(PYTEST_WORKERS)
+# Every verified release's wheel (.releases/wheels, ~280 MB) and the parity releases installed one per
+# folder (.releases/<version>); test_releases.py reads them, and fails rather than skips under make test.
+releases: $(STAMP)
+	$(PY) tools/release_wheels.py
+
+test: $(STAMP) releases
+	SGLANG_HIP_DECODE_TEST_RELEASES=1 $(PY) -m pytest -q -ra $(PYTEST_WORKERS)
 
 test-gpu: $(STAMP)
 	$(PY) -m pytest -q -ra -m gpu

@@ -33,7 +33,7 @@ def indexer_module_name() -> str:
     import importlib.util
 
     import_modules("sglang.srt.layers.attention")
-    return DI if importlib.util.find_spec(DI) is not None else NI
+    return DI if importlib.util.find_spec(DI.rsplit(".", 1)[0]) is not None else NI
 
 
 def import_indexer():

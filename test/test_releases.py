@@ -1,0 +1,202 @@
+"""Every release 0.5.11 ... 0.5.23: each patch's declaration is true of that release's source text
+(read from the release wheels, no install), the text path equals what the engine runs, and the
+parity suites and ``status`` run on 0.5.12.post1, 0.5.13.post1 and 0.5.23 each in their own process
+(``PYTHONPATH=.releases/<version>``; 0.5.11 is this venv's sglang).
+
+``make test`` fetches the wheels and installs the parity releases first (tools/release_wheels.py)
+and sets ``SGLANG_HIP_DECODE_TEST_RELEASES``: then a missing one is a failure, not a skip.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import json
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+
+import pytest
+
+from sglang_hip_decode import gates, patching
+from sglang_hip_decode.declare import parse_release
+from sglang_hip_decode.patches import catalog
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+import release_wheels  # noqa: E402
+
+IMPLEMENTED = [e.patch for e in catalog() if e.patch is not None]
+REQUIRED = bool(os.environ.get("SGLANG_HIP_DECODE_TEST_RELEASES"))
+
+
+def _missing(what: str):
+    if REQUIRED:
+        pytest.fail(f"{what} is missing although make test fetched the releases (tools/release_wheels.py)")
+    pytest.skip(f"{what} is missing: run `make releases` (tools/release_wheels.py)")
+
+
+@functools.lru_cache(maxsize=None)
+def reader(version: str):
+    path = release_wheels.wheel(version)
+    return None if path is None else patching.source_reader(str(path))
+
+
+def read_release(version: str):
+    read = reader(version)
+    if read is None:
+        _missing(f"the sglang {version} wheel")
+    assert gates.version_in_text(read("sglang/_version.py")) == version
+    return read
+
+
+def test_the_verified_releases_are_in_order_and_every_one_is_declared():
+    releases = [parse_release(v) for v in gates.VERIFIED_RELEASES]
+    assert releases == sorted(releases) and len(set(releases)) == len(releases) == 16
+    assert len(IMPLEMENTED) >= 3
+    for patch in IMPLEMENTED:
+        for release in releases:
+            assert patch.for_release(release) is not None, (patch.name, release)
+
+
+@pytest.mark.parametrize("version", gates.VERIFIED_RELEASES)
+def test_each_declaration_is_true_of_the_release_text(version):
+    read, release = read_release(version), parse_release(version)
+    checked = 0
+    for patch in IMPLEMENTED:
+        declared = patch.for_release(release)
+        for other in patch.releases:
+            if not other.edits:
+                continue
+            if other is declared:  # every anchor matches exactly once in code; the result parses
+                edited = patching.edit_file_texts([patch], read, release)
+                assert edited and all(before != after for before, after in edited.values())
+                for name, (_, after) in edited.items():
+                    ast.parse(after, filename=name)
+                checked += 1
+            else:  # another range's edits do not fit this text (the ranges really differ)
+                with pytest.raises(patching.PatchError):
+                    patching.edit_file_texts([patch.at(other.edits)], read, release)
+        for other in patch.releases:
+            if other.upstream is None:
+                continue
+            present = [t in (read(f) or "") for f, t in other.upstream.evidence]
+            assert other.upstream.evidence, (patch.name, other.describe())
+            if other is declared:  # upstream's equivalent is there
+                assert all(present), (patch.name, other.upstream.evidence)
+                checked += 1
+            elif release < parse_release(other.first):  # and not before its range
+                assert not any(present), (patch.name, other.describe())
+    assert checked == len(IMPLEMENTED)  # each patch: applies or upstream, on every verified release
+
+
+def test_the_text_path_is_what_the_engine_runs_here():
+    # edit_file_texts (diff, the status test) and the engine (patched_source) agree on the installed release.
+    read = patching.installed_sglang_reader()
+    compared = 0
+    for patch in IMPLEMENTED:
+        if not patch.candidates(patching.installed_release()):
+            continue
+        edited = patching.edit_file_texts([patch], read)
+        for target in patching.for_release(patch).targets:
+            module = target.split(":")[0]
+            assert patching.patched_source(target, [patch]) in edited[patching.module_file(module)][1]
+            compared += 1
+    assert compared >= 3
+
+
+def _release_env(version: str, **extra) -> dict:
+    where = release_wheels.target(version)
+    if not (where / "sglang" / "_version.py").is_file():
+        _missing(f"the sglang {version} install in {where}")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SGLANG_HIP_DECODE")}
+    env.update(PYTHONPATH=os.pathsep.join([str(where), str(ROOT / "test")]), CUDA_VISIBLE_DEVICES="", **extra)
+    return env
+
+
+# What each parity file must do on each release: "ran" (its tests passed) or "skipped" (the patch has
+# no edits there, said as a module-level skip).
+PARITY = {
+    "0.5.12.post1": {"test_nsa_cat_skip.py": "skipped", "test_mxfp4_vbmm_layout.py": "ran",
+                     "test_indexer_rope_guard.py": "ran", "test_gates.py": "ran"},
+    "0.5.13.post1": {"test_nsa_cat_skip.py": "skipped", "test_mxfp4_vbmm_layout.py": "skipped",
+                     "test_indexer_rope_guard.py": "ran", "test_gates.py": "ran"},
+    "0.5.23": {"test_nsa_cat_skip.py": "skipped", "test_mxfp4_vbmm_layout.py": "skipped",
+               "test_indexer_rope_guard.py": "ran", "test_gates.py": "ran"},
+}
+
+
+def test_the_parity_releases_are_the_ones_installed():
+    assert tuple(PARITY) == release_wheels.PARITY
+
+
+@pytest.mark.parametrize("version", list(PARITY))
+def test_parity_suites_on_the_release(version, tmp_path):
+    env = _release_env(version)
+    seen = subprocess.run([sys.executable, "-c", "from sglang_hip_decode import gates; "
+                           "print(gates.sglang_version(), gates.sglang_package_version())"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert seen.stdout.split() == [version, version], seen.stderr  # this process sees that release only
+    report = tmp_path / "junit.xml"
+    files = [str(ROOT / "test" / name) for name in PARITY[version]]
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+                           f"--junitxml={report}", *files], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+    outcome: dict[str, dict[str, int]] = {}
+    reasons: dict[str, list[str]] = {}
+    for case in ElementTree.parse(report).iter("testcase"):
+        # a test: classname "test.test_x", name "test_y"; a skipped module: classname "", name "test.test_x"
+        name = (case.get("classname") or case.get("name")).rsplit(".", 1)[-1] + ".py"
+        skipped = case.find("skipped")
+        outcome.setdefault(name, {"passed": 0, "skipped": 0})["skipped" if skipped is not None else "passed"] += 1
+        if skipped is not None:
+            reasons.setdefault(name, []).append(skipped.text or skipped.get("message", ""))
+    assert set(outcome) == set(PARITY[version]), outcome
+    for name, expected in PARITY[version].items():
+        counts = outcome[name]
+        if expected == "ran":
+            assert counts["passed"] >= 3, (version, name, counts)
+        else:  # the whole module, for the reason the declaration gives
+            assert counts == {"passed": 0, "skipped": 1}, (version, name, counts)
+            assert f"has no edits on sglang {version}: upstream has it" in reasons[name][0], reasons[name]
+
+
+@pytest.mark.parametrize("version, expected", [
+    ("0.5.12.post1", {"nsa-cat-skip": "upstream: sglang 0.5.12.post1 has this (sglang#24125, since 0.5.12)",
+                      "mxfp4-vbmm-layout": "applied", "indexer-rope-guard": "applied"}),
+    ("0.5.13.post1", {"nsa-cat-skip": "upstream: sglang 0.5.13.post1 has this (sglang#24125, since 0.5.12)",
+                      "mxfp4-vbmm-layout": "upstream: sglang 0.5.13.post1 has this (sglang#25463, since 0.5.13)",
+                      "indexer-rope-guard": "applied"}),
+    ("0.5.23", {"nsa-cat-skip": "upstream: sglang 0.5.23 has this (sglang#24125, since 0.5.12)",
+                "mxfp4-vbmm-layout": "upstream: sglang 0.5.23 has this (sglang#25463, since 0.5.13)",
+                "indexer-rope-guard": "applied"}),
+])
+def test_status_on_the_release(version, expected):
+    # The console script, the platform forced: what a user on that release sees.
+    env = _release_env(version, SGLANG_HIP_DECODE_ANY_PLATFORM="1")
+    script = Path(sys.executable).with_name("sglang-hip-decode")
+    table = subprocess.run([str(script), "status"], env=env, capture_output=True, text=True, timeout=300)
+    assert table.returncode == 0, table.stdout + table.stderr
+    assert f"sglang {version} (verified 0.5.11 ... 0.5.23)" in table.stdout
+    proc = subprocess.run([str(script), "status", "--json"], env=env, capture_output=True, text=True, timeout=300)
+    data = json.loads(proc.stdout)
+    assert data["sglang"] == version and data["exit_code"] == 0
+    assert {name: data["patches"][name] for name in expected} == expected
+    for name, status in expected.items():  # the table row says the same
+        row = next(line for line in table.stdout.splitlines() if line.startswith(name + " "))
+        assert row.rstrip().endswith(status), row
+
+
+def test_releases_table_in_the_readme_is_the_commands_output(capsys):
+    from sglang_hip_decode import cli
+
+    assert cli.main(["releases", "--markdown"]) == 0
+    table = capsys.readouterr().out
+    readme = (ROOT / "README.md").read_text()
+    start, end = "<!-- releases: sglang-hip-decode releases --markdown -->\n", "<!-- /releases -->"
+    assert start in readme and end in readme
+    assert readme.split(start, 1)[1].split(end, 1)[0] == table
+    assert table.count("\n") == 2 + 3 + 1  # header, rule, three groups of releases, newer ones
