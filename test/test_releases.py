@@ -200,3 +200,72 @@ def test_releases_table_in_the_readme_is_the_commands_output(capsys):
     assert start in readme and end in readme
     assert readme.split(start, 1)[1].split(end, 1)[0] == table
     assert table.count("\n") == 2 + 3 + 1  # header, rule, three groups of releases, newer ones
+
+
+def _extract(wheel_path: Path, names, tree: Path) -> None:
+    import zipfile
+
+    with zipfile.ZipFile(wheel_path) as wheel:
+        for name in names:
+            (tree / "python" / name).parent.mkdir(parents=True, exist_ok=True)
+            (tree / "python" / name).write_bytes(wheel.read(name))
+
+
+@pytest.mark.parametrize("version, files, left_out", [
+    ("0.5.12.post1", ["sglang/srt/layers/attention/nsa/nsa_indexer.py",
+                      "sglang/srt/models/deepseek_common/attention_forward_methods/forward_mla.py"], ["nsa-cat-skip"]),
+    ("0.5.23", ["sglang/srt/layers/attention/dsa/dsa_indexer.py"], ["nsa-cat-skip", "mxfp4-vbmm-layout"]),
+])
+def test_diff_of_a_release_from_its_wheel_applies_to_its_tree(version, files, left_out, tmp_path, capsys):
+    from sglang_hip_decode import cli
+
+    read_release(version)
+    wheel_path = release_wheels.wheel(version)
+    code = cli.main(["diff", "--source", str(wheel_path)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert sorted(line[len("--- a/python/"):] for line in out.splitlines() if line.startswith("--- a/")) == sorted(files)
+    for name in left_out:  # said, not silently dropped
+        assert f"sglang-hip-decode: {name}: no edits on sglang {version}: upstream has it (sglang#" in err
+    _extract(wheel_path, files, tmp_path)
+    check = subprocess.run(["git", "apply", "--check", "-"], cwd=tmp_path, input=out, capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    # --release naming the source's own release: the same text
+    assert cli.main(["diff", "--source", str(wheel_path), "--release", version]) == 0
+    assert capsys.readouterr().out == out
+
+
+def test_diff_refuses_a_release_it_cannot_show(capsys, tmp_path):
+    from sglang_hip_decode import cli
+
+    def refused(*args):
+        with pytest.raises(SystemExit) as exc:
+            cli.main(["diff", *args])
+        return str(exc.value.code)
+
+    assert refused("--release", "banana") == "sglang-hip-decode: --release 'banana' is not a release string (e.g. 0.5.12.post1)"
+    assert refused("--release", "0.5.23").startswith("sglang-hip-decode: sglang 0.5.11 is installed; for 0.5.23 give --source")
+    assert refused("--source", str(tmp_path / "nothing-here")).startswith(f"sglang-hip-decode: --source {tmp_path / 'nothing-here'}:")
+    (tmp_path / "sglang").mkdir()  # a folder with a package but no _version.py
+    assert "does not say its release" in refused("--source", str(tmp_path))
+    read_release("0.5.13")
+    wheel_path = str(release_wheels.wheel("0.5.13"))
+    assert refused("--source", wheel_path, "--release", "0.5.12") == (
+        f"sglang-hip-decode: --source {wheel_path} is sglang 0.5.13, not 0.5.12")
+    # a release on which no patch has edits: exit 1, each one said
+    (tmp_path / "sglang" / "_version.py").write_text("__version__ = version = '0.5.10'\n")
+    assert cli.main(["diff", "--source", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("declares nothing for it") == len(IMPLEMENTED) and "no patch has edits to diff" in err
+
+
+def test_releases_command_table(capsys):
+    from sglang_hip_decode import cli
+
+    assert cli.main(["releases"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["release"] + [p.name for p in IMPLEMENTED]
+    rows = {line.split("  ")[0].strip(): line for line in lines[2:]}
+    assert list(rows) == ["0.5.11", "0.5.12, 0.5.12.post1", "0.5.13 ... 0.5.23", "newer than 0.5.23"]
+    assert rows["0.5.11"].count("applies:") == 3
+    assert "tried (anchors decide): `dsa_indexer`" in rows["newer than 0.5.23"]
