@@ -45,6 +45,8 @@ p.add_argument("--attention-backend", default=None)
 p.add_argument("--decode-attention-backend", default=None)
 p.add_argument("--nsa-decode-backend", default=None)
 p.add_argument("--nsa-prefill-backend", default=None)
+p.add_argument("--dsa-decode-backend", default=None)  # 0.5.13 and later
+p.add_argument("--dsa-prefill-backend", default=None)
 p.add_argument("--kv-cache-dtype", default="auto")
 args, _unknown = p.parse_known_args()  # launch_server flags this stand-in does not model
 
@@ -58,13 +60,28 @@ if not args.skip_plugin:
     if any(w.wait() != 0 for w in workers):  # scheduler processes register too, before the server is healthy
         sys.exit("stand-in: a worker failed")
 
+def _sglang_version():
+    from importlib import metadata
+
+    try:
+        return metadata.version("sglang")
+    except metadata.PackageNotFoundError:
+        return "stand-in"
+
+
+# As the installed sglang reports them: its version, and nsa_* backend fields before 0.5.13, dsa_* from it.
+VERSION = _sglang_version()
+DSA = VERSION != "stand-in" and tuple(int(x) for x in VERSION.split(".")[:3]) >= (0, 5, 13)
 SERVER_INFO = {
     "model_path": args.model_path, "tp_size": args.tp_size, "host": args.host, "port": args.port,
     "trust_remote_code": args.trust_remote_code, "attention_backend": args.attention_backend,
-    "decode_attention_backend": args.decode_attention_backend, "nsa_decode_backend": args.nsa_decode_backend,
-    "nsa_prefill_backend": args.nsa_prefill_backend, "kv_cache_dtype": args.kv_cache_dtype,
-    "internal_states": [{}], "version": "stand-in",
+    "decode_attention_backend": args.decode_attention_backend, "kv_cache_dtype": args.kv_cache_dtype,
+    "internal_states": [{}], "version": VERSION,
 }
+if DSA:
+    SERVER_INFO.update(dsa_decode_backend=args.dsa_decode_backend, dsa_prefill_backend=args.dsa_prefill_backend)
+else:
+    SERVER_INFO.update(nsa_decode_backend=args.nsa_decode_backend, nsa_prefill_backend=args.nsa_prefill_backend)
 
 state = {"generates": 0, "streams": 0}
 lock = threading.Lock()

@@ -269,3 +269,30 @@ def test_releases_command_table(capsys):
     assert list(rows) == ["0.5.11", "0.5.12, 0.5.12.post1", "0.5.13 ... 0.5.23", "newer than 0.5.23"]
     assert rows["0.5.11"].count("applies:") == 3
     assert "tried (anchors decide): `dsa_indexer`" in rows["newer than 0.5.23"]
+
+
+def test_the_ab_runner_on_a_dsa_release(files, tmp_path):
+    # The GLM-5 preset on 0.5.23 against the stand-in server (which calls the real plugin, now on
+    # 0.5.23): --dsa-* flags, the server's dsa_* fields checked, only the guard measured and applied
+    # in every process, the release in the report.
+    from runner_helpers import free_port, processes_on_port, run_runner, runner_args
+
+    env = _release_env("0.5.23", SGLANG_HIP_DECODE_ANY_PLATFORM="1")
+    port = free_port()
+    out = tmp_path / "ab"
+    proc = run_runner(runner_args(files, out, port, threshold=0.9) + ["--preset", "glm5", "--tp", "1"],
+                      {"PYTHONPATH": env["PYTHONPATH"], "SGLANG_HIP_DECODE_ANY_PLATFORM": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["sglang_release"] == "0.5.23" and results["versions"]["sglang"] == "0.5.23"
+    assert results["patches_measured"] == ["indexer-rope-guard"]
+    assert results["server_args"] == ("--trust-remote-code --attention-backend dsa --dsa-decode-backend tilelang "
+                                      "--dsa-prefill-backend tilelang")
+    on = results["arms"]["on"]
+    assert on["server"]["dsa_decode_backend"] == "tilelang" and on["server"]["version"] == "0.5.23"
+    assert on["applied"] == ["indexer-rope-guard"] and on["processes"] == 2
+    for record in on["status"]:
+        assert record["sglang"] == "0.5.23"
+        assert record["patches"]["nsa-cat-skip"] == "upstream: sglang 0.5.23 has this (sglang#24125, since 0.5.12)"
+    assert "; sglang 0.5.23" in (out / "report.md").read_text()
+    assert processes_on_port(port) == []

@@ -140,7 +140,7 @@ def test_dry_run_glm5_preset(capsys):
     assert "-m sglang.bench_serving --backend sglang --host 127.0.0.1 --port 30000 --model /models/GLM-5.1-FP8 " \
            "--dataset-name random --random-input-len 8192 --random-output-len 1024 --random-range-ratio 0.8 " \
            "--max-concurrency 4 --num-prompts 20" in out
-    assert "-m sglang.test.few_shot_gsm8k --host http://127.0.0.1 --port 30000 --num-questions 1319 --num-shots 5" in out
+    assert "-m sglang.test.few_shot_gsm8k --host 127.0.0.1 --port 30000 --num-questions 1319 --num-shots 5" in out
 
 
 def start_runner_until_healthy(files, tmp_path, port):
@@ -247,7 +247,15 @@ def test_preset_run_adds_arguments_and_checks_the_server(successful_run, files, 
     (dict(patches="hip-alt-stream"), "--patches: not implemented yet: hip-alt-stream"),
     (dict(patches="none"), "--patches none measures nothing"),
     (dict(preset="kimi", patches="nsa-cat-skip"), "preset kimi: none of the selected patches (nsa-cat-skip) acts on it"),
-    (dict(preset="dsv4"), "preset dsv4: none of the selected patches"),
+    (dict(preset="dsv4"), "preset dsv4: sglang 0.5.11 has no DeepSeek-V4 model (it arrived in 0.5.12)"),
+    (dict(preset="dsv4", sglang_release="0.5.23"), "preset dsv4: none of the selected patches (nsa-cat-skip, "
+     "mxfp4-vbmm-layout, indexer-rope-guard) acts on it on sglang 0.5.23 (patches that do: none)"),
+    (dict(preset="kimi", sglang_release="0.5.13"), "preset kimi: none of the selected patches (nsa-cat-skip, "
+     "mxfp4-vbmm-layout, indexer-rope-guard) acts on it on sglang 0.5.13 (patches that do: none; mxfp4-vbmm-layout: "
+     "upstream has it (sglang#25463, since 0.5.13))"),
+    (dict(sglang_release="0.5.10"), "sglang 0.5.10: the plugin supports 0.5.11 and later"),
+    (dict(sglang_release="v5"), "sglang release 'v5' is not a release string"),
+    (dict(python="/bin/false"), "--python /bin/false has no readable sglang (no output); pass --sglang-release"),
     (dict(server_args="--host 0.0.0.0 --port 1234"), "--server-args may not set --host: the runner binds 127.0.0.1"),
     (dict(server_args="--port=1234"), "--server-args may not set --port: use the runner's --port"),
     (dict(server_args="--tp-size 2"), "--server-args may not set --tp-size: use the runner's --tp"),
@@ -283,6 +291,32 @@ def test_usage_errors_are_caught_before_anything_starts(files, tmp_path, change,
     assert "Traceback" not in proc.stderr
     assert "starting" not in proc.stdout and processes_on_port(port) == []
     assert time.monotonic() - start < 60
+
+
+def test_dry_run_per_release_flags_and_measured_patches(capsys):
+    # 0.5.12.post1: still --nsa-*; nsa-cat-skip is upstream there, so only the guard is measured on GLM-5.
+    assert validate.main(["--preset", "glm5", "--model", "/m/GLM-5.1-FP8", "--dry-run", "--sglang-release", "0.5.12.post1"]) == 0
+    out = capsys.readouterr().out
+    assert "# sglang 0.5.12.post1 (nsa flags)" in out and "# measured patches: indexer-rope-guard " in out
+    assert "--attention-backend nsa --nsa-decode-backend tilelang --nsa-prefill-backend tilelang\n" in out
+    assert "# server checks: decode attention backend nsa; nsa_decode_backend tilelang or aiter" in out
+    # 0.5.13 and later: --attention-backend dsa and the --dsa-* flags (0.5.23 has no --nsa-* at all)
+    assert validate.main(["--preset", "glm5", "--model", "/m/GLM-5.1-FP8", "--dry-run", "--sglang-release", "0.5.23"]) == 0
+    out = capsys.readouterr().out
+    assert "# sglang 0.5.23 (dsa flags)" in out and "# measured patches: indexer-rope-guard " in out
+    assert "--attention-backend dsa --dsa-decode-backend tilelang --dsa-prefill-backend tilelang\n" in out
+    assert "--nsa-" not in out
+    # Kimi on 0.5.12.post1: mxfp4-vbmm-layout still ours
+    assert validate.main(["--preset", "kimi", "--model", "/m/Kimi", "--dry-run", "--sglang-release", "0.5.12.post1"]) == 0
+    assert "# measured patches: mxfp4-vbmm-layout " in capsys.readouterr().out
+
+
+def test_the_server_must_run_the_planned_release():
+    validate.check_release("off", {"version": "0.5.23"}, "0.5.23")
+    validate.check_release("off", {"version": "stand-in"}, "0.5.23")  # not a release string: nothing to compare
+    with pytest.raises(validate.ValidationError, match=r"\[on\] the server runs sglang 0.5.11, but the run was planned "
+                                                        r"for 0.5.13.post1"):
+        validate.check_release("on", {"version": "0.5.11"}, "0.5.13.post1")
 
 
 def test_dry_run_prints_the_final_command(capsys):

@@ -63,36 +63,62 @@ def _decode_backend(info: dict):
     return info.get("decode_attention_backend") or info.get("attention_backend")
 
 
-# The three workloads the upstream changes were validated on (benchmark/e2e/README.md); the model path is the user's.
+DSA_RENAME = "0.5.13"  # NSA -> DSA: --attention-backend dsa and --dsa-* flags (--nsa-* deprecated aliases, gone by 0.5.23)
+DSV4_FIRST = "0.5.12"  # the first release with the deepseek_v4 model (its HIP kernels from 0.5.13)
+
+
+def sparse_prefix(release) -> str:
+    """``"nsa"`` up to 0.5.12.post1, ``"dsa"`` from 0.5.13: the backend's name and its flags' prefix."""
+    from .declare import parse_release
+
+    return "dsa" if release >= parse_release(DSA_RENAME) else "nsa"
+
+
+def _glm5(release) -> dict:
+    x = sparse_prefix(release)
+
+    def tilelang(info: dict) -> bool:
+        decode, prefill = info.get(f"{x}_decode_backend"), info.get(f"{x}_prefill_backend")
+        return decode in ("tilelang", "aiter") and "tilelang" in (decode, prefill)
+
+    return dict(
+        server_args=f"--trust-remote-code --attention-backend {x} --{x}-decode-backend tilelang --{x}-prefill-backend tilelang",
+        requires=(
+            Requirement(f"decode attention backend {x}", lambda i: _decode_backend(i) in ("nsa", "dsa")),
+            # nsa-cat-skip acts where forward_absorb_core takes the fused-RoPE branch (TileLang decode
+            # or prefill) and the decode impl is tilelang or aiter; the guard wherever the indexer runs.
+            Requirement(f"{x}_decode_backend tilelang or aiter, with tilelang decode or prefill", tilelang),
+        ),
+    )
+
+
+def _kimi(release) -> dict:
+    return dict(server_args="--trust-remote-code --attention-backend aiter",
+                requires=(Requirement("decode attention backend aiter", lambda i: _decode_backend(i) == "aiter"),))
+
+
+def _dsv4(release) -> dict:
+    return dict(server_args="--trust-remote-code", requires=())
+
+
+# The three workloads the upstream changes were validated on (benchmark/e2e/README.md); the model
+# path is the user's. ``patches``: the ones that act on the workload where they have edits on the
+# release (which of them do is decided per release); ``flags(release)``: the server arguments and
+# the /server_info checks on that release (``--nsa-*`` before 0.5.13, ``--dsa-*`` from it).
 PRESETS = {
     "glm5": dict(
-        family="GLM-5", tp=8, threshold=0.93,
-        server_args="--trust-remote-code --attention-backend nsa --nsa-decode-backend tilelang --nsa-prefill-backend tilelang",
-        patches=("nsa-cat-skip", "indexer-rope-guard"),
-        requires=(
-            Requirement("decode attention backend nsa", lambda i: _decode_backend(i) == "nsa"),
-            # nsa-cat-skip acts where forward_absorb_core takes the fused-RoPE branch (TileLang decode
-            # or prefill) and the decode impl is tilelang or aiter.
-            Requirement("nsa_decode_backend tilelang or aiter, with tilelang decode or prefill",
-                        lambda i: i.get("nsa_decode_backend") in ("tilelang", "aiter")
-                        and "tilelang" in (i.get("nsa_decode_backend"), i.get("nsa_prefill_backend"))),
-        ),
-        note="GLM-5.1-FP8, TP8, NSA with TileLang decode and prefill (nsa-cat-skip, indexer-rope-guard).",
+        family="GLM-5", tp=8, threshold=0.93, patches=("nsa-cat-skip", "indexer-rope-guard"), flags=_glm5,
+        note="GLM-5.1-FP8, TP8, NSA/DSA with TileLang decode and prefill (nsa-cat-skip, indexer-rope-guard).",
     ),
     "kimi": dict(
-        family="Kimi", tp=8, threshold=0.92,
-        server_args="--trust-remote-code --attention-backend aiter",
-        patches=("mxfp4-vbmm-layout",),
-        requires=(Requirement("decode attention backend aiter", lambda i: _decode_backend(i) == "aiter"),),
+        family="Kimi", tp=8, threshold=0.92, patches=("mxfp4-vbmm-layout",), flags=_kimi,
         note="Kimi-K2.6-MXFP4, TP8, aiter MLA backend (mxfp4-vbmm-layout).",
     ),
     "dsv4": dict(
-        family="DeepSeek-V4", tp=8, threshold=0.91,
-        server_args="--trust-remote-code",
-        patches=(),
-        requires=(),
-        note="DeepSeek-V4 needs sglang >= 0.5.13 (0.5.11 has no DeepSeek-V4 model), and no patch of this plugin acts on "
-             "it yet: the runner refuses the preset before starting anything. Kept for when the pin moves.",
+        family="DeepSeek-V4", tp=8, threshold=0.91, patches=(), flags=_dsv4, first=DSV4_FIRST,
+        note="DeepSeek-V4 (sglang 0.5.12 and later; its HIP kernels from 0.5.13). No patch of this plugin acts on it "
+             "on any release (its C4Indexer has no RoPE write-back guard, and its attention is not the MLA path "
+             "the other patches edit): the runner refuses the preset before starting anything.",
     ),
 }
 FAMILY_THRESHOLDS = (("glm", "GLM-5", 0.93), ("kimi", "Kimi", 0.92), ("deepseek-v4", "DeepSeek-V4", 0.91))
@@ -179,9 +205,11 @@ def merge_server_args(preset_args: str, extra: str, drop: list[str]) -> list[str
     return tokens + extra_tokens
 
 
-def resolve_patches(requested: str, preset: str | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def resolve_patches(requested: str, preset: str | None, release=None) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """``(selected, measured)``: what SGLANG_HIP_DECODE_PATCHES selects for the 'on' arm, and the
-    part of it that acts on the preset (every selected patch when there is no preset)."""
+    part of it that acts on the preset on ``release`` (every selected patch with edits on it when
+    there is no preset)."""
+    from .declare import format_release
     from .patches import catalog, pick
 
     value = requested.strip()
@@ -196,14 +224,61 @@ def resolve_patches(requested: str, preset: str | None) -> tuple[tuple[str, ...]
             selected = [e.name for e in pick(list(dict.fromkeys(n.strip() for n in value.split(",") if n.strip())))]
         except ValueError as exc:
             raise UsageError(f"--patches: {exc}") from None
+    patches = {e.name: e.patch for e in catalog() if e.patch is not None}
+    here = (lambda n: True) if release is None else (lambda n: bool(patches[n].candidates(release)))
+    shown = "" if release is None else f" on sglang {format_release(release)}"
     if preset is None:
-        return tuple(selected), tuple(selected)
+        measured = tuple(n for n in selected if here(n))
+        if not measured:
+            raise UsageError(f"none of the selected patches ({', '.join(selected)}) has edits{shown}: "
+                             + _why_not(patches, selected, release) + "; the A/B would measure nothing")
+        return tuple(selected), measured
+    first = PRESETS[preset].get("first")
+    if first is not None and release is not None and release < _parse(first):
+        raise UsageError(f"preset {preset}: sglang {format_release(release)} has no {PRESETS[preset]['family']} model "
+                         f"(it arrived in {first})")
     acts = PRESETS[preset]["patches"]
-    measured = tuple(n for n in selected if n in acts)
+    measured = tuple(n for n in selected if n in acts and here(n))
     if not measured:
-        raise UsageError(f"preset {preset}: none of the selected patches ({', '.join(selected) or 'none'}) acts on it "
-                         f"(patches that do: {', '.join(acts) or 'none'}); the A/B would measure nothing")
+        acting = [n for n in acts if here(n)]
+        raise UsageError(f"preset {preset}: none of the selected patches ({', '.join(selected) or 'none'}) acts on it{shown} "
+                         f"(patches that do: {', '.join(acting) or 'none'}"
+                         + (f"; {_why_not(patches, [n for n in acts if not here(n)], release)}" if len(acting) < len(acts) else "")
+                         + "); the A/B would measure nothing")
     return tuple(selected), measured
+
+
+def _parse(text: str):
+    from .declare import parse_release
+
+    return parse_release(text)
+
+
+def _why_not(patches: dict, names, release) -> str:
+    """Why each of ``names`` has no edits on ``release``, e.g. ``nsa-cat-skip: upstream has it (sglang#24125, since 0.5.12)``."""
+    reasons = []
+    for name in names:
+        declared = patches[name].for_release(release)
+        if declared is None:
+            reasons.append(f"{name}: nothing declared")
+        elif declared.upstream is not None:
+            reasons.append(f"{name}: upstream has it ({declared.upstream.change}, since {declared.upstream.since})")
+        elif declared.not_applicable:
+            reasons.append(f"{name}: not applicable ({declared.not_applicable})")
+    return "; ".join(reasons)
+
+
+def sglang_release_of(python: str) -> str:
+    """The sglang release ``python`` has (its metadata); raises :class:`UsageError` saying why not."""
+    code = "import importlib.metadata as m; print(m.version('sglang'))"
+    try:
+        done = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise UsageError(f"cannot run --python {python} to read its sglang release ({exc}); pass --sglang-release") from None
+    if done.returncode != 0 or not done.stdout.strip():
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UsageError(f"--python {python} has no readable sglang ({last}); pass --sglang-release") from None
+    return done.stdout.strip()
 
 
 def _existing(path: str | None, what: str) -> str | None:
@@ -236,6 +311,7 @@ class Plan:
     selected: tuple[str, ...]
     measured: tuple[str, ...]
     requires: tuple[Requirement, ...]
+    release: str  # the sglang release the server runs (--sglang-release, or --python's metadata)
 
     def server_cmd(self) -> list[str]:
         a = self.args
@@ -253,7 +329,8 @@ class Plan:
 
     def gsm8k_cmd(self) -> list[str]:
         a = self.args
-        cmd = [a.python, "-m", "sglang.test.few_shot_gsm8k", "--host", "http://127.0.0.1", "--port", str(a.port),
+        # the bare host: 0.5.11 ... 0.5.20 also took "http://127.0.0.1" (deprecated), 0.5.21+ make it http://http://...
+        cmd = [a.python, "-m", "sglang.test.few_shot_gsm8k", "--host", "127.0.0.1", "--port", str(a.port),
                "--num-questions", str(a.gsm8k_questions), "--num-shots", str(a.gsm8k_shots),
                "--parallel", str(a.gsm8k_parallel)]
         return cmd + (["--data-path", a.gsm8k_data] if a.gsm8k_data else [])
@@ -437,11 +514,20 @@ def check_applied(arm: str, records: list[dict], measured: tuple[str, ...] = (),
     return applied
 
 
+def check_release(arm: str, info: dict, release: str) -> None:
+    """The server runs the release the plan was made for (its flags, the patches measured)."""
+    reported = info.get("version")
+    if _parse(str(reported)) is not None and _parse(str(reported)) != _parse(release):
+        raise ValidationError(f"[{arm}] the server runs sglang {reported}, but the run was planned for {release} (its "
+                              "flags and measured patches): pass --sglang-release or the server's --python")
+
+
 def check_server(arm: str, info: dict, requires: tuple[Requirement, ...]) -> None:
     failed = [req.what for req in requires if not req.holds(info)]
     if failed:
         shown = {k: info.get(k) for k in ("attention_backend", "decode_attention_backend", "prefill_attention_backend",
-                                          "nsa_decode_backend", "nsa_prefill_backend") if k in info}
+                                          "nsa_decode_backend", "nsa_prefill_backend", "dsa_decode_backend",
+                                          "dsa_prefill_backend") if k in info}
         raise ValidationError(f"[{arm}] the server does not run what the preset needs ({'; '.join(failed)}); it reports "
                               f"{shown or 'none of the backend fields'}: the patches measured would not act, refusing the arm")
 
@@ -542,7 +628,7 @@ def render_report(results: dict) -> str:
     lines = [
         f"# sglang-hip-decode A/B: {results['model']}",
         "",
-        f"- family: {results['family'] or 'unknown'}; TP {results['tp']}",
+        f"- family: {results['family'] or 'unknown'}; TP {results['tp']}; sglang {results.get('sglang_release', '?')}",
         f"- server command, off: `{results['server_cmds']['off']}`",
         f"- server command, on: `{results['server_cmds']['on']}`",
         f"- measured patches: {', '.join(results['patches_measured'])}; applied (on): {', '.join(on['applied'])} "
@@ -607,6 +693,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--client-timeout", type=float, default=7200.0)
     p.add_argument("--poll-interval", type=float, default=2.0)
     p.add_argument("--python", default=sys.executable, help="the Python that has sglang (clients run with it)")
+    p.add_argument("--sglang-release", help="the sglang release the server runs (default: what --python's sglang "
+                                            "metadata says); picks the preset's flags and the patches measured")
     p.add_argument("--server-cmd", default=None, help="server launcher (default: '<python> -m sglang.launch_server')")
     p.add_argument("--dry-run", action="store_true", help="print every command and run nothing")
     return p
@@ -619,8 +707,17 @@ def make_plan(args: argparse.Namespace) -> Plan:
     if args.tp < 1 or args.num_prompts < 1 or args.output_len < 2 or args.concurrency < 1:
         raise UsageError("--tp, --num-prompts and --concurrency must be >= 1 and --output-len >= 2 (TPOT needs two "
                          "output tokens)")
-    server_args = merge_server_args(preset.get("server_args", ""), args.server_args, args.drop_server_arg)
-    selected, measured = resolve_patches(args.patches, args.preset)
+    from .declare import parse_release
+
+    release_text = args.sglang_release or sglang_release_of(args.python)
+    release = parse_release(release_text)
+    if release is None:
+        raise UsageError(f"sglang release {release_text!r} is not a release string (e.g. 0.5.23)")
+    if release < parse_release(gates.OLDEST_RELEASE):
+        raise UsageError(f"sglang {release_text}: the plugin supports {gates.OLDEST_RELEASE} and later")
+    flags = preset["flags"](release) if preset else {}
+    server_args = merge_server_args(flags.get("server_args", ""), args.server_args, args.drop_server_arg)
+    selected, measured = resolve_patches(args.patches, args.preset, release)
     args.server_cmd = args.server_cmd or f"{args.python} -m sglang.launch_server"
     family, threshold = preset.get("family"), preset.get("threshold")
     if family is None:
@@ -641,11 +738,12 @@ def make_plan(args: argparse.Namespace) -> Plan:
         out = _writable_out(args.out)
     else:
         out = Path(args.out).resolve()
-    return Plan(args, out, family, threshold, server_args, selected, measured, preset.get("requires", ()))
+    return Plan(args, out, family, threshold, server_args, selected, measured, flags.get("requires", ()), release_text)
 
 
 def dry_run(plan: Plan) -> str:
     lines = [f"# {PRESETS[plan.args.preset]['note']}" if plan.args.preset else "# custom run",
+             f"# sglang {plan.release}" + (f" ({sparse_prefix(_parse(plan.release))} flags)" if plan.args.preset == "glm5" else ""),
              f"# GSM8K threshold: {plan.threshold} ({plan.family or 'family unknown'})",
              f"# measured patches: {', '.join(plan.measured)} (selected for 'on': {', '.join(plan.selected)})",
              "# server checks: " + ("; ".join(r.what for r in plan.requires) or "none")]
@@ -665,6 +763,7 @@ def _port_free(port: int) -> bool:
 
 
 SERVER_FIELDS = ("attention_backend", "decode_attention_backend", "nsa_decode_backend", "nsa_prefill_backend",
+                 "dsa_decode_backend", "dsa_prefill_backend",
                  "kv_cache_dtype", "tp_size", "version")
 
 
@@ -679,6 +778,7 @@ def run_arm(plan: Plan, arm: str, measured: dict) -> None:
         info = server.server_info()
         _check_signals()
         measured["server"] = {k: info[k] for k in SERVER_FIELDS if k in info}
+        check_release(arm, info, plan.release)
         check_server(arm, info, plan.requires)
         records = read_status(server.status_path)
         measured["applied"] = check_applied(arm, records, plan.measured, processes=args.tp + 1)
@@ -710,6 +810,7 @@ def run(plan: Plan) -> dict:
     for stale in (partial, plan.out / "results.json", plan.out / "report.md"):  # an earlier run's
         stale.unlink(missing_ok=True)
     results = {"model": args.model, "family": plan.family, "threshold": plan.threshold, "tp": args.tp,
+               "sglang_release": plan.release,
                "server_args": " ".join(shlex.quote(a) for a in plan.server_args),
                "server_cmds": {arm: _shell(plan.server_cmd(), plan.server_env(arm)) for arm in ("off", "on")},
                "patches_requested": args.patches or "default",
