@@ -245,7 +245,8 @@ def test_diff_refuses_a_release_it_cannot_show(capsys, tmp_path):
 
     assert refused("--release", "banana") == "sglang-hip-decode: --release 'banana' is not a release string (e.g. 0.5.12.post1)"
     assert refused("--release", "0.5.23").startswith("sglang-hip-decode: sglang 0.5.11 is installed; for 0.5.23 give --source")
-    assert refused("--source", str(tmp_path / "nothing-here")).startswith(f"sglang-hip-decode: --source {tmp_path / 'nothing-here'}:")
+    missing = tmp_path / "nothing-here"
+    assert refused("--source", str(missing)).startswith(f"sglang-hip-decode: --source {missing}:")
     (tmp_path / "sglang").mkdir()  # a folder with a package but no _version.py
     assert "does not say its release" in refused("--source", str(tmp_path))
     read_release("0.5.13")

@@ -97,7 +97,7 @@ def evaluate(env: Mapping[str, str] | None = None, *, apply: bool = True) -> Rep
     the newest verified one) or ``failed: ...``. One patch failing never stops the others. With
     ``apply=False`` a patch that would be applied reports ``would apply``.
     """
-    from . import gates, patching
+    from . import gates
     from .patches import NAMES, catalog
 
     problems = []

@@ -126,7 +126,9 @@ class Releases:
         return parse_release(self.first) <= release and (self.last is None or release <= parse_release(self.last))
 
     def describe(self) -> str:
-        return f"{self.first}+" if self.last is None else (self.first if self.first == self.last else f"{self.first}..{self.last}")
+        if self.last is None:
+            return f"{self.first}+"
+        return self.first if self.first == self.last else f"{self.first}..{self.last}"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -509,7 +509,8 @@ def apply(patch: Patch, release: tuple[int, int, int, int] | None = None) -> str
             except PatchError as exc:
                 failures.append(f"the edits for {declared.describe()}: {exc}")
                 continue
-            return f"applied (sglang {_shown(release)} lies between the declared ranges; the edits for {declared.describe()} matched)"
+            return (f"applied (sglang {_shown(release)} lies between the declared ranges; "
+                    f"the edits for {declared.describe()} matched)")
         raise PatchError(f"sglang {_shown(release)} lies between {patch.name}'s declared ranges and matches neither: "
                          + "; ".join(failures))
 

@@ -241,10 +241,10 @@ def resolve_patches(requested: str, preset: str | None, release=None) -> tuple[t
     measured = tuple(n for n in selected if n in acts and here(n))
     if not measured:
         acting = [n for n in acts if here(n)]
+        why = _why_not(patches, [n for n in acts if not here(n)], release)
         raise UsageError(f"preset {preset}: none of the selected patches ({', '.join(selected) or 'none'}) acts on it{shown} "
-                         f"(patches that do: {', '.join(acting) or 'none'}"
-                         + (f"; {_why_not(patches, [n for n in acts if not here(n)], release)}" if len(acting) < len(acts) else "")
-                         + "); the A/B would measure nothing")
+                         f"(patches that do: {', '.join(acting) or 'none'}{'; ' + why if why else ''}); "
+                         "the A/B would measure nothing")
     return tuple(selected), measured
 
 
@@ -743,7 +743,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
 
 def dry_run(plan: Plan) -> str:
     lines = [f"# {PRESETS[plan.args.preset]['note']}" if plan.args.preset else "# custom run",
-             f"# sglang {plan.release}" + (f" ({sparse_prefix(_parse(plan.release))} flags)" if plan.args.preset == "glm5" else ""),
+             f"# sglang {plan.release}"
+             + (f" ({sparse_prefix(_parse(plan.release))} flags)" if plan.args.preset == "glm5" else ""),
              f"# GSM8K threshold: {plan.threshold} ({plan.family or 'family unknown'})",
              f"# measured patches: {', '.join(plan.measured)} (selected for 'on': {', '.join(plan.selected)})",
              "# server checks: " + ("; ".join(r.what for r in plan.requires) or "none")]
