@@ -62,4 +62,5 @@ def edits_here(patch) -> tuple[bool, str]:
     declared = patch.for_release(release)
     why = "nothing declared" if declared is None else (
         f"upstream has it ({declared.upstream.change})" if declared.upstream else declared.not_applicable)
-    return False, f"{patch.name} has no edits on sglang {format_release(release)}: {why}"
+    shown = format_release(release) if release is not None else "(unknown release)"
+    return False, f"{patch.name} has no edits on sglang {shown}: {why}"

@@ -71,7 +71,7 @@ def _sglang_version():
 
 # As the installed sglang reports them: its version, and nsa_* backend fields before 0.5.13, dsa_* from it.
 VERSION = _sglang_version()
-DSA = VERSION != "stand-in" and tuple(int(x) for x in VERSION.split(".")[:3]) >= (0, 5, 13)
+DSA = VERSION != "stand-in" and tuple(int(x) for x in VERSION.split("+")[0].split(".")[:3]) >= (0, 5, 13)
 SERVER_INFO = {
     "model_path": args.model_path, "tp_size": args.tp_size, "host": args.host, "port": args.port,
     "trust_remote_code": args.trust_remote_code, "attention_backend": args.attention_backend,

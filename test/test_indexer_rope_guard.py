@@ -127,6 +127,50 @@ def test_defect_negated_or_conjugated_view_of_dst(ni, view):
     assert audit.counts == {"clone": 2, "copy_": 1}
 
 
+def test_defect_same_memory_read_as_another_dtype(ni):
+    # src is dst's memory read as bfloat16 (same storage, offset, sizes, strides: is_set_to holds):
+    # other values, so the copy converts them; the data_ptr guard skips it.
+    def case():
+        buf = torch.randn(4, 128, dtype=torch.float16, generator=torch.Generator().manual_seed(5))
+        dst = buf[:, :64]
+        src = dst.view(torch.bfloat16)
+        assert dst.is_set_to(src) and src.data_ptr() == dst.data_ptr()
+        return dst, src, src.to(torch.float16)
+
+    dst, src, want = case()
+    upstream_guard(ni)(dst, src)
+    # DEFECT (0.5.11 ... 0.5.23): skipped, dst keeps the float16 values.
+    assert not torch.equal(dst, want), "upstream's guard was expected to skip this copy (documented defect)"
+    dst, src, want = case()
+    patched_guard(ni)(dst, src)
+    assert torch.equal(dst, want)
+
+
+@pytest.mark.parametrize("form", ["flat view", "extra dim", "empty, other width"])
+def test_same_start_that_cannot_be_copied_is_skipped_as_upstream_does(ni, form):
+    # src starts where dst starts but its shape does not broadcast to dst's (copy_ would raise):
+    # upstream returns without a copy, and so must the patched guard (never raise where it does not).
+    def case():
+        buf = torch.arange(32, dtype=torch.float32).reshape(4, 8)
+        if form == "flat view":
+            return buf, buf.view(32)
+        if form == "extra dim":
+            return buf, buf.unsqueeze(0)
+        return torch.empty(0, 3), torch.empty(0, 4)  # both data_ptr() 0
+
+    results = []
+    for guard in (upstream_guard(ni), patched_guard(ni)):
+        dst, src = case()
+        assert dst.data_ptr() == src.data_ptr()
+        with pytest.raises(RuntimeError):
+            dst.clone().copy_(src)  # no copy of src into dst exists
+        with CopyAudit() as audit:
+            guard(dst, src)
+        assert audit.total_count == 0
+        results.append(dst)
+    assert_bits_equal(*results)
+
+
 def test_defect_overlapping_views(ni):
     # dst = columns 32..95, src = columns 0..63 of one buffer: overlapping, different starts.
     def case():

@@ -138,7 +138,7 @@ def test_two_sglang_installations_apply_nothing(stand_in, monkeypatch):
     assert gates.sglang_package_version() == "0.5.11"  # the importable package's _version.py
     report = evaluate({"SGLANG_HIP_DECODE_ANY_PLATFORM": "1", "SGLANG_HIP_DECODE_PATCHES": "all"})
     expected = ("failed: two sglang installations are visible (metadata says 0.5.23, the importable package's "
-                "version.py says 0.5.11): applying nothing")
+                "_version.py says 0.5.11): applying nothing")
     assert all(report.status_of(n) == expected for n in ("t-on", "t-opt", "t-broken"))
     assert report.applied == () and report.exit_code == 1
 
@@ -225,6 +225,39 @@ def test_a_release_between_two_ranges_tries_both_and_applies_all_or_nothing(monk
     assert report.exit_code == 0
 
 
+def test_between_two_upstream_ranges_is_upstream_and_after_a_closed_last_range_is_nothing(monkeypatch):
+    both_upstream = _per_release("t-up", patching.Releases("0.5.12", "0.5.17", upstream=UPSTREAM),
+                                 patching.Releases("0.5.18", None, upstream=patching.Upstream("0.5.13", "sglang#2")))
+    report = _release_catalog(monkeypatch, "0.5.17.post1", both_upstream)
+    assert report.status_of("t-up") == "upstream: sglang 0.5.17.post1 has this (sglang#1, since 0.5.13)"
+    closed = _per_release("t-closed", patching.Releases("0.5.11", "0.5.23", edits=(DOUBLE_EPS,)))
+    assert closed.candidates(patching.parse_release("0.5.24")) == ()  # not tried: beyond what it declares
+    report = _release_catalog(monkeypatch, "0.5.24", closed)
+    assert report.status_of("t-closed") == "not applicable: t-closed declares nothing for sglang 0.5.24 (its ranges: 0.5.11..0.5.23)"
+    assert report.applied == () and report.exit_code == 0
+
+
+@pytest.mark.parametrize("package, status", [
+    ("0.5.12-post1", "applied"),  # the same release, spelled otherwise
+    ("0.0.0+unknown", "applied"),  # a _version.py that says nothing usable: no second opinion
+    ("0.5.12", "failed: two sglang installations are visible (metadata says 0.5.12.post1, the importable package's "
+               "_version.py says 0.5.12): applying nothing"),
+])
+def test_two_installations_only_when_both_versions_are_releases_and_differ(stand_in, monkeypatch, package, status):
+    monkeypatch.setattr(gates, "sglang_version", lambda: "0.5.12.post1")
+    monkeypatch.setattr(gates, "sglang_package_version", lambda: package)
+    report = evaluate({"SGLANG_HIP_DECODE_ANY_PLATFORM": "1", "SGLANG_HIP_DECODE_PATCHES": "t-on"})
+    assert report.status_of("t-on") == status
+
+
+def test_metadata_without_an_importable_package_applies_nothing(stand_in, monkeypatch):
+    monkeypatch.setattr(gates, "sglang_version", lambda: "0.5.23")
+    monkeypatch.setattr(gates, "sglang_importable", lambda: False)
+    report = evaluate({"SGLANG_HIP_DECODE_ANY_PLATFORM": "1", "SGLANG_HIP_DECODE_PATCHES": "all"})
+    expected = "unsupported sglang 0.5.23 (its metadata is installed, the sglang package is not importable)"
+    assert all(report.status_of(n) == expected for n in ("t-on", "t-opt", "t-broken")) and report.applied == ()
+
+
 def test_release_declarations_refuse_bad_input():
     R = patching.Releases
     with pytest.raises(ValueError, match="exactly one of"):
@@ -245,13 +278,19 @@ def test_release_declarations_refuse_bad_input():
         R("0.5.11", edits=(DOUBLE_EPS, GROW_HIDDEN))
 
 
-def test_local_build_tags_and_post_releases_parse():
-    assert patching.parse_release("0.5.11+rocm700") == patching.parse_release("0.5.11") == (0, 5, 11, 0)
-    assert patching.parse_release("0.5.12.post1") == (0, 5, 12, 1) > patching.parse_release("0.5.12")
-    assert patching.parse_release("0.5.11rc1") < patching.parse_release("0.5.11")
-    assert patching.parse_release("0.5.12.dev3") < patching.parse_release("0.5.12")
-    assert [patching.parse_release(v) for v in ("0.5", "x", "", None, "0.5.11.post")] == [None] * 5
-    assert patching.format_release((0, 5, 12, 1)) == "0.5.12.post1" and patching.format_release((0, 5, 23, 0)) == "0.5.23"
+def test_release_strings_parse_in_pep440_order():
+    P = patching.parse_release
+    assert P("0.5.11+rocm700") == P("0.5.11") == P("v0.5.11") == (0, 5, 11, 0)
+    assert P("0.5.12.post1") == P("0.5.12-post1") == P("0.5.12post1") == P("0.5.12.POST1")
+    order = ["0.5.10.post1", "0.5.11.dev3", "0.5.11rc1", "0.5.11", "0.5.11.post0", "0.5.11.post1", "0.5.12.post1.dev2",
+             "0.5.12.post1", "0.5.12.post2.dev3", "0.5.12.post2", "0.5.13", "0.6.0"]
+    assert [P(v) for v in order][:2] == [P("0.5.10.post1"), (0, 5, 11, -1)]
+    assert all(P(a) < P(b) for a, b in zip(order[2:], order[3:])), [P(v) for v in order]
+    assert P("0.5.11.dev3") == P("0.5.11rc1") == P("0.5.11.rc1")  # one place: before the release
+    assert [P(v) for v in ("0.5", "x", "", None, "0.5.11.post", "0.5.11.1", "0.5.11 rc1")] == [None] * 7
+    shown = {v: patching.format_release(P(v)) for v in ("0.5.12.post1", "0.5.23", "0.5.13rc1", "0.5.12.post2.dev3")}
+    assert shown == {"0.5.12.post1": "0.5.12.post1", "0.5.23": "0.5.23", "0.5.13rc1": "0.5.13 (pre-release or dev build)",
+                     "0.5.12.post2.dev3": "0.5.12.post2 (dev build)"}
 
 
 def test_an_unexpected_exception_in_one_patch_does_not_stop_the_others(stand_in, monkeypatch):

@@ -297,3 +297,47 @@ def test_the_ab_runner_on_a_dsa_release(files, tmp_path):
         assert record["patches"]["nsa-cat-skip"] == "upstream: sglang 0.5.23 has this (sglang#24125, since 0.5.12)"
     assert "; sglang 0.5.23" in (out / "report.md").read_text()
     assert processes_on_port(port) == []
+
+
+def test_diff_of_a_release_between_ranges_shows_what_the_engine_applies(tmp_path, capsys):
+    # A folder that says 0.5.11.post1 (no such release) over 0.5.11's files: nsa-cat-skip's 0.5.11
+    # edits match (the range after it says upstream), as patching.apply picks them.
+    from sglang_hip_decode import cli
+    from sglang_hip_decode.patches import nsa_cat_skip
+
+    read_release("0.5.11")
+    wheel_path = release_wheels.wheel("0.5.11")
+    import zipfile
+
+    with zipfile.ZipFile(wheel_path) as wheel:
+        names = [n for n in wheel.namelist() if n.startswith("sglang/srt/") and n.endswith(".py")]
+        wheel.extractall(tmp_path, names)
+    (tmp_path / "sglang" / "_version.py").write_text("__version__ = version = '0.5.11.post1'\n")
+    assert cli.main(["diff", "--source", str(tmp_path), "nsa-cat-skip"]) == 0
+    out = capsys.readouterr().out
+    assert "+++ b/python/sglang/srt/layers/attention/nsa_backend.py" in out
+    read = patching.source_reader(str(tmp_path))
+    assert patching.edit_file_texts([nsa_cat_skip.PATCH], read, parse_release("0.5.11.post1")) == \
+        patching.edit_file_texts([nsa_cat_skip.PATCH], read, parse_release("0.5.11"))
+
+
+def test_method_span_is_the_definition_python_binds(tmp_path):
+    # The last definition of a name; a class or method under if/try still counts (the engine edits the
+    # live function, which is that one).
+    import importlib.util
+    import inspect
+
+    src = ("class A:\n    def f(self):\n        return 1\n\n    def f(self):\n        return 2\n"
+           "if True:\n    class B:\n        try:\n            @staticmethod\n            def h():\n                return 3\n"
+           "        except Exception:\n            pass\n")
+    (tmp_path / "span_mod.py").write_text(src)
+    spec = importlib.util.spec_from_file_location("span_mod", tmp_path / "span_mod.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for cls, name in (("A", "f"), ("B", "h")):
+        lines, first = inspect.getsourcelines(inspect.unwrap(getattr(getattr(module, cls), name)))
+        assert patching.method_span(src, [cls, name]) == (first - 1, first - 1 + len(lines))
+    with pytest.raises(patching.PatchError, match="class C not found"):
+        patching.method_span(src, ["C", "f"])
+    with pytest.raises(patching.PatchError, match="A.g not defined"):
+        patching.method_span(src, ["A", "g"])

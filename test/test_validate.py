@@ -299,7 +299,8 @@ def test_dry_run_per_release_flags_and_measured_patches(capsys):
     out = capsys.readouterr().out
     assert "# sglang 0.5.12.post1 (nsa flags)" in out and "# measured patches: indexer-rope-guard " in out
     assert "--attention-backend nsa --nsa-decode-backend tilelang --nsa-prefill-backend tilelang\n" in out
-    assert "# server checks: decode attention backend nsa; nsa_decode_backend tilelang or aiter" in out
+    assert "# server checks: decode attention backend nsa or dsa (one backend, renamed in 0.5.13); nsa_decode_backend " \
+           "tilelang or aiter" in out
     # 0.5.13 and later: --attention-backend dsa and the --dsa-* flags (0.5.23 has no --nsa-* at all)
     assert validate.main(["--preset", "glm5", "--model", "/m/GLM-5.1-FP8", "--dry-run", "--sglang-release", "0.5.23"]) == 0
     out = capsys.readouterr().out

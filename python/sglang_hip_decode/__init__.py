@@ -164,12 +164,17 @@ def _release_problem(version, label):
     if release < parse_release(gates.OLDEST_RELEASE):
         return f"unsupported sglang {version} (releases {gates.OLDEST_RELEASE} and later: older ones load no plugins)", release
     try:
+        importable = gates.sglang_importable()
         package = gates.sglang_package_version()
-    except Exception:
-        package = None
-    if package is not None and parse_release(package) != release:
+    except Exception:  # an odd installation: no second opinion, trust the metadata
+        importable, package = True, None
+    if not importable:
+        return f"unsupported sglang {version} (its metadata is installed, the sglang package is not importable)", release
+    package_release = parse_release(package)
+    if package_release is not None and package_release[:3] != (0, 0, 0) and package_release != release:
+        # (0.0.0 is the build tools' "unknown": no second opinion)
         return (f"failed: two sglang installations are visible (metadata says {version}, the importable package's "
-                f"version.py says {package}): applying nothing"), release
+                f"_version.py says {package}): applying nothing"), release
     return None, release
 
 
@@ -182,6 +187,10 @@ def _declared_status(patch, release, version):
     if declared is not None and declared.not_applicable:
         return f"not applicable: {declared.not_applicable}"
     if not patch.candidates(release):
+        before, after = patch.neighbours(release)
+        if before is not None and after is not None and before.upstream is not None and after.upstream is not None:
+            # between two ranges that both say upstream: so does every release between them
+            return f"upstream: sglang {version} has this ({before.upstream.change}, since {before.upstream.since})"
         ranges = ", ".join(r.describe() for r in patch.releases)
         return f"not applicable: {patch.name} declares nothing for sglang {version} (its ranges: {ranges})"
     return None

@@ -90,7 +90,7 @@ def unified_diff(names: list[str] | None = None, release: str | None = None, sou
     patches = []
     for entry in entries:  # application order
         declared = entry.patch.for_release(release)
-        if declared is None or not declared.edits:
+        if not entry.patch.candidates(release):
             why = "declares nothing for it" if declared is None else (
                 f"upstream has it ({declared.upstream.change})" if declared.upstream else declared.not_applicable)
             print(f"sglang-hip-decode: {entry.name}: no edits on sglang {_shown(release)}: {why}", file=sys.stderr)

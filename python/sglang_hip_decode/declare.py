@@ -15,25 +15,37 @@ import textwrap
 
 __all__ = ["Hunk", "Edit", "Upstream", "Releases", "Patch", "parse_release", "format_release"]
 
-_RELEASE = re.compile(r"(\d+)\.(\d+)\.(\d+)(?:\.post(\d+)|(?:rc|a|b|\.dev)(\d+))?")
+_RELEASE = re.compile(r"v?(\d+)\.(\d+)\.(\d+)"
+                      r"(?:[.-]?post(\d+))?"  # 0.5.12.post1, 0.5.12-post1, 0.5.12post1
+                      r"(?:[.-]?(?:dev|rc|c|a|b|alpha|beta|pre|preview)\d*)?")  # 0.5.13rc1, 0.5.12.post2.dev3
 
 
 def parse_release(text: str | None) -> tuple[int, int, int, int] | None:
-    """An sglang release as a comparable tuple: ``"0.5.12.post1"`` -> ``(0, 5, 12, 1)``, ``"0.5.12"``
-    -> ``(0, 5, 12, 0)``; a pre-release (``rc``/``a``/``b``/``.dev``) sorts before its release
-    (``-1``); a local tag (``+rocm700``) is the same release. ``None`` for anything else."""
+    """An sglang release as a comparable tuple ``(major, minor, micro, k)``, PEP 440's order for the
+    forms sglang's versions take: ``k`` is 0 for the release, ``2 (N + 1)`` for ``.postN``, one less
+    for a pre-release or dev build of either (``0.5.13rc1`` < ``0.5.13``, ``0.5.12.post2.dev3``
+    between ``.post1`` and ``.post2``). A local tag (``+rocm700``) is the same release. ``None`` for
+    anything else."""
     if not isinstance(text, str):
         return None
-    match = _RELEASE.fullmatch(text.split("+", 1)[0].strip())
+    match = _RELEASE.fullmatch(text.split("+", 1)[0].strip().lower())
     if match is None:
         return None
-    major, minor, micro, post, pre = match.groups()
-    return int(major), int(minor), int(micro), int(post) if post is not None else (-1 if pre is not None else 0)
+    major, minor, micro, post = match.groups()
+    pre = match.end(4 if post is not None else 3) < match.end()  # a pre/dev marker after it
+    k = (2 * (int(post) + 1) if post is not None else 0) - (1 if pre else 0)
+    return int(major), int(minor), int(micro), k
 
 
 def format_release(release: tuple[int, int, int, int]) -> str:
-    base = ".".join(map(str, release[:3]))
-    return base + (f".post{release[3]}" if release[3] > 0 else "")
+    """``(0, 5, 12, 4)`` -> ``"0.5.12.post1"``; a pre-release or dev build says so."""
+    base, k = ".".join(map(str, release[:3])), release[3]
+    if k == -1:
+        return base + " (pre-release or dev build)"
+    if k <= 0:
+        return base
+    post = f".post{(k + 1) // 2 - 1}"
+    return base + post + (" (dev build)" if k % 2 else "")
 
 
 def _normalise(text: str) -> list[str]:
@@ -169,19 +181,28 @@ class Patch:
             return None
         return next((r for r in self.releases if r.contains(release)), None)
 
+    def neighbours(self, release: tuple[int, int, int, int]) -> tuple[Releases | None, Releases | None]:
+        """For a release no range covers: the range just before it and the one just after it
+        (None where there is none)."""
+        before = [r for r in self.releases if r.last is not None and parse_release(r.last) < release]
+        after = [r for r in self.releases if release < parse_release(r.first)]
+        return (before[-1] if before else None), (after[0] if after else None)
+
     def candidates(self, release: tuple[int, int, int, int] | None) -> tuple[Releases, ...]:
         """The declarations whose edits to try on ``release``: the one covering it, if it declares
         edits (none if it says upstream or not applicable); for a release between two declared
         ranges (one nobody verified, e.g. a hot-fix), the range before it, then the range after it,
-        each that declares edits; the engine takes the first whose anchors all match."""
+        each that declares edits; the engine takes the first whose anchors all match. A release
+        before the first range or after a closed last one gets none."""
         covering = self.for_release(release)
         if covering is not None:
             return (covering,) if covering.edits else ()
         if release is None:
             return ()
-        before = [r for r in self.releases if r.last is not None and parse_release(r.last) < release]
-        after = [r for r in self.releases if release < parse_release(r.first)]
-        return tuple(r for r in (before[-1:] + after[:1]) if r.edits)
+        before, after = self.neighbours(release)
+        if before is None or after is None:
+            return ()
+        return tuple(r for r in (before, after) if r.edits)
 
     def at(self, edits: tuple[Edit, ...]) -> "Patch":
         """This patch with ``edits`` only (what the engine installs for one release)."""

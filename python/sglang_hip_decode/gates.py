@@ -47,6 +47,16 @@ def version_in_text(text: str | None) -> str | None:
     return match.group(1) if match else None
 
 
+def sglang_importable() -> bool:
+    """Whether an ``sglang`` package can be imported here (found, not imported)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("sglang") is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def sglang_package_version() -> str | None:
     """The version the importable sglang package carries (its generated ``_version.py``, read as text,
     without importing sglang); compared with the metadata, it shows two installations at once.

@@ -580,19 +580,34 @@ def module_file(module: str) -> str:
     return module.replace(".", "/") + ".py"
 
 
+def _statements(body):
+    """A module's or class body's statements, with those under ``if``/``try``/``with`` blocks
+    (still that body's: Python binds their names there too), in source order."""
+    for node in body:
+        yield node
+        if isinstance(node, (ast.If, ast.Try, ast.With, ast.AsyncWith)) or type(node).__name__ == "TryStar":
+            for block in ("body", "orelse", "finalbody"):
+                yield from _statements(getattr(node, block, []))
+            for handler in getattr(node, "handlers", []):
+                yield from _statements(handler.body)
+
+
 def method_span(text: str, path: Sequence[str]) -> tuple[int, int]:
     """0-based ``[start, end)`` lines of method ``Class.method`` (decorators included) in a module's
-    text, found with ``ast`` (what ``inspect.getsourcelines`` returns for the live function); raises
-    :class:`PatchError` when the class or method is not defined there."""
+    text, found with ``ast`` (what ``inspect.getsourcelines`` returns for the live function): the
+    last definition of each name, as Python binds it; raises :class:`PatchError` when the class or
+    method is not defined there."""
     node: ast.AST = ast.parse(text)
     for name in path[:-1]:
-        node = next((n for n in node.body if isinstance(n, ast.ClassDef) and n.name == name), None)
-        if node is None:
+        found = [n for n in _statements(node.body) if isinstance(n, ast.ClassDef) and n.name == name]
+        if not found:
             raise PatchError(f"class {'.'.join(path[:-1])} not found (upstream changed)")
-    func = next((n for n in node.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == path[-1]),
-                None)
-    if func is None:
+        node = found[-1]
+    funcs = [n for n in _statements(node.body) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+             and n.name == path[-1]]
+    if not funcs:
         raise PatchError(f"{'.'.join(path)} not defined (upstream changed)")
+    func = funcs[-1]
     start = min([func.lineno] + [d.lineno for d in func.decorator_list]) - 1
     return start, func.end_lineno
 
@@ -601,9 +616,32 @@ def edit_file_texts(patches: Sequence[Patch], read, release: tuple[int, int, int
                     ) -> dict[str, tuple[str, str]]:
     """``{file inside the sglang tree: (its text, the text with every edit of patches applied)}``
     from source text alone (``read(path) -> text or None``: an installed tree, a wheel, a folder),
-    with the edits each patch declares for ``release``. Raises :class:`PatchError` like the engine:
-    a missing file or method, a hunk that does not match exactly once in code."""
-    views = [for_release(p, release) for p in patches]
+    with the edits each patch declares for ``release`` (between two declared ranges: the first of the
+    neighbours' whose anchors all match this text, as :func:`apply` picks). Raises :class:`PatchError`
+    like the engine: a missing file or method, a hunk that does not match exactly once in code."""
+    return _edited_texts([_text_view(p, read, release) for p in patches], read)
+
+
+def _text_view(patch: Patch, read, release) -> Patch:
+    if not patch.releases:
+        return patch
+    release = installed_release() if release is None else release
+    if patch.for_release(release) is not None or not patch.candidates(release):
+        return for_release(patch, release)  # its declaration, or why there is none
+    failures = []
+    for declared in patch.candidates(release):
+        view = patch.at(declared.edits)
+        try:
+            _edited_texts([view], read)
+        except PatchError as exc:
+            failures.append(f"the edits for {declared.describe()}: {exc}")
+            continue
+        return view
+    raise PatchError(f"sglang {_shown(release)} lies between {patch.name}'s declared ranges and matches neither: "
+                     + "; ".join(failures))
+
+
+def _edited_texts(views: Sequence[Patch], read) -> dict[str, tuple[str, str]]:
     by_file: dict[str, list[tuple[int, int, list[str]]]] = {}
     texts: dict[str, str] = {}
     for target in dict.fromkeys(t for v in views for t in v.targets):
@@ -632,14 +670,8 @@ def edit_file_texts(patches: Sequence[Patch], read, release: tuple[int, int, int
     return result
 
 
-def installed_sglang_reader():
-    """``read(path)`` over the importable sglang tree (no import of sglang itself)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("sglang")
-    if spec is None or not spec.submodule_search_locations:
-        raise PatchError("sglang is not installed")
-    root = os.path.dirname(list(spec.submodule_search_locations)[0])
+def _folder_reader(root: str):
+    """``read(path)`` over the folder that holds the ``sglang`` package: the text, or None."""
 
     def read(name: str) -> str | None:
         try:
@@ -649,6 +681,16 @@ def installed_sglang_reader():
             return None
 
     return read
+
+
+def installed_sglang_reader():
+    """``read(path)`` over the importable sglang tree (no import of sglang itself)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sglang")
+    if spec is None or not spec.submodule_search_locations:
+        raise PatchError("sglang is not installed")
+    return _folder_reader(os.path.dirname(list(spec.submodule_search_locations)[0]))
 
 
 def source_reader(source: str):
@@ -663,12 +705,4 @@ def source_reader(source: str):
     root = os.path.join(source, "python") if os.path.isdir(os.path.join(source, "python", "sglang")) else source
     if not os.path.isdir(os.path.join(root, "sglang")):
         raise PatchError(f"{source}: not a wheel, nor a folder with the sglang package")
-
-    def read(name: str) -> str | None:
-        try:
-            with open(os.path.join(root, name), encoding="utf-8") as fh:
-                return fh.read()
-        except OSError:
-            return None
-
-    return read
+    return _folder_reader(root)

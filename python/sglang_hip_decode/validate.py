@@ -63,7 +63,7 @@ def _decode_backend(info: dict):
     return info.get("decode_attention_backend") or info.get("attention_backend")
 
 
-DSA_RENAME = "0.5.13"  # NSA -> DSA: --attention-backend dsa and --dsa-* flags (--nsa-* deprecated aliases, gone by 0.5.23)
+DSA_RENAME = "0.5.13"  # NSA -> DSA: --attention-backend dsa, --dsa-* flags (--nsa-* deprecated aliases up to 0.5.19, gone from 0.5.20)
 DSV4_FIRST = "0.5.12"  # the first release with the deepseek_v4 model (its HIP kernels from 0.5.13)
 
 
@@ -84,7 +84,8 @@ def _glm5(release) -> dict:
     return dict(
         server_args=f"--trust-remote-code --attention-backend {x} --{x}-decode-backend tilelang --{x}-prefill-backend tilelang",
         requires=(
-            Requirement(f"decode attention backend {x}", lambda i: _decode_backend(i) in ("nsa", "dsa")),
+            Requirement("decode attention backend nsa or dsa (one backend, renamed in 0.5.13)",
+                        lambda i: _decode_backend(i) in ("nsa", "dsa")),
             # nsa-cat-skip acts where forward_absorb_core takes the fused-RoPE branch (TileLang decode
             # or prefill) and the decode impl is tilelang or aiter; the guard wherever the indexer runs.
             Requirement(f"{x}_decode_backend tilelang or aiter, with tilelang decode or prefill", tilelang),
