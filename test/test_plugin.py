@@ -233,7 +233,8 @@ def test_between_two_upstream_ranges_is_upstream_and_after_a_closed_last_range_i
     closed = _per_release("t-closed", patching.Releases("0.5.11", "0.5.23", edits=(DOUBLE_EPS,)))
     assert closed.candidates(patching.parse_release("0.5.24")) == ()  # not tried: beyond what it declares
     report = _release_catalog(monkeypatch, "0.5.24", closed)
-    assert report.status_of("t-closed") == "not applicable: t-closed declares nothing for sglang 0.5.24 (its ranges: 0.5.11..0.5.23)"
+    assert report.status_of("t-closed") == ("not applicable: t-closed declares nothing for sglang 0.5.24 "
+                                            "(its ranges: 0.5.11..0.5.23)")
     assert report.applied == () and report.exit_code == 0
 
 

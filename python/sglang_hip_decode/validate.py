@@ -63,7 +63,8 @@ def _decode_backend(info: dict):
     return info.get("decode_attention_backend") or info.get("attention_backend")
 
 
-DSA_RENAME = "0.5.13"  # NSA -> DSA: --attention-backend dsa, --dsa-* flags (--nsa-* deprecated aliases up to 0.5.19, gone from 0.5.20)
+# NSA -> DSA: --attention-backend dsa, --dsa-* flags (--nsa-* deprecated aliases up to 0.5.19, gone from 0.5.20)
+DSA_RENAME = "0.5.13"
 DSV4_FIRST = "0.5.12"  # the first release with the deepseek_v4 model (its HIP kernels from 0.5.13)
 
 
