@@ -244,7 +244,9 @@ def test_preset_run_adds_arguments_and_checks_the_server(successful_run, files, 
     (dict(model="/no/such/model"), "--model /no/such/model does not exist"),
     (dict(gsm8k_data="/no/such/gsm8k.jsonl"), "--gsm8k-data /no/such/gsm8k.jsonl does not exist"),
     (dict(patches="nsa-cat-skp"), "--patches: unknown patch nsa-cat-skp"),
-    (dict(patches="hip-alt-stream"), "--patches: not implemented yet: hip-alt-stream"),
+    (dict(patches="hip-dual-stream-av4"), "--patches: not implemented yet: hip-dual-stream-av4"),
+    (dict(preset="glm5", patches="hip-alt-stream", sglang_release="0.5.13"), "preset glm5: none of the selected "
+     "patches (hip-alt-stream) acts on it on sglang 0.5.13 (patches that do: indexer-rope-guard; nsa-cat-skip: upstream"),
     (dict(patches="none"), "--patches none measures nothing"),
     (dict(preset="kimi", patches="nsa-cat-skip"), "preset kimi: none of the selected patches (nsa-cat-skip) acts on it"),
     (dict(preset="dsv4"), "preset dsv4: sglang 0.5.11 has no DeepSeek-V4 model (it arrived in 0.5.12)"),
@@ -252,7 +254,7 @@ def test_preset_run_adds_arguments_and_checks_the_server(successful_run, files, 
      "mxfp4-vbmm-layout, indexer-rope-guard) acts on it on sglang 0.5.23 (patches that do: none)"),
     (dict(preset="kimi", sglang_release="0.5.13"), "preset kimi: none of the selected patches (nsa-cat-skip, "
      "mxfp4-vbmm-layout, indexer-rope-guard) acts on it on sglang 0.5.13 (patches that do: none; mxfp4-vbmm-layout: "
-     "upstream has it (sglang#25463, since 0.5.13))"),
+     "upstream has it (sglang#25463, since 0.5.13); hip-alt-stream: upstream has it (the dual-stream"),
     (dict(sglang_release="0.5.10"), "sglang 0.5.10: the plugin supports 0.5.11 and later"),
     (dict(sglang_release="v5"), "sglang release 'v5' is not a release string"),
     (dict(python="/bin/false"), "--python /bin/false has no readable sglang (no output); pass --sglang-release"),
@@ -310,6 +312,21 @@ def test_dry_run_per_release_flags_and_measured_patches(capsys):
     # Kimi on 0.5.12.post1: mxfp4-vbmm-layout still ours
     assert validate.main(["--preset", "kimi", "--model", "/m/Kimi", "--dry-run", "--sglang-release", "0.5.12.post1"]) == 0
     assert "# measured patches: mxfp4-vbmm-layout " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("release", ["0.5.11", "0.5.12.post1"])
+def test_dry_run_with_hip_alt_stream(release, capsys, monkeypatch):
+    # Measured on the DeepSeek-V2-family presets where it has edits; both arms get the hardware queues
+    # ROCm's multi-stream needs, and on 0.5.12.x the 'on' arm also the switch that creates the stream.
+    monkeypatch.setenv("GPU_MAX_HW_QUEUES", "2")  # too few: raised to 5
+    assert validate.main(["--preset", "kimi", "--model", "/m/Kimi", "--dry-run", "--sglang-release", release,
+                          "--patches", "hip-alt-stream"]) == 0
+    out = capsys.readouterr().out
+    assert "# measured patches: hip-alt-stream (selected for 'on': hip-alt-stream)" in out
+    off, on = [line for line in out.splitlines() if "-m sglang.launch_server" in line]
+    assert "GPU_MAX_HW_QUEUES=5 SGLANG_HIP_DECODE=0 " in off and "SGLANG_ROCM_USE_MULTI_STREAM" not in off
+    assert "GPU_MAX_HW_QUEUES=5 SGLANG_HIP_DECODE=1 SGLANG_HIP_DECODE_PATCHES=hip-alt-stream" in on
+    assert ("SGLANG_ROCM_USE_MULTI_STREAM=1" in on) == (release != "0.5.11")
 
 
 def test_the_server_must_run_the_planned_release():

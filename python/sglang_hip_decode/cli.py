@@ -183,8 +183,11 @@ def release_rows() -> list[list[str]]:
             return f"upstream ({declared.upstream.change}, since {declared.upstream.since})"
         if declared.not_applicable:
             return f"not applicable ({declared.not_applicable})"
-        files = dict.fromkeys(e.target.split(":")[0].rsplit(".", 1)[-1] for e in declared.edits)
-        return "applies: " + ", ".join(f"`{f}`" for f in files)
+        methods: dict[str, int] = {}
+        for e in declared.edits:
+            module = e.target.split(":")[0].rsplit(".", 1)[-1]
+            methods[module] = methods.get(module, 0) + 1
+        return "applies: " + ", ".join(f"`{m}`" + (f" ({n} methods)" if n > 1 else "") for m, n in methods.items())
 
     groups: list[tuple[list[str], list[str]]] = []
     for release in gates.VERIFIED_RELEASES:

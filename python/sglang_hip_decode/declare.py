@@ -99,8 +99,9 @@ class Edit:
 @dataclasses.dataclass(frozen=True)
 class Upstream:
     """Upstream carries an equivalent of the patch in a range of releases. ``evidence``: pairs of
-    (file inside the sglang package, text) that every release of the range contains, checked
-    against the release wheels by the status test."""
+    (where, text) that every release of the range contains and none before it, checked against the
+    release wheels by the status test; ``where`` is a file inside the sglang tree
+    (``sglang/srt/x.py``) or a method (``sglang.srt.x:Class.method``: the text within its source)."""
 
     since: str  # the first release that has it
     change: str  # e.g. "sglang#24125"

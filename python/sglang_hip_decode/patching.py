@@ -670,6 +670,22 @@ def _edited_texts(views: Sequence[Patch], read) -> dict[str, tuple[str, str]]:
     return result
 
 
+def evidence_present(read, where: str, text: str) -> bool:
+    """Whether ``text`` is in ``where`` of the sglang tree ``read`` gives: a file
+    (``sglang/srt/x.py``) or a method (``sglang.srt.x:Class.method``, its lines only)."""
+    if ":" not in where:
+        return text in (read(where) or "")
+    module, path = _split_target(where)
+    source = read(module_file(module))
+    if source is None:
+        return False
+    try:
+        start, end = method_span(source, path)
+    except PatchError:
+        return False
+    return text in "\n".join(source.split("\n")[start:end])
+
+
 def _folder_reader(root: str):
     """``read(path)`` over the folder that holds the ``sglang`` package: the text, or None."""
 

@@ -63,6 +63,7 @@ def _decode_backend(info: dict):
     return info.get("decode_attention_backend") or info.get("attention_backend")
 
 
+MULTI_STREAM_SWITCH = "0.5.12"  # SGLANG_ROCM_USE_MULTI_STREAM: the stream on ROCm (default off)
 # NSA -> DSA: --attention-backend dsa, --dsa-* flags (--nsa-* deprecated aliases up to 0.5.19, gone from 0.5.20)
 DSA_RENAME = "0.5.13"
 DSV4_FIRST = "0.5.12"  # the first release with the deepseek_v4 model (its HIP kernels from 0.5.13)
@@ -109,12 +110,14 @@ def _dsv4(release) -> dict:
 # the /server_info checks on that release (``--nsa-*`` before 0.5.13, ``--dsa-*`` from it).
 PRESETS = {
     "glm5": dict(
-        family="GLM-5", tp=8, threshold=0.93, patches=("nsa-cat-skip", "indexer-rope-guard"), flags=_glm5,
-        note="GLM-5.1-FP8, TP8, NSA/DSA with TileLang decode and prefill (nsa-cat-skip, indexer-rope-guard).",
+        family="GLM-5", tp=8, threshold=0.93, patches=("nsa-cat-skip", "indexer-rope-guard", "hip-alt-stream"),
+        flags=_glm5,
+        note="GLM-5.1-FP8, TP8, NSA/DSA with TileLang decode and prefill (nsa-cat-skip, indexer-rope-guard; "
+             "hip-alt-stream when selected).",
     ),
     "kimi": dict(
-        family="Kimi", tp=8, threshold=0.92, patches=("mxfp4-vbmm-layout",), flags=_kimi,
-        note="Kimi-K2.6-MXFP4, TP8, aiter MLA backend (mxfp4-vbmm-layout).",
+        family="Kimi", tp=8, threshold=0.92, patches=("mxfp4-vbmm-layout", "hip-alt-stream"), flags=_kimi,
+        note="Kimi-K2.6-MXFP4, TP8, aiter MLA backend (mxfp4-vbmm-layout; hip-alt-stream when selected).",
     ),
     "dsv4": dict(
         family="DeepSeek-V4", tp=8, threshold=0.91, patches=(), flags=_dsv4, first=DSV4_FIRST,
@@ -322,11 +325,17 @@ class Plan:
 
     def server_env(self, arm: str) -> dict[str, str]:
         env = {gates.ENV_STATUS_FILE: str(self.out / arm / "status.jsonl")}
+        if "hip-alt-stream" in self.measured:
+            # both arms: ROCm's multi-stream needs at least 5 hardware queues (upstream's note)
+            queues = os.environ.get("GPU_MAX_HW_QUEUES", "")
+            env["GPU_MAX_HW_QUEUES"] = queues if queues.isdigit() and int(queues) >= 5 else "5"
         if arm == "off":
             env[gates.ENV_ENABLE] = "0"
         else:
             env[gates.ENV_ENABLE] = "1"
             env[gates.ENV_PATCHES] = ",".join(self.selected)
+            if "hip-alt-stream" in self.measured and _parse(self.release) >= _parse(MULTI_STREAM_SWITCH):
+                env["SGLANG_ROCM_USE_MULTI_STREAM"] = "1"  # 0.5.12.x create the stream only so; the patch adds the guard
         return env
 
     def gsm8k_cmd(self) -> list[str]:
