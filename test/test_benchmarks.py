@@ -44,6 +44,13 @@ def check_mxfp4_vbmm_layout(result):
     assert {r["o_proj"] for r in rows} == {"bf16", "fp8", "mxfp4"}
 
 
+def check_streams(result):
+    # On the CPU: the dual path's order on the recording streams, and its output equal to one stream's.
+    order = "alt.wait(main) shared_experts@main gate@alt topk@alt experts@alt main.wait(alt)"
+    assert [(r["batch"], r["outputs_equal"], r["dual_stream_order"]) for r in result["rows"]] == [
+        (1, True, order), (4, True, order)]
+
+
 def check_dsv4_kernel(column, count):
     def check(result):
         # On the CPU each table checks the kernel (interpreter, fp32) against torch: the error column.
@@ -57,6 +64,7 @@ CHECKS = {
     "bench_nsa_cat_skip": check_nsa_cat_skip,
     "bench_indexer_rope_guard": check_indexer_rope_guard,
     "bench_mxfp4_vbmm_layout": check_mxfp4_vbmm_layout,
+    "bench_streams": check_streams,
     "bench_dsv4_compress": check_dsv4_kernel("max_abs_diff_vs_torch", 2),
     "bench_dsv4_qk_norm": check_dsv4_kernel("max_abs_err_vs_ref", 1),
 }

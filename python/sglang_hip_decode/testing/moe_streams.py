@@ -119,6 +119,30 @@ class _Experts(torch.nn.Module):
         return y
 
 
+@contextlib.contextmanager
+def hip_flags(dv2):
+    """The deepseek_v2 module as on ROCm with aiter, in CUDA-graph capture mode, server defaults."""
+    args = types.SimpleNamespace(enable_eplb=False, enable_torch_compile=False, torch_compile_max_bs=0,
+                                 speculative_num_draft_tokens=None)
+    with swap_attrs((dv2, "_is_cuda", False), (dv2, "_is_musa", False), (dv2, "_is_hip", True),
+                    (dv2, "_use_aiter", True), (dv2, "get_global_server_args", lambda: args),
+                    (dv2, "get_is_capture_mode", lambda: True)):
+        yield
+
+
+def bare_moe(dv2, gate, topk, experts, shared_experts, factor: float, alt_stream):
+    """A real ``DeepseekV2MoE`` (no ``__init__``) around the given gate, top-k, experts and shared experts."""
+    moe = dv2.DeepseekV2MoE.__new__(dv2.DeepseekV2MoE)
+    torch.nn.Module.__init__(moe)
+    moe.gate, moe.topk, moe.experts = gate, topk, experts
+    moe._forward_shared_experts = shared_experts
+    moe.routed_scaling_factor = factor
+    moe.tp_size, moe.layer_id, moe.num_fused_shared_experts = 1, 0, 0
+    moe._enable_a2a_moe = moe._fuse_shared_experts_inside_sbo = moe._shared_expert_tp1 = False
+    moe.alt_stream = alt_stream
+    return moe
+
+
 class MoEPath:
     """A ``DeepseekV2MoE`` with stand-in gate, top-k and experts; call inside :meth:`hip`."""
 
@@ -127,33 +151,21 @@ class MoEPath:
         self.dv2 = dv2 or import_dv2()
         self.streams = StreamLog()
         w = lambda *s: (torch.randn(*s, generator=gen) * s[-1] ** -0.5).to(torch.bfloat16)  # noqa: E731
-        moe = self.dv2.DeepseekV2MoE.__new__(self.dv2.DeepseekV2MoE)
-        torch.nn.Module.__init__(moe)
-        moe.gate = _Gate(w(experts, hidden), self.streams)
-        moe.topk = _TopK(k, factor, self.streams)
-        moe.experts = _Experts(w(experts, hidden, hidden), self.streams)
         shared = w(hidden, hidden)
 
         def shared_experts(hidden_states, gemm_output_zero_allocator=None):
             self.streams.op("shared_experts")
             return hidden_states @ shared.t()
 
-        moe._forward_shared_experts = shared_experts
-        moe.routed_scaling_factor = factor
-        moe.tp_size, moe.layer_id, moe.num_fused_shared_experts = 1, 0, 0
-        moe._enable_a2a_moe = moe._fuse_shared_experts_inside_sbo = moe._shared_expert_tp1 = False
-        moe.alt_stream = self.streams.Stream("alt")
-        self.moe = moe
+        self.moe = bare_moe(self.dv2, _Gate(w(experts, hidden), self.streams), _TopK(k, factor, self.streams),
+                            _Experts(w(experts, hidden, hidden), self.streams), shared_experts, factor,
+                            self.streams.Stream("alt"))
         self.x = torch.randn(tokens, hidden, generator=gen).to(torch.bfloat16)
 
     @contextlib.contextmanager
     def hip(self):
         """HIP with aiter, CUDA-graph capture (where the dual stream runs), the recording streams."""
-        args = types.SimpleNamespace(enable_eplb=False, enable_torch_compile=False, torch_compile_max_bs=0,
-                                     speculative_num_draft_tokens=None)
-        with swap_attrs((self.dv2, "_is_cuda", False), (self.dv2, "_is_musa", False), (self.dv2, "_is_hip", True),
-                        (self.dv2, "_use_aiter", True), (self.dv2, "get_global_server_args", lambda: args),
-                        (self.dv2, "get_is_capture_mode", lambda: True)), self.streams.installed():
+        with hip_flags(self.dv2), self.streams.installed():
             yield self
 
     def single(self):
