@@ -91,7 +91,9 @@ def test_each_declaration_is_true_of_the_release_text(version):
                 checked += 1
             elif release < parse_release(other.first):  # and not before its range
                 assert not any(present), (patch.name, other.describe())
-    assert checked == len(IMPLEMENTED)  # each patch: applies or upstream, on every verified release
+        if declared is not None and declared.not_applicable:
+            checked += 1  # said so (nothing of it to find in the text)
+    assert checked == len(IMPLEMENTED)  # each patch: applies, upstream or not applicable, on every verified release
 
 
 def test_the_text_path_is_what_the_engine_runs_here():
@@ -122,11 +124,14 @@ def _release_env(version: str, **extra) -> dict:
 # no edits there, said as a module-level skip).
 PARITY = {
     "0.5.12.post1": {"test_nsa_cat_skip.py": "skipped", "test_mxfp4_vbmm_layout.py": "ran",
-                     "test_indexer_rope_guard.py": "ran", "test_hip_alt_stream.py": "ran", "test_gates.py": "ran"},
+                     "test_indexer_rope_guard.py": "ran", "test_hip_alt_stream.py": "ran",
+                     "test_hip_dual_stream_av4.py": "ran", "test_gates.py": "ran"},
     "0.5.13.post1": {"test_nsa_cat_skip.py": "skipped", "test_mxfp4_vbmm_layout.py": "skipped",
-                     "test_indexer_rope_guard.py": "ran", "test_hip_alt_stream.py": "skipped", "test_gates.py": "ran"},
+                     "test_indexer_rope_guard.py": "ran", "test_hip_alt_stream.py": "skipped",
+                     "test_hip_dual_stream_av4.py": "skipped", "test_gates.py": "ran"},
     "0.5.23": {"test_nsa_cat_skip.py": "skipped", "test_mxfp4_vbmm_layout.py": "skipped",
-               "test_indexer_rope_guard.py": "ran", "test_hip_alt_stream.py": "skipped", "test_gates.py": "ran"},
+               "test_indexer_rope_guard.py": "ran", "test_hip_alt_stream.py": "skipped",
+               "test_hip_dual_stream_av4.py": "skipped", "test_gates.py": "ran"},
 }
 
 
@@ -163,7 +168,7 @@ def test_parity_suites_on_the_release(version, tmp_path):
             assert counts["passed"] >= 3, (version, name, counts)
         else:  # the whole module, for the reason the declaration gives
             assert counts == {"passed": 0, "skipped": 1}, (version, name, counts)
-            assert f"has no edits on sglang {version}: upstream has it" in reasons[name][0], reasons[name]
+            assert f"has no edits on sglang {version}: " in reasons[name][0], reasons[name]
 
 
 @pytest.mark.parametrize("version, expected", [

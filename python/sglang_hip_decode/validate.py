@@ -110,10 +110,11 @@ def _dsv4(release) -> dict:
 # the /server_info checks on that release (``--nsa-*`` before 0.5.13, ``--dsa-*`` from it).
 PRESETS = {
     "glm5": dict(
-        family="GLM-5", tp=8, threshold=0.93, patches=("nsa-cat-skip", "indexer-rope-guard", "hip-alt-stream"),
+        family="GLM-5", tp=8, threshold=0.93,
+        patches=("nsa-cat-skip", "indexer-rope-guard", "hip-alt-stream", "hip-dual-stream-av4"),
         flags=_glm5,
         note="GLM-5.1-FP8, TP8, NSA/DSA with TileLang decode and prefill (nsa-cat-skip, indexer-rope-guard; "
-             "hip-alt-stream when selected).",
+             "hip-alt-stream, hip-dual-stream-av4 when selected).",
     ),
     "kimi": dict(
         family="Kimi", tp=8, threshold=0.92, patches=("mxfp4-vbmm-layout", "hip-alt-stream"), flags=_kimi,
@@ -325,7 +326,8 @@ class Plan:
 
     def server_env(self, arm: str) -> dict[str, str]:
         env = {gates.ENV_STATUS_FILE: str(self.out / arm / "status.jsonl")}
-        if "hip-alt-stream" in self.measured:
+        streams = any(n in self.measured for n in ("hip-alt-stream", "hip-dual-stream-av4"))
+        if streams:
             # both arms: ROCm's multi-stream needs at least 5 hardware queues (upstream's note)
             queues = os.environ.get("GPU_MAX_HW_QUEUES", "")
             env["GPU_MAX_HW_QUEUES"] = queues if queues.isdigit() and int(queues) >= 5 else "5"
@@ -334,7 +336,7 @@ class Plan:
         else:
             env[gates.ENV_ENABLE] = "1"
             env[gates.ENV_PATCHES] = ",".join(self.selected)
-            if "hip-alt-stream" in self.measured and _parse(self.release) >= _parse(MULTI_STREAM_SWITCH):
+            if streams and _parse(self.release) >= _parse(MULTI_STREAM_SWITCH):
                 env["SGLANG_ROCM_USE_MULTI_STREAM"] = "1"  # 0.5.12.x create the stream only so; the patch adds the guard
         return env
 
@@ -729,6 +731,9 @@ def make_plan(args: argparse.Namespace) -> Plan:
     flags = preset["flags"](release) if preset else {}
     server_args = merge_server_args(flags.get("server_args", ""), args.server_args, args.drop_server_arg)
     selected, measured = resolve_patches(args.patches, args.preset, release)
+    if "hip-dual-stream-av4" in measured and "hip-alt-stream" not in selected and release < _parse(MULTI_STREAM_SWITCH):
+        raise UsageError("hip-dual-stream-av4 reorders the alt-stream fork, and sglang "
+                         f"{release_text} creates no alt stream on ROCm: select hip-alt-stream too")
     args.server_cmd = args.server_cmd or f"{args.python} -m sglang.launch_server"
     family, threshold = preset.get("family"), preset.get("threshold")
     if family is None:

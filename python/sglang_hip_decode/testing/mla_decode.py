@@ -156,6 +156,7 @@ class MlaDecodePath:
                  prefer: str | None = None):
         self.case, self.sg = case, sg or import_sglang()
         self.record = Record()
+        self.streams = None  # a moe_streams.StreamLog while prepare() runs: kernels log their stream
         self.providers = {}
         fused = providers.resolve("fused_qk_rope_cat_and_cache_mla", device=case.device, prefer=prefer)
         sparse = providers.resolve("tilelang_sparse_fwd", device=case.device, prefer=prefer)
@@ -179,6 +180,8 @@ class MlaDecodePath:
     # -- kernels -----------------------------------------------------------------------------
     def _recording_fused(self, fn: Callable) -> Callable:
         def fused(*args, **kwargs):
+            if self.streams is not None:
+                self.streams.op("fused_rope_cat_cache")
             out = fn(*args, **kwargs)
             self.record.q_cat_ptr.append(out[0].data_ptr())
             return out
@@ -196,6 +199,8 @@ class MlaDecodePath:
         return kernel
 
     def _attention(self, impl: str, q_all: torch.Tensor, kv_cache: torch.Tensor, page_table_1: torch.Tensor, sm_scale: float):
+        if self.streams is not None:
+            self.streams.op("attention")
         self.record.kernel_q.append((impl, q_all))
         n = q_all.shape[0]
         return self._sparse(q_all.reshape(n, self.case.heads, -1), kv_cache, page_table_1.unsqueeze(1), sm_scale, 512)
@@ -255,6 +260,59 @@ class MlaDecodePath:
         with swap_attrs(*changes):
             yield self
 
+    # -- forward_absorb_prepare (then core): the decode fork and its streams ------------------------
+    Q_LORA = 64  # q_lora_rank of the prepare path (small: only its layout matters)
+    NOPE = 128  # qk_nope_head_dim (w_kc's middle dimension)
+
+    def _add_prepare_parts(self, gen: torch.Generator) -> None:
+        """What ``forward_absorb_prepare`` reads on each layer (once): the q/kv RMSNorms, q_b_proj and
+        the indexer (stand-ins that log their stream), the head dims."""
+        if getattr(self, "_prepare_parts", False):
+            return
+        case, dev = self.case, self.case.device
+        for layer_id, layer in enumerate(self.layers):
+            layer.q_lora_rank, layer.qk_rope_head_dim, layer.qk_nope_head_dim = self.Q_LORA, case.rope_dim, self.NOPE
+            layer.qk_head_dim = self.NOPE + case.rope_dim
+            layer.use_nsa, layer.skip_topk, layer.layer_id = case.attention == "nsa", False, layer_id
+            layer.q_a_layernorm = _Rms(torch.rand(self.Q_LORA, generator=gen) + 0.5, "q_a_layernorm", self, dev)
+            layer.kv_a_layernorm = _Rms(torch.rand(case.kv_lora_rank, generator=gen) + 0.5, "kv_a_layernorm", self, dev)
+            weight = (torch.randn(case.heads * layer.qk_head_dim, self.Q_LORA, generator=gen) * self.Q_LORA**-0.5)
+            layer.q_b_proj = _Proj(weight.to(torch.bfloat16).to(dev), "q_b_proj", self)
+            layer.indexer = _Indexer(self)
+        self._prepare_parts = True
+
+    def prepare_inputs(self, x: MlaDecodeInputs, gen: torch.Generator):
+        """``(hidden_states, qkv latent)``: the latent holds q_a (q_lora), then k_nope and k_pe (x's)."""
+        t, dev = x.k_pe.shape[0], self.case.device
+        q_a = torch.randn(t, self.Q_LORA, generator=gen).to(torch.bfloat16).to(dev)
+        latent = torch.cat([q_a, x.k_nope.reshape(t, self.case.kv_lora_rank), x.k_pe.reshape(t, self.case.rope_dim)], dim=-1)
+        return torch.randn(t, 16, generator=gen).to(torch.bfloat16).to(dev), latent
+
+    def prepare_step(self, x: MlaDecodeInputs, hidden: torch.Tensor, latent: torch.Tensor, alt_stream, streams):
+        """``forward_absorb_prepare`` then ``forward_absorb_core`` of every layer, in CUDA-graph capture
+        mode, with ``alt_stream`` on the layers (None: upstream's serial order) and the kernels logging
+        to ``streams`` (a moe_streams.StreamLog, installed by the caller). Call inside :meth:`hip`."""
+        from sglang.srt.model_executor import cuda_graph_runner
+
+        self._add_prepare_parts(torch.Generator().manual_seed(0))
+        self._topk_for_indexer = x.topk_indices
+        fm = self.sg.fm
+        context = types.SimpleNamespace(fetch_qkv_latent=lambda: latent)
+        fb = self.forward_batch(x)
+        outs = []
+        self.streams = streams
+        try:
+            with swap_attrs((fm, "get_attn_tp_context", lambda: context), (fm, "nsa_use_prefill_cp", lambda fb: False),
+                            (fm, "fused_qk_rmsnorm_bf16", _fused_qk_rmsnorm_stand_in),
+                            (cuda_graph_runner, "get_is_capture_mode", lambda: True)):
+                for layer in self.layers:
+                    layer.alt_stream = alt_stream
+                    state = layer.forward_absorb_prepare(x.positions, hidden, fb, None, x.llama_4_scaling, None)
+                    outs.append(layer.forward_absorb_core(*state))
+        finally:
+            self.streams = None
+        return outs
+
     def forward_batch(self, x: MlaDecodeInputs, layer_index: int = 0):
         pool = types.SimpleNamespace(get_key_buffer=lambda layer_id: x.kv_caches[layer_id])
         return types.SimpleNamespace(
@@ -273,3 +331,49 @@ class MlaDecodePath:
                                       topk, x.llama_4_scaling)
             for layer in self.layers
         ]
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
+
+
+class _Rms(torch.nn.Module):
+    """RMSNorm (fp32 math, rounded once), logging its stream."""
+
+    def __init__(self, weight, name, path, device):
+        super().__init__()
+        self.weight, self.variance_epsilon, self.name, self.path = weight.to(torch.bfloat16).to(device), 1e-6, name, path
+
+    def forward(self, x):
+        if self.path.streams is not None:
+            self.path.streams.op(self.name)
+        return _rms(x, self.weight, self.variance_epsilon)
+
+
+def _fused_qk_rmsnorm_stand_in(q, q_weight, q_eps, k, k_weight, k_eps):
+    """aiter's fused q/k RMSNorm (the no-stream path): the same values the two RMSNorms give."""
+    return _rms(q, q_weight, q_eps), _rms(k, k_weight, k_eps)
+
+
+class _Proj(torch.nn.Module):
+    def __init__(self, weight, name, path):
+        super().__init__()
+        self.weight, self.name, self.path = weight, name, path
+
+    def forward(self, x):
+        if self.path.streams is not None:
+            self.path.streams.op(self.name)
+        return x @ self.weight.t(), None
+
+
+class _Indexer:
+    """The NSA indexer's contract here: top-k indices for the tokens (the case's), on some stream."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __call__(self, x, q_lora, positions, forward_batch, layer_id):
+        if self.path.streams is not None:
+            self.path.streams.op("indexer")
+        return self.path._topk_for_indexer.clone()
