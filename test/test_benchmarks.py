@@ -49,6 +49,11 @@ def check_streams(result):
     order = "alt.wait(main) shared_experts@main gate@alt topk@alt experts@alt main.wait(alt)"
     assert [(r["batch"], r["outputs_equal"], r["dual_stream_order"]) for r in result["rows"]] == [
         (1, True, order), (4, True, order)]
+    split = "alt.wait(main) q_a_layernorm@main kv_a_layernorm@alt main.wait(alt) alt.wait(main) "
+    assert {r["arm"]: r["prepare_stream_order"] for r in result["prepare"]["rows"]} == {
+        "serial": "q_b_proj@main indexer@main fused_rope_cat_cache@main attention@main",
+        "fork": split + "q_b_proj@alt indexer@main main.wait(alt) fused_rope_cat_cache@main attention@main",
+        "av4": split + "q_b_proj@main indexer@alt fused_rope_cat_cache@main main.wait(alt) attention@main"}
 
 
 def check_dsv4_kernel(column, count):

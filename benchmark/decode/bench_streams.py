@@ -22,6 +22,15 @@ regression measured upstream, +15% TPOT for GLM-5, came with AllReduce going fro
 dual-stream capture), no HIP hardware-queue mapping (``GPU_MAX_HW_QUEUES``), and CUDA's work
 scheduler, not ROCm's CU partitioning between queues.
 
+A second table (``"prepare"`` in the JSON) times the MLA decode prepare fork per layer, the real
+``forward_absorb_prepare`` -> ``forward_absorb_core`` (``testing.mla_decode``; GLM-5 NSA, top-k 2048
+of an 8192-token context, the gfx95 TileLang fused path forced, the portable Triton fused
+RoPE+cat+cache and sparse decode kernels): no alt stream (serial), upstream's fork (q_b_proj on the
+alt stream, the indexer on the current one) and hip-dual-stream-av4 (the reverse, joined after the
+fused kernel), 8 and 64 heads. The indexer stand-in does GLM-5's indexer work per token (64 index heads
+x 128 dims against the whole context, ReLU-weighted, top-2048); "indexer hidden" is the time saved
+against serial as a share of the indexer alone (100%: all of it overlapped).
+
 Run:  python benchmark/decode/bench_streams.py [--quick] [--json out.json]
 On the CPU (CI's smoke run) the stream order is recorded at tiny shapes and nothing is timed.
 """
@@ -33,10 +42,12 @@ import sys
 import torch
 
 from sgl_hip_kernels.testing import timing
-from sgl_hip_kernels.testing.report import bench_args, emit
+from sgl_hip_kernels.testing.report import bench_args, emit, render
 from sglang_hip_decode import patching
 from sglang_hip_decode.patches.hip_alt_stream import PATCH
-from sglang_hip_decode.testing.moe_streams import MoEPath, bare_moe, hip_flags, import_dv2
+from sglang_hip_decode.patches.hip_dual_stream_av4 import PATCH as AV4
+from sglang_hip_decode.testing.mla_decode import MlaDecodeCase, MlaDecodePath, import_sglang, make_inputs
+from sglang_hip_decode.testing.moe_streams import MoEPath, StreamLog, bare_moe, hip_flags, import_dv2
 
 HIDDEN, EXPERTS, TOPK, EXPERT_BYTES = 6144, 256, 8, 3 * 6144 * 256  # GLM-5 MoE under TP8, FP8 weights
 FACTOR = 2.5
@@ -149,6 +160,77 @@ def cpu_row(dv2, tokens: int) -> dict:
     return {"batch": tokens, "outputs_equal": torch.equal(single, dual), "dual_stream_order": order}
 
 
+class _IndexerWork:
+    """A GPU stand-in for the NSA indexer sized like GLM-5's: per token, 64 index heads x 128 dims
+    against the request's whole context of 128-dim index keys (bf16 here; the real cache is FP8 + a
+    scale, 132 B/token), ReLU-weighted over heads, then the top-k slots of that request."""
+
+    def __init__(self, x, case, gen):
+        b, ctx = case.batch, case.context
+        self.q = torch.randn(b, 64, 128, generator=gen).to(torch.bfloat16).cuda()
+        self.w = torch.rand(b, 64, generator=gen).cuda()
+        self.keys = torch.randn(b, ctx, 128, generator=gen).to(torch.bfloat16).cuda()
+        self.base = (torch.arange(b) * ctx).to(torch.int32).cuda()[:, None]
+        self.topk = case.topk
+
+    def __call__(self, x, q_lora, positions, forward_batch, layer_id):
+        logits = torch.einsum("bhd,bcd->bhc", self.q, self.keys).float().relu()
+        scores = (logits * self.w[:, :, None]).sum(1)
+        return scores[:, :-1].topk(self.topk, dim=-1).indices.to(torch.int32) + self.base
+
+
+PREPARE_ARMS = {"serial": (False, ()), "fork": (True, ()), "av4": (True, (AV4,))}
+
+
+def prepare_gpu_row(sg, heads: int, batch: int, repeats: int) -> dict:
+    """Per layer (prepare -> core of 4 distinct layers per replay): no stream, upstream's fork, A_v4."""
+    gen = torch.Generator().manual_seed(batch * 100 + heads)
+    case = MlaDecodeCase(batch=batch, heads=heads, topk=2048, context=8192, layers=LAYERS, hidden=256, device="cuda")
+    path = MlaDecodePath(case, gen, sg)
+    x = make_inputs(case, gen)
+    hidden, latent = path.prepare_inputs(x, gen)
+    path._add_prepare_parts(gen)
+    indexer = _IndexerWork(x, case, gen)
+    for layer in path.layers:
+        layer.indexer = indexer
+    alt = torch.cuda.Stream()
+    outs, graphs = {}, {}
+    with path.hip():
+        for arm, (with_stream, patches) in PREPARE_ARMS.items():
+            with patching.applied(*patches):
+                step = lambda s=with_stream: path.prepare_step(x, hidden, latent, alt if s else None, None)  # noqa: E731
+                outs[arm] = [o.clone() for o in step()]
+                graphs[arm] = timing.capture(step, 1)
+        graphs["indexer alone"] = timing.capture(lambda: [indexer(None, None, None, None, i) for i in range(LAYERS)], 1)
+    torch.cuda.synchronize()
+    equal = all(torch.equal(a, b) for arm in ("fork", "av4") for a, b in zip(outs["serial"], outs[arm]))
+    samples = timing.time_graphs(graphs, LAYERS, repeats)
+    t = {name: timing.summarise(s) for name, s in samples.items()}
+    hidden_share = lambda arm: (t["serial"].median_us - t[arm].median_us) / t["indexer alone"].median_us * 100  # noqa: E731
+    return {
+        "heads": heads, "batch": batch, "us_indexer_alone": str(t["indexer alone"]),
+        "us_serial": str(t["serial"]), "us_fork_0.5.11": str(t["fork"]), "us_av4": str(t["av4"]),
+        "fork_saved_us": str(timing.paired_saving(samples["serial"], samples["fork"])),
+        "av4_saved_us": str(timing.paired_saving(samples["serial"], samples["av4"])),
+        "indexer_hidden_fork": f"{hidden_share('fork'):.0f}%", "indexer_hidden_av4": f"{hidden_share('av4'):.0f}%",
+        "outputs_equal": equal,
+    }
+
+
+def prepare_cpu_row(sg, arm: str) -> dict:
+    case = MlaDecodeCase(batch=3, heads=4, topk=32, context=64, hidden=64, layers=1)
+    gen = torch.Generator().manual_seed(0)
+    path = MlaDecodePath(case, gen, sg)
+    x = make_inputs(case, gen)
+    hidden, latent = path.prepare_inputs(x, gen)
+    with_stream, patches = PREPARE_ARMS[arm]
+    log = StreamLog()
+    with path.hip(), patching.applied(*patches), log.installed():
+        path.prepare_step(x, hidden, latent, log.Stream("alt") if with_stream else None, log)
+    order = " ".join(f"{e[0]}@{e[1]}" if e[0] != "wait" else f"{e[1]}.wait({e[2]})" for e in log.log)
+    return {"arm": arm, "prepare_stream_order": order}  # outputs: test_hip_dual_stream_av4
+
+
 def main(argv=None) -> int:
     args = bench_args(__doc__, argv)
     dv2 = import_dv2()
@@ -163,14 +245,36 @@ def main(argv=None) -> int:
     else:
         rows = [cpu_row(dv2, t) for t in (1, 4)]
         columns = ["batch", "outputs_equal", "dual_stream_order"]
-    emit({
+    sg = import_sglang()
+    if gpu:
+        prepare_rows = []
+        for heads, batch in ([(8, 1), (8, 4)] if args.quick else [(h, b) for h in (8, 64) for b in BATCHES]):
+            prepare_rows.append(prepare_gpu_row(sg, heads, batch, args.repeats))
+            print(prepare_rows[-1], file=sys.stderr, flush=True)
+        prepare_columns = ["heads", "batch", "us_indexer_alone", "us_serial", "us_fork_0.5.11", "us_av4",
+                           "fork_saved_us", "av4_saved_us", "indexer_hidden_fork", "indexer_hidden_av4", "outputs_equal"]
+    else:
+        prepare_rows = [prepare_cpu_row(sg, arm) for arm in PREPARE_ARMS]
+        prepare_columns = ["arm", "prepare_stream_order"]
+    result = {
         "benchmark": "hip-alt-stream: DeepseekV2MoE one stream vs two (GLM-5 TP8 MoE sizes; µs per MoE layer, "
                      "CUDA graphs, arms interleaved, median [p20, p80])",
         "device": timing.device_name() + ("" if gpu else " (stream order only; times come from a GPU)"),
         "providers": "torch stand-ins sized by the FP8 weight bytes read (gate, top-k, routed and shared experts)",
         "columns": columns, "rows": rows,
-    }, args.json)
-    if not all(r["outputs_equal"] for r in rows):
+        "prepare": {
+            "benchmark": "forward_absorb_prepare -> core per layer, decode: no stream vs upstream's fork vs A_v4 "
+                         "(GLM-5 NSA: top-k 2048 of 8192 context, TileLang fused path; µs per layer)",
+            "device": timing.device_name() + ("" if gpu else " (stream order only)"),
+            "providers": "fused RoPE+cat+cache and sparse decode: " + ("triton" if gpu else "torch")
+                         + "; indexer, q_b_proj, norms: torch stand-ins",
+            "columns": prepare_columns, "rows": prepare_rows,
+        },
+    }
+    emit(result, args.json)
+    if not args.json:
+        print("\n" + render(result["prepare"]))
+    if not all(r["outputs_equal"] for r in rows + prepare_rows if "outputs_equal" in r):
         print("dual-stream output differs from the single-stream output", file=sys.stderr)
         return 1
     return 0
