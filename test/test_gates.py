@@ -42,6 +42,20 @@ def test_the_default_set_applies_in_planned_order(unapply_every_patch):
         assert shared >= 1  # at least one target carries two patches (cat-skip and mxfp4 share one there)
 
 
+def test_every_patch_applies_together_in_planned_order(unapply_every_patch):
+    # The opt-in ones too (three edit forward_absorb_core on 0.5.11): all of them at once, in PLANNED order.
+    release = patching.installed_release()
+    with_edits = [e.name for e in IMPLEMENTED if e.patch.candidates(release)]
+    assert len(IMPLEMENTED) == 5 and with_edits
+    report = evaluate({"SGLANG_HIP_DECODE_ANY_PLATFORM": "1", "SGLANG_HIP_DECODE_PATCHES": "all"})
+    assert list(report.applied) == with_edits and report.exit_code == 0
+    for entry in IMPLEMENTED:
+        if entry.name in with_edits:
+            for target in patching.for_release(entry.patch).targets:
+                active = patching.active_patches(target)
+                assert entry.name in active and list(active) == [n for n in with_edits if n in active]
+
+
 @pytest.mark.parametrize("entry", IMPLEMENTED, ids=[e.name for e in IMPLEMENTED])
 def test_hip_gated_applied_when_forced_and_unapplied_to_the_originals(entry, unapply_every_patch):
     from sglang_hip_decode.testing.sglang_import import import_modules
