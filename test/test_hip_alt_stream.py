@@ -63,6 +63,27 @@ def test_defect_double_scaling_and_the_fix(rng, dv2, tokens):
     assert len(path.moe.experts.outputs) == 3
 
 
+@pytest.mark.parametrize("aiter, ktep", [(True, True), (False, False), (False, True)])
+def test_patched_dual_stream_equals_forward_normal_on_every_flag_combination(rng, dv2, aiter, ktep):
+    # Without aiter the top-k leaves the factor to the MoE (both paths multiply once); with the KT-EP
+    # wrapper both always multiply. The patch keeps every case equal to forward_normal.
+    from sglang.srt.layers.moe.kt_ep_wrapper import KTEPWrapperMethod
+    from sglang_hip_decode.testing.sglang_import import swap_attrs
+
+    path = MoEPath(rng, dv2=dv2)
+    path.moe.topk.apply_factor = aiter
+    if ktep:
+        path.moe.experts.quant_method = KTEPWrapperMethod.__new__(KTEPWrapperMethod)
+    with path.hip(), swap_attrs((dv2, "_use_aiter", aiter)), patching.applied(PATCH):
+        single, dual = path.single(), path.dual()
+    assert_bits_equal(dual, single)
+    routed, shared = path.moe.experts.outputs[0], path.moe._forward_shared_experts(path.x)
+    want = routed.clone()
+    want *= path.moe.routed_scaling_factor  # scaled once, by the MoE
+    want += shared
+    assert_bits_equal(single, want)
+
+
 def test_stream_order_is_unchanged_and_forward_takes_the_dual_path(rng, dv2):
     path = MoEPath(rng, dv2=dv2)
     logs = {}

@@ -45,11 +45,13 @@ def sg():
     return import_sglang()
 
 
-def run_arms(case, rng, sg, arms):
-    """``{arm: (outputs, caches, stream log)}`` from identical inputs; arms: name -> (stream?, patches)."""
+def run_arms(case, rng, sg, arms, reuse_topk=False):
+    """``{arm: (outputs, caches, stream log)}`` from identical inputs; arms: name -> (stream?, patches).
+    ``reuse_topk``: the layers reuse the previous layer's indices (skip_topk) instead of the indexer."""
     path = MlaDecodePath(case, rng, sg)
     x = make_inputs(case, rng)
     hidden, latent = path.prepare_inputs(x, rng)
+    prev = x.topk_indices.clone() if reuse_topk else None
     runs = {}
     with path.hip():
         for arm, (with_stream, patches) in arms.items():
@@ -57,12 +59,14 @@ def run_arms(case, rng, sg, arms):
             log = StreamLog()
             with patching.applied(*patches), log.installed():
                 assert all(patching.is_applied(p) for p in patches)
-                outs = path.prepare_step(xi, hidden.clone(), latent.clone(), log.Stream("alt") if with_stream else None, log)
+                outs = path.prepare_step(xi, hidden.clone(), latent.clone(), log.Stream("alt") if with_stream else None, log,
+                                         prev)
             runs[arm] = ([o.clone() for o in outs], xi.kv_caches, list(log.log))
     return runs
 
 
-def assert_same(runs, reference):
+def assert_same(runs, reference, count):
+    assert len(runs) == count
     for arm, (outs, caches, _) in runs.items():
         assert len(outs) == len(runs[reference][0]) == len(caches) == SMALL["layers"]
         for a, b in zip(outs, runs[reference][0]):
@@ -74,11 +78,14 @@ def assert_same(runs, reference):
 ARMS = {"serial": (False, ()), "fork": (True, ()), "av4": (True, (PATCH,))}
 
 
-@pytest.mark.parametrize("mode, batch", [("DECODE", 3), ("IDLE", 0)])
-def test_decode_bit_identical_and_stream_order(rng, sg, mode, batch):
-    case = MlaDecodeCase(batch=batch, mode=mode, **SMALL)
+@pytest.mark.parametrize("mode, batch, kv, llama", [("DECODE", 3, "bf16", False), ("DECODE", 3, "fp8_e4m3", False),
+                                                   ("DECODE", 3, "bf16", True), ("IDLE", 0, "bf16", False)])
+def test_decode_bit_identical_and_stream_order(rng, sg, mode, batch, kv, llama):
+    # fp8_e4m3: the fused kernel (moved into prepare) writes an FP8 cache and returns FP8 q_cat;
+    # llama-4 scaling: core scales q_cat after it (upstream refuses that on an FP8 q_cat)
+    case = MlaDecodeCase(batch=batch, mode=mode, kv_dtype=kv, llama_4_scaling=llama, **SMALL)
     runs = run_arms(case, rng, sg, ARMS)
-    assert_same(runs, "serial")
+    assert_same(runs, "serial", 3)
     for arm, (_, _, log) in runs.items():
         # idle (no tokens): the NSA backend attends to nothing, the rest runs as on decode
         expected = [e for e in ORDER[arm] if batch or e[0] != "attention"]
@@ -91,7 +98,7 @@ def test_other_modes_unchanged(rng, sg, mode):
     # No fork outside decode/idle: the patched prepare takes upstream's serial path, core runs the kernel.
     case = MlaDecodeCase(batch=3, mode=mode, **SMALL)
     runs = run_arms(case, rng, sg, {"fork": (True, ()), "av4": (True, (PATCH,))})
-    assert_same(runs, "fork")
+    assert_same(runs, "fork", 2)
     assert runs["fork"][2] == runs["av4"][2]
     assert [op for op, *_ in runs["av4"][2]].count("fused_rope_cat_cache") == case.layers
 
@@ -102,8 +109,19 @@ def test_composes_with_nsa_cat_skip(rng, sg):
     case = MlaDecodeCase(batch=3, **SMALL)
     runs = run_arms(case, rng, sg, {"fork": (True, ()), "av4": (True, (PATCH,)), "both": (True, (CAT_SKIP, PATCH)),
                                     "both reversed": (True, (PATCH, CAT_SKIP))})
-    assert_same(runs, "fork")
+    assert_same(runs, "fork", 4)
     assert runs["both"][2] == runs["both reversed"][2] == runs["av4"][2]
+
+
+def test_reusing_the_previous_layer_s_indices(rng, sg):
+    # skip_topk (the index cache): no indexer call; the reuse branch (0.5.12 mirrors the indices into
+    # the capture slot there) runs on the alt stream under A_v4, on the current one in upstream's fork.
+    case = MlaDecodeCase(batch=3, **SMALL)
+    runs = run_arms(case, rng, sg, ARMS, reuse_topk=True)
+    assert_same(runs, "serial", 3)
+    for arm, (_, _, log) in runs.items():
+        expected = [e for e in ORDER[arm] if e[0] != "indexer"]
+        assert log == expected * case.layers, (arm, log)
 
 
 def test_core_without_prepare_s_result_computes_it(rng, sg):
@@ -118,5 +136,7 @@ def test_core_without_prepare_s_result_computes_it(rng, sg):
             with patching.applied(*patches):
                 outs[arm] = (path.step(xi), xi.kv_caches)
     assert len(path.record.q_cat_ptr) == 2 * case.layers  # the kernel ran in both arms, once per layer
-    for a, b in zip(outs["upstream"][0] + outs["upstream"][1], outs["patched"][0] + outs["patched"][1]):
+    upstream, patched = outs["upstream"][0] + outs["upstream"][1], outs["patched"][0] + outs["patched"][1]
+    assert len(upstream) == len(patched) == 2 * case.layers
+    for a, b in zip(upstream, patched):
         assert_bits_equal(a, b)

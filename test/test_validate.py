@@ -244,8 +244,10 @@ def test_preset_run_adds_arguments_and_checks_the_server(successful_run, files, 
     (dict(model="/no/such/model"), "--model /no/such/model does not exist"),
     (dict(gsm8k_data="/no/such/gsm8k.jsonl"), "--gsm8k-data /no/such/gsm8k.jsonl does not exist"),
     (dict(patches="nsa-cat-skp"), "--patches: unknown patch nsa-cat-skp"),
-    (dict(patches="hip-dual-stream-av4", preset="glm5"), "hip-dual-stream-av4 reorders the alt-stream fork, and sglang "
-     "0.5.11 creates no alt stream on ROCm: select hip-alt-stream too"),
+    (dict(patches="hip-dual-stream-av4", preset="glm5"), "hip-dual-stream-av4 reorders the alt-stream fork: select "
+     "hip-alt-stream too"),
+    (dict(patches="hip-dual-stream-av4", preset="glm5", sglang_release="0.5.12.post1"), "hip-dual-stream-av4 "
+     "reorders the alt-stream fork: select hip-alt-stream too"),
     (dict(preset="glm5", patches="hip-alt-stream", sglang_release="0.5.13"), "preset glm5: none of the selected "
      "patches (hip-alt-stream) acts on it on sglang 0.5.13 (patches that do: indexer-rope-guard; nsa-cat-skip: upstream"),
     (dict(patches="none"), "--patches none measures nothing"),

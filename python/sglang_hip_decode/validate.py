@@ -731,9 +731,9 @@ def make_plan(args: argparse.Namespace) -> Plan:
     flags = preset["flags"](release) if preset else {}
     server_args = merge_server_args(flags.get("server_args", ""), args.server_args, args.drop_server_arg)
     selected, measured = resolve_patches(args.patches, args.preset, release)
-    if "hip-dual-stream-av4" in measured and "hip-alt-stream" not in selected and release < _parse(MULTI_STREAM_SWITCH):
-        raise UsageError("hip-dual-stream-av4 reorders the alt-stream fork, and sglang "
-                         f"{release_text} creates no alt stream on ROCm: select hip-alt-stream too")
+    if "hip-dual-stream-av4" in measured and "hip-alt-stream" not in selected:
+        raise UsageError("hip-dual-stream-av4 reorders the alt-stream fork: select hip-alt-stream too (it creates "
+                         "the stream on 0.5.11, and on 0.5.12.x keeps the stream's MoE path from scaling twice)")
     args.server_cmd = args.server_cmd or f"{args.python} -m sglang.launch_server"
     family, threshold = preset.get("family"), preset.get("threshold")
     if family is None:

@@ -6,9 +6,13 @@ DeepSeek-V2 family (DeepSeek-V3.x, GLM-5, Kimi-K2) is dead there: the MoE's shar
 routed ones (``forward_normal_dual_stream``), the MLA q/kv RMSNorm split and ``forward_absorb_prepare``'s
 q_b_proj / indexer fork. With the stream, ``forward_normal_dual_stream`` runs in CUDA-graph capture
 (the decode graphs) and multiplies the routed output by ``routed_scaling_factor``, although on HIP
-with aiter the grouped top-k already folded the factor into the expert weights: ``forward_normal``
-skips that multiply ``and not _use_aiter``, the dual-stream path lacks the test, so the routed part
-comes out scaled twice (factor² instead of factor: wrong logits, not a crash).
+with aiter the biased grouped top-k (``noaux_tc``: DeepSeek-V3.x, GLM-5, Kimi-K2) already folded the
+factor into the expert weights: ``forward_normal`` skips that multiply ``and not _use_aiter``, the
+dual-stream path lacks the test, so the routed part comes out scaled twice (factor² instead of
+factor: wrong logits, not a crash). The dual-stream MoE runs only where the shared expert is not
+fused into the MoE kernel: on MI3xx SGLang fuses it for 256 routed + 1 shared experts (DeepSeek-V3.x,
+GLM-5) unless ``--disable-shared-experts-fusion``; Kimi-K2 (384 experts) takes it. For those the
+stream still acts through the MLA q/kv RMSNorm split and the prepare fork.
 
 Edits:
 * ``DeepseekV2Model.__init__``: ``or _is_hip`` in the condition that creates ``alt_stream``.
@@ -29,9 +33,11 @@ Per release:
 * 0.5.13 ... 0.5.22: upstream (the same ``not _use_aiter`` test in the dual-stream path; the stream
   behind ``SGLANG_ROCM_USE_MULTI_STREAM``).
 * 0.5.23 and later: upstream, narrowed to ``not (_use_aiter and self.routed_scaling_factor_fused_in_topk)``:
-  it scales unless aiter's top-k really folded the factor in. That is the exact form of what our
-  edit assumes (in 0.5.11 ... 0.5.12.post1 aiter's grouped top-k always folds it, which is why
-  ``forward_normal`` has the plain ``not _use_aiter``); nothing of ours runs there.
+  it scales unless aiter's top-k really folded the factor in. Ours copies ``forward_normal``'s test
+  instead, so the dual-stream output is ``forward_normal``'s bit for bit; for a model whose top-k does
+  not fold it (DeepSeek-V2's unbiased ``group_limited_greedy``) ``forward_normal`` itself skips the
+  factor on HIP with aiter upstream, and the patched dual stream does the same (0.5.23's narrower
+  test fixes both); nothing of ours runs there.
 DeepSeek's MTP draft model (``deepseek_nextn``) creates its own stream, CUDA/NPU only: not edited.
 """
 

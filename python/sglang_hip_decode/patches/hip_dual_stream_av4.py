@@ -24,10 +24,10 @@ opt-in and kept for future ROCm releases. ``benchmark/decode/bench_streams.py`` 
 serial order and upstream's fork (on an H200: it hides about 14-18 µs per layer to the fork's 9-11).
 
 Per release: 0.5.11 and 0.5.12 ... 0.5.12.post1 (the fork's reuse-of-previous-indices branch differs:
-0.5.12 mirrors them into the layer's capture slot; the edit keeps each release's); from 0.5.13 not applicable (not ported: the
-fork text is unchanged up to 0.5.17 but nobody has run this layout there, and from 0.5.18 the ROCm
-path is ``forward_absorb_rocm_prepare`` in ``forward_mla_rocm.py``, which 0.5.23 reshapes around the
-fused BMM+RoPE+cat+cache kernel).
+0.5.12 mirrors them into the layer's capture slot; the edit keeps each release's); from 0.5.13 not
+applicable, not ported: 0.5.13 changes the fork's gate (``not self.skip_topk or (self.is_nextn and
+prev_topk_indices is None)``), from 0.5.18 the ROCm path is ``forward_absorb_rocm_prepare`` in
+``forward_mla_rocm.py``, which 0.5.23 reshapes around a fused BMM+RoPE+cat+cache kernel.
 """
 
 from ..declare import Edit, Hunk, Patch, Releases

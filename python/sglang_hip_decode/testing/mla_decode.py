@@ -288,10 +288,12 @@ class MlaDecodePath:
         latent = torch.cat([q_a, x.k_nope.reshape(t, self.case.kv_lora_rank), x.k_pe.reshape(t, self.case.rope_dim)], dim=-1)
         return torch.randn(t, 16, generator=gen).to(torch.bfloat16).to(dev), latent
 
-    def prepare_step(self, x: MlaDecodeInputs, hidden: torch.Tensor, latent: torch.Tensor, alt_stream, streams):
+    def prepare_step(self, x: MlaDecodeInputs, hidden: torch.Tensor, latent: torch.Tensor, alt_stream, streams,
+                     prev_topk_indices: torch.Tensor | None = None):
         """``forward_absorb_prepare`` then ``forward_absorb_core`` of every layer, in CUDA-graph capture
         mode, with ``alt_stream`` on the layers (None: upstream's serial order) and the kernels logging
-        to ``streams`` (a moe_streams.StreamLog, installed by the caller). Call inside :meth:`hip`."""
+        to ``streams`` (a moe_streams.StreamLog, installed by the caller). With ``prev_topk_indices``
+        the layers reuse them (``skip_topk``: the index-cache path, no indexer call). Call inside :meth:`hip`."""
         from sglang.srt.model_executor import cuda_graph_runner
 
         self._add_prepare_parts(torch.Generator().manual_seed(0))
@@ -307,7 +309,9 @@ class MlaDecodePath:
                             (cuda_graph_runner, "get_is_capture_mode", lambda: True)):
                 for layer in self.layers:
                     layer.alt_stream = alt_stream
-                    state = layer.forward_absorb_prepare(x.positions, hidden, fb, None, x.llama_4_scaling, None)
+                    layer.skip_topk = prev_topk_indices is not None
+                    state = layer.forward_absorb_prepare(x.positions, hidden, fb, None, x.llama_4_scaling,
+                                                         prev_topk_indices)
                     outs.append(layer.forward_absorb_core(*state))
         finally:
             self.streams = None
