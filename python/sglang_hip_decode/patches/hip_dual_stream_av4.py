@@ -21,7 +21,8 @@ core and the attention see its results and the indexer's.
 
 Measured by its author as a regression (+15% TPOT on MI355X for GLM-5, upstream never took it), so
 opt-in and kept for future ROCm releases. ``benchmark/decode/bench_streams.py`` times it beside the
-serial order and upstream's fork (on an H200: it hides about 14-18 µs per layer to the fork's 9-11).
+serial order and upstream's fork (on an H200: 14-18 µs saved per layer against the serial order,
+the fork 8-11; README says what those are made of).
 
 Per release: 0.5.11 and 0.5.12 ... 0.5.12.post1 (the fork's reuse-of-previous-indices branch differs:
 0.5.12 mirrors them into the layer's capture slot; the edit keeps each release's); from 0.5.13 not
