@@ -175,6 +175,26 @@ def _prepare(skip: str) -> Edit:
     return Edit(f"{FORWARD_MLA}:DeepseekMLAForwardMixin.forward_absorb_prepare", (_JOIN_VARIABLE, _fork(skip), _RETURN))
 
 
+# Core's fused-kernel call (kept as it is, behind "prepare did not run it").
+_CORE_FUSED_CALL = """
+q_cat, _, k_pe_fused, _ = fused_qk_rope_cat_and_cache_mla(
+    q_nope_out,
+    q_pe,
+    k_nope,
+    k_pe,
+    forward_batch.token_to_kv_pool.get_key_buffer(
+        self.attn_mqa.layer_id
+    ),
+    forward_batch.out_cache_loc,
+    positions,
+    cos,
+    sin,
+    self.attn_mqa.k_scale,
+    self.rotary_emb.is_neox_style,
+    q_out_dtype=kv_cache_dtype,
+)
+"""
+
 _CORE = Edit(f"{FORWARD_MLA}:DeepseekMLAForwardMixin.forward_absorb_core", (
     Hunk(
         before="""
@@ -190,45 +210,13 @@ _CORE = Edit(f"{FORWARD_MLA}:DeepseekMLAForwardMixin.forward_absorb_core", (
         """,
     ),
     Hunk(
-        before="""
-        q_cat, _, k_pe_fused, _ = fused_qk_rope_cat_and_cache_mla(
-            q_nope_out,
-            q_pe,
-            k_nope,
-            k_pe,
-            forward_batch.token_to_kv_pool.get_key_buffer(
-                self.attn_mqa.layer_id
-            ),
-            forward_batch.out_cache_loc,
-            positions,
-            cos,
-            sin,
-            self.attn_mqa.k_scale,
-            self.rotary_emb.is_neox_style,
-            q_out_dtype=kv_cache_dtype,
-        )
-        """,
-        after="""
-        if fused_qk_kv_cache is not None:  # sglang-hip-decode hip-dual-stream-av4: prepare ran it
-            q_cat, _, k_pe_fused, _ = fused_qk_kv_cache
-        else:
-            q_cat, _, k_pe_fused, _ = fused_qk_rope_cat_and_cache_mla(
-                q_nope_out,
-                q_pe,
-                k_nope,
-                k_pe,
-                forward_batch.token_to_kv_pool.get_key_buffer(
-                    self.attn_mqa.layer_id
-                ),
-                forward_batch.out_cache_loc,
-                positions,
-                cos,
-                sin,
-                self.attn_mqa.k_scale,
-                self.rotary_emb.is_neox_style,
-                q_out_dtype=kv_cache_dtype,
-            )
-        """,
+        before=_CORE_FUSED_CALL,
+        after=f"""
+if fused_qk_kv_cache is not None:  # sglang-hip-decode hip-dual-stream-av4: prepare ran it
+    q_cat, _, k_pe_fused, _ = fused_qk_kv_cache
+else:
+{_indent(_CORE_FUSED_CALL, 4)}
+""",
     ),
 ))
 
