@@ -173,13 +173,19 @@ def test_parity_suites_on_the_release(version, tmp_path):
 
 @pytest.mark.parametrize("version, expected", [
     ("0.5.12.post1", {"nsa-cat-skip": "upstream: sglang 0.5.12.post1 has this (sglang#24125, since 0.5.12)",
-                      "mxfp4-vbmm-layout": "applied", "indexer-rope-guard": "applied"}),
+                      "mxfp4-vbmm-layout": "applied", "indexer-rope-guard": "applied",
+                      "hip-alt-stream": "off (opt-in; add it to SGLANG_HIP_DECODE_PATCHES)"}),
     ("0.5.13.post1", {"nsa-cat-skip": "upstream: sglang 0.5.13.post1 has this (sglang#24125, since 0.5.12)",
                       "mxfp4-vbmm-layout": "upstream: sglang 0.5.13.post1 has this (sglang#25463, since 0.5.13)",
                       "indexer-rope-guard": "applied"}),
     ("0.5.23", {"nsa-cat-skip": "upstream: sglang 0.5.23 has this (sglang#24125, since 0.5.12)",
                 "mxfp4-vbmm-layout": "upstream: sglang 0.5.23 has this (sglang#25463, since 0.5.13)",
-                "indexer-rope-guard": "applied"}),
+                "indexer-rope-guard": "applied",
+                # opt-in and not selected, yet what the release has is said rather than "off (opt-in)"
+                "hip-alt-stream": "upstream: sglang 0.5.23 has this (the dual-stream `not _use_aiter` guard; "
+                                  "SGLANG_ROCM_USE_MULTI_STREAM=1 for the stream, since 0.5.13)",
+                "hip-dual-stream-av4": "not applicable: not ported past 0.5.12.post1 (from 0.5.18 ROCm decodes in "
+                                       "forward_mla_rocm.py)"}),
 ])
 def test_status_on_the_release(version, expected):
     # The console script, the platform forced: what a user on that release sees.

@@ -91,8 +91,9 @@ def evaluate(env: Mapping[str, str] | None = None, *, apply: bool = True) -> Rep
 
     The first reason that holds wins: not implemented; ``SGLANG_HIP_DECODE`` off; no usable sglang
     release (not installed, unreadable, older than the oldest supported, or two installations that
-    disagree); not selected by ``SGLANG_HIP_DECODE_PATCHES``; what the patch declares for this
-    release (``upstream: ...``, ``not applicable: ...``); HIP-gated and not on HIP (unless forced);
+    disagree); what the patch declares for this release (``upstream: ...``, ``not applicable: ...``,
+    selected or not: nothing of it could be switched on); not selected by ``SGLANG_HIP_DECODE_PATCHES``;
+    HIP-gated and not on HIP (unless forced);
     otherwise the engine's answer, ``applied`` (``applied (verified up to X)`` on a release newer than
     the newest verified one) or ``failed: ...``. One patch failing never stops the others. With
     ``apply=False`` a patch that would be applied reports ``would apply``.
@@ -132,10 +133,10 @@ def evaluate(env: Mapping[str, str] | None = None, *, apply: bool = True) -> Rep
             status = f"off ({switches.off_reason})"
         elif release_problem:
             status = release_problem
+        elif (declared := _declared_status(patch, release, version)) is not None:
+            status = declared  # said whether selected or not: there is nothing of it to switch on here
         elif not switches.selects(entry.name, entry.default):
             status = switches.not_selected_reason(entry.default)
-        elif (declared := _declared_status(patch, release, version)) is not None:
-            status = declared
         elif patch.gate == "hip" and plat != "hip" and not switches.any_platform:
             status = f"off (not HIP; set {gates.ENV_ANY_PLATFORM}=1 to force)"
         elif not apply:
