@@ -51,17 +51,17 @@ def _indent(text: str, spaces: int) -> str:
     return "".join(" " * spaces + line if line else line for line in text.strip("\n").splitlines(True))
 
 
-def _fork(skip: str) -> Hunk:
-    """The fork, whose reuse-of-previous-indices branch differs between 0.5.11 and 0.5.12."""
-    return Hunk(
-        before=f"""
-current_stream = torch.cuda.current_stream()
-self.alt_stream.wait_stream(current_stream)
-with torch.cuda.stream(self.alt_stream):
-    k_nope = k_nope.unsqueeze(1)
-    q = self.q_b_proj(q)[0].view(
-        -1, self.num_local_heads, self.qk_head_dim
-    )
+_Q_B_PROJ = """
+k_nope = k_nope.unsqueeze(1)
+q = self.q_b_proj(q)[0].view(
+    -1, self.num_local_heads, self.qk_head_dim
+)
+"""
+
+
+def _indexer(skip: str) -> str:
+    """Upstream's indexer call, or the previous layer's indices (``skip``: that release's branch)."""
+    return f"""
 if not self.skip_topk or prev_topk_indices is None:
     topk_indices = self.indexer(
         x=hidden_states,
@@ -72,6 +72,19 @@ if not self.skip_topk or prev_topk_indices is None:
     )
 else:
 {_indent(skip, 4)}
+"""
+
+
+def _fork(skip: str) -> Hunk:
+    """The fork, whose reuse-of-previous-indices branch differs between 0.5.11 and 0.5.12; the same
+    q_b_proj and indexer code, on the other streams."""
+    return Hunk(
+        before=f"""
+current_stream = torch.cuda.current_stream()
+self.alt_stream.wait_stream(current_stream)
+with torch.cuda.stream(self.alt_stream):
+{_indent(_Q_B_PROJ, 4)}
+{_indent(_indexer(skip), 0)}
 current_stream.wait_stream(self.alt_stream)
 """,
         after=f"""
@@ -79,21 +92,9 @@ current_stream.wait_stream(self.alt_stream)
 # RoPE+cat+cache kernel) on the current stream, the indexer on the alt stream, joined below.
 current_stream = torch.cuda.current_stream()
 self.alt_stream.wait_stream(current_stream)
-k_nope = k_nope.unsqueeze(1)
-q = self.q_b_proj(q)[0].view(
-    -1, self.num_local_heads, self.qk_head_dim
-)
+{_indent(_Q_B_PROJ, 0)}
 with torch.cuda.stream(self.alt_stream):
-    if not self.skip_topk or prev_topk_indices is None:
-        topk_indices = self.indexer(
-            x=hidden_states,
-            q_lora=q_lora,
-            positions=positions,
-            forward_batch=forward_batch,
-            layer_id=self.layer_id,
-        )
-    else:
-{_indent(skip, 8)}
+{_indent(_indexer(skip), 4)}
 _av4_join = current_stream
 """,
     )
