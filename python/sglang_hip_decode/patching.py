@@ -462,7 +462,8 @@ def for_release(patch: Patch, release: tuple[int, int, int, int] | None = None) 
     release = installed_release() if release is None else release
     declared = patch.for_release(release)
     if declared is None:
-        raise PatchError(f"{patch.name} declares nothing for sglang {_shown(release)}")
+        ranges = ", ".join(r.describe() for r in patch.releases)
+        raise PatchError(f"{patch.name} declares nothing for sglang {_shown(release)} (its ranges: {ranges})")
     if not declared.edits:
         why = f"upstream has it ({declared.upstream.change})" if declared.upstream else declared.not_applicable
         raise PatchError(f"{patch.name} has no edits for sglang {_shown(release)}: {why}")
@@ -492,27 +493,33 @@ def apply(patch: Patch, release: tuple[int, int, int, int] | None = None) -> str
         if not patch.releases:
             _install_view(patch)
             return "applied"
-        release = installed_release() if release is None else release
-        candidates = patch.candidates(release)
-        if patch.for_release(release) is not None:
-            if not candidates:
-                for_release(patch, release)  # raises: upstream has it / not applicable
-            _install_view(patch.at(candidates[0].edits))
-            return "applied"
-        if not candidates:
-            raise PatchError(f"{patch.name} declares nothing for sglang {_shown(release)} (between its ranges "
-                             f"{', '.join(r.describe() for r in patch.releases)}; no neighbour has edits)")
-        failures = []
-        for declared in candidates:  # between two ranges: the first whose anchors all match
-            try:
-                _install_view(patch.at(declared.edits))
-            except PatchError as exc:
-                failures.append(f"the edits for {declared.describe()}: {exc}")
-                continue
-            return (f"applied (sglang {_shown(release)} lies between the declared ranges; "
-                    f"the edits for {declared.describe()} matched)")
-        raise PatchError(f"sglang {_shown(release)} lies between {patch.name}'s declared ranges and matches neither: "
-                         + "; ".join(failures))
+        return _first_fitting(patch, release, _install_view)[1]
+
+
+def _first_fitting(patch: Patch, release, fit, fit_declared: bool = True) -> tuple[Patch, str]:
+    """``(view, status)``: the edits ``patch`` declares for ``release`` (default: the installed one)
+    once ``fit(view)`` accepted them (installs them, or checks them against a text; for the range that
+    covers the release only if ``fit_declared``). Between two declared ranges, the first neighbour
+    whose ``fit`` succeeds (all or nothing; the status says which); raises :class:`PatchError` where
+    there are none, or none fits."""
+    release = installed_release() if release is None else release
+    if patch.for_release(release) is not None or not patch.candidates(release):
+        view = for_release(patch, release)  # its declaration, or why there is none
+        if fit_declared:
+            fit(view)
+        return view, "applied"
+    failures = []
+    for declared in patch.candidates(release):
+        view = patch.at(declared.edits)
+        try:
+            fit(view)
+        except PatchError as exc:
+            failures.append(f"the edits for {declared.describe()}: {exc}")
+            continue
+        return view, (f"applied (sglang {_shown(release)} lies between the declared ranges; "
+                      f"the edits for {declared.describe()} matched)")
+    raise PatchError(f"sglang {_shown(release)} lies between {patch.name}'s declared ranges and matches neither: "
+                     + "; ".join(failures))
 
 
 def _install_view(view: Patch) -> None:
@@ -625,20 +632,8 @@ def edit_file_texts(patches: Sequence[Patch], read, release: tuple[int, int, int
 def _text_view(patch: Patch, read, release) -> Patch:
     if not patch.releases:
         return patch
-    release = installed_release() if release is None else release
-    if patch.for_release(release) is not None or not patch.candidates(release):
-        return for_release(patch, release)  # its declaration, or why there is none
-    failures = []
-    for declared in patch.candidates(release):
-        view = patch.at(declared.edits)
-        try:
-            _edited_texts([view], read)
-        except PatchError as exc:
-            failures.append(f"the edits for {declared.describe()}: {exc}")
-            continue
-        return view
-    raise PatchError(f"sglang {_shown(release)} lies between {patch.name}'s declared ranges and matches neither: "
-                     + "; ".join(failures))
+    # the declared range's edits are checked once, by the caller's edit of all the patches' texts
+    return _first_fitting(patch, release, lambda view: _edited_texts([view], read), fit_declared=False)[0]
 
 
 def _edited_texts(views: Sequence[Patch], read) -> dict[str, tuple[str, str]]:
