@@ -60,7 +60,6 @@ def edits_here(patch) -> tuple[bool, str]:
     if patch.candidates(release):
         return True, ""
     declared = patch.for_release(release)
-    why = "nothing declared" if declared is None else (
-        f"upstream has it ({declared.upstream.change})" if declared.upstream else declared.not_applicable)
+    why = "nothing declared" if declared is None else declared.why_no_edits()
     shown = format_release(release) if release is not None else "(unknown release)"
     return False, f"{patch.name} has no edits on sglang {shown}: {why}"

@@ -47,7 +47,7 @@ from sglang_hip_decode import patching
 from sglang_hip_decode.patches.hip_alt_stream import PATCH
 from sglang_hip_decode.patches.hip_dual_stream_av4 import PATCH as AV4
 from sglang_hip_decode.testing.mla_decode import MlaDecodeCase, MlaDecodePath, import_sglang, make_inputs
-from sglang_hip_decode.testing.moe_streams import MoEPath, StreamLog, bare_moe, hip_flags, import_dv2
+from sglang_hip_decode.testing.moe_streams import Gate, MoEPath, StreamLog, TopK, bare_moe, hip_flags, import_dv2
 
 HIDDEN, EXPERTS, TOPK, EXPERT_BYTES = 6144, 256, 8, 3 * 6144 * 256  # GLM-5 MoE under TP8, FP8 weights
 FACTOR = 2.5
@@ -74,21 +74,6 @@ class _Mlp(torch.nn.Module):
         return (x @ self.up) @ self.down
 
 
-class _Gate(torch.nn.Module):
-    def __init__(self, gen):
-        super().__init__()
-        self.weight = (torch.randn(EXPERTS, HIDDEN, generator=gen) * HIDDEN**-0.5).to(torch.bfloat16).cuda()
-
-    def forward(self, x, gemm_output_zero_allocator=None):
-        return x @ self.weight.t()
-
-
-class _TopK:
-    def __call__(self, hidden_states, router_logits, expert_location_dispatch_info=None, **kwargs):
-        weights, ids = torch.topk(router_logits.float().softmax(-1), TOPK, dim=-1)
-        return weights * FACTOR, ids
-
-
 class _Routed(torch.nn.Module):
     """Reads the active experts' bytes (two GEMMs) and weighs by the top-k weights' sum."""
 
@@ -99,8 +84,7 @@ class _Routed(torch.nn.Module):
         self.moe_runner_config = type("cfg", (), {"inplace": True})()
 
     def forward(self, x, topk_output):
-        weights, _ = topk_output
-        return self.mlp(x) * weights.sum(-1, keepdim=True).to(x.dtype)
+        return self.mlp(x) * topk_output.topk_weights.sum(-1, keepdim=True).to(x.dtype)
 
 
 def gpu_row(dv2, batch: int, repeats: int) -> dict:
@@ -110,7 +94,8 @@ def gpu_row(dv2, batch: int, repeats: int) -> dict:
     layers = []
     for _ in range(LAYERS):
         shared = _Mlp(shared_width, gen)
-        layers.append(bare_moe(dv2, _Gate(gen), _TopK(), _Routed(routed_width, gen),
+        gate = Gate((torch.randn(EXPERTS, HIDDEN, generator=gen) * HIDDEN**-0.5).to(torch.bfloat16).cuda())
+        layers.append(bare_moe(dv2, gate, TopK(TOPK, FACTOR), _Routed(routed_width, gen),
                                lambda h, z=None, m=shared: m(h), FACTOR, alt))
     x = torch.randn(batch, HIDDEN, generator=gen).to(torch.bfloat16).cuda()
 

@@ -79,6 +79,7 @@ def cmd_status(args) -> int:
 def unified_diff(names: list[str] | None = None, release: str | None = None, source: str | None = None) -> str:
     """The diff text for ``names`` (default: every implemented patch) on ``release`` (default: the
     source's), against ``source`` (a wheel or folder; default: the installed sglang)."""
+    from .declare import format_release
     from .patches import catalog, pick
 
     wanted = names or [e.name for e in catalog() if e.patch is not None]
@@ -91,18 +92,11 @@ def unified_diff(names: list[str] | None = None, release: str | None = None, sou
     for entry in entries:  # application order
         declared = entry.patch.for_release(release)
         if not entry.patch.candidates(release):
-            why = "declares nothing for it" if declared is None else (
-                f"upstream has it ({declared.upstream.change})" if declared.upstream else declared.not_applicable)
-            print(f"sglang-hip-decode: {entry.name}: no edits on sglang {_shown(release)}: {why}", file=sys.stderr)
+            why = "declares nothing for it" if declared is None else declared.why_no_edits()
+            print(f"sglang-hip-decode: {entry.name}: no edits on sglang {format_release(release)}: {why}", file=sys.stderr)
             continue
         patches.append(entry.patch)
     return render_diff(patches, read, release)
-
-
-def _shown(release) -> str:
-    from .declare import format_release
-
-    return format_release(release)
 
 
 def _diff_source(release: str | None, source: str | None):

@@ -135,6 +135,10 @@ class Releases:
             raise ValueError(f"releases {self.first}..{self.last}: the range is empty")
         _check_edits(f"releases {self.first}..{self.last}", self.edits)
 
+    def why_no_edits(self) -> str:
+        """For a range without edits: ``upstream has it (<change>)``, or the reason it does not apply."""
+        return f"upstream has it ({self.upstream.change})" if self.upstream is not None else self.not_applicable
+
     def contains(self, release: tuple[int, int, int, int]) -> bool:
         return parse_release(self.first) <= release and (self.last is None or release <= parse_release(self.last))
 

@@ -465,8 +465,7 @@ def for_release(patch: Patch, release: tuple[int, int, int, int] | None = None) 
         ranges = ", ".join(r.describe() for r in patch.releases)
         raise PatchError(f"{patch.name} declares nothing for sglang {_shown(release)} (its ranges: {ranges})")
     if not declared.edits:
-        why = f"upstream has it ({declared.upstream.change})" if declared.upstream else declared.not_applicable
-        raise PatchError(f"{patch.name} has no edits for sglang {_shown(release)}: {why}")
+        raise PatchError(f"{patch.name} has no edits for sglang {_shown(release)}: {declared.why_no_edits()}")
     return patch.at(declared.edits)
 
 

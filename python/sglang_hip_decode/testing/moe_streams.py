@@ -79,24 +79,28 @@ class StreamLog:
             yield self
 
 
-class _Gate(torch.nn.Module):
-    def __init__(self, weight, streams):
+class Gate(torch.nn.Module):
+    """The router: a bf16 linear (``streams``: a StreamLog to log to, or None)."""
+
+    def __init__(self, weight, streams=None):
         super().__init__()
         self.weight, self.streams = weight, streams
 
     def forward(self, x, gemm_output_zero_allocator=None):
-        self.streams.op("gate")
+        if self.streams is not None:
+            self.streams.op("gate")
         return x @ self.weight.t()
 
 
-class _TopK:
+class TopK:
     """aiter's biased grouped top-k as far as the factor goes: weights come out already scaled."""
 
-    def __init__(self, k, factor, streams, apply_factor=True):
+    def __init__(self, k, factor, streams=None, apply_factor=True):
         self.k, self.factor, self.streams, self.apply_factor = k, factor, streams, apply_factor
 
     def __call__(self, hidden_states, router_logits, expert_location_dispatch_info=None, **kwargs):
-        self.streams.op("topk")
+        if self.streams is not None:
+            self.streams.op("topk")
         weights, ids = torch.topk(router_logits.float().softmax(-1), self.k, dim=-1)
         if self.apply_factor:
             weights = weights * self.factor
@@ -157,7 +161,7 @@ class MoEPath:
             self.streams.op("shared_experts")
             return hidden_states @ shared.t()
 
-        self.moe = bare_moe(self.dv2, _Gate(w(experts, hidden), self.streams), _TopK(k, factor, self.streams),
+        self.moe = bare_moe(self.dv2, Gate(w(experts, hidden), self.streams), TopK(k, factor, self.streams),
                             _Experts(w(experts, hidden, hidden), self.streams), shared_experts, factor,
                             self.streams.Stream("alt"))
         self.x = torch.randn(tokens, hidden, generator=gen).to(torch.bfloat16)
