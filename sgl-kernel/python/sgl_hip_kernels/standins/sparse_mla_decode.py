@@ -1,19 +1,33 @@
 """Portable NSA sparse MLA decode with TileLang's ``tilelang_sparse_fwd`` contract (see
 ``sparse_mla_decode_ref``): ``q`` (N, H, d_v + rope), ``kv`` (slots, 1, d_v + rope), ``indices``
 (N, 1, topk) int32 with -1 for none; output (N, H, d_v), bf16 (fp32 for fp32 inputs). fp8 inputs
-are read as their values (k_scale = 1, as TileLang's fp8 kernel assumes)."""
+are read as their values (k_scale = 1, as TileLang's fp8 kernel assumes).
+
+Launch: one program per (block of heads, token, split of the top-k list) by ``launch_rule``, and
+the split-K combine the DeepSeek-V4 decode uses when there is more than one split."""
 
 from __future__ import annotations
 
 import torch
 import triton
 
+from .. import splitk
 from .kernels.sparse_mla_decode import _sparse_mla_decode_kernel
 
 _FLOAT8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2") if hasattr(torch, n))
 
 
-def sparse_mla_decode(q, kv, indices, sm_scale: float, d_v: int = 512, out: torch.Tensor | None = None):
+def launch_rule(tokens: int, heads: int, topk: int, device, splits: int | None = None) -> splitk.SplitPlan:
+    """The fixed launch of one call (``splits`` forces the split count): 16 heads per program (tl.dot
+    needs 16 rows; fewer heads are masked), 64 for 64 heads and more, the top-k split so the grid
+    covers the GPU (``splitk.plan``)."""
+    block_h = 64 if heads >= 64 else 32 if heads > 16 else 16
+    return splitk.plan(tokens, heads, topk, device, block_h=block_h, block_n=32, num_warps=8 if block_h == 64 else 4,
+                       num_stages=2, splits=splits)
+
+
+def sparse_mla_decode(q, kv, indices, sm_scale: float, d_v: int = 512, out: torch.Tensor | None = None,
+                      splits: int | None = None):
     if q.dim() != 3 or kv.dim() != 3 or indices.dim() != 3:
         raise ValueError(f"sparse_mla_decode: q {tuple(q.shape)}, kv {tuple(kv.shape)}, indices {tuple(indices.shape)} "
                          "must be 3-D")
@@ -34,17 +48,27 @@ def sparse_mla_decode(q, kv, indices, sm_scale: float, d_v: int = 512, out: torc
     out_dtype = torch.float32 if ieee else torch.bfloat16
     if out is None:
         out = torch.empty((n, h, d_v), dtype=out_dtype, device=q.device)
-    elif out.shape != (n, h, d_v) or out.dtype != out_dtype:
-        raise ValueError(f"sparse_mla_decode: out must be ({n}, {h}, {d_v}) {out_dtype}")
+    elif out.shape != (n, h, d_v) or out.dtype != out_dtype or out.stride(2) != 1:
+        raise ValueError(f"sparse_mla_decode: out must be ({n}, {h}, {d_v}) {out_dtype} with a contiguous last dim")
     topk = indices.shape[-1]
     kv2 = kv[:, 0, :]
-    block_h = 16  # tl.dot needs 16 rows; fewer heads are masked
-    grid = (n, triton.cdiv(h, block_h))
-    if n:
-        _sparse_mla_decode_kernel[grid](
-            q, kv2, indices, out, float(sm_scale), h,
-            *q.stride(), *kv2.stride(), indices.stride(0), indices.stride(2), *out.stride(),
-            TOPK=topk, D_V=d_v, D_ROPE=d_rope, BLOCK_H=block_h, BLOCK_N=32, IEEE=ieee,
-            num_warps=4, num_stages=2,
-        )
+    if n == 0 or h == 0:
+        return out
+    p = launch_rule(n, h, topk, q.device, splits)
+    final = p.splits == 1
+    if final:
+        o_buf, l_buf = out, out  # no lse is written
+        o_strides, l_strides = (0, *out.stride()), (0, 0)
+    else:
+        o_buf, l_buf = splitk.partials(p, n, h, d_v, q.device)
+        o_strides, l_strides = o_buf.stride(), l_buf.stride()[:2]
+    grid = (triton.cdiv(h, p.block_h), n, p.splits)
+    _sparse_mla_decode_kernel[grid](
+        q, kv2, indices, o_buf, l_buf, float(sm_scale), h, topk,
+        *q.stride(), *kv2.stride(), indices.stride(0), indices.stride(2), *o_strides, *l_strides,
+        D_V=d_v, D_ROPE=d_rope, BLOCK_H=p.block_h, BLOCK_N=p.block_n, KEYS_PER_SPLIT=p.keys_per_split, FINAL=final,
+        IEEE=ieee, num_warps=p.num_warps, num_stages=p.num_stages,
+    )
+    if not final:
+        splitk.combine(o_buf, l_buf, out, (out.stride(0), 0, out.stride(1)), 1)
     return out

@@ -1,0 +1,120 @@
+"""Portable DeepSeek-V4 sparse decode attention over the FP8 584 B/token cache, FlashMLA's sparse
+decode semantics (contract: ``sparse_decode_ref``; cache layout: ``kv_cache``):
+``sparse_decode(q, k_cache, indices, block_size, sm_scale, ...) -> (out, lse)``.
+
+* q (b, s_q, h_q, 512) bf16 (fp32: the CPU interpreter's precision; the output is then fp32), any
+  strides with the last dim contiguous; any head count (heads are masked, never refused);
+* k_cache / extra_k_cache: the pages as :func:`kv_cache.quantize_kv` returns them, or SGLang's byte
+  views of them (page stride from ``stride(0)``);
+* indices / extra_indices (b, s_q, topk) int32, ``block * block_size + offset``, -1 invalid;
+  topk_length / extra_topk_length (b,) int32: positions at or past it are ignored (whole blocks of
+  keys past it are not read); one length per batch row, also when s_q > 1 (FlashMLA's contract);
+* attn_sink (h_q,) fp32; out (b, s_q, h_q, 512) bf16 (``out=``: contiguous); lse (b, h_q, s_q) fp32.
+
+Bad input is refused on the host with a message (dtypes, shapes, strides, devices, page geometry);
+index values are checked on the host only where that is free (CPU tensors). On the device an index
+past the cache is treated as invalid: no load ever leaves the cache.
+
+Launch: one program per (16..64 heads, query token, split), ``splitk.plan``'s fixed rule; with more
+than one split a combine kernel merges the partials (scratch from the caching allocator on the
+current stream). No state is kept between calls and nothing global is touched at import.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from .. import splitk
+from .kernels.sparse_decode import _dsv4_sparse_decode_kernel
+from .kv_cache import D, cache_pages
+
+
+def launch_rule(tokens: int, heads: int, keys: int, device, splits: int | None = None) -> splitk.SplitPlan:
+    """The fixed launch of one call (``splits`` forces the split count)."""
+    block_h = 16 if heads <= 16 else 32 if heads <= 32 else 64
+    return splitk.plan(tokens, heads, keys, device, block_h=block_h, block_n=32, num_warps=8 if block_h == 64 else 4,
+                       num_stages=2, splits=splits)
+
+
+def _check_scope(name, cache, indices, block_size, length, q):
+    b, s_q = q.shape[:2]
+    if cache.device != q.device or indices.device != q.device:
+        raise ValueError(f"sparse_decode: {name} cache and indices must be on {q.device}")
+    if indices.dim() != 3 or tuple(indices.shape[:2]) != (b, s_q) or indices.dtype != torch.int32:
+        raise ValueError(f"sparse_decode: {name} indices must be ({b}, {s_q}, topk) int32, got "
+                         f"{tuple(indices.shape)} {indices.dtype}")
+    if indices.stride(2) != 1 and indices.shape[2] > 1:
+        raise ValueError(f"sparse_decode: {name} indices must have a contiguous last dim")
+    rows, stride, n_tokens = cache_pages(cache, block_size, f"sparse_decode: {name} k_cache")
+    if length is not None:
+        if length.device != q.device or length.dtype != torch.int32 or tuple(length.shape) != (b,):
+            raise ValueError(f"sparse_decode: {name} topk_length must be ({b},) int32 on {q.device} (one length per "
+                             f"batch row: FlashMLA indexes it by token // s_q), got {tuple(length.shape)} {length.dtype}")
+    if q.device.type == "cpu" and indices.numel():
+        if int(indices.max()) >= n_tokens:
+            raise ValueError(f"sparse_decode: {name} indices reach {int(indices.max())}, past the cache's {n_tokens} tokens")
+    return rows, stride, n_tokens
+
+
+def sparse_decode(q, k_cache, indices, block_size, sm_scale, *, topk_length=None, attn_sink=None,
+                  extra_k_cache=None, extra_indices=None, extra_block_size=None, extra_topk_length=None,
+                  out=None, splits: int | None = None):
+    """-> (out, lse); see the module docstring. ``splits`` forces the split count (tests, sweeps)."""
+    if q.dim() != 4 or q.shape[3] != D or q.dtype not in (torch.bfloat16, torch.float32) or q.stride(3) != 1:
+        raise ValueError(f"sparse_decode: q must be (b, s_q, h_q, {D}) bf16 with a contiguous last dim, got "
+                         f"{tuple(q.shape)} {q.dtype}")
+    b, s_q, h, _ = q.shape
+    rows, stride, n_tokens = _check_scope("main", k_cache, indices, block_size, topk_length, q)
+    has_extra = extra_k_cache is not None
+    if has_extra != (extra_indices is not None) or (has_extra and extra_block_size is None):
+        raise ValueError("sparse_decode: the extra scope needs extra_k_cache, extra_indices and extra_block_size together")
+    if not has_extra and extra_topk_length is not None:
+        raise ValueError("sparse_decode: extra_topk_length without an extra scope")
+    if has_extra:
+        x_rows, x_stride, x_n_tokens = _check_scope("extra", extra_k_cache, extra_indices, extra_block_size,
+                                                    extra_topk_length, q)
+        x_topk = extra_indices.shape[2]
+    else:
+        x_rows, x_stride, x_n_tokens, x_topk = rows, stride, n_tokens, 0
+    if attn_sink is not None and (attn_sink.shape != (h,) or attn_sink.dtype != torch.float32
+                                  or attn_sink.device != q.device):
+        raise ValueError(f"sparse_decode: attn_sink must be ({h},) fp32 on {q.device}")
+    out_dtype = torch.float32 if q.dtype == torch.float32 else torch.bfloat16
+    if out is None:
+        out = torch.empty(b, s_q, h, D, dtype=out_dtype, device=q.device)
+    elif out.shape != (b, s_q, h, D) or out.dtype != out_dtype or not out.is_contiguous() or out.device != q.device:
+        raise ValueError(f"sparse_decode: out must be contiguous ({b}, {s_q}, {h}, {D}) {out_dtype} on {q.device}")
+    lse = torch.empty(b, h, s_q, dtype=torch.float32, device=q.device)
+    tokens, topk = b * s_q, indices.shape[2]
+    if tokens == 0 or h == 0:
+        return out, lse
+    p = launch_rule(tokens, h, topk + x_topk, q.device, splits)
+    final = p.splits == 1
+    if final:
+        o_buf, o_strides = out, (0, out.stride(0), out.stride(1), out.stride(2))
+        l_buf, l_strides = lse, (0, lse.stride(0), lse.stride(1), lse.stride(2))
+    else:
+        o_buf, l_buf = splitk.partials(p, tokens, h, D, q.device)
+        o_strides = (o_buf.stride(0), s_q * o_buf.stride(1), o_buf.stride(1), o_buf.stride(2))
+        l_strides = (l_buf.stride(0), s_q * l_buf.stride(1), l_buf.stride(2), l_buf.stride(1))
+    dummy = lse
+    grid = (triton.cdiv(h, p.block_h), tokens, p.splits)
+    _dsv4_sparse_decode_kernel[grid](
+        q, rows, indices, topk_length if topk_length is not None else dummy,
+        x_rows, extra_indices if has_extra else indices, extra_topk_length if extra_topk_length is not None else dummy,
+        attn_sink if attn_sink is not None else dummy, o_buf, l_buf,
+        float(sm_scale), h, s_q,
+        q.stride(0), q.stride(1), q.stride(2),
+        stride, block_size, n_tokens, indices.stride(0), indices.stride(1), topk,
+        x_stride, extra_block_size if has_extra else block_size, x_n_tokens,
+        *(extra_indices.stride()[:2] if has_extra else (0, 0)), x_topk,
+        *o_strides, *l_strides,
+        HAS_LEN=topk_length is not None, HAS_EXTRA=has_extra, HAS_X_LEN=extra_topk_length is not None,
+        HAS_SINK=attn_sink is not None, FINAL=final, BLOCK_H=p.block_h, BLOCK_N=p.block_n, KEYS_PER_SPLIT=p.keys_per_split,
+        IEEE=q.dtype == torch.float32, num_warps=p.num_warps, num_stages=p.num_stages,
+    )
+    if not final:
+        splitk.combine(o_buf, l_buf, out, (out.stride(0), out.stride(1), out.stride(2)), s_q, sink=attn_sink, lse=lse,
+                       lse_strides=(lse.stride(0), lse.stride(1), lse.stride(2)))
+    return out, lse

@@ -1,0 +1,1 @@
+"""``@triton.jit`` pieces shared by more than one op (split-K sparse decode)."""
