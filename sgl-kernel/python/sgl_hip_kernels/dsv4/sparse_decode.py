@@ -59,8 +59,9 @@ def _check_scope(name, cache, indices, block_size, length, q):
 
 def sparse_decode(q, k_cache, indices, block_size, sm_scale, *, topk_length=None, attn_sink=None,
                   extra_k_cache=None, extra_indices=None, extra_block_size=None, extra_topk_length=None,
-                  out=None, splits: int | None = None):
-    """-> (out, lse); see the module docstring. ``splits`` forces the split count (tests, sweeps)."""
+                  out=None, splits: int | None = None, rule: splitk.SplitPlan | None = None):
+    """-> (out, lse); see the module docstring. ``splits`` forces the split count (tests); ``rule``
+    replaces the whole launch (the benchmark's sweep of the launch rule)."""
     if q.dim() != 4 or q.shape[3] != D or q.dtype not in (torch.bfloat16, torch.float32) or q.stride(3) != 1:
         raise ValueError(f"sparse_decode: q must be (b, s_q, h_q, {D}) bf16 with a contiguous last dim, got "
                          f"{tuple(q.shape)} {q.dtype}")
@@ -89,7 +90,7 @@ def sparse_decode(q, k_cache, indices, block_size, sm_scale, *, topk_length=None
     tokens, topk = b * s_q, indices.shape[2]
     if tokens == 0 or h == 0:
         return out, lse
-    p = launch_rule(tokens, h, topk + x_topk, q.device, splits)
+    p = rule if rule is not None else launch_rule(tokens, h, topk + x_topk, q.device, splits)
     final = p.splits == 1
     if final:
         o_buf, o_strides = out, (0, out.stride(0), out.stride(1), out.stride(2))
