@@ -292,7 +292,7 @@ def sweep(repeats: int, l2: int) -> list[dict]:
                 rows.append({"shape": shape.name, "config": name, "us": f"failed: {type(exc).__name__}"})
         t = {name: timing.summarise(v).median_us for name, v in timing.time_graphs(graphs, calls, repeats).items()}
         best = sorted(t.items(), key=lambda kv: kv[1])
-        for name, us in best[:6] + [("rule", t["rule"])]:
+        for name, us in best[:6] + [("rule", t.get("rule", float("nan")))]:
             rows.append({"shape": shape.name, "config": name, "us": round(us, 2), "vs_best": round(us / best[0][1], 3)})
     return rows
 

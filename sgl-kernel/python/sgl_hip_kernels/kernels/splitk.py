@@ -11,8 +11,8 @@ ln 2``: the single-pass result, in any split order.
 import triton
 import triton.language as tl
 
-LN2: tl.constexpr = 0.6931471805599453
-LOG2E: tl.constexpr = 1.4426950408889634
+LN2 = tl.constexpr(0.6931471805599453)
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
