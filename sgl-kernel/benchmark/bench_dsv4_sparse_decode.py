@@ -347,7 +347,10 @@ def main(argv=None) -> int:
         shapes += [Dsv4Shape(64, b, 1, 0) for b in ((1,) if args.quick else (1, 64, 256))]
         for shape in shapes:
             rows.append(dict(measure_dsv4(shape, up, args.repeats, copy_gbps, l2), kernel="dsv4"))
-            print(f"  dsv4 {shape.name}: {rows[-1]['ours_us']} us", file=sys.stderr)
+            r = rows[-1]
+            print(f"  dsv4 {shape.name}: ours {r['ours_us']} upstream {r['upstream_us']} ({r.get('upstream_path')}) "
+                  f"x{r['upstream/ours']} {r['pct_copy_bw']}% bw {r['TFLOPs']} TF/s /floor {r['ours/floor']} "
+                  f"err {r['err_ours']} {r.get('err_upstream')} {r['err_torch']}", file=sys.stderr, flush=True)
         providers.append("dsv4: triton (sgl_hip_kernels.dsv4.sparse_decode) vs triton (sglang 0.5.13.post1 "
                          f"triton_sparse_attn_decode{'' if up else ': not given'}) vs torch (bf16)")
     if args.only in (None, "nsa"):
@@ -355,7 +358,10 @@ def main(argv=None) -> int:
         for h, fp8 in itertools.product((8, 64), (False, True)):
             for b in ((1, 64) if args.quick else (1, 4, 16, 64, 128, 256)):
                 rows.append(dict(measure_nsa(h, b, fp8, up, args.repeats, copy_gbps, l2), kernel="nsa"))
-                print(f"  nsa {rows[-1]['shape']}: {rows[-1]['ours_us']} us", file=sys.stderr)
+                r = rows[-1]
+                print(f"  nsa {r['shape']}: ours {r['ours_us']} upstream {r['upstream_us']} x{r['upstream/ours']} "
+                      f"{r['pct_copy_bw']}% bw /floor {r['ours/floor']} err {r['err_ours']} {r.get('err_upstream')} "
+                      f"{r['err_torch']}", file=sys.stderr, flush=True)
         providers.append("nsa: triton (sgl_hip_kernels.standins.sparse_mla_decode) vs triton (sglang 0.5.23 "
                          f"triton_sparse_mla_decode{'' if up else ': not given'}) vs torch (bf16)")
     emit({"benchmark": f"sparse decode: dsv4 (FP8 584 B/token, sink, bf16 q) and the NSA stand-in (top-k 2048, d 576); "

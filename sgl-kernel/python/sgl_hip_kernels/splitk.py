@@ -23,7 +23,7 @@ import triton
 from .kernels.splitk import _splitk_combine_kernel
 
 WAVES = 2
-MIN_KEYS = 128
+MIN_KEYS = 64
 MAX_SPLITS = 64
 
 

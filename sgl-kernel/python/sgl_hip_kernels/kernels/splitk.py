@@ -16,18 +16,24 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
-def softmax_step(s, v, m, den, acc, IEEE: tl.constexpr):
-    """One block of keys: ``s`` (BLOCK_H, BLOCK_N) log2-unit scores, -inf where invalid; ``v``
-    (BLOCK_N, D) values. Returns the updated running max, denominator and accumulator."""
+def online_softmax(s, m, den):
+    """One block of ``s`` (BLOCK_H, BLOCK_N) log2-unit scores, -inf where invalid: the new running
+    max and denominator, the factor ``alpha`` the old accumulators are rescaled by, and ``p``."""
     m_new = tl.maximum(m, tl.max(s, 1))
     # While nothing is valid m_new is -inf: subtracting 0 keeps every 2^(s - m) at 0 (never the NaN
     # of -inf - -inf); the old state is all zero then, so alpha does not matter.
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m - m_safe)
     p = tl.exp2(s - m_safe[:, None])
-    den = den * alpha + tl.sum(p, 1)
+    return m_new, den * alpha + tl.sum(p, 1), alpha, p
+
+
+@triton.jit
+def softmax_step(s, v, m, den, acc, IEEE: tl.constexpr):
+    """``online_softmax`` and the accumulator update with ``v`` (BLOCK_N, D) values."""
+    m, den, alpha, p = online_softmax(s, m, den)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee" if IEEE else "tf32")
-    return m_new, den, acc
+    return m, den, acc
 
 
 @triton.jit

@@ -2,45 +2,99 @@
 ``dsv4/sparse_decode_ref``; layout: ``dsv4/kv_cache``).
 
 One program per (block of heads, query token, split of the key list). The key list is the main
-scope's top-k followed by the extra scope's; a split walks its part of each, dequantising every
-gathered token into one 512-wide row (7 fp8 tiles times their power-of-two scales, then the bf16
-RoPE values): exact in bf16, so one QK dot and one PV dot per block of keys. Heads are the fastest
-grid axis, so the programs that read one token's keys run together and share them through L2.
+scope's top-k followed by the extra scope's; a split walks its part of each. A gathered key is
+eight 64-wide tiles: seven fp8 NoPE tiles, each with its power-of-two scale, and the bf16 RoPE tile.
+The fp8 bytes convert to bf16 exactly and the scales are applied where they cost least and change
+nothing (a power of two commutes with every rounding here): to the tile's partial scores
+``s += scale_t * (q_t . k_t)`` and to the probabilities it multiplies, ``acc_t += (p * scale_t) v_t``.
+So no tile is ever widened to fp32 and there are eight (BLOCK_H, 64) accumulators, V = K. Heads
+are the fastest grid axis, so the programs that read one token's keys run together and share them
+through L2.
 """
 
 import triton
 import triton.language as tl
 
-from ...kernels.splitk import LOG2E, softmax_step, write_result
+from ...kernels.splitk import LOG2E, online_softmax, write_result
 
 
 @triton.jit
-def _load_keys(cache_ptr, idx_row_ptr, pos, limit, page_stride, block_size, n_tokens,
-               BLOCK_N: tl.constexpr, COMPUTE: tl.constexpr):
-    """Gather and dequantise the keys at positions ``pos`` of one scope: (BLOCK_N, 512) and validity.
-    Positions at or past ``limit``, negative indices and indices past the cache are invalid and
-    never read."""
+def _key_tile(cache_ptr, data, valid, T: tl.constexpr, COMPUTE: tl.constexpr):
+    """Tile ``T`` (BLOCK_N, 64) of the gathered keys, unscaled: fp8 NoPE tiles 0..6, the bf16 RoPE tile 7."""
+    c = tl.arange(0, 64)
+    if T < 7:
+        raw = tl.load(cache_ptr + data[:, None] + (T * 64) + c[None, :], mask=valid[:, None], other=0)
+        tile = raw.to(tl.float8e4nv, bitcast=True).to(COMPUTE)
+    else:
+        ptrs = (cache_ptr + data[:, None] + 448).to(tl.pointer_type(tl.bfloat16)) + c[None, :]
+        tile = tl.load(ptrs, mask=valid[:, None], other=0.0).to(COMPUTE)
+    return tile
+
+
+@triton.jit
+def _tile_scale(cache_ptr, scales_at, valid, T: tl.constexpr):
+    """The (BLOCK_N,) scales of tile ``T``: 2^(u8 - 127); 1 for the RoPE tile."""
+    if T < 7:
+        scale = tl.exp2(tl.load(cache_ptr + scales_at + T, mask=valid, other=127).to(tl.float32) - 127.0)
+    else:
+        scale = tl.full(scales_at.shape, 1.0, tl.float32)
+    return scale
+
+
+@triton.jit
+def _q_tile(q_row, heads_ok, T: tl.constexpr, COMPUTE: tl.constexpr):
+    return tl.load(q_row + (T * 64) + tl.arange(0, 64)[None, :], mask=heads_ok[:, None], other=0.0).to(COMPUTE)
+
+
+@triton.jit
+def _attend(cache_ptr, idx_row, pos, limit, page_stride, block_size, n_tokens, scale2,
+            q0, q1, q2, q3, q4, q5, q6, q7, m, den, a0, a1, a2, a3, a4, a5, a6, a7,
+            COMPUTE: tl.constexpr, IEEE: tl.constexpr):
+    """One block of keys at positions ``pos`` of one scope into the running softmax. Positions at
+    or past ``limit``, negative indices and indices past the cache are invalid and never read."""
+    prec: tl.constexpr = "ieee" if IEEE else "tf32"
     in_list = pos < limit
-    idx = tl.load(idx_row_ptr + pos, mask=in_list, other=-1).to(tl.int64)
+    idx = tl.load(idx_row + pos, mask=in_list, other=-1).to(tl.int64)
     valid = in_list & (idx >= 0) & (idx < n_tokens)
     idx = tl.where(valid, idx, 0)
     page = idx // block_size
     slot = idx - page * block_size
-    base = page * page_stride
-    data = base + slot * 576
-    cols = tl.arange(0, 512)
-    nope = cols < 448
-    raw = tl.load(cache_ptr + data[:, None] + cols[None, :], mask=valid[:, None] & nope[None, :], other=0)
-    rope_ptrs = (cache_ptr + data[:, None] + 448).to(tl.pointer_type(tl.bfloat16)) + (cols - 448)[None, :]
-    rope = tl.load(rope_ptrs, mask=valid[:, None] & ~nope[None, :], other=0.0)
-    tiles = tl.arange(0, 8)
-    exps = tl.load(cache_ptr + (base + block_size * 576 + slot * 8)[:, None] + tiles[None, :],
-                   mask=valid[:, None] & (tiles < 7)[None, :], other=127)
-    scale = tl.exp2(exps.to(tl.float32) - 127.0)
-    vals = raw.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-    vals = tl.reshape(tl.reshape(vals, (BLOCK_N, 8, 64)) * scale[:, :, None], (BLOCK_N, 512))
-    keys = tl.where(nope[None, :], vals, rope.to(tl.float32)).to(COMPUTE)
-    return keys, valid
+    data = page * page_stride + slot * 576
+    scales_at = page * page_stride + block_size * 576 + slot * 8
+    k0 = _key_tile(cache_ptr, data, valid, 0, COMPUTE)
+    k1 = _key_tile(cache_ptr, data, valid, 1, COMPUTE)
+    k2 = _key_tile(cache_ptr, data, valid, 2, COMPUTE)
+    k3 = _key_tile(cache_ptr, data, valid, 3, COMPUTE)
+    k4 = _key_tile(cache_ptr, data, valid, 4, COMPUTE)
+    k5 = _key_tile(cache_ptr, data, valid, 5, COMPUTE)
+    k6 = _key_tile(cache_ptr, data, valid, 6, COMPUTE)
+    k7 = _key_tile(cache_ptr, data, valid, 7, COMPUTE)
+    c0 = _tile_scale(cache_ptr, scales_at, valid, 0)
+    c1 = _tile_scale(cache_ptr, scales_at, valid, 1)
+    c2 = _tile_scale(cache_ptr, scales_at, valid, 2)
+    c3 = _tile_scale(cache_ptr, scales_at, valid, 3)
+    c4 = _tile_scale(cache_ptr, scales_at, valid, 4)
+    c5 = _tile_scale(cache_ptr, scales_at, valid, 5)
+    c6 = _tile_scale(cache_ptr, scales_at, valid, 6)
+    s = tl.dot(q7, tl.trans(k7), input_precision=prec)
+    s += tl.dot(q0, tl.trans(k0), input_precision=prec) * c0[None, :]
+    s += tl.dot(q1, tl.trans(k1), input_precision=prec) * c1[None, :]
+    s += tl.dot(q2, tl.trans(k2), input_precision=prec) * c2[None, :]
+    s += tl.dot(q3, tl.trans(k3), input_precision=prec) * c3[None, :]
+    s += tl.dot(q4, tl.trans(k4), input_precision=prec) * c4[None, :]
+    s += tl.dot(q5, tl.trans(k5), input_precision=prec) * c5[None, :]
+    s += tl.dot(q6, tl.trans(k6), input_precision=prec) * c6[None, :]
+    s = tl.where(valid[None, :], s * scale2, float("-inf"))
+    m, den, alpha, p = online_softmax(s, m, den)
+    a0 = a0 * alpha[:, None] + tl.dot((p * c0[None, :]).to(COMPUTE), k0, input_precision=prec)
+    a1 = a1 * alpha[:, None] + tl.dot((p * c1[None, :]).to(COMPUTE), k1, input_precision=prec)
+    a2 = a2 * alpha[:, None] + tl.dot((p * c2[None, :]).to(COMPUTE), k2, input_precision=prec)
+    a3 = a3 * alpha[:, None] + tl.dot((p * c3[None, :]).to(COMPUTE), k3, input_precision=prec)
+    a4 = a4 * alpha[:, None] + tl.dot((p * c4[None, :]).to(COMPUTE), k4, input_precision=prec)
+    a5 = a5 * alpha[:, None] + tl.dot((p * c5[None, :]).to(COMPUTE), k5, input_precision=prec)
+    a6 = a6 * alpha[:, None] + tl.dot((p * c6[None, :]).to(COMPUTE), k6, input_precision=prec)
+    a7 = a7 * alpha[:, None] + tl.dot(p.to(COMPUTE), k7, input_precision=prec)
+    return m, den, a0, a1, a2, a3, a4, a5, a6, a7
 
 
 @triton.jit
@@ -70,15 +124,28 @@ def _dsv4_sparse_decode_kernel(
     b = t // S_Q
     s = t % S_Q
     mask_h = heads < H
-    compute = tl.float32 if IEEE else tl.bfloat16
-    d = tl.arange(0, 512)
-    q = tl.load(q_ptr + b * s_q_b + s * s_q_s + heads[:, None] * s_q_h + d[None, :], mask=mask_h[:, None], other=0.0)
-    q = q.to(compute)
+    compute: tl.constexpr = tl.float32 if IEEE else tl.bfloat16
+    q_row = q_ptr + b * s_q_b + s * s_q_s + heads[:, None] * s_q_h
+    q0 = _q_tile(q_row, mask_h, 0, compute)
+    q1 = _q_tile(q_row, mask_h, 1, compute)
+    q2 = _q_tile(q_row, mask_h, 2, compute)
+    q3 = _q_tile(q_row, mask_h, 3, compute)
+    q4 = _q_tile(q_row, mask_h, 4, compute)
+    q5 = _q_tile(q_row, mask_h, 5, compute)
+    q6 = _q_tile(q_row, mask_h, 6, compute)
+    q7 = _q_tile(q_row, mask_h, 7, compute)
     scale2 = sm_scale * LOG2E
 
     m = tl.full((BLOCK_H,), float("-inf"), tl.float32)
     den = tl.zeros((BLOCK_H,), tl.float32)
-    acc = tl.zeros((BLOCK_H, 512), tl.float32)
+    a0 = tl.zeros((BLOCK_H, 64), tl.float32)
+    a1 = tl.zeros((BLOCK_H, 64), tl.float32)
+    a2 = tl.zeros((BLOCK_H, 64), tl.float32)
+    a3 = tl.zeros((BLOCK_H, 64), tl.float32)
+    a4 = tl.zeros((BLOCK_H, 64), tl.float32)
+    a5 = tl.zeros((BLOCK_H, 64), tl.float32)
+    a6 = tl.zeros((BLOCK_H, 64), tl.float32)
+    a7 = tl.zeros((BLOCK_H, 64), tl.float32)
     lo = split * KEYS_PER_SPLIT
     hi = lo + KEYS_PER_SPLIT
     blocks = tl.arange(0, BLOCK_N)
@@ -93,11 +160,9 @@ def _dsv4_sparse_decode_kernel(
     for j in range(0, KEYS_PER_SPLIT, BLOCK_N):
         start = lo + j
         if start < main_hi:
-            keys, valid = _load_keys(cache_ptr, idx_row, start + blocks, main_hi, page_stride, block_size, n_tokens,
-                                     BLOCK_N, compute)
-            sc = tl.dot(q, tl.trans(keys), input_precision="ieee" if IEEE else "tf32") * scale2
-            sc = tl.where(valid[None, :], sc, float("-inf"))
-            m, den, acc = softmax_step(sc, keys, m, den, acc, IEEE)
+            m, den, a0, a1, a2, a3, a4, a5, a6, a7 = _attend(
+                cache_ptr, idx_row, start + blocks, main_hi, page_stride, block_size, n_tokens, scale2,
+                q0, q1, q2, q3, q4, q5, q6, q7, m, den, a0, a1, a2, a3, a4, a5, a6, a7, compute, IEEE)
 
     if HAS_EXTRA:
         x_limit = x_topk
@@ -109,15 +174,21 @@ def _dsv4_sparse_decode_kernel(
         for j in range(0, KEYS_PER_SPLIT, BLOCK_N):
             start = x_lo + j
             if start < x_hi:
-                keys, valid = _load_keys(x_cache_ptr, x_row, start + blocks, x_hi, x_page_stride, x_block_size,
-                                         x_n_tokens, BLOCK_N, compute)
-                sc = tl.dot(q, tl.trans(keys), input_precision="ieee" if IEEE else "tf32") * scale2
-                sc = tl.where(valid[None, :], sc, float("-inf"))
-                m, den, acc = softmax_step(sc, keys, m, den, acc, IEEE)
+                m, den, a0, a1, a2, a3, a4, a5, a6, a7 = _attend(
+                    x_cache_ptr, x_row, start + blocks, x_hi, x_page_stride, x_block_size, x_n_tokens, scale2,
+                    q0, q1, q2, q3, q4, q5, q6, q7, m, den, a0, a1, a2, a3, a4, a5, a6, a7, compute, IEEE)
 
     sink2 = tl.full((BLOCK_H,), float("-inf"), tl.float32)
     if HAS_SINK:
         sink2 = tl.load(sink_ptr + heads, mask=mask_h, other=0.0) * LOG2E
-    o_ptrs = out_ptr + split * s_o_split + b * s_o_b + s * s_o_s + heads[:, None] * s_o_h + d[None, :]
+    o_row = out_ptr + split * s_o_split + b * s_o_b + s * s_o_s + heads[:, None] * s_o_h + tl.arange(0, 64)[None, :]
     lse_ptrs = lse_ptr + split * s_l_split + b * s_l_b + heads * s_l_h + s * s_l_s
-    write_result(acc, m, den, sink2, o_ptrs, lse_ptrs, mask_h, mask_h[:, None], FINAL, True)
+    mo = mask_h[:, None]
+    write_result(a0, m, den, sink2, o_row, lse_ptrs, mask_h, mo, FINAL, True)
+    write_result(a1, m, den, sink2, o_row + 64, lse_ptrs, mask_h, mo, FINAL, False)
+    write_result(a2, m, den, sink2, o_row + 128, lse_ptrs, mask_h, mo, FINAL, False)
+    write_result(a3, m, den, sink2, o_row + 192, lse_ptrs, mask_h, mo, FINAL, False)
+    write_result(a4, m, den, sink2, o_row + 256, lse_ptrs, mask_h, mo, FINAL, False)
+    write_result(a5, m, den, sink2, o_row + 320, lse_ptrs, mask_h, mo, FINAL, False)
+    write_result(a6, m, den, sink2, o_row + 384, lse_ptrs, mask_h, mo, FINAL, False)
+    write_result(a7, m, den, sink2, o_row + 448, lse_ptrs, mask_h, mo, FINAL, False)
