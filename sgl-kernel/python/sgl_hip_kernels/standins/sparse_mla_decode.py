@@ -18,11 +18,11 @@ _FLOAT8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e4m3fnuz", 
 
 
 def launch_rule(tokens: int, heads: int, topk: int, device, splits: int | None = None) -> splitk.SplitPlan:
-    """The fixed launch of one call (``splits`` forces the split count): 16 heads per program (tl.dot
-    needs 16 rows; fewer heads are masked), 64 for 64 heads and more, the top-k split so the grid
-    covers the GPU (``splitk.plan``)."""
-    block_h = 64 if heads >= 64 else 32 if heads > 16 else 16
-    return splitk.plan(tokens, heads, topk, device, block_h=block_h, block_n=32, num_warps=8 if block_h == 64 else 4,
+    """The fixed launch of one call (``splits`` forces the split count): 16 heads per program up to
+    16 heads (tl.dot needs 16 rows; fewer heads are masked), else 32; 32 keys per step, 8 warps:
+    the configurations that compile without register spills for sm_90 (ptxas -v); the top-k split
+    so the grid covers the GPU (``splitk.plan``)."""
+    return splitk.plan(tokens, heads, topk, device, block_h=16 if heads <= 16 else 32, block_n=32, num_warps=8,
                        num_stages=2, splits=splits)
 
 
