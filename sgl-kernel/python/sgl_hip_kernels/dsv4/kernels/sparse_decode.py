@@ -19,15 +19,15 @@ from ...kernels.splitk import LOG2E, online_softmax, write_result
 
 
 @triton.jit
-def _key_tile(cache_ptr, data, valid, T: tl.constexpr, COMPUTE: tl.constexpr):
+def _key_tile(cache_ptr, data, valid, T: tl.constexpr, COMPUTE: tl.constexpr, CACHE: tl.constexpr):
     """Tile ``T`` (BLOCK_N, 64) of the gathered keys, unscaled: fp8 NoPE tiles 0..6, the bf16 RoPE tile 7."""
     c = tl.arange(0, 64)
     if T < 7:
-        raw = tl.load(cache_ptr + data[:, None] + (T * 64) + c[None, :], mask=valid[:, None], other=0)
+        raw = tl.load(cache_ptr + data[:, None] + (T * 64) + c[None, :], mask=valid[:, None], other=0, cache_modifier=CACHE)
         tile = raw.to(tl.float8e4nv, bitcast=True).to(COMPUTE)
     else:
         ptrs = (cache_ptr + data[:, None] + 448).to(tl.pointer_type(tl.bfloat16)) + c[None, :]
-        tile = tl.load(ptrs, mask=valid[:, None], other=0.0).to(COMPUTE)
+        tile = tl.load(ptrs, mask=valid[:, None], other=0.0, cache_modifier=CACHE).to(COMPUTE)
     return tile
 
 
@@ -47,12 +47,25 @@ def _q_tile(q_row, heads_ok, T: tl.constexpr, COMPUTE: tl.constexpr):
 
 
 @triton.jit
+def _tile_scores(q_row, mask_h, cache_ptr, data, valid, T: tl.constexpr, COMPUTE: tl.constexpr, IEEE: tl.constexpr):
+    """q's tile T (re-read from L1 each block) times the keys' tile T: (BLOCK_H, BLOCK_N), unscaled."""
+    k = _key_tile(cache_ptr, data, valid, T, COMPUTE, "")
+    return tl.dot(_q_tile(q_row, mask_h, T, COMPUTE), tl.trans(k), input_precision="ieee" if IEEE else "tf32")
+
+
+@triton.jit
+def _tile_values(acc, alpha, p, cache_ptr, data, valid, T: tl.constexpr, COMPUTE: tl.constexpr, IEEE: tl.constexpr):
+    """The accumulator of tile T rescaled and plus p times the keys' tile T (V = K), read again."""
+    # ".ca": a second read of the same bytes, not merged with the first by the compiler.
+    v = _key_tile(cache_ptr, data, valid, T, COMPUTE, ".ca")
+    return acc * alpha[:, None] + tl.dot(p.to(COMPUTE), v, input_precision="ieee" if IEEE else "tf32")
+
+
+@triton.jit
 def _attend(cache_ptr, idx_row, pos, limit, page_stride, block_size, n_tokens, scale2,
-            q0, q1, q2, q3, q4, q5, q6, q7, m, den, a0, a1, a2, a3, a4, a5, a6, a7,
-            COMPUTE: tl.constexpr, IEEE: tl.constexpr):
+            q_row, mask_h, m, den, a0, a1, a2, a3, a4, a5, a6, a7, COMPUTE: tl.constexpr, IEEE: tl.constexpr):
     """One block of keys at positions ``pos`` of one scope into the running softmax. Positions at
     or past ``limit``, negative indices and indices past the cache are invalid and never read."""
-    prec: tl.constexpr = "ieee" if IEEE else "tf32"
     in_list = pos < limit
     idx = tl.load(idx_row + pos, mask=in_list, other=-1).to(tl.int64)
     valid = in_list & (idx >= 0) & (idx < n_tokens)
@@ -61,14 +74,6 @@ def _attend(cache_ptr, idx_row, pos, limit, page_stride, block_size, n_tokens, s
     slot = idx - page * block_size
     data = page * page_stride + slot * 576
     scales_at = page * page_stride + block_size * 576 + slot * 8
-    k0 = _key_tile(cache_ptr, data, valid, 0, COMPUTE)
-    k1 = _key_tile(cache_ptr, data, valid, 1, COMPUTE)
-    k2 = _key_tile(cache_ptr, data, valid, 2, COMPUTE)
-    k3 = _key_tile(cache_ptr, data, valid, 3, COMPUTE)
-    k4 = _key_tile(cache_ptr, data, valid, 4, COMPUTE)
-    k5 = _key_tile(cache_ptr, data, valid, 5, COMPUTE)
-    k6 = _key_tile(cache_ptr, data, valid, 6, COMPUTE)
-    k7 = _key_tile(cache_ptr, data, valid, 7, COMPUTE)
     c0 = _tile_scale(cache_ptr, scales_at, valid, 0)
     c1 = _tile_scale(cache_ptr, scales_at, valid, 1)
     c2 = _tile_scale(cache_ptr, scales_at, valid, 2)
@@ -76,24 +81,27 @@ def _attend(cache_ptr, idx_row, pos, limit, page_stride, block_size, n_tokens, s
     c4 = _tile_scale(cache_ptr, scales_at, valid, 4)
     c5 = _tile_scale(cache_ptr, scales_at, valid, 5)
     c6 = _tile_scale(cache_ptr, scales_at, valid, 6)
-    s = tl.dot(q7, tl.trans(k7), input_precision=prec)
-    s += tl.dot(q0, tl.trans(k0), input_precision=prec) * c0[None, :]
-    s += tl.dot(q1, tl.trans(k1), input_precision=prec) * c1[None, :]
-    s += tl.dot(q2, tl.trans(k2), input_precision=prec) * c2[None, :]
-    s += tl.dot(q3, tl.trans(k3), input_precision=prec) * c3[None, :]
-    s += tl.dot(q4, tl.trans(k4), input_precision=prec) * c4[None, :]
-    s += tl.dot(q5, tl.trans(k5), input_precision=prec) * c5[None, :]
-    s += tl.dot(q6, tl.trans(k6), input_precision=prec) * c6[None, :]
+    # One key tile is live at a time: each is read for its scores, and read again (from L1/L2) for
+    # its values. Holding all eight across the softmax, in both dot layouts, needs more registers
+    # than a program has (ptxas: spills), and leaves room for too few programs to hide the gathers.
+    s = _tile_scores(q_row, mask_h, cache_ptr, data, valid, 7, COMPUTE, IEEE)
+    s += _tile_scores(q_row, mask_h, cache_ptr, data, valid, 0, COMPUTE, IEEE) * c0[None, :]
+    s += _tile_scores(q_row, mask_h, cache_ptr, data, valid, 1, COMPUTE, IEEE) * c1[None, :]
+    s += _tile_scores(q_row, mask_h, cache_ptr, data, valid, 2, COMPUTE, IEEE) * c2[None, :]
+    s += _tile_scores(q_row, mask_h, cache_ptr, data, valid, 3, COMPUTE, IEEE) * c3[None, :]
+    s += _tile_scores(q_row, mask_h, cache_ptr, data, valid, 4, COMPUTE, IEEE) * c4[None, :]
+    s += _tile_scores(q_row, mask_h, cache_ptr, data, valid, 5, COMPUTE, IEEE) * c5[None, :]
+    s += _tile_scores(q_row, mask_h, cache_ptr, data, valid, 6, COMPUTE, IEEE) * c6[None, :]
     s = tl.where(valid[None, :], s * scale2, float("-inf"))
     m, den, alpha, p = online_softmax(s, m, den)
-    a0 = a0 * alpha[:, None] + tl.dot((p * c0[None, :]).to(COMPUTE), k0, input_precision=prec)
-    a1 = a1 * alpha[:, None] + tl.dot((p * c1[None, :]).to(COMPUTE), k1, input_precision=prec)
-    a2 = a2 * alpha[:, None] + tl.dot((p * c2[None, :]).to(COMPUTE), k2, input_precision=prec)
-    a3 = a3 * alpha[:, None] + tl.dot((p * c3[None, :]).to(COMPUTE), k3, input_precision=prec)
-    a4 = a4 * alpha[:, None] + tl.dot((p * c4[None, :]).to(COMPUTE), k4, input_precision=prec)
-    a5 = a5 * alpha[:, None] + tl.dot((p * c5[None, :]).to(COMPUTE), k5, input_precision=prec)
-    a6 = a6 * alpha[:, None] + tl.dot((p * c6[None, :]).to(COMPUTE), k6, input_precision=prec)
-    a7 = a7 * alpha[:, None] + tl.dot(p.to(COMPUTE), k7, input_precision=prec)
+    a0 = _tile_values(a0, alpha, p * c0[None, :], cache_ptr, data, valid, 0, COMPUTE, IEEE)
+    a1 = _tile_values(a1, alpha, p * c1[None, :], cache_ptr, data, valid, 1, COMPUTE, IEEE)
+    a2 = _tile_values(a2, alpha, p * c2[None, :], cache_ptr, data, valid, 2, COMPUTE, IEEE)
+    a3 = _tile_values(a3, alpha, p * c3[None, :], cache_ptr, data, valid, 3, COMPUTE, IEEE)
+    a4 = _tile_values(a4, alpha, p * c4[None, :], cache_ptr, data, valid, 4, COMPUTE, IEEE)
+    a5 = _tile_values(a5, alpha, p * c5[None, :], cache_ptr, data, valid, 5, COMPUTE, IEEE)
+    a6 = _tile_values(a6, alpha, p * c6[None, :], cache_ptr, data, valid, 6, COMPUTE, IEEE)
+    a7 = _tile_values(a7, alpha, p, cache_ptr, data, valid, 7, COMPUTE, IEEE)
     return m, den, a0, a1, a2, a3, a4, a5, a6, a7
 
 
@@ -126,14 +134,6 @@ def _dsv4_sparse_decode_kernel(
     mask_h = heads < H
     compute: tl.constexpr = tl.float32 if IEEE else tl.bfloat16
     q_row = q_ptr + b * s_q_b + s * s_q_s + heads[:, None] * s_q_h
-    q0 = _q_tile(q_row, mask_h, 0, compute)
-    q1 = _q_tile(q_row, mask_h, 1, compute)
-    q2 = _q_tile(q_row, mask_h, 2, compute)
-    q3 = _q_tile(q_row, mask_h, 3, compute)
-    q4 = _q_tile(q_row, mask_h, 4, compute)
-    q5 = _q_tile(q_row, mask_h, 5, compute)
-    q6 = _q_tile(q_row, mask_h, 6, compute)
-    q7 = _q_tile(q_row, mask_h, 7, compute)
     scale2 = sm_scale * LOG2E
 
     m = tl.full((BLOCK_H,), float("-inf"), tl.float32)
@@ -162,7 +162,7 @@ def _dsv4_sparse_decode_kernel(
         if start < main_hi:
             m, den, a0, a1, a2, a3, a4, a5, a6, a7 = _attend(
                 cache_ptr, idx_row, start + blocks, main_hi, page_stride, block_size, n_tokens, scale2,
-                q0, q1, q2, q3, q4, q5, q6, q7, m, den, a0, a1, a2, a3, a4, a5, a6, a7, compute, IEEE)
+                q_row, mask_h, m, den, a0, a1, a2, a3, a4, a5, a6, a7, compute, IEEE)
 
     if HAS_EXTRA:
         x_limit = x_topk
@@ -176,7 +176,7 @@ def _dsv4_sparse_decode_kernel(
             if start < x_hi:
                 m, den, a0, a1, a2, a3, a4, a5, a6, a7 = _attend(
                     x_cache_ptr, x_row, start + blocks, x_hi, x_page_stride, x_block_size, x_n_tokens, scale2,
-                    q0, q1, q2, q3, q4, q5, q6, q7, m, den, a0, a1, a2, a3, a4, a5, a6, a7, compute, IEEE)
+                    q_row, mask_h, m, den, a0, a1, a2, a3, a4, a5, a6, a7, compute, IEEE)
 
     sink2 = tl.full((BLOCK_H,), float("-inf"), tl.float32)
     if HAS_SINK:
