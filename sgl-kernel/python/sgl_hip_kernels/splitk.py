@@ -23,7 +23,7 @@ import triton
 from .kernels.splitk import _splitk_combine_kernel
 
 WAVES = 2
-MIN_KEYS = 64
+MIN_KEYS = 128
 MAX_SPLITS = 64
 
 
@@ -65,20 +65,27 @@ def plan(tokens: int, heads: int, keys: int, device, block_h: int, block_n: int,
 
 
 def partials(p: SplitPlan, tokens: int, heads: int, d: int, device):
-    """Scratch for ``p.splits`` partials: outputs (splits, tokens, heads, d) and lse2 (splits, tokens, heads)."""
+    """Scratch for ``p.splits`` partials: outputs (splits, tokens, heads, d) and their statistics
+    (2, splits, tokens, heads): the running max ``m`` ([0], where the kernels' lse pointer points)
+    and the denominator ([1], ``den_offset(stats)`` elements later)."""
     return (torch.empty(p.splits, tokens, heads, d, dtype=torch.float32, device=device),
-            torch.empty(p.splits, tokens, heads, dtype=torch.float32, device=device))
+            torch.empty(2, p.splits, tokens, heads, dtype=torch.float32, device=device))
+
+
+def den_offset(stats) -> int:
+    return stats.stride(0)
 
 
 def combine(part_o, part_lse, out, out_strides, s_q: int, sink=None, lse=None, lse_strides=(0, 0, 0)):
     """Merge the partials into ``out`` (token t = b * s_q + s at ``out_strides`` (b, s, h)) and
     ``lse`` (natural log, at ``lse_strides`` (b, h, s)); ``sink`` (heads,) fp32 or None."""
     splits, tokens, heads, d = part_o.shape
+    stats = part_lse[0]
     block_h = 16
     _splitk_combine_kernel[(tokens, triton.cdiv(heads, block_h))](
-        part_o, part_lse, sink if sink is not None else part_lse, out, lse if lse is not None else part_lse,
+        part_o, stats, sink if sink is not None else stats, out, lse if lse is not None else stats,
         heads, s_q,
-        part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
+        part_o.stride(0), part_o.stride(1), part_o.stride(2), stats.stride(0), stats.stride(1), den_offset(part_lse),
         *out_strides, *lse_strides,
         SPLITS=splits, D=d, BLOCK_H=block_h, HAS_SINK=sink is not None, HAS_LSE=lse is not None, num_warps=4,
     )

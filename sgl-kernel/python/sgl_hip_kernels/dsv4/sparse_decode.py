@@ -15,7 +15,7 @@ Bad input is refused on the host with a message (dtypes, shapes, strides, device
 index values are checked on the host only where that is free (CPU tensors). On the device an index
 past the cache is treated as invalid: no load ever leaves the cache.
 
-Launch: one program per (16 heads, query token, split), ``splitk.plan``'s fixed rule; with more
+Launch: one program per (16 or 64 heads, query token, split), ``splitk.plan``'s fixed rule; with more
 than one split a combine kernel merges the partials (scratch from the caching allocator on the
 current stream). No state is kept between calls and nothing global is touched at import.
 """
@@ -31,11 +31,14 @@ from .kv_cache import D, cache_pages
 
 
 def launch_rule(tokens: int, heads: int, keys: int, device, splits: int | None = None) -> splitk.SplitPlan:
-    """The fixed launch of one call (``splits`` forces the split count): 16 heads x 32 keys per
-    step and 8 warps, the configuration that compiles without register spills for sm_90 (ptxas -v
-    over the (heads, keys, warps) grid; wider head blocks keep q replicated in every warp's
-    registers and spill)."""
-    return splitk.plan(tokens, heads, keys, device, block_h=16, block_n=32, num_warps=8, num_stages=2, splits=splits)
+    """The fixed launch of one call (``splits`` forces the split count). More than 16 heads: 64
+    heads x 64 keys per step, 8 warps, the best or within 5% of the best of the H200 sweep
+    (``bench_dsv4_sparse_decode.py --sweep``: h 64 batch 1 and 64, h 128 batch 128 s_q 2); up to
+    16 heads, and on the CPU: 16 x 32 (tl.dot needs 16 rows; fewer heads are masked; under the
+    interpreter numpy's fp32 matmul of 64-row blocks errs about twice as much as torch's einsum)."""
+    if heads <= 16 or torch.device(device).type != "cuda":
+        return splitk.plan(tokens, heads, keys, device, block_h=16, block_n=32, num_warps=8, num_stages=2, splits=splits)
+    return splitk.plan(tokens, heads, keys, device, block_h=64, block_n=64, num_warps=8, num_stages=2, splits=splits)
 
 
 def _check_scope(name, cache, indices, block_size, length, q):
@@ -95,9 +98,10 @@ def sparse_decode(q, k_cache, indices, block_size, sm_scale, *, topk_length=None
     final = p.splits == 1
     if final:
         o_buf, o_strides = out, (0, out.stride(0), out.stride(1), out.stride(2))
-        l_buf, l_strides = lse, (0, lse.stride(0), lse.stride(1), lse.stride(2))
+        l_buf, l_strides, den_off = lse, (0, lse.stride(0), lse.stride(1), lse.stride(2)), 0
     else:
-        o_buf, l_buf = splitk.partials(p, tokens, h, D, q.device)
+        o_buf, stats = splitk.partials(p, tokens, h, D, q.device)
+        l_buf, den_off = stats[0], splitk.den_offset(stats)
         o_strides = (o_buf.stride(0), s_q * o_buf.stride(1), o_buf.stride(1), o_buf.stride(2))
         l_strides = (l_buf.stride(0), s_q * l_buf.stride(1), l_buf.stride(2), l_buf.stride(1))
     dummy = lse
@@ -111,12 +115,12 @@ def sparse_decode(q, k_cache, indices, block_size, sm_scale, *, topk_length=None
         stride, block_size, n_tokens, indices.stride(0), indices.stride(1), topk,
         x_stride, extra_block_size if has_extra else block_size, x_n_tokens,
         *(extra_indices.stride()[:2] if has_extra else (0, 0)), x_topk,
-        *o_strides, *l_strides,
+        *o_strides, *l_strides, den_off,
         HAS_LEN=topk_length is not None, HAS_EXTRA=has_extra, HAS_X_LEN=extra_topk_length is not None,
         HAS_SINK=attn_sink is not None, FINAL=final, BLOCK_H=p.block_h, BLOCK_N=p.block_n, KEYS_PER_SPLIT=p.keys_per_split,
         IEEE=q.dtype == torch.float32, num_warps=p.num_warps, num_stages=p.num_stages,
     )
     if not final:
-        splitk.combine(o_buf, l_buf, out, (out.stride(0), out.stride(1), out.stride(2)), s_q, sink=attn_sink, lse=lse,
+        splitk.combine(o_buf, stats, out, (out.stride(0), out.stride(1), out.stride(2)), s_q, sink=attn_sink, lse=lse,
                        lse_strides=(lse.stride(0), lse.stride(1), lse.stride(2)))
     return out, lse

@@ -2,10 +2,11 @@
 program's result (final, or a split's partial), and the combine kernel.
 
 Scores are kept in log2 units (``s * sm_scale * log2(e)``) so every exponential is an ``exp2``.
-A split's partial is its normalised output ``acc / den`` (fp32) and its ``lse2 = m + log2(den)``,
-``-inf`` when the split saw nothing valid. Combining splits i: ``M = max lse2_i``,
-``w_i = 2^(lse2_i - M)``, ``out = sum w_i o_i / (sum w_i + 2^(sink2 - M))``, ``lse = (M + log2 sum w_i)
-ln 2``: the single-pass result, in any split order.
+A split's partial is its normalised output ``o = acc / den`` (fp32), its running max ``m`` (-inf
+when it saw nothing valid) and its denominator ``den``, kept apart rather than folded into an LSE
+(a log2 / exp2 round trip would cost the fp32 result about twice torch's error). Combining splits
+i: ``M = max m_i``, ``w_i = den_i 2^(m_i - M)``, ``out = sum w_i o_i / (sum w_i + 2^(sink2 - M))``,
+``lse = (M + log2 sum w_i) ln 2``: the single-pass result, in any split order.
 """
 
 import triton
@@ -37,22 +38,25 @@ def softmax_step(s, v, m, den, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
-def write_result(acc, m, den, sink2, o_ptrs, lse_ptrs, mask_h, mask_o, FINAL: tl.constexpr, HAS_LSE: tl.constexpr):
+def write_result(acc, m, den, sink2, o_ptrs, lse_ptrs, den_offset, mask_h, mask_o, FINAL: tl.constexpr,
+                 HAS_LSE: tl.constexpr):
     """Store a program's result. FINAL: ``acc / (den + 2^(sink2 - m))`` (``sink2`` -inf: no sink) and
     the natural-log LSE, 0 and +inf for a row with nothing valid. Otherwise a split's partial:
-    ``acc / den`` and ``lse2``, 0 and -inf when empty."""
+    ``acc / den`` (0 when empty), ``m`` at ``lse_ptrs`` and ``den`` ``den_offset`` elements after."""
     empty = den == 0.0
     m_safe = tl.where(empty, 0.0, m)
+    denom = den
     if FINAL:
         denom = den + tl.exp2(sink2 - m_safe)
-        lse = tl.where(empty, float("inf"), (m_safe + tl.log2(tl.where(empty, 1.0, den))) * LN2)
-    else:
-        denom = den
-        lse = tl.where(empty, float("-inf"), m_safe + tl.log2(tl.where(empty, 1.0, den)))
     out = tl.where(empty[:, None], 0.0, acc / tl.where(empty, 1.0, denom)[:, None])
     tl.store(o_ptrs, out.to(o_ptrs.dtype.element_ty), mask=mask_o)
     if HAS_LSE:
-        tl.store(lse_ptrs, lse, mask=mask_h)
+        if FINAL:
+            tl.store(lse_ptrs, tl.where(empty, float("inf"), (m_safe + tl.log2(tl.where(empty, 1.0, den))) * LN2),
+                     mask=mask_h)
+        else:
+            tl.store(lse_ptrs, tl.where(empty, float("-inf"), m), mask=mask_h)
+            tl.store(lse_ptrs + den_offset, den, mask=mask_h)
 
 
 @triton.jit
@@ -60,7 +64,7 @@ def _splitk_combine_kernel(
     part_o_ptr, part_lse_ptr, sink_ptr, out_ptr, lse_ptr,
     H, S_Q,
     s_po_split, s_po_t, s_po_h,
-    s_pl_split, s_pl_t,
+    s_pl_split, s_pl_t, den_offset,
     s_o_b, s_o_s, s_o_h,
     s_l_b, s_l_h, s_l_s,
     SPLITS: tl.constexpr,
@@ -77,15 +81,16 @@ def _splitk_combine_kernel(
     d = tl.arange(0, D)
     big_m = tl.full((BLOCK_H,), float("-inf"), tl.float32)
     for i in range(0, SPLITS):
-        lse2 = tl.load(part_lse_ptr + i * s_pl_split + t * s_pl_t + heads, mask=mask_h, other=float("-inf"))
-        big_m = tl.maximum(big_m, lse2)
+        m_i = tl.load(part_lse_ptr + i * s_pl_split + t * s_pl_t + heads, mask=mask_h, other=float("-inf"))
+        big_m = tl.maximum(big_m, m_i)
     empty = big_m == float("-inf")
     m_safe = tl.where(empty, 0.0, big_m)
     total = tl.zeros((BLOCK_H,), tl.float32)
     acc = tl.zeros((BLOCK_H, D), tl.float32)
     for i in range(0, SPLITS):
-        lse2 = tl.load(part_lse_ptr + i * s_pl_split + t * s_pl_t + heads, mask=mask_h, other=float("-inf"))
-        w = tl.exp2(lse2 - m_safe)
+        stats = part_lse_ptr + i * s_pl_split + t * s_pl_t + heads
+        m_i = tl.load(stats, mask=mask_h, other=float("-inf"))
+        w = tl.load(stats + den_offset, mask=mask_h & (m_i > float("-inf")), other=0.0) * tl.exp2(m_i - m_safe)
         o = tl.load(part_o_ptr + i * s_po_split + t * s_po_t + heads[:, None] * s_po_h + d[None, :],
                     mask=(mask_h & (w > 0))[:, None], other=0.0)
         total += w

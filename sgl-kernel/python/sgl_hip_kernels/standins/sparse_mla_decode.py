@@ -58,17 +58,18 @@ def sparse_mla_decode(q, kv, indices, sm_scale: float, d_v: int = 512, out: torc
     final = p.splits == 1
     if final:
         o_buf, l_buf = out, out  # no lse is written
-        o_strides, l_strides = (0, *out.stride()), (0, 0)
+        o_strides, l_strides, den_off = (0, *out.stride()), (0, 0), 0
     else:
-        o_buf, l_buf = splitk.partials(p, n, h, d_v, q.device)
+        o_buf, stats = splitk.partials(p, n, h, d_v, q.device)
+        l_buf, den_off = stats[0], splitk.den_offset(stats)
         o_strides, l_strides = o_buf.stride(), l_buf.stride()[:2]
     grid = (triton.cdiv(h, p.block_h), n, p.splits)
     _sparse_mla_decode_kernel[grid](
         q, kv2, indices, o_buf, l_buf, float(sm_scale), h, topk,
-        *q.stride(), *kv2.stride(), indices.stride(0), indices.stride(2), *o_strides, *l_strides,
+        *q.stride(), *kv2.stride(), indices.stride(0), indices.stride(2), *o_strides, *l_strides, den_off,
         D_V=d_v, D_ROPE=d_rope, BLOCK_H=p.block_h, BLOCK_N=p.block_n, KEYS_PER_SPLIT=p.keys_per_split, FINAL=final,
         IEEE=ieee, num_warps=p.num_warps, num_stages=p.num_stages,
     )
     if not final:
-        splitk.combine(o_buf, l_buf, out, (out.stride(0), 0, out.stride(1)), 1)
+        splitk.combine(o_buf, stats, out, (out.stride(0), 0, out.stride(1)), 1)
     return out

@@ -2,107 +2,45 @@
 ``dsv4/sparse_decode_ref``; layout: ``dsv4/kv_cache``).
 
 One program per (block of heads, query token, split of the key list). The key list is the main
-scope's top-k followed by the extra scope's; a split walks its part of each. A gathered key is
-eight 64-wide tiles: seven fp8 NoPE tiles, each with its power-of-two scale, and the bf16 RoPE tile.
-The fp8 bytes convert to bf16 exactly and the scales are applied where they cost least and change
-nothing (a power of two commutes with every rounding here): to the tile's partial scores
-``s += scale_t * (q_t . k_t)`` and to the probabilities it multiplies, ``acc_t += (p * scale_t) v_t``.
-So no tile is ever widened to fp32 and there are eight (BLOCK_H, 64) accumulators, V = K. Heads
-are the fastest grid axis, so the programs that read one token's keys run together and share them
-through L2.
+scope's top-k followed by the extra scope's; a split walks its part of each, dequantising every
+gathered token into one 512-wide row (7 fp8 tiles times their power-of-two scales, then the bf16
+RoPE values): exact in bf16, so one QK dot and one PV dot per block of keys. Heads are the fastest
+grid axis, so the programs that read one token's keys run together and share them through L2.
 """
 
 import triton
 import triton.language as tl
 
-from ...kernels.splitk import LOG2E, online_softmax, write_result
+from ...kernels.splitk import LOG2E, softmax_step, write_result
 
 
 @triton.jit
-def _key_tile(cache_ptr, data, valid, T: tl.constexpr, COMPUTE: tl.constexpr, CACHE: tl.constexpr):
-    """Tile ``T`` (BLOCK_N, 64) of the gathered keys, unscaled: fp8 NoPE tiles 0..6, the bf16 RoPE tile 7."""
-    c = tl.arange(0, 64)
-    if T < 7:
-        raw = tl.load(cache_ptr + data[:, None] + (T * 64) + c[None, :], mask=valid[:, None], other=0, cache_modifier=CACHE)
-        tile = raw.to(tl.float8e4nv, bitcast=True).to(COMPUTE)
-    else:
-        ptrs = (cache_ptr + data[:, None] + 448).to(tl.pointer_type(tl.bfloat16)) + c[None, :]
-        tile = tl.load(ptrs, mask=valid[:, None], other=0.0, cache_modifier=CACHE).to(COMPUTE)
-    return tile
-
-
-@triton.jit
-def _tile_scale(cache_ptr, scales_at, valid, T: tl.constexpr):
-    """The (BLOCK_N,) scales of tile ``T``: 2^(u8 - 127); 1 for the RoPE tile."""
-    if T < 7:
-        scale = tl.exp2(tl.load(cache_ptr + scales_at + T, mask=valid, other=127).to(tl.float32) - 127.0)
-    else:
-        scale = tl.full(scales_at.shape, 1.0, tl.float32)
-    return scale
-
-
-@triton.jit
-def _q_tile(q_row, heads_ok, T: tl.constexpr, COMPUTE: tl.constexpr):
-    return tl.load(q_row + (T * 64) + tl.arange(0, 64)[None, :], mask=heads_ok[:, None], other=0.0).to(COMPUTE)
-
-
-@triton.jit
-def _tile_scores(q_row, mask_h, cache_ptr, data, valid, T: tl.constexpr, COMPUTE: tl.constexpr, IEEE: tl.constexpr):
-    """q's tile T (re-read from L1 each block) times the keys' tile T: (BLOCK_H, BLOCK_N), unscaled."""
-    k = _key_tile(cache_ptr, data, valid, T, COMPUTE, "")
-    return tl.dot(_q_tile(q_row, mask_h, T, COMPUTE), tl.trans(k), input_precision="ieee" if IEEE else "tf32")
-
-
-@triton.jit
-def _tile_values(acc, alpha, p, cache_ptr, data, valid, T: tl.constexpr, COMPUTE: tl.constexpr, IEEE: tl.constexpr):
-    """The accumulator of tile T rescaled and plus p times the keys' tile T (V = K), read again."""
-    # ".ca": a second read of the same bytes, not merged with the first by the compiler.
-    v = _key_tile(cache_ptr, data, valid, T, COMPUTE, ".ca")
-    return acc * alpha[:, None] + tl.dot(p.to(COMPUTE), v, input_precision="ieee" if IEEE else "tf32")
-
-
-@triton.jit
-def _attend(cache_ptr, idx_row, pos, limit, page_stride, block_size, n_tokens, scale2,
-            q_row, mask_h, m, den, a0, a1, a2, a3, a4, a5, a6, a7, COMPUTE: tl.constexpr, IEEE: tl.constexpr):
-    """One block of keys at positions ``pos`` of one scope into the running softmax. Positions at
-    or past ``limit``, negative indices and indices past the cache are invalid and never read."""
+def _load_keys(cache_ptr, idx_row_ptr, pos, limit, page_stride, block_size, n_tokens,
+               BLOCK_N: tl.constexpr, COMPUTE: tl.constexpr):
+    """Gather and dequantise the keys at positions ``pos`` of one scope: (BLOCK_N, 512) and validity.
+    Positions at or past ``limit``, negative indices and indices past the cache are invalid and
+    never read."""
     in_list = pos < limit
-    idx = tl.load(idx_row + pos, mask=in_list, other=-1).to(tl.int64)
+    idx = tl.load(idx_row_ptr + pos, mask=in_list, other=-1).to(tl.int64)
     valid = in_list & (idx >= 0) & (idx < n_tokens)
     idx = tl.where(valid, idx, 0)
     page = idx // block_size
     slot = idx - page * block_size
-    data = page * page_stride + slot * 576
-    scales_at = page * page_stride + block_size * 576 + slot * 8
-    c0 = _tile_scale(cache_ptr, scales_at, valid, 0)
-    c1 = _tile_scale(cache_ptr, scales_at, valid, 1)
-    c2 = _tile_scale(cache_ptr, scales_at, valid, 2)
-    c3 = _tile_scale(cache_ptr, scales_at, valid, 3)
-    c4 = _tile_scale(cache_ptr, scales_at, valid, 4)
-    c5 = _tile_scale(cache_ptr, scales_at, valid, 5)
-    c6 = _tile_scale(cache_ptr, scales_at, valid, 6)
-    # One key tile is live at a time: each is read for its scores, and read again (from L1/L2) for
-    # its values. Holding all eight across the softmax, in both dot layouts, needs more registers
-    # than a program has (ptxas: spills), and leaves room for too few programs to hide the gathers.
-    s = _tile_scores(q_row, mask_h, cache_ptr, data, valid, 7, COMPUTE, IEEE)
-    s += _tile_scores(q_row, mask_h, cache_ptr, data, valid, 0, COMPUTE, IEEE) * c0[None, :]
-    s += _tile_scores(q_row, mask_h, cache_ptr, data, valid, 1, COMPUTE, IEEE) * c1[None, :]
-    s += _tile_scores(q_row, mask_h, cache_ptr, data, valid, 2, COMPUTE, IEEE) * c2[None, :]
-    s += _tile_scores(q_row, mask_h, cache_ptr, data, valid, 3, COMPUTE, IEEE) * c3[None, :]
-    s += _tile_scores(q_row, mask_h, cache_ptr, data, valid, 4, COMPUTE, IEEE) * c4[None, :]
-    s += _tile_scores(q_row, mask_h, cache_ptr, data, valid, 5, COMPUTE, IEEE) * c5[None, :]
-    s += _tile_scores(q_row, mask_h, cache_ptr, data, valid, 6, COMPUTE, IEEE) * c6[None, :]
-    s = tl.where(valid[None, :], s * scale2, float("-inf"))
-    m, den, alpha, p = online_softmax(s, m, den)
-    a0 = _tile_values(a0, alpha, p * c0[None, :], cache_ptr, data, valid, 0, COMPUTE, IEEE)
-    a1 = _tile_values(a1, alpha, p * c1[None, :], cache_ptr, data, valid, 1, COMPUTE, IEEE)
-    a2 = _tile_values(a2, alpha, p * c2[None, :], cache_ptr, data, valid, 2, COMPUTE, IEEE)
-    a3 = _tile_values(a3, alpha, p * c3[None, :], cache_ptr, data, valid, 3, COMPUTE, IEEE)
-    a4 = _tile_values(a4, alpha, p * c4[None, :], cache_ptr, data, valid, 4, COMPUTE, IEEE)
-    a5 = _tile_values(a5, alpha, p * c5[None, :], cache_ptr, data, valid, 5, COMPUTE, IEEE)
-    a6 = _tile_values(a6, alpha, p * c6[None, :], cache_ptr, data, valid, 6, COMPUTE, IEEE)
-    a7 = _tile_values(a7, alpha, p, cache_ptr, data, valid, 7, COMPUTE, IEEE)
-    return m, den, a0, a1, a2, a3, a4, a5, a6, a7
+    base = page * page_stride
+    data = base + slot * 576
+    cols = tl.arange(0, 512)
+    nope = cols < 448
+    raw = tl.load(cache_ptr + data[:, None] + cols[None, :], mask=valid[:, None] & nope[None, :], other=0)
+    rope_ptrs = (cache_ptr + data[:, None] + 448).to(tl.pointer_type(tl.bfloat16)) + (cols - 448)[None, :]
+    rope = tl.load(rope_ptrs, mask=valid[:, None] & ~nope[None, :], other=0.0)
+    tiles = tl.arange(0, 8)
+    exps = tl.load(cache_ptr + (base + block_size * 576 + slot * 8)[:, None] + tiles[None, :],
+                   mask=valid[:, None] & (tiles < 7)[None, :], other=127)
+    scale = tl.exp2(exps.to(tl.float32) - 127.0)
+    vals = raw.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    vals = tl.reshape(tl.reshape(vals, (BLOCK_N, 8, 64)) * scale[:, :, None], (BLOCK_N, 512))
+    keys = tl.where(nope[None, :], vals, rope.to(tl.float32)).to(COMPUTE)
+    return keys, valid
 
 
 @triton.jit
@@ -115,7 +53,7 @@ def _dsv4_sparse_decode_kernel(
     page_stride, block_size, n_tokens, s_i_b, s_i_s, topk,
     x_page_stride, x_block_size, x_n_tokens, s_xi_b, s_xi_s, x_topk,
     s_o_split, s_o_b, s_o_s, s_o_h,
-    s_l_split, s_l_b, s_l_h, s_l_s,
+    s_l_split, s_l_b, s_l_h, s_l_s, den_offset,
     HAS_LEN: tl.constexpr,  # topk_length given: positions past it are skipped, whole blocks unread
     HAS_EXTRA: tl.constexpr,  # the extra (compressed) scope joins the softmax
     HAS_X_LEN: tl.constexpr,
@@ -132,20 +70,15 @@ def _dsv4_sparse_decode_kernel(
     b = t // S_Q
     s = t % S_Q
     mask_h = heads < H
-    compute: tl.constexpr = tl.float32 if IEEE else tl.bfloat16
-    q_row = q_ptr + b * s_q_b + s * s_q_s + heads[:, None] * s_q_h
+    compute = tl.float32 if IEEE else tl.bfloat16
+    d = tl.arange(0, 512)
+    q = tl.load(q_ptr + b * s_q_b + s * s_q_s + heads[:, None] * s_q_h + d[None, :], mask=mask_h[:, None], other=0.0)
+    q = q.to(compute)
     scale2 = sm_scale * LOG2E
 
     m = tl.full((BLOCK_H,), float("-inf"), tl.float32)
     den = tl.zeros((BLOCK_H,), tl.float32)
-    a0 = tl.zeros((BLOCK_H, 64), tl.float32)
-    a1 = tl.zeros((BLOCK_H, 64), tl.float32)
-    a2 = tl.zeros((BLOCK_H, 64), tl.float32)
-    a3 = tl.zeros((BLOCK_H, 64), tl.float32)
-    a4 = tl.zeros((BLOCK_H, 64), tl.float32)
-    a5 = tl.zeros((BLOCK_H, 64), tl.float32)
-    a6 = tl.zeros((BLOCK_H, 64), tl.float32)
-    a7 = tl.zeros((BLOCK_H, 64), tl.float32)
+    acc = tl.zeros((BLOCK_H, 512), tl.float32)
     lo = split * KEYS_PER_SPLIT
     hi = lo + KEYS_PER_SPLIT
     blocks = tl.arange(0, BLOCK_N)
@@ -160,9 +93,11 @@ def _dsv4_sparse_decode_kernel(
     for j in range(0, KEYS_PER_SPLIT, BLOCK_N):
         start = lo + j
         if start < main_hi:
-            m, den, a0, a1, a2, a3, a4, a5, a6, a7 = _attend(
-                cache_ptr, idx_row, start + blocks, main_hi, page_stride, block_size, n_tokens, scale2,
-                q_row, mask_h, m, den, a0, a1, a2, a3, a4, a5, a6, a7, compute, IEEE)
+            keys, valid = _load_keys(cache_ptr, idx_row, start + blocks, main_hi, page_stride, block_size, n_tokens,
+                                     BLOCK_N, compute)
+            sc = tl.dot(q, tl.trans(keys), input_precision="ieee" if IEEE else "tf32") * scale2
+            sc = tl.where(valid[None, :], sc, float("-inf"))
+            m, den, acc = softmax_step(sc, keys, m, den, acc, IEEE)
 
     if HAS_EXTRA:
         x_limit = x_topk
@@ -174,21 +109,15 @@ def _dsv4_sparse_decode_kernel(
         for j in range(0, KEYS_PER_SPLIT, BLOCK_N):
             start = x_lo + j
             if start < x_hi:
-                m, den, a0, a1, a2, a3, a4, a5, a6, a7 = _attend(
-                    x_cache_ptr, x_row, start + blocks, x_hi, x_page_stride, x_block_size, x_n_tokens, scale2,
-                    q_row, mask_h, m, den, a0, a1, a2, a3, a4, a5, a6, a7, compute, IEEE)
+                keys, valid = _load_keys(x_cache_ptr, x_row, start + blocks, x_hi, x_page_stride, x_block_size,
+                                         x_n_tokens, BLOCK_N, compute)
+                sc = tl.dot(q, tl.trans(keys), input_precision="ieee" if IEEE else "tf32") * scale2
+                sc = tl.where(valid[None, :], sc, float("-inf"))
+                m, den, acc = softmax_step(sc, keys, m, den, acc, IEEE)
 
     sink2 = tl.full((BLOCK_H,), float("-inf"), tl.float32)
     if HAS_SINK:
         sink2 = tl.load(sink_ptr + heads, mask=mask_h, other=0.0) * LOG2E
-    o_row = out_ptr + split * s_o_split + b * s_o_b + s * s_o_s + heads[:, None] * s_o_h + tl.arange(0, 64)[None, :]
+    o_ptrs = out_ptr + split * s_o_split + b * s_o_b + s * s_o_s + heads[:, None] * s_o_h + d[None, :]
     lse_ptrs = lse_ptr + split * s_l_split + b * s_l_b + heads * s_l_h + s * s_l_s
-    mo = mask_h[:, None]
-    write_result(a0, m, den, sink2, o_row, lse_ptrs, mask_h, mo, FINAL, True)
-    write_result(a1, m, den, sink2, o_row + 64, lse_ptrs, mask_h, mo, FINAL, False)
-    write_result(a2, m, den, sink2, o_row + 128, lse_ptrs, mask_h, mo, FINAL, False)
-    write_result(a3, m, den, sink2, o_row + 192, lse_ptrs, mask_h, mo, FINAL, False)
-    write_result(a4, m, den, sink2, o_row + 256, lse_ptrs, mask_h, mo, FINAL, False)
-    write_result(a5, m, den, sink2, o_row + 320, lse_ptrs, mask_h, mo, FINAL, False)
-    write_result(a6, m, den, sink2, o_row + 384, lse_ptrs, mask_h, mo, FINAL, False)
-    write_result(a7, m, den, sink2, o_row + 448, lse_ptrs, mask_h, mo, FINAL, False)
+    write_result(acc, m, den, sink2, o_ptrs, lse_ptrs, den_offset, mask_h, mask_h[:, None], FINAL, True)

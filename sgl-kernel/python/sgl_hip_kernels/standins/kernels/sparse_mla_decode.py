@@ -21,13 +21,13 @@ def _sparse_mla_decode_kernel(
     s_kv_s, s_kv_d,
     s_i_n, s_i_k,
     s_o_split, s_o_n, s_o_h, s_o_d,
-    s_l_split, s_l_n,
+    s_l_split, s_l_n, den_offset,
     D_V: tl.constexpr,
     D_ROPE: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_N: tl.constexpr,
     KEYS_PER_SPLIT: tl.constexpr,  # a power of two times BLOCK_N: a fixed trip count, few variants
-    FINAL: tl.constexpr,  # one split: write the output; else this split's partial and its lse2
+    FINAL: tl.constexpr,  # one split: write the output; else this split's partial and its m, den
     IEEE: tl.constexpr,  # fp32 inputs (the CPU interpreter): exact fp32 dots, no TF32
 ):
     heads = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -66,4 +66,4 @@ def _sparse_mla_decode_kernel(
     o_ptrs = out_ptr + split * s_o_split + n * s_o_n + heads[:, None] * s_o_h + dv[None, :] * s_o_d
     lse_ptrs = lse_ptr + split * s_l_split + n * s_l_n + heads
     no_sink = tl.full((BLOCK_H,), float("-inf"), tl.float32)
-    write_result(acc, m, den, no_sink, o_ptrs, lse_ptrs, head_ok, head_ok[:, None], FINAL, not FINAL)
+    write_result(acc, m, den, no_sink, o_ptrs, lse_ptrs, den_offset, head_ok, head_ok[:, None], FINAL, not FINAL)
