@@ -72,6 +72,7 @@ CHECKS = {
     "bench_streams": check_streams,
     "bench_dsv4_compress": check_dsv4_kernel("max_abs_diff_vs_torch", 2),
     "bench_dsv4_qk_norm": check_dsv4_kernel("max_abs_err_vs_ref", 1),
+    "bench_dsv4_sparse_decode": check_dsv4_kernel("err_ours", 2),
 }
 
 

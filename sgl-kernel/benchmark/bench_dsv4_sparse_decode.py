@@ -175,6 +175,10 @@ def dsv4_flops(shape: Dsv4Shape, s) -> int:
     return keys * shape.h * 4 * 512
 
 
+def sig(x: float) -> float:
+    return float(f"{x:.2e}")
+
+
 def max_err(got, ref):
     out, lse = got
     finite = torch.isfinite(ref[1])
@@ -192,15 +196,14 @@ def measure_dsv4(shape: Dsv4Shape, up, repeats: int, copy_gbps: float, l2: int) 
                                             **dsv4_kwargs(s, extra))
     s0 = sets[0]
     ref = sparse_decode_ref(s0["q"].double(), main, s0["indices"], SWA_BLOCK, scale, **dsv4_kwargs(s0, extra))
-    row = {"shape": shape.name, "err_ours": f"{max_err(ours(s0), ref):.1e}",
-           "err_torch": f"{max_err(ref_torch(s0), ref):.1e}"}
+    row = {"shape": shape.name, "err_ours": sig(max_err(ours(s0), ref)), "err_torch": sig(max_err(ref_torch(s0), ref))}
     arms = {"ours": ours, "torch": ref_torch}
     if up is not None:
         up_one = lambda s: upstream_dsv4_call(up, s, main, extra, scale)  # noqa: E731
         for s in sets:  # autotune every kernel it will launch, before capture
             up_one(s)
         torch.cuda.synchronize()
-        row["err_upstream"] = f"{max_err(up_one(s0), ref):.1e}"
+        row["err_upstream"] = sig(max_err(up_one(s0), ref))
         row["upstream_path"] = upstream_dsv4_path(up, shape)
         arms["upstream"] = up_one
     arms["floor"] = lambda s: _empty_kernel[(1,)](s["q"])
@@ -238,7 +241,7 @@ def measure_nsa(h: int, batch: int, fp8: bool, up, repeats: int, copy_gbps: floa
     torch_arm = lambda s: sparse_mla_decode_ref(s["q"].to(torch.bfloat16), kv.to(torch.bfloat16), s["indices"], scale)  # noqa: E731
     s0 = sets[0]
     ref = sparse_mla_decode_ref(s0["q"].double(), kv.double(), s0["indices"], scale).double()
-    err = lambda out: f"{(out.double() - ref).abs().max().item():.1e}"  # noqa: E731
+    err = lambda out: sig((out.double() - ref).abs().max().item())  # noqa: E731
     row = {"shape": f"h{h} b{batch} {'fp8' if fp8 else 'bf16'}", "err_ours": err(ours(s0)), "err_torch": err(torch_arm(s0))}
     arms = {"ours": ours, "torch": torch_arm}
     if up is not None:
@@ -303,12 +306,12 @@ def cpu_check() -> list[dict]:
     sink = torch.randn(5, generator=gen)
     got = sparse_decode(q, cache, idx, 16, 0.05, attn_sink=sink, splits=2)
     ref = sparse_decode_ref(q.double(), cache, idx, 16, 0.05, attn_sink=sink)
-    rows = [{"kernel": "dsv4", "shape": "h5 b2 s_q2 topk24 (fp32 q)", "err_ours": f"{max_err(got, ref):.1e}"}]
+    rows = [{"kernel": "dsv4", "shape": "h5 b2 s_q2 topk24 (fp32 q)", "err_ours": sig(max_err(got, ref))}]
     kv = torch.randn(128, 1, 576, generator=gen)
     nidx = torch.randint(0, 128, (3, 1, 64), generator=gen, dtype=torch.int32)
     nq = torch.randn(3, 8, 576, generator=gen)
     err = (sparse_mla_decode(nq, kv, nidx, 0.05, splits=2).double() - sparse_mla_decode_ref(nq.double(), kv.double(), nidx, 0.05))
-    rows.append({"kernel": "nsa", "shape": "h8 b3 topk64 (fp32)", "err_ours": f"{err.abs().max().item():.1e}"})
+    rows.append({"kernel": "nsa", "shape": "h8 b3 topk64 (fp32)", "err_ours": sig(err.abs().max().item())})
     return rows
 
 

@@ -20,6 +20,7 @@ import zipfile
 from pathlib import Path
 
 _TEMP = []  # extracted folders live as long as the process (the modules' Triton caches point there)
+_LOADS = [0]  # each load gets its own private package name: two sources never share modules
 
 
 def _folder(source: str, package_dir: str) -> Path:
@@ -64,7 +65,8 @@ def load(source: str, package_dir: str, modules: list[str], stubs: dict[str, dic
     """Import ``modules`` (file stems in ``package_dir``) from ``source``; ``aliases`` maps the absolute
     name an upstream file imports a sibling by to that sibling's stem."""
     folder = _folder(source, package_dir)
-    private = "_upstream_" + package_dir.replace("/", "_")
+    _LOADS[0] += 1
+    private = f"_upstream{_LOADS[0]}_" + package_dir.replace("/", "_")
     package = types.ModuleType(private)
     package.__path__ = [str(folder)]
     sys.modules[private] = package
