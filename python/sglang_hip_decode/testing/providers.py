@@ -186,6 +186,14 @@ _BUILTIN_ROCM = {
         "aiter.ops.triton.fused_fp8_quant:fused_flatten_fp8_group_quant",
         "flatten (M,N1,N2) and FP8-quantise per group for an FP8 o_proj",
     ),
+    "indexer_k_quant_and_cache": (
+        "aiter.ops.cache:indexer_k_quant_and_cache",
+        "NSA/DSA indexer K: fp8 quantise per 128 and store, row-major or preshuffled (aiter #2879)",
+    ),
+    "cp_gather_indexer_k_quant_cache": (
+        "aiter.ops.cache:cp_gather_indexer_k_quant_cache",
+        "NSA/DSA indexer K: gather the fp8 K bytes and scales of every sequence through the block table",
+    ),
     "tilelang_sparse_fwd": (
         "sglang.srt.layers.attention.nsa.tilelang_kernel:tilelang_sparse_fwd",
         "NSA sparse MLA decode (TileLang), nsa_backend._forward_tilelang",

@@ -3,7 +3,11 @@
 * ``standins``: the contracts of the ROCm kernels the patches sit between (aiter's
   ``fused_qk_rope_cat_and_cache_mla``, MXFP4 GEMM and flatten-quant kernels; TileLang's sparse MLA
   decode), so every patched path also runs on NVIDIA GPUs and (as references) on the CPU;
-* ``dsv4``: this project's own DeepSeek-V4 kernels (KV compressor and its planner, fused QK RMSNorm);
+* ``dsv4``: this project's own DeepSeek-V4 kernels (KV compressor and its planner, fused QK RMSNorm,
+  sparse decode over the FP8 584 B/token cache);
+* ``indexer_k_cache``: aiter's indexer FP8 K cache (row-major or preshuffled) — writer, gather, and
+  the paged MQA logits reader, with a layout check (``indexer_k_cache_ref``: the torch reference);
+* ``splitk``: the split-K launch rules and combine the sparse decodes share;
 * ``testing``: the timing and table helpers their benchmarks use.
 
 Each op keeps its ``@triton.jit`` bodies in a ``kernels/`` module, a thin launcher beside it, and an
@@ -24,6 +28,10 @@ PROVIDERS: dict[str, dict[str, str]] = {
     "tilelang_sparse_fwd": {
         "triton": "sgl_hip_kernels.standins.sparse_mla_decode:sparse_mla_decode",
         "torch": "sgl_hip_kernels.standins.sparse_mla_decode_ref:sparse_mla_decode_ref",
+    },
+    **{
+        name: {"triton": f"sgl_hip_kernels.indexer_k_cache:{name}", "torch": f"sgl_hip_kernels.indexer_k_cache_ref:{name}_ref"}
+        for name in ("indexer_k_quant_and_cache", "cp_gather_indexer_k_quant_cache")
     },
     **{
         name: {"triton": f"sgl_hip_kernels.standins.mxfp4:{name}", "torch": f"sgl_hip_kernels.standins.mxfp4_ref:{name}_ref"}
