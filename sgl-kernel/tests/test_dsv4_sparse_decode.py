@@ -134,7 +134,7 @@ def test_cache_views_and_bad_geometry(rng):
 
 
 def test_every_fp8_code_decodes_exactly(rng):
-    """Every finite e4m3 code at scales 2^-20..2^12, through the kernel's own decode path: one valid
+    """Every finite e4m3 code at scales 2^-23..2^15, through the kernel's own decode path: one valid
     key per query makes out = that key exactly (softmax weight 1; fp32 on the CPU)."""
     codes = torch.tensor([c for c in range(256) if c not in (0x7F, 0xFF)], dtype=torch.uint8)
     bs, exps = 64, (107, 120, 127, 139)
@@ -151,7 +151,7 @@ def test_every_fp8_code_decodes_exactly(rng):
     cache, indices, q = cache.to(DEV), indices.to(DEV), q.to(DEV)
     out, lse = sparse_decode(q, cache, indices, bs, 0.01)
     want = dequantize_kv(cache, bs).reshape(n, 1, 1, 512).expand(n, 1, 3, 512)
-    # Equal values (a sum of one product: the -0 code comes back +0); bf16 q on the GPU reads the same.
+    # Equal values (a sum of one product: the -0 code comes back +0).
     assert torch.equal(out.float(), want.to(out.dtype).float()), "one key: out == its dequantised value"
     assert torch.isfinite(lse).all()
     seen = torch.unique(cache[:, : bs * 576].reshape(len(exps), bs, 576)[..., :448])
@@ -181,7 +181,8 @@ def test_two_scopes_lengths_and_splits(rng, splits, sink):
 
 def test_lonely_rows_and_no_valid_index(rng):
     b, s_q, h = 3, 2, 4
-    main = Scope(rng, b, s_q, 32, 8, 8, length=[32, 0, 32])
+    main = Scope(rng, b, s_q, 96, 8, 16, length=[96, 0, 96])
+    assert launch_rule(b * s_q, h, 96, DEV, 3).splits == 3  # the combine's empty rows are exercised
     main.indices[2, 1] = -1  # one lonely query among valid ones
     q = torch.randn(b, s_q, h, 512, generator=rng).to(DEV)
     sink = torch.randn(h, generator=rng).to(DEV)
@@ -194,6 +195,18 @@ def test_lonely_rows_and_no_valid_index(rng):
     everything_invalid = torch.full_like(main.indices, -1)
     out, lse = sparse_decode(q, main.cache, everything_invalid, 8, 0.1, attn_sink=sink, splits=2)
     assert (out == 0).all() and (lse == float("inf")).all()
+
+
+def test_device_guard_treats_indices_past_the_cache_as_invalid(rng):
+    """With the host's check off, an index past the cache reads nothing (the kernel's own guard)."""
+    main = Scope(rng, 2, 1, 64, 16, 8)
+    q = torch.randn(2, 1, 4, 512, generator=rng).to(DEV)
+    wild = main.indices.clone()
+    wild[:, :, ::3] = 8 * 16 + torch.arange(22, device=DEV).to(torch.int32) * 1000  # past the 128 tokens
+    got = sparse_decode(q, main.cache, wild, 16, 0.05, check_indices=False, splits=2)
+    want = sparse_decode(q, main.cache, torch.where(wild >= 128, -1, wild), 16, 0.05, splits=2)
+    assert_bits_equal(got[0], want[0], "out-of-range indices are invalid")
+    assert_bits_equal(got[1], want[1], "lse")
 
 
 def test_sink_changes_out_not_lse(rng):
@@ -220,9 +233,14 @@ def test_strided_q_views_and_out(rng):
     assert_bits_equal(lse, want[1], "lse")
 
 
-def test_launch_rule_is_fixed_and_bounded():
-    cuda_like = launch_rule(1, 64, 640, "cpu")
-    assert cuda_like == launch_rule(1, 64, 640, "cpu")  # the same at every call
+def test_launch_rule_is_fixed_and_bounded(monkeypatch):
+    from sgl_hip_kernels import splitk
+
+    monkeypatch.setattr(splitk, "_sm_count", lambda device: 132)  # an H200's rule, on any machine
+    p = launch_rule(1, 64, 640, "cuda")
+    assert (p.block_h, p.block_n, p.num_warps) == (64, 64, 8) and p.splits == 5  # 640 keys, >= 128 per split
+    assert launch_rule(256, 128, 1152, "cuda").splits == 1  # 512 programs already cover 132 SMs twice
+    assert launch_rule(4, 16, 640, "cuda").block_h == 16
     p = launch_rule(2, 128, 1152, "cpu", splits=64)
     assert p.splits * p.keys_per_split >= 1152 and (p.splits - 1) * p.keys_per_split < 1152
     assert p.keys_per_split % p.block_n == 0 and (p.keys_per_split // p.block_n) & (p.keys_per_split // p.block_n - 1) == 0
@@ -243,6 +261,10 @@ def test_bad_inputs_are_refused(rng):
         ((q, c, i + 100, 8), {}, "past the cache"),
         ((q, c, i, 8), {"extra_k_cache": c, "extra_indices": i}, "together"),
         ((q, c, i, 8), {"extra_topk_length": torch.tensor([1, 2], dtype=torch.int32)}, "without an extra scope"),
+        ((q, c, i, 8), {"extra_block_size": 8}, "without an extra scope"),
+        ((q, c, i, 8), {"topk_length": torch.tensor([[1, 0], [2, 0]], dtype=torch.int32)[:, 0]}, "contiguous"),
+        ((q, c, i, 8), {"attn_sink": torch.zeros(4, 2)[:, 0]}, "contiguous"),
+        ((q, c.view(torch.bool), i, 8), {}, "one-byte"),
         ((q, c, i, 8), {"attn_sink": torch.zeros(3)}, "attn_sink"),
         ((q, c, i, 8), {"out": torch.empty(2, 2, 4, 512, dtype=torch.bfloat16)}, "out must be"),
         ((q, c.float(), i, 8), {}, "one-byte"),
@@ -250,7 +272,14 @@ def test_bad_inputs_are_refused(rng):
     for args, kw, message in cases:
         with pytest.raises(ValueError, match=message):
             sparse_decode(*args, 0.1, **kw)
-    assert len(cases) == 13
+    assert len(cases) == 17
+    odd = torch.zeros(c.numel() + 1, dtype=torch.uint8)[1:].view(c.shape)
+    with pytest.raises(ValueError, match="even address"):
+        sparse_decode(q, odd, i, 8, 0.1)
+    lengths = torch.tensor([3, 16], dtype=torch.int32)
+    past = i.clone()
+    past[0, :, 3:] = 10**6  # past the row's length: ignored, so not refused
+    sparse_decode(q, c, past, 8, 0.1, topk_length=lengths)
     empty = sparse_decode(q[:0], c, i[:0], 8, 0.1)
     assert empty[0].shape == (0, 2, 4, 512) and empty[1].shape == (0, 4, 2)
 

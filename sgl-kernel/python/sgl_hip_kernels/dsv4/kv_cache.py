@@ -63,7 +63,8 @@ def cache_pages(cache: torch.Tensor, block_size: int, what: str = "k_cache") -> 
     number of tokens the cache holds. Accepts what :func:`quantize_kv` returns and SGLang's byte views
     of the same pages (e.g. ``(pages, block_size, 1, 584)`` over the padded pages, or an fp8 view):
     one-byte elements, the bytes of a page contiguous, the page stride from ``stride(0)``."""
-    if not isinstance(cache, torch.Tensor) or cache.element_size() != 1 or cache.dim() < 2:
+    if (not isinstance(cache, torch.Tensor) or cache.element_size() != 1 or cache.dim() < 2
+            or cache.dtype == torch.bool):
         raise ValueError(f"{what}: must be a tensor of one-byte elements (uint8 or an fp8 view), at least 2-D, got "
                          f"{getattr(cache, 'dtype', type(cache))} {tuple(getattr(cache, 'shape', ()))}")
     if block_size < 1:
@@ -84,6 +85,8 @@ def cache_pages(cache: torch.Tensor, block_size: int, what: str = "k_cache") -> 
     if stride < inner or stride % 2:
         raise ValueError(f"{what}: page stride {stride} must be even and >= the page's {inner} B")
     rows = torch.as_strided(cache.view(torch.uint8), (pages, inner), (stride, 1))
+    if rows.data_ptr() % 2:
+        raise ValueError(f"{what}: the cache must start at an even address (its bf16 RoPE values are read as bf16)")
     return rows, stride, pages * block_size
 
 

@@ -41,7 +41,7 @@ def launch_rule(tokens: int, heads: int, keys: int, device, splits: int | None =
     return splitk.plan(tokens, heads, keys, device, block_h=64, block_n=64, num_warps=8, num_stages=2, splits=splits)
 
 
-def _check_scope(name, cache, indices, block_size, length, q):
+def _check_scope(name, cache, indices, block_size, length, q, check_indices):
     b, s_q = q.shape[:2]
     if cache.device != q.device or indices.device != q.device:
         raise ValueError(f"sparse_decode: {name} cache and indices must be on {q.device}")
@@ -52,39 +52,46 @@ def _check_scope(name, cache, indices, block_size, length, q):
         raise ValueError(f"sparse_decode: {name} indices must have a contiguous last dim")
     rows, stride, n_tokens = cache_pages(cache, block_size, f"sparse_decode: {name} k_cache")
     if length is not None:
-        if length.device != q.device or length.dtype != torch.int32 or tuple(length.shape) != (b,):
-            raise ValueError(f"sparse_decode: {name} topk_length must be ({b},) int32 on {q.device} (one length per "
-                             f"batch row: FlashMLA indexes it by token // s_q), got {tuple(length.shape)} {length.dtype}")
-    if q.device.type == "cpu" and indices.numel():
-        if int(indices.max()) >= n_tokens:
-            raise ValueError(f"sparse_decode: {name} indices reach {int(indices.max())}, past the cache's {n_tokens} tokens")
+        if (length.device != q.device or length.dtype != torch.int32 or tuple(length.shape) != (b,)
+                or (b > 1 and length.stride(0) != 1)):
+            raise ValueError(f"sparse_decode: {name} topk_length must be contiguous ({b},) int32 on {q.device} (one "
+                             f"length per batch row: FlashMLA indexes it by token // s_q), got {tuple(length.shape)} "
+                             f"{length.dtype}")
+    if check_indices and q.device.type == "cpu" and indices.numel():
+        used = indices
+        if length is not None:  # entries past a row's length are ignored, whatever they hold
+            used = torch.where(torch.arange(indices.shape[2]) < length[:, None, None].long(), indices, -1)
+        if int(used.max()) >= n_tokens:
+            raise ValueError(f"sparse_decode: {name} indices reach {int(used.max())}, past the cache's {n_tokens} tokens")
     return rows, stride, n_tokens
 
 
 def sparse_decode(q, k_cache, indices, block_size, sm_scale, *, topk_length=None, attn_sink=None,
                   extra_k_cache=None, extra_indices=None, extra_block_size=None, extra_topk_length=None,
-                  out=None, splits: int | None = None, rule: splitk.SplitPlan | None = None):
+                  out=None, splits: int | None = None, rule: splitk.SplitPlan | None = None,
+                  check_indices: bool = True):
     """-> (out, lse); see the module docstring. ``splits`` forces the split count (tests); ``rule``
-    replaces the whole launch (the benchmark's sweep of the launch rule)."""
+    replaces the whole launch (the benchmark's sweep of the launch rule); ``check_indices=False``
+    skips the host's index check on CPU tensors (the tests of the device guard)."""
     if q.dim() != 4 or q.shape[3] != D or q.dtype not in (torch.bfloat16, torch.float32) or q.stride(3) != 1:
         raise ValueError(f"sparse_decode: q must be (b, s_q, h_q, {D}) bf16 with a contiguous last dim, got "
                          f"{tuple(q.shape)} {q.dtype}")
     b, s_q, h, _ = q.shape
-    rows, stride, n_tokens = _check_scope("main", k_cache, indices, block_size, topk_length, q)
+    rows, stride, n_tokens = _check_scope("main", k_cache, indices, block_size, topk_length, q, check_indices)
     has_extra = extra_k_cache is not None
     if has_extra != (extra_indices is not None) or (has_extra and extra_block_size is None):
         raise ValueError("sparse_decode: the extra scope needs extra_k_cache, extra_indices and extra_block_size together")
-    if not has_extra and extra_topk_length is not None:
-        raise ValueError("sparse_decode: extra_topk_length without an extra scope")
+    if not has_extra and (extra_topk_length is not None or extra_block_size is not None):
+        raise ValueError("sparse_decode: extra_topk_length / extra_block_size without an extra scope")
     if has_extra:
         x_rows, x_stride, x_n_tokens = _check_scope("extra", extra_k_cache, extra_indices, extra_block_size,
-                                                    extra_topk_length, q)
+                                                    extra_topk_length, q, check_indices)
         x_topk = extra_indices.shape[2]
     else:
         x_rows, x_stride, x_n_tokens, x_topk = rows, stride, n_tokens, 0
     if attn_sink is not None and (attn_sink.shape != (h,) or attn_sink.dtype != torch.float32
-                                  or attn_sink.device != q.device):
-        raise ValueError(f"sparse_decode: attn_sink must be ({h},) fp32 on {q.device}")
+                                  or attn_sink.device != q.device or (h > 1 and attn_sink.stride(0) != 1)):
+        raise ValueError(f"sparse_decode: attn_sink must be contiguous ({h},) fp32 on {q.device}")
     out_dtype = torch.float32 if q.dtype == torch.float32 else torch.bfloat16
     if out is None:
         out = torch.empty(b, s_q, h, D, dtype=out_dtype, device=q.device)
@@ -105,7 +112,7 @@ def sparse_decode(q, k_cache, indices, block_size, sm_scale, *, topk_length=None
         o_strides = (o_buf.stride(0), s_q * o_buf.stride(1), o_buf.stride(1), o_buf.stride(2))
         l_strides = (l_buf.stride(0), s_q * l_buf.stride(1), l_buf.stride(2), l_buf.stride(1))
     dummy = lse
-    grid = (triton.cdiv(h, p.block_h), tokens, p.splits)
+    grid = (triton.cdiv(h, p.block_h) * tokens, p.splits)  # (token, head block) flattened on x: no 65535 cap
     _dsv4_sparse_decode_kernel[grid](
         q, rows, indices, topk_length if topk_length is not None else dummy,
         x_rows, extra_indices if has_extra else indices, extra_topk_length if extra_topk_length is not None else dummy,

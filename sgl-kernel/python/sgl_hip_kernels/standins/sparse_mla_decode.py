@@ -63,7 +63,7 @@ def sparse_mla_decode(q, kv, indices, sm_scale: float, d_v: int = 512, out: torc
         o_buf, stats = splitk.partials(p, n, h, d_v, q.device)
         l_buf, den_off = stats[0], splitk.den_offset(stats)
         o_strides, l_strides = o_buf.stride(), l_buf.stride()[:2]
-    grid = (triton.cdiv(h, p.block_h), n, p.splits)
+    grid = (triton.cdiv(h, p.block_h) * n, p.splits)  # (token, head block) flattened on x: no 65535 cap
     _sparse_mla_decode_kernel[grid](
         q, kv2, indices, o_buf, l_buf, float(sm_scale), h, topk,
         *q.stride(), *kv2.stride(), indices.stride(0), indices.stride(2), *o_strides, *l_strides, den_off,

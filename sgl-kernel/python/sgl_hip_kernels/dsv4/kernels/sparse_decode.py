@@ -1,7 +1,8 @@
 """Triton body: DeepSeek-V4 sparse decode over the FP8 584 B/token cache (contract:
 ``dsv4/sparse_decode_ref``; layout: ``dsv4/kv_cache``).
 
-One program per (block of heads, query token, split of the key list). The key list is the main
+One program per (block of heads, query token, split of the key list); head blocks and tokens
+share grid axis 0 (heads fastest), splits are axis 1. The key list is the main
 scope's top-k followed by the extra scope's; a split walks its part of each, dequantising every
 gathered token into one 512-wide row (7 fp8 tiles times their power-of-two scales, then the bf16
 RoPE values): exact in bf16, so one QK dot and one PV dot per block of keys. Heads are the fastest
@@ -64,9 +65,10 @@ def _dsv4_sparse_decode_kernel(
     KEYS_PER_SPLIT: tl.constexpr,  # a power of two times BLOCK_N: a fixed trip count, few variants
     IEEE: tl.constexpr,  # fp32 q (the CPU interpreter): fp32 keys and exact fp32 dots
 ):
-    heads = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
-    t = tl.program_id(1).to(tl.int64)
-    split = tl.program_id(2)
+    head_blocks = tl.cdiv(H, BLOCK_H)
+    heads = (tl.program_id(0) % head_blocks) * BLOCK_H + tl.arange(0, BLOCK_H)
+    t = (tl.program_id(0) // head_blocks).to(tl.int64)
+    split = tl.program_id(1)
     b = t // S_Q
     s = t % S_Q
     mask_h = heads < H

@@ -1,6 +1,7 @@
 """Triton body: NSA sparse MLA decode over top-k token slots (TileLang tilelang_sparse_fwd contract).
 
-One program per (block of heads, query token, split of the top-k list); online softmax over the
+One program per (block of heads, query token, split of the top-k list; heads and tokens share
+grid axis 0); online softmax over the
 split's slots in blocks of BLOCK_N, K and V from the same 576-wide cache rows (MLA: V = the first
 D_V columns). With more than one split each program writes a partial that ``splitk.combine``
 merges (the split-K pieces are shared with the DeepSeek-V4 decode).
@@ -30,9 +31,10 @@ def _sparse_mla_decode_kernel(
     FINAL: tl.constexpr,  # one split: write the output; else this split's partial and its m, den
     IEEE: tl.constexpr,  # fp32 inputs (the CPU interpreter): exact fp32 dots, no TF32
 ):
-    heads = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
-    n = tl.program_id(1).to(tl.int64)
-    split = tl.program_id(2)
+    head_blocks = tl.cdiv(H, BLOCK_H)
+    heads = (tl.program_id(0) % head_blocks) * BLOCK_H + tl.arange(0, BLOCK_H)
+    n = (tl.program_id(0) // head_blocks).to(tl.int64)
+    split = tl.program_id(1)
     head_ok = heads < H
     dv = tl.arange(0, D_V)
     dr = tl.arange(0, D_ROPE)
