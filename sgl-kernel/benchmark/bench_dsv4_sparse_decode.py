@@ -210,23 +210,29 @@ def measure_dsv4(shape: Dsv4Shape, up, repeats: int, copy_gbps: float, l2: int) 
         row["err_upstream"] = sig(max_err(up_one(s0), ref))
         row["upstream_path"] = upstream_dsv4_path(up, shape)
         arms["upstream"] = up_one
-    arms["floor"] = lambda s: _empty_kernel[(1,)](s["q"])
-    graphs = {name: timing.capture(lambda fn=fn: [fn(s) for s in sets], 1) for name, fn in arms.items()}
-    t = {name: timing.summarise(v) for name, v in timing.time_graphs(graphs, calls, repeats).items()}
     moved = sum(dsv4_bytes(shape, s) for s in sets) // calls
     flops = sum(dsv4_flops(shape, s) for s in sets) // calls
+    p = launch_rule(shape.batch * shape.s_q, shape.h, SWA_TOPK + shape.x_topk, "cuda")
+    row.update(timed_columns(arms, sets, repeats, moved, flops, copy_gbps), splits=p.splits)
+    return row
+
+
+def timed_columns(arms, sets, repeats: int, moved: int, flops: int, copy_gbps: float) -> dict:
+    """Time ``arms`` (name -> one call on an input set) and the one-launch floor, each a CUDA graph of
+    one call per set, replays interleaved; the table's timing columns."""
+    arms = dict(arms, floor=lambda s: _empty_kernel[(1,)](s["q"]))
+    graphs = {name: timing.capture(lambda fn=fn: [fn(s) for s in sets], 1) for name, fn in arms.items()}
+    t = {name: timing.summarise(v) for name, v in timing.time_graphs(graphs, len(sets), repeats).items()}
     us = t["ours"].median_us
     gbps = moved / (us * 1e-6) / 1e9
-    p = launch_rule(shape.batch * shape.s_q, shape.h, SWA_TOPK + shape.x_topk, "cuda")
-    row.update({
+    return {
         "ours_us": str(t["ours"]), "upstream_us": str(t["upstream"]) if "upstream" in t else "",
         "torch_us": str(t["torch"]), "floor_us": str(t["floor"]),
         "upstream/ours": round(t["upstream"].median_us / us, 2) if "upstream" in t else "",
         "torch/ours": round(t["torch"].median_us / us, 2), "ours/floor": round(us / t["floor"].median_us, 2),
         "bytes": moved, "GBps": round(gbps, 1), "pct_copy_bw": round(100 * gbps / copy_gbps, 1),
-        "TFLOPs": round(flops / (us * 1e-6) / 1e12, 1), "splits": p.splits,
-    })
-    return row
+        "TFLOPs": round(flops / (us * 1e-6) / 1e12, 1),
+    }
 
 
 # --- NSA stand-in ------------------------------------------------------------------------------
@@ -255,20 +261,8 @@ def measure_nsa(h: int, batch: int, fp8: bool, up, repeats: int, copy_gbps: floa
         torch.cuda.synchronize()
         row["err_upstream"] = err(up_one(s0)[0])
         arms["upstream"] = up_one
-    arms["floor"] = lambda s: _empty_kernel[(1,)](s["q"])
-    graphs = {name: timing.capture(lambda fn=fn: [fn(s) for s in sets], 1) for name, fn in arms.items()}
-    t = {name: timing.summarise(v) for name, v in timing.time_graphs(graphs, calls, repeats).items()}
     moved = batch * topk * (576 * dtype.itemsize + 4) + batch * h * (576 * dtype.itemsize + 512 * 2)
-    us = t["ours"].median_us
-    gbps = moved / (us * 1e-6) / 1e9
-    row.update({
-        "ours_us": str(t["ours"]), "upstream_us": str(t["upstream"]) if "upstream" in t else "",
-        "torch_us": str(t["torch"]), "floor_us": str(t["floor"]),
-        "upstream/ours": round(t["upstream"].median_us / us, 2) if "upstream" in t else "",
-        "torch/ours": round(t["torch"].median_us / us, 2), "ours/floor": round(us / t["floor"].median_us, 2),
-        "bytes": moved, "GBps": round(gbps, 1), "pct_copy_bw": round(100 * gbps / copy_gbps, 1),
-        "TFLOPs": round(batch * topk * h * 2 * (576 + 512) / (us * 1e-6) / 1e12, 1),
-    })
+    row.update(timed_columns(arms, sets, repeats, moved, batch * topk * h * 2 * (576 + 512), copy_gbps))
     return row
 
 

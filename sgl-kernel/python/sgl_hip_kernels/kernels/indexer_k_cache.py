@@ -43,6 +43,16 @@ def _pow2_ceil(s):
 
 
 @triton.jit
+def _paged(table_row, pos, live, block_size, num_blocks, table_width, block_stride):
+    """Where sequence positions ``pos`` live: (readable, offset in the block, the block's byte base).
+    A position whose block-table entry is missing, negative or past the cache is not readable."""
+    entry = pos // block_size
+    page = tl.load(table_row + entry, mask=live & (entry < table_width), other=-1).to(tl.int64)
+    ok = live & (page >= 0) & (page < num_blocks)
+    return ok, (pos % block_size).to(tl.int64), tl.where(ok, page, 0) * block_stride
+
+
+@triton.jit
 def _indexer_k_write_kernel(
     k_ptr, cache_ptr, slot_ptr, s_k, block_stride, block_size, capacity,
     D: tl.constexpr, Q: tl.constexpr, UE8M0: tl.constexpr, PRESHUFFLE: tl.constexpr,
@@ -80,11 +90,7 @@ def _indexer_k_gather_kernel(
     i = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     j = (first + i).to(tl.int64)
     live = j < end
-    entry = i // block_size
-    page = tl.load(table_ptr + b * s_table + entry, mask=live & (entry < table_width), other=-1).to(tl.int64)
-    ok = live & (page >= 0) & (page < num_blocks)
-    o = (i % block_size).to(tl.int64)
-    base = tl.where(ok, page, 0) * block_stride
+    ok, o, base = _paged(table_ptr + b * s_table, i, live, block_size, num_blocks, table_width, block_stride)
     c = tl.arange(0, D)
     codes = tl.load(cache_ptr + base[:, None] + _k_offset(o[:, None], c[None, :], D, PRESHUFFLE), mask=ok[:, None],
                     other=0x7F)
@@ -109,11 +115,7 @@ def _paged_mqa_logits_kernel(
     last = tl.load(ctx_ptr + row) - NEXT_N + (t % NEXT_N)
     pos = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     visible = pos <= last
-    entry = pos // block_size
-    page = tl.load(table_ptr + row * s_table + entry, mask=visible & (entry < table_width), other=-1).to(tl.int64)
-    ok = visible & (page >= 0) & (page < num_blocks)
-    o = (pos % block_size).to(tl.int64)
-    base = tl.where(ok, page, 0) * block_stride
+    ok, o, base = _paged(table_ptr + row * s_table, pos, visible, block_size, num_blocks, table_width, block_stride)
     c = tl.arange(0, D)
     compute: tl.constexpr = tl.float32 if IEEE else tl.bfloat16
     keys = tl.load(cache_ptr + base[:, None] + _k_offset(o[:, None], c[None, :], D, PRESHUFFLE), mask=ok[:, None], other=0)
