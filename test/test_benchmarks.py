@@ -65,6 +65,13 @@ def check_dsv4_kernel(column, count):
     return check
 
 
+def check_indexer_k_cache(result):
+    # On the CPU: the writer's bytes equal the reference's and the reader's logits match, both layouts.
+    rows = result["rows"]
+    assert [r["layout"] for r in rows] == ["row-major", "preshuffled"], rows
+    assert all(r["bytes_differ"] == 0 and r["logits_err"] < 1e-4 for r in rows), rows
+
+
 CHECKS = {
     "bench_nsa_cat_skip": check_nsa_cat_skip,
     "bench_indexer_rope_guard": check_indexer_rope_guard,
@@ -73,6 +80,7 @@ CHECKS = {
     "bench_dsv4_compress": check_dsv4_kernel("max_abs_diff_vs_torch", 2),
     "bench_dsv4_qk_norm": check_dsv4_kernel("max_abs_err_vs_ref", 1),
     "bench_dsv4_sparse_decode": check_dsv4_kernel("err_ours", 2),
+    "bench_indexer_k_cache": check_indexer_k_cache,
 }
 
 

@@ -13,8 +13,8 @@ import torch
 from sgl_hip_kernels.indexer_k_cache import (cp_gather_indexer_k_quant_cache, fp8_paged_mqa_logits,
                                              indexer_k_quant_and_cache)
 from sgl_hip_kernels.indexer_k_cache_ref import (LayoutMismatchError, check_layout, detect_layout, gather_ref,
-                                                 k_offsets, layout_probe, mqa_logits_ref, quantize_ref, row_bytes,
-                                                 write_ref)
+                                                 k_offsets, layout_probe, mqa_logits_ref, mqa_logits_torch,
+                                                 pow2_ceil, quantize_ref, row_bytes, write_ref)
 from sgl_hip_kernels.testing.checks import assert_bits_equal
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -27,6 +27,12 @@ def test_preshuffle_offsets_by_hand():
         assert off[o, c] == want
     assert torch.equal(off.flatten().sort().values, torch.arange(64 * 128))  # a bijection on the K region
     assert torch.equal(k_offsets(16, 64, False).flatten(), torch.arange(16 * 64))
+
+
+def test_pow2_ceil_is_exact_just_above_a_power_of_two():
+    x = torch.tensor([1.0, 1.0000001, 0.25, 0.2500001, 3.0, 2.0**-30 * 1.0000001])
+    assert torch.equal(pow2_ceil(x), torch.tensor([1.0, 2.0, 0.25, 0.5, 4.0, 2.0**-29]))
+    assert torch.ceil(torch.log2(torch.tensor(1.0000001) * 2**-8)) == -8  # what log2 would have given (2^-8)
 
 
 def test_fp8_encoder_matches_torch_on_every_code_boundary(rng):
@@ -128,6 +134,9 @@ def test_writer_reader_pair(rng, preshuffle, block_size, next_n, h):
     assert torch.equal(torch.isinf(got.cpu()), ~finite) and not got.isnan().any()
     err = (got.cpu().double() - ref)[finite].abs().max()
     assert err <= 2 * (ref32.double() - ref)[finite].abs().max() + 1e-6 * ref[finite].abs().max(), err
+    batched = mqa_logits_torch(q, cache, w, ctx, table, max_len, preshuffle, block_size)  # the benchmark's torch arm
+    assert torch.equal(torch.isinf(batched), ~finite)
+    assert torch.allclose(batched.double()[finite], ref[finite], rtol=1e-5, atol=1e-4)
     # The same bytes read in the other layout are different logits: the pairing matters.
     other = fp8_paged_mqa_logits(q.to(DEV), cache.to(DEV), w.to(DEV), ctx.to(DEV), table.to(DEV), max_len,
                                  not preshuffle, block_size)
@@ -184,3 +193,48 @@ def test_bad_inputs_are_refused(rng):
     with pytest.raises(ValueError, match="block_size is 16"):
         fp8_paged_mqa_logits(torch.zeros(1, 1, 4, 128, dtype=torch.uint8), cache, torch.zeros(1, 4),
                              torch.ones(1, dtype=torch.int32), torch.zeros(1, 1, dtype=torch.int32), 8, False, 16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preshuffle", [False, True])
+def test_gpu_fp8_bytes_logits_and_graph(rng, preshuffle):
+    """On the GPU: the writer's bytes equal the reference's, the bf16 reader is within 2x torch's
+    bf16 error of the fp64 logits, and a CUDA-graph replay of the reader equals eager."""
+    from sgl_hip_kernels.testing.checks import graph_replay_equals_eager
+
+    blocks, bs, t = 64, 64, 3000
+    k = torch.randn(t, 128, generator=rng)
+    slots = torch.randperm(blocks * bs, generator=rng)[:t]
+    want = torch.zeros(blocks, bs, 132, dtype=torch.uint8)
+    write_ref(k, want, slots, 128, "ue8m0", preshuffle)
+    got = torch.zeros(blocks, bs, 132, dtype=torch.uint8, device="cuda")
+    indexer_k_quant_and_cache(k.cuda(), got, slots.cuda(), 128, "ue8m0", preshuffle)
+    assert_bits_equal(got.cpu(), want, "writer bytes on the GPU")
+    cache, table, q, w, ctx = case(rng, 4, 2, 64, 128, 64, 8, preshuffle, [512, 100, 1, 300])
+    ref = mqa_logits_ref(q, cache, w, ctx, table, 520, preshuffle, 64)
+    args = (q.cuda(), cache.cuda(), w.cuda(), ctx.cuda(), table.cuda(), 520, preshuffle, 64)
+    out = torch.empty(8, 520, device="cuda")
+    fp8_paged_mqa_logits(*args, out=out)
+    finite = torch.isfinite(ref)
+    same = mqa_logits_torch(q.cuda(), cache.cuda(), w.cuda(), ctx.cuda(), table.cuda(), 520, preshuffle, 64).cpu()
+    err = (out.cpu().double() - ref)[finite].abs().max()
+    assert err <= 2 * (same.double() - ref)[finite].abs().max() + 1e-3 * ref[finite].abs().max(), err
+    graph_replay_equals_eager(lambda: fp8_paged_mqa_logits(*args, out=out), [out])
+
+
+@pytest.mark.gpu
+def test_gpu_cache_over_2gib(rng):
+    bs = 64
+    blocks = 2**31 // (bs * 132) + 8
+    cache = torch.zeros(blocks, bs, 132, dtype=torch.uint8, device="cuda")
+    assert cache.numel() > 2**31
+    k = torch.randn(bs, 128, generator=rng).cuda()
+    slots = (blocks - 1) * bs + torch.arange(bs, device="cuda")  # the last block, past 2 GiB
+    indexer_k_quant_and_cache(k, cache, slots, 128, "ue8m0", True)
+    dst_k = torch.empty(bs, 128, dtype=torch.uint8, device="cuda")
+    dst_s = torch.empty(bs, 4, dtype=torch.uint8, device="cuda")
+    table = torch.tensor([[blocks - 1]], dtype=torch.int32, device="cuda")
+    cp_gather_indexer_k_quant_cache(cache, dst_k, dst_s, table, torch.tensor([0, bs], dtype=torch.int32, device="cuda"), True)
+    codes, scales = quantize_ref(k.cpu(), 128, "ue8m0")
+    assert_bits_equal(dst_k.cpu(), codes, "K bytes past 2 GiB")
+    assert_bits_equal(dst_s.cpu().view(torch.float32), scales, "scales past 2 GiB")

@@ -65,13 +65,20 @@ def _blocks(kv_cache: torch.Tensor) -> torch.Tensor:
     return torch.as_strided(kv_cache.view(torch.uint8), (num_blocks, block_size * width), (kv_cache.stride(0), 1))
 
 
+def pow2_ceil(x: torch.Tensor) -> torch.Tensor:
+    """The smallest power of two >= x (x > 0), exactly: from frexp, not ``ceil(log2(x))``, whose fp32
+    log2 rounds to an integer for x just above a power of two (and would then give x's lower power)."""
+    mantissa, exponent = torch.frexp(x)  # x = mantissa * 2^exponent, mantissa in [0.5, 1)
+    return torch.ldexp(torch.ones_like(x), exponent - (mantissa == 0.5).to(exponent.dtype))
+
+
 def quantize_ref(k: torch.Tensor, quant_block_size: int, scale_fmt) -> tuple[torch.Tensor, torch.Tensor]:
     """k (T, D) -> (fp8 bytes (T, D) uint8, scales (T, D / Q) fp32), the math in fp32."""
     t, d = k.shape
     groups = k.float().reshape(t, d // quant_block_size, quant_block_size)
     scale = groups.abs().amax(-1).clamp_min(AMAX_FLOOR) / FP8_MAX
     if scale_fmt == "ue8m0":
-        scale = torch.exp2(torch.ceil(torch.log2(scale)))
+        scale = pow2_ceil(scale)
     q = (groups / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).reshape(t, d)
     return q.to(torch.float8_e4m3fn).view(torch.uint8), scale
 
@@ -153,6 +160,23 @@ def mqa_logits_ref(q_fp8, kv_cache, weights, context_lens, block_table, max_mode
                 continue
             dots = q_fp8[row, i].to(work) @ keys[: last + 1].T  # (H, last + 1)
             out[row * next_n + i, : last + 1] = (dots.relu() * weights[row * next_n + i].to(work)[:, None]).sum(0)
+    return out
+
+
+def mqa_logits_torch(q_fp8, kv_cache, weights, context_lens, block_table, max_model_len, preshuffle, block_size):
+    """The same logits batched in torch ops (fp32; the benchmark's torch arm): every row's keys
+    gathered through the block table up to the longest context, then one einsum."""
+    b, next_n, h, d = q_fp8.shape
+    longest = block_table.shape[1] * block_size
+    pos = torch.arange(min(longest, max_model_len), device=q_fp8.device)
+    block = block_table.long()[:, pos // block_size].clamp_min(0)  # (B, P); masked below
+    codes, scales = read_tokens(kv_cache, block.flatten(), (pos % block_size).repeat(b), d, d, preshuffle)
+    keys = (codes.view(torch.float8_e4m3fn).float() * scales).reshape(b, len(pos), d)
+    dots = torch.einsum("bihd,bpd->bihp", q_fp8.float(), keys).relu()
+    logits = (dots * weights.reshape(b, next_n, h, 1)).sum(2).reshape(b * next_n, len(pos))
+    last = (context_lens.long()[:, None] - next_n + torch.arange(next_n, device=q_fp8.device)).reshape(-1, 1)
+    out = torch.full((b * next_n, max_model_len), float("-inf"), device=q_fp8.device)
+    out[:, : len(pos)] = torch.where(pos[None, :] <= last, logits, float("-inf"))
     return out
 
 
