@@ -2,6 +2,8 @@
 #             0.5.13.post1 and 0.5.23; every release's status; kernels under the Triton interpreter)
 # make lint   ruff with the rules in pyproject.toml (CI runs it before the tests)
 # make bench  every decode and kernel benchmark, one table (quick shapes on the CPU)
+# make wheel  dist/sglang_hip_decode-*-py3-none-any.whl: both packages, pure Python, for an offline GPU host
+#             (pip install --no-deps --no-index dist/sglang_hip_decode-*.whl; it never touches torch)
 # All create .venv on first use with the pinned environment (requirements/cpu.txt).
 
 PYTHON ?= python3
@@ -10,7 +12,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 SGLANG_WHEEL_DIR ?= .whl
 
-.PHONY: test test-gpu lint bench venv clean-venv device-wheels releases
+.PHONY: test test-gpu lint bench venv clean-venv device-wheels releases wheel
 
 venv: $(STAMP)
 
@@ -40,6 +42,10 @@ test-gpu: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
+
+# Built from a copy of the sources, so the checkout gets no build/ or egg-info from it.
+wheel: $(STAMP)
+	$(PY) tools/build_wheel.py dist
 
 bench: $(STAMP)
 	$(PY) benchmark/run_all.py $(BENCH_ARGS)
