@@ -76,16 +76,17 @@ def den_offset(stats) -> int:
     return stats.stride(0)
 
 
-def combine(part_o, part_lse, out, out_strides, s_q: int, sink=None, lse=None, lse_strides=(0, 0, 0)):
-    """Merge the partials into ``out`` (token t = b * s_q + s at ``out_strides`` (b, s, h)) and
-    ``lse`` (natural log, at ``lse_strides`` (b, h, s)); ``sink`` (heads,) fp32 or None."""
+def combine(part_o, stats, out, out_strides, s_q: int, sink=None, lse=None, lse_strides=(0, 0, 0)):
+    """Merge the partials (``part_o`` and ``stats`` as :func:`partials` makes them) into ``out`` (token
+    t = b * s_q + s at ``out_strides`` (b, s, h)) and ``lse`` (natural log, at ``lse_strides`` (b, h, s));
+    ``sink`` (heads,) fp32 or None."""
     splits, tokens, heads, d = part_o.shape
-    stats = part_lse[0]
+    m = stats[0]
     block_h = 16
     _splitk_combine_kernel[(tokens, triton.cdiv(heads, block_h))](
-        part_o, stats, sink if sink is not None else stats, out, lse if lse is not None else stats,
+        part_o, m, sink if sink is not None else m, out, lse if lse is not None else m,
         heads, s_q,
-        part_o.stride(0), part_o.stride(1), part_o.stride(2), stats.stride(0), stats.stride(1), den_offset(part_lse),
+        part_o.stride(0), part_o.stride(1), part_o.stride(2), m.stride(0), m.stride(1), den_offset(stats),
         *out_strides, *lse_strides,
         SPLITS=splits, D=d, BLOCK_H=block_h, HAS_SINK=sink is not None, HAS_LSE=lse is not None, num_warps=4,
     )

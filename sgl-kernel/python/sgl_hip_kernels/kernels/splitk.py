@@ -17,24 +17,18 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
-def online_softmax(s, m, den):
-    """One block of ``s`` (BLOCK_H, BLOCK_N) log2-unit scores, -inf where invalid: the new running
-    max and denominator, the factor ``alpha`` the old accumulators are rescaled by, and ``p``."""
+def softmax_step(s, v, m, den, acc, IEEE: tl.constexpr):
+    """One block of keys: ``s`` (BLOCK_H, BLOCK_N) log2-unit scores, -inf where invalid; ``v``
+    (BLOCK_N, D) values. Returns the updated running max, denominator and accumulator."""
     m_new = tl.maximum(m, tl.max(s, 1))
     # While nothing is valid m_new is -inf: subtracting 0 keeps every 2^(s - m) at 0 (never the NaN
     # of -inf - -inf); the old state is all zero then, so alpha does not matter.
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m - m_safe)
     p = tl.exp2(s - m_safe[:, None])
-    return m_new, den * alpha + tl.sum(p, 1), alpha, p
-
-
-@triton.jit
-def softmax_step(s, v, m, den, acc, IEEE: tl.constexpr):
-    """``online_softmax`` and the accumulator update with ``v`` (BLOCK_N, D) values."""
-    m, den, alpha, p = online_softmax(s, m, den)
+    den = den * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee" if IEEE else "tf32")
-    return m, den, acc
+    return m_new, den, acc
 
 
 @triton.jit
@@ -61,10 +55,10 @@ def write_result(acc, m, den, sink2, o_ptrs, lse_ptrs, den_offset, mask_h, mask_
 
 @triton.jit
 def _splitk_combine_kernel(
-    part_o_ptr, part_lse_ptr, sink_ptr, out_ptr, lse_ptr,
+    part_o_ptr, part_m_ptr, sink_ptr, out_ptr, lse_ptr,
     H, S_Q,
     s_po_split, s_po_t, s_po_h,
-    s_pl_split, s_pl_t, den_offset,
+    s_pm_split, s_pm_t, den_offset,
     s_o_b, s_o_s, s_o_h,
     s_l_b, s_l_h, s_l_s,
     SPLITS: tl.constexpr,
@@ -81,14 +75,14 @@ def _splitk_combine_kernel(
     d = tl.arange(0, D)
     big_m = tl.full((BLOCK_H,), float("-inf"), tl.float32)
     for i in range(0, SPLITS):
-        m_i = tl.load(part_lse_ptr + i * s_pl_split + t * s_pl_t + heads, mask=mask_h, other=float("-inf"))
+        m_i = tl.load(part_m_ptr + i * s_pm_split + t * s_pm_t + heads, mask=mask_h, other=float("-inf"))
         big_m = tl.maximum(big_m, m_i)
     empty = big_m == float("-inf")
     m_safe = tl.where(empty, 0.0, big_m)
     total = tl.zeros((BLOCK_H,), tl.float32)
     acc = tl.zeros((BLOCK_H, D), tl.float32)
     for i in range(0, SPLITS):
-        stats = part_lse_ptr + i * s_pl_split + t * s_pl_t + heads
+        stats = part_m_ptr + i * s_pm_split + t * s_pm_t + heads
         m_i = tl.load(stats, mask=mask_h, other=float("-inf"))
         w = tl.load(stats + den_offset, mask=mask_h & (m_i > float("-inf")), other=0.0) * tl.exp2(m_i - m_safe)
         o = tl.load(part_o_ptr + i * s_po_split + t * s_po_t + heads[:, None] * s_po_h + d[None, :],
