@@ -14,7 +14,8 @@ from sgl_hip_kernels.indexer_k_cache import (cp_gather_indexer_k_quant_cache, fp
                                              indexer_k_quant_and_cache)
 from sgl_hip_kernels.indexer_k_cache_ref import (LayoutMismatchError, check_layout, detect_layout, gather_ref,
                                                  k_offsets, layout_probe, mqa_logits_ref, mqa_logits_torch,
-                                                 pow2_ceil, quantize_ref, row_bytes, write_ref)
+                                                 quantize_ref, row_bytes, write_ref)
+from sgl_hip_kernels.scales_ref import pow2_ceil
 from sgl_hip_kernels.testing.checks import assert_bits_equal
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from .scales_ref import pow2_ceil
+
 FP8_MAX = 448.0
 AMAX_FLOOR = 1e-4
 TILE = 16
@@ -63,13 +65,6 @@ def check_geometry(kv_cache: torch.Tensor, head_dim: int, quant_block_size: int,
 def _blocks(kv_cache: torch.Tensor) -> torch.Tensor:
     num_blocks, block_size, width = kv_cache.shape
     return torch.as_strided(kv_cache.view(torch.uint8), (num_blocks, block_size * width), (kv_cache.stride(0), 1))
-
-
-def pow2_ceil(x: torch.Tensor) -> torch.Tensor:
-    """The smallest power of two >= x (x > 0), exactly: from frexp, not ``ceil(log2(x))``, whose fp32
-    log2 rounds to an integer for x just above a power of two (and would then give x's lower power)."""
-    mantissa, exponent = torch.frexp(x)  # x = mantissa * 2^exponent, mantissa in [0.5, 1)
-    return torch.ldexp(torch.ones_like(x), exponent - (mantissa == 0.5).to(exponent.dtype))
 
 
 def quantize_ref(k: torch.Tensor, quant_block_size: int, scale_fmt) -> tuple[torch.Tensor, torch.Tensor]:

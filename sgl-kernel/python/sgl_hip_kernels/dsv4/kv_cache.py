@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ..indexer_k_cache_ref import pow2_ceil
+from ..scales_ref import pow2_ceil_exponent
 
 D = 512  # K = V width: 448 NoPE + 64 RoPE
 D_NOPE = 448
@@ -49,9 +49,8 @@ def quantize_kv(kv: torch.Tensor, block_size: int) -> torch.Tensor:
     pages = kv.shape[0]
     nope = kv[..., :D_NOPE].float().reshape(pages, block_size, N_SCALES, TILE)
     amax = nope.abs().amax(-1).clamp_min(AMAX_FLOOR)
-    scale = pow2_ceil(amax / FP8_MAX)  # exact (frexp), also just above a power of two
-    exponent = torch.frexp(scale)[1] - 1
-    scaled = (nope / scale[..., None]).clamp(-FP8_MAX, FP8_MAX)
+    exponent = pow2_ceil_exponent(amax / FP8_MAX)  # exact, also just above a power of two
+    scaled = (nope / torch.ldexp(torch.ones_like(amax), exponent)[..., None]).clamp(-FP8_MAX, FP8_MAX)
     cache = torch.zeros(pages, page_bytes(block_size), dtype=torch.uint8, device=kv.device)
     data = cache[:, : block_size * DATA_BYTES].view(pages, block_size, DATA_BYTES)
     data[..., :D_NOPE] = scaled.reshape(pages, block_size, D_NOPE).to(torch.float8_e4m3fn).view(torch.uint8)
