@@ -59,11 +59,6 @@ BATCHES = (1, 2, 4, 64, 74, 128, 256)
 SWA_TOPK, SWA_BLOCK, X_BLOCK = 128, 256, 64
 
 
-@triton.jit
-def _empty_kernel(x_ptr):
-    pass
-
-
 def _default_wheel(version: str) -> str | None:
     found = sorted(glob.glob(os.path.join(ROOT, ".releases", "wheels", f"sglang-{version}-*.whl")))
     return found[0] if found else None
@@ -213,26 +208,8 @@ def measure_dsv4(shape: Dsv4Shape, up, repeats: int, copy_gbps: float, l2: int) 
     moved = sum(dsv4_bytes(shape, s) for s in sets) // calls
     flops = sum(dsv4_flops(shape, s) for s in sets) // calls
     p = launch_rule(shape.batch * shape.s_q, shape.h, SWA_TOPK + shape.x_topk, "cuda")
-    row.update(timed_columns(arms, sets, repeats, moved, flops, copy_gbps), splits=p.splits)
+    row.update(timing.arms_vs_ours(arms, sets, repeats, "q", moved, copy_gbps, flops), splits=p.splits)
     return row
-
-
-def timed_columns(arms, sets, repeats: int, moved: int, flops: int, copy_gbps: float) -> dict:
-    """Time ``arms`` (name -> one call on an input set) and the one-launch floor, each a CUDA graph of
-    one call per set, replays interleaved; the table's timing columns."""
-    arms = dict(arms, floor=lambda s: _empty_kernel[(1,)](s["q"]))
-    graphs = {name: timing.capture(lambda fn=fn: [fn(s) for s in sets], 1) for name, fn in arms.items()}
-    t = {name: timing.summarise(v) for name, v in timing.time_graphs(graphs, len(sets), repeats).items()}
-    us = t["ours"].median_us
-    gbps = moved / (us * 1e-6) / 1e9
-    return {
-        "ours_us": str(t["ours"]), "upstream_us": str(t["upstream"]) if "upstream" in t else "",
-        "torch_us": str(t["torch"]), "floor_us": str(t["floor"]),
-        "upstream/ours": round(t["upstream"].median_us / us, 2) if "upstream" in t else "",
-        "torch/ours": round(t["torch"].median_us / us, 2), "ours/floor": round(us / t["floor"].median_us, 2),
-        "bytes": moved, "GBps": round(gbps, 1), "pct_copy_bw": round(100 * gbps / copy_gbps, 1),
-        "TFLOPs": round(flops / (us * 1e-6) / 1e12, 1),
-    }
 
 
 # --- NSA stand-in ------------------------------------------------------------------------------
@@ -262,7 +239,7 @@ def measure_nsa(h: int, batch: int, fp8: bool, up, repeats: int, copy_gbps: floa
         row["err_upstream"] = err(up_one(s0)[0])
         arms["upstream"] = up_one
     moved = batch * topk * (576 * dtype.itemsize + 4) + batch * h * (576 * dtype.itemsize + 512 * 2)
-    row.update(timed_columns(arms, sets, repeats, moved, batch * topk * h * 2 * (576 + 512), copy_gbps))
+    row.update(timing.arms_vs_ours(arms, sets, repeats, "q", moved, copy_gbps, batch * topk * h * 2 * (576 + 512)))
     return row
 
 
@@ -313,6 +290,14 @@ def cpu_check() -> list[dict]:
     return rows
 
 
+def progress(row: dict) -> None:
+    """One stderr line per measured row (a run cut off by a time limit still shows what it measured)."""
+    keys = ("ours_us", "upstream_us", "upstream_path", "upstream/ours", "pct_copy_bw", "TFLOPs", "ours/floor", "err_ours",
+            "err_upstream", "err_torch")
+    print(f"  {row['kernel']} {row['shape']}: " + ", ".join(f"{k} {row[k]}" for k in keys if k in row), file=sys.stderr,
+          flush=True)
+
+
 COLUMNS = ["kernel", "shape", "upstream_path", "splits", "ours_us", "upstream_us", "torch_us", "floor_us", "upstream/ours",
            "torch/ours", "ours/floor", "bytes", "GBps", "pct_copy_bw", "TFLOPs", "err_ours", "err_upstream", "err_torch"]
 
@@ -346,10 +331,7 @@ def main(argv=None) -> int:
         shapes += [Dsv4Shape(64, b, 1, 0) for b in ((1,) if args.quick else (1, 64, 256))]
         for shape in shapes:
             rows.append(dict(measure_dsv4(shape, up, args.repeats, copy_gbps, l2), kernel="dsv4"))
-            r = rows[-1]
-            print(f"  dsv4 {shape.name}: ours {r['ours_us']} upstream {r['upstream_us']} ({r.get('upstream_path')}) "
-                  f"x{r['upstream/ours']} {r['pct_copy_bw']}% bw {r['TFLOPs']} TF/s /floor {r['ours/floor']} "
-                  f"err {r['err_ours']} {r.get('err_upstream')} {r['err_torch']}", file=sys.stderr, flush=True)
+            progress(rows[-1])
         providers.append("dsv4: triton (sgl_hip_kernels.dsv4.sparse_decode) vs triton (sglang 0.5.13.post1 "
                          f"triton_sparse_attn_decode{'' if up else ': not given'}) vs torch (bf16)")
     if args.only in (None, "nsa"):
@@ -357,10 +339,7 @@ def main(argv=None) -> int:
         for h, fp8 in itertools.product((8, 64), (False, True)):
             for b in ((1, 64) if args.quick else (1, 4, 16, 64, 128, 256)):
                 rows.append(dict(measure_nsa(h, b, fp8, up, args.repeats, copy_gbps, l2), kernel="nsa"))
-                r = rows[-1]
-                print(f"  nsa {r['shape']}: ours {r['ours_us']} upstream {r['upstream_us']} x{r['upstream/ours']} "
-                      f"{r['pct_copy_bw']}% bw /floor {r['ours/floor']} err {r['err_ours']} {r.get('err_upstream')} "
-                      f"{r['err_torch']}", file=sys.stderr, flush=True)
+                progress(rows[-1])
         providers.append("nsa: triton (sgl_hip_kernels.standins.sparse_mla_decode) vs triton (sglang 0.5.23 "
                          f"triton_sparse_mla_decode{'' if up else ': not given'}) vs torch (bf16)")
     emit({"benchmark": f"sparse decode: dsv4 (FP8 584 B/token, sink, bf16 q) and the NSA stand-in (top-k 2048, d 576); "

@@ -33,22 +33,6 @@ COLUMNS = ["op", "layout", "size", "ours_us", "torch_us", "floor_us", "torch/our
            "pct_copy_bw", "check"]
 
 
-@triton.jit
-def _empty_kernel(x_ptr):
-    pass
-
-
-def timed(arms, sets, repeats, moved, copy_gbps, first_arg):
-    arms = dict(arms, floor=lambda s: _empty_kernel[(1,)](s[first_arg]))
-    graphs = {name: timing.capture(lambda fn=fn: [fn(s) for s in sets], 1) for name, fn in arms.items()}
-    t = {name: timing.summarise(v) for name, v in timing.time_graphs(graphs, len(sets), repeats).items()}
-    us = t["ours"].median_us
-    gbps = moved / (us * 1e-6) / 1e9
-    return {"ours_us": str(t["ours"]), "torch_us": str(t["torch"]), "floor_us": str(t["floor"]),
-            "torch/ours": round(t["torch"].median_us / us, 2), "ours/floor": round(us / t["floor"].median_us, 2),
-            "bytes": moved, "GBps": round(gbps, 1), "pct_copy_bw": round(100 * gbps / copy_gbps, 1)}
-
-
 def cache_for(tokens: int, calls: int, l2: int):
     blocks = max(4 * l2 // (BS * 132), calls * tokens // BS + 4)
     return torch.zeros(blocks, BS, 132, dtype=torch.uint8, device="cuda")
@@ -68,7 +52,8 @@ def measure_write(tokens, preshuffle, repeats, copy_gbps, l2):
     torch_arm = lambda s: write_ref(s["k"], ref, s["slots"], D, "ue8m0", preshuffle)  # noqa: E731
     row = {"op": "write", "layout": "preshuffled" if preshuffle else "row-major", "size": f"{tokens} tokens",
            "check": check}
-    row.update(timed({"ours": ours, "torch": torch_arm}, sets, repeats, tokens * (D * 2 + 132 + 8), copy_gbps, "k"))
+    row.update(timing.arms_vs_ours({"ours": ours, "torch": torch_arm}, sets, repeats, "k", tokens * (D * 2 + 132 + 8),
+                                   copy_gbps))
     return row
 
 
@@ -91,7 +76,8 @@ def measure_gather(tokens, preshuffle, repeats, copy_gbps, l2):
     torch_arm = lambda s: gather_ref(cache, s["table"], cu, D, D, preshuffle)  # noqa: E731
     row = {"op": "gather", "layout": "preshuffled" if preshuffle else "row-major", "size": f"{tokens} tokens",
            "check": check}
-    row.update(timed({"ours": ours, "torch": torch_arm}, sets, repeats, tokens * 132 * 2 + 4 * width * 4 + 20, copy_gbps, "k"))
+    row.update(timing.arms_vs_ours({"ours": ours, "torch": torch_arm}, sets, repeats, "k",
+                                   tokens * 132 * 2 + 4 * width * 4 + 20, copy_gbps))
     return row
 
 
@@ -116,7 +102,7 @@ def measure_logits(batch, preshuffle, repeats, copy_gbps, l2):
            "size": f"batch {batch} x {HEADS} heads, ctx {CTX}",
            "check": f"max|ours - torch fp32| / max|torch| = {((got - same).abs().max() / same.abs().max()).item():.1e}"}
     moved = batch * (CTX * 132 + CTX * 4 + HEADS * (D + 4) + CTX * 4 // BS)
-    row.update(timed({"ours": ours, "torch": torch_arm}, sets, repeats, moved, copy_gbps, "q"))
+    row.update(timing.arms_vs_ours({"ours": ours, "torch": torch_arm}, sets, repeats, "q", moved, copy_gbps))
     return row
 
 

@@ -15,6 +15,18 @@ import statistics
 from typing import Callable, Sequence
 
 import torch
+import triton
+
+
+@triton.jit
+def _empty_kernel(x_ptr):
+    pass
+
+
+def empty_launch(x: torch.Tensor, programs: int = 1) -> None:
+    """One launch of an empty Triton kernel on ``programs`` programs: the floor a benchmark's
+    one-launch kernels are measured against."""
+    _empty_kernel[(programs,)](x)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,3 +133,23 @@ def device_name() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
     return "cpu"
+
+
+def arms_vs_ours(arms: dict, sets: list, repeats: int, floor_on: str, moved: int, copy_gbps: float,
+                 flops: int | None = None) -> dict:
+    """Time ``arms`` (name -> one call on an input set; ``ours`` among them) and the one-launch floor
+    (an empty launch on ``set[floor_on]``), each a CUDA graph of one call per set, replays interleaved.
+    Returns the table columns: ``<arm>_us`` (median [p20, p80]), ``<arm>/ours``, ``ours/floor``, and
+    ``moved`` bytes as GB/s and % of ``copy_gbps`` (plus TFLOP/s for ``flops``)."""
+    arms = dict(arms, floor=lambda s: empty_launch(s[floor_on]))
+    graphs = {name: capture(lambda fn=fn: [fn(s) for s in sets], 1) for name, fn in arms.items()}
+    t = {name: summarise(v) for name, v in time_graphs(graphs, len(sets), repeats).items()}
+    us = t["ours"].median_us
+    gbps = moved / (us * 1e-6) / 1e9
+    columns = {f"{name}_us": str(v) for name, v in t.items()}
+    columns.update({f"{name}/ours": round(v.median_us / us, 2) for name, v in t.items() if name not in ("ours", "floor")})
+    columns.update({"ours/floor": round(us / t["floor"].median_us, 2), "bytes": moved, "GBps": round(gbps, 1),
+                    "pct_copy_bw": round(100 * gbps / copy_gbps, 1)})
+    if flops is not None:
+        columns["TFLOPs"] = round(flops / (us * 1e-6) / 1e12, 1)
+    return columns
