@@ -65,7 +65,7 @@ def cp_gather_indexer_k_quant_cache(kv_cache, dst_k, dst_scale, block_table, cu_
     if dst_k.dim() != 2 or dst_k.element_size() != 1 or dst_k.stride(1) != 1:
         raise ValueError(f"cp_gather_indexer_k_quant_cache: dst_k must be (T, D) one-byte elements, got {tuple(dst_k.shape)}")
     t, d = dst_k.shape
-    scale_bytes = _bytes(dst_scale) if dst_scale.dtype != torch.float32 else dst_scale.view(torch.uint8)
+    scale_bytes = _bytes(dst_scale)  # uint8 as it is; an fp32 (T, D / Q) view becomes its (T, 4 * D / Q) bytes
     if scale_bytes.dim() != 2 or scale_bytes.shape[0] != t or scale_bytes.shape[1] % 4 or scale_bytes.stride(1) != 1:
         raise ValueError(f"cp_gather_indexer_k_quant_cache: dst_scale must be ({t}, 4 * D / Q) uint8 or ({t}, D / Q) fp32")
     groups = scale_bytes.shape[1] // 4
