@@ -47,6 +47,7 @@ from sgl_hip_kernels import splitk
 from sgl_hip_kernels.dsv4 import page_bytes, quantize_kv, sparse_decode
 from sgl_hip_kernels.dsv4.sparse_decode import launch_rule
 from sgl_hip_kernels.dsv4.sparse_decode_ref import sparse_decode_ref
+from sgl_hip_kernels.standins.sparse_mla_decode import launch_rule as nsa_launch_rule
 from sgl_hip_kernels.standins.sparse_mla_decode import sparse_mla_decode
 from sgl_hip_kernels.standins.sparse_mla_decode_ref import sparse_mla_decode_ref
 from sgl_hip_kernels.testing import timing, upstream
@@ -214,15 +215,26 @@ def measure_dsv4(shape: Dsv4Shape, up, repeats: int, copy_gbps: float, l2: int) 
 
 # --- NSA stand-in ------------------------------------------------------------------------------
 
-def measure_nsa(h: int, batch: int, fp8: bool, up, repeats: int, copy_gbps: float, l2: int) -> dict:
-    calls, topk = 8, 2048
+NSA_TOPK = 2048
+
+
+def nsa_inputs(h: int, batch: int, fp8: bool, calls: int, l2: int):
+    """A GLM-5 NSA decode: a cache over 4x the L2 (bf16 or fp8 rows of 576) and ``calls`` input sets
+    of q (batch, h, 576) and top-2048 slot lists."""
     dtype = torch.float8_e4m3fn if fp8 else torch.bfloat16
     gen = torch.Generator(device="cuda").manual_seed(h * 1000 + batch + fp8)
-    slots = max(4 * l2 // (576 * dtype.itemsize), calls * batch * topk // 2, 4 * topk)
+    slots = max(4 * l2 // (576 * dtype.itemsize), calls * batch * NSA_TOPK // 2, 4 * NSA_TOPK)
     kv = (torch.randn(slots, 1, 576, generator=gen, device="cuda") * 0.5).to(dtype)
     sets = [{"q": (torch.randn(batch, h, 576, generator=gen, device="cuda") * 0.5).to(dtype),
-             "indices": torch.stack([torch.randperm(slots, generator=gen, device="cuda")[:topk] for _ in range(batch)])
-             .to(torch.int32)[:, None, :]} for _ in range(calls)]
+             "indices": torch.stack([torch.randperm(slots, generator=gen, device="cuda")[:NSA_TOPK]
+                                     for _ in range(batch)]).to(torch.int32)[:, None, :]} for _ in range(calls)]
+    return kv, sets
+
+
+def measure_nsa(h: int, batch: int, fp8: bool, up, repeats: int, copy_gbps: float, l2: int) -> dict:
+    calls, topk = 8, NSA_TOPK
+    dtype = torch.float8_e4m3fn if fp8 else torch.bfloat16
+    kv, sets = nsa_inputs(h, batch, fp8, calls, l2)
     scale = 576**-0.5
     ours = lambda s: sparse_mla_decode(s["q"], kv, s["indices"], scale)  # noqa: E731
     torch_arm = lambda s: sparse_mla_decode_ref(s["q"].to(torch.bfloat16), kv.to(torch.bfloat16), s["indices"], scale)  # noqa: E731
@@ -245,31 +257,61 @@ def measure_nsa(h: int, batch: int, fp8: bool, up, repeats: int, copy_gbps: floa
 
 # --- the launch-rule sweep (how the fixed rule was chosen) ------------------------------------
 
-def sweep(repeats: int, l2: int) -> list[dict]:
-    rows = []
+def _time_rules(shape: str, rules: dict, call, sets: list, repeats: int) -> list[dict]:
+    """One sweep table block: every rule (name -> SplitPlan) of ``call(set, rule)``, graphs interleaved."""
+    rows, graphs = [], {}
+    for name, p in rules.items():
+        try:
+            graphs[name] = timing.capture(lambda p=p: [call(s, p) for s in sets], 1)
+        except Exception as exc:  # a config that does not compile (shared memory): skipped, said
+            rows.append({"shape": shape, "config": name, "us": f"failed: {type(exc).__name__}"})
+    t = {name: timing.summarise(v).median_us for name, v in timing.time_graphs(graphs, len(sets), repeats).items()}
+    best = sorted(t.items(), key=lambda kv: kv[1])
+    for name, us in best:
+        rows.append({"shape": shape, "config": name, "us": round(us, 2), "vs_best": round(us / best[0][1], 3)})
+    print(f"  sweep {shape}: best {best[0][0]} {best[0][1]:.2f} us, rule {t.get('rule', float('nan')):.2f} us",
+          file=sys.stderr, flush=True)
+    return rows
+
+
+def _alternatives(tokens: int, heads: int, keys: int, configs) -> dict:
+    """Plans for (block_h, block_n, warps, stages, split factor): the split count the rule's formula
+    gives for that block_h, times the factor (more or fewer, shorter or longer splits)."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    for shape in (Dsv4Shape(64, 1, 1, 512), Dsv4Shape(64, 64, 1, 512), Dsv4Shape(128, 128, 2, 1024)):
-        calls = 4
-        gen = torch.Generator(device="cuda").manual_seed(shape.batch)
-        main, extra = dsv4_caches(shape, gen, calls, l2)
-        sets = [dsv4_set(shape, main, extra, gen) for _ in range(calls)]
-        tokens, keys = shape.batch * shape.s_q, SWA_TOPK + shape.x_topk
-        rules = {"rule": launch_rule(tokens, shape.h, keys, "cuda")}
-        for bh, bn, warps in ((16, 16, 4), (16, 16, 8), (16, 32, 4), (16, 32, 8), (16, 64, 8), (32, 32, 8), (64, 32, 8)):
-            want = triton.cdiv(splitk.WAVES * sms, tokens * triton.cdiv(shape.h, bh))
-            sp = max(1, min(want, triton.cdiv(keys, splitk.MIN_KEYS), splitk.MAX_SPLITS))
-            rules[f"bh{bh} bn{bn} w{warps}"] = splitk.plan(tokens, shape.h, keys, "cuda", bh, bn, warps, 2, splits=sp)
-        graphs = {}
-        for name, p in rules.items():
-            fn = lambda s, p=p: sparse_decode(s["q"], main, s["indices"], SWA_BLOCK, 0.04, rule=p, **dsv4_kwargs(s, extra))  # noqa: E731
-            try:
-                graphs[name] = timing.capture(lambda fn=fn: [fn(s) for s in sets], 1)
-            except Exception as exc:  # a config that does not compile (shared memory): skipped, said
-                rows.append({"shape": shape.name, "config": name, "us": f"failed: {type(exc).__name__}"})
-        t = {name: timing.summarise(v).median_us for name, v in timing.time_graphs(graphs, calls, repeats).items()}
-        best = sorted(t.items(), key=lambda kv: kv[1])
-        for name, us in best:
-            rows.append({"shape": shape.name, "config": name, "us": round(us, 2), "vs_best": round(us / best[0][1], 3)})
+    rules = {}
+    for bh, bn, warps, stages, factor in configs:
+        want = triton.cdiv(splitk.WAVES * sms, tokens * triton.cdiv(heads, bh))
+        sp = max(1, min(want, triton.cdiv(keys, splitk.MIN_KEYS), splitk.MAX_SPLITS))
+        sp = max(1, min(int(sp * factor), splitk.MAX_SPLITS))
+        rules[f"bh{bh} bn{bn} w{warps} s{stages} x{factor}"] = splitk.plan(tokens, heads, keys, "cuda", bh, bn, warps,
+                                                                          stages, splits=sp)
+    return rules
+
+
+def sweep(repeats: int, l2: int, only: str | None) -> list[dict]:
+    rows, calls = [], 4
+    if only in (None, "dsv4"):
+        configs = [(16, 32, 8, 2, 1), (16, 64, 4, 2, 1), (16, 64, 8, 2, 1), (32, 64, 8, 2, 1), (64, 32, 8, 2, 1),
+                   (64, 64, 8, 2, 1), (64, 64, 8, 3, 1), (64, 64, 8, 2, 2), (64, 64, 8, 2, 0.5)]
+        for shape in (Dsv4Shape(64, 1, 1, 512), Dsv4Shape(64, 64, 2, 512), Dsv4Shape(64, 128, 1, 512),
+                      Dsv4Shape(128, 128, 2, 1024)):
+            gen = torch.Generator(device="cuda").manual_seed(shape.batch)
+            main, extra = dsv4_caches(shape, gen, calls, l2)
+            sets = [dsv4_set(shape, main, extra, gen) for _ in range(calls)]
+            tokens, keys = shape.batch * shape.s_q, SWA_TOPK + shape.x_topk
+            rules = {"rule": launch_rule(tokens, shape.h, keys, "cuda"), **_alternatives(tokens, shape.h, keys, configs)}
+            call = lambda s, p: sparse_decode(s["q"], main, s["indices"], SWA_BLOCK, 0.04, rule=p,  # noqa: E731
+                                              **dsv4_kwargs(s, extra))
+            rows += _time_rules(f"dsv4 {shape.name}", rules, call, sets, repeats)
+    if only in (None, "nsa"):
+        configs = [(16, 32, 4, 2, 1), (16, 64, 4, 2, 1), (16, 64, 8, 2, 1), (16, 32, 4, 3, 1), (16, 64, 4, 3, 1),
+                   (16, 32, 8, 2, 2), (16, 64, 4, 2, 2), (32, 32, 8, 2, 1), (32, 64, 8, 2, 1)]
+        for h, batch, fp8 in ((8, 1, False), (8, 64, False), (64, 64, False), (64, 64, True)):
+            kv, sets = nsa_inputs(h, batch, fp8, calls, l2)
+            rules = {"rule": nsa_launch_rule(batch, h, NSA_TOPK, "cuda"),
+                     **_alternatives(batch, h, NSA_TOPK, [c for c in configs if c[0] <= max(16, h)])}
+            call = lambda s, p, kv=kv: sparse_mla_decode(s["q"], kv, s["indices"], 576**-0.5, rule=p)  # noqa: E731
+            rows += _time_rules(f"nsa h{h} b{batch} {'fp8' if fp8 else 'bf16'}", rules, call, sets, repeats)
     return rows
 
 
@@ -310,6 +352,7 @@ def main(argv=None) -> int:
                             help="sglang 0.5.23 wheel or unpacked release: its Triton sparse MLA decode is the NSA peer")
         parser.add_argument("--sweep", action="store_true", help="time the launch-rule alternatives instead")
         parser.add_argument("--only", choices=("dsv4", "nsa"), help="one of the two tables")
+        parser.add_argument("--heads", type=int, choices=(64, 128), help="dsv4: only the shapes with this head count")
     args = bench_args(__doc__, argv, repeats=30, extra=extra)
     if not torch.cuda.is_available():
         emit({"benchmark": "sparse decode: dsv4 and the NSA stand-in", "device": "cpu (no timing; interpreter check only)",
@@ -319,16 +362,18 @@ def main(argv=None) -> int:
         return 0
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     if args.sweep:
-        emit({"benchmark": "dsv4 sparse decode launch-rule sweep", "device": timing.device_name(), "providers": "triton",
-              "columns": ["shape", "config", "us", "vs_best"], "rows": sweep(args.repeats, l2)}, args.json)
+        emit({"benchmark": "sparse decode launch-rule sweep (dsv4 and the NSA stand-in)", "device": timing.device_name(),
+              "providers": "triton",
+              "columns": ["shape", "config", "us", "vs_best"], "rows": sweep(args.repeats, l2, args.only)}, args.json)
         return 0
     copy_gbps = timing.copy_bandwidth(args.repeats)
     rows, providers = [], []
     if args.only in (None, "dsv4"):
         up = load_upstream_dsv4(args.upstream_dsv4) if args.upstream_dsv4 else None
-        shapes = [Dsv4Shape(h, b, s_q, 512 if h == 64 else 1024) for h in (64, 128)
+        shapes = [Dsv4Shape(h, b, s_q, 512 if h == 64 else 1024) for h in ((args.heads,) if args.heads else (64, 128))
                   for b in ((1, 64) if args.quick else BATCHES) for s_q in (1, 2)]
-        shapes += [Dsv4Shape(64, b, 1, 0) for b in ((1,) if args.quick else (1, 64, 256))]
+        if args.heads in (None, 64):
+            shapes += [Dsv4Shape(64, b, 1, 0) for b in ((1,) if args.quick else (1, 64, 256))]
         for shape in shapes:
             rows.append(dict(measure_dsv4(shape, up, args.repeats, copy_gbps, l2), kernel="dsv4"))
             progress(rows[-1])

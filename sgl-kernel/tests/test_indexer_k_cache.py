@@ -239,3 +239,49 @@ def test_gpu_cache_over_2gib(rng):
     codes, scales = quantize_ref(k.cpu(), 128, "ue8m0")
     assert_bits_equal(dst_k.cpu(), codes, "K bytes past 2 GiB")
     assert_bits_equal(dst_s.cpu().view(torch.float32), scales, "scales past 2 GiB")
+
+
+# --- against upstream's own Triton store and gather (sglang 0.5.23) -------------------------------
+
+def _upstream_0523():
+    import glob
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    found = sorted(glob.glob(os.path.join(root, ".releases", "wheels", "sglang-0.5.23-*.whl")))
+    if not found:
+        if os.environ.get("SGLANG_HIP_DECODE_TEST_RELEASES"):
+            pytest.fail("the sglang 0.5.23 wheel is missing although make test fetched the releases")
+        pytest.skip("the sglang 0.5.23 wheel is missing: run `make releases` (tools/release_wheels.py)")
+    return found[0]
+
+
+@pytest.mark.parametrize("preshuffle", [False, True])
+def test_upstream_0523_triton_store_and_gather_agree_byte_for_byte(rng, preshuffle):
+    """sglang 0.5.23's own index-K store (both layouts: its module switch) writes, from our
+    quantisation, exactly the bytes our writer writes; its gather (row-major only) returns what
+    ours returns. A second implementation of the preshuffle formula, read from the release."""
+    from sgl_hip_kernels.testing.upstream import PoolShape, dsa_index_k_cache
+
+    up = dsa_index_k_cache(_upstream_0523(), preshuffle)
+    blocks = 5
+    ours, theirs = (torch.zeros(blocks, 64, 132, dtype=torch.uint8, device=DEV) for _ in range(2))
+    k = (torch.randn(70, 128, generator=rng) * 3).to(DEV)
+    slots = torch.randperm(blocks * 64, generator=rng)[:70].to(DEV)
+    slots[-1] = blocks * 64 - 1  # the last token of the last block
+    indexer_k_quant_and_cache(k, ours, slots, 128, "ue8m0", preshuffle)
+    codes, scales = quantize_ref(k, 128, "ue8m0")
+    up.SetKAndS.triton(PoolShape, theirs.view(blocks, -1), slots.long(), codes.view(torch.float8_e4m3fn),
+                       scales.contiguous())
+    assert_bits_equal(theirs, ours, "upstream's store vs ours")
+    if not preshuffle:
+        lens = torch.tensor([130, 3, 0, 64], dtype=torch.int32)
+        cu = torch.cat([torch.zeros(1, dtype=torch.int32), lens.cumsum(0).to(torch.int32)]).to(DEV)
+        table = torch.tensor([[4, 0, 2], [1, -1, -1], [-1, -1, -1], [3, -1, -1]], dtype=torch.int32, device=DEV)
+        dst_k = torch.empty(int(lens.sum()), 128, dtype=torch.uint8, device=DEV)
+        dst_s = torch.empty(int(lens.sum()), 4, dtype=torch.uint8, device=DEV)
+        cp_gather_indexer_k_quant_cache(ours, dst_k, dst_s, table, cu, False)
+        got_k, got_s = up.GetKAndS.triton(PoolShape, theirs.view(blocks, -1), table, lens.to(DEV), int(lens.sum()),
+                                          int(lens.max()))
+        assert_bits_equal(got_k, dst_k, "upstream's gather vs ours: K")
+        assert_bits_equal(got_s, dst_s, "upstream's gather vs ours: scales")

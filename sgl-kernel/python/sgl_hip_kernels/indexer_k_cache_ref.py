@@ -78,20 +78,33 @@ def quantize_ref(k: torch.Tensor, quant_block_size: int, scale_fmt) -> tuple[tor
     return q.to(torch.float8_e4m3fn).view(torch.uint8), scale
 
 
+def write_plan(kv_cache, slot_mapping, head_dim, quant_block_size, preshuffle=False):
+    """Where :func:`write_ref` puts each kept token (negative slots skipped): (kept token rows (N,),
+    their blocks (N, 1), K byte positions (N, D), scale byte positions (N, 4 * D / Q)). Reading the
+    slots' values makes this a host step; :func:`write_planned` is the rest (graph-capturable)."""
+    _, block_size = check_geometry(kv_cache, head_dim, quant_block_size, preshuffle, "write_ref")
+    rows = torch.nonzero(slot_mapping >= 0).flatten()
+    slots = slot_mapping[rows].long()
+    block, o = slots // block_size, slots % block_size
+    n_sc = head_dim // quant_block_size
+    scale_at = block_size * head_dim + 4 * n_sc * o[:, None] + torch.arange(4 * n_sc, device=slots.device)[None, :]
+    return rows, block[:, None], k_offsets(block_size, head_dim, preshuffle, slots.device)[o], scale_at
+
+
+def write_planned(k, kv_cache, plan, quant_block_size, scale_fmt) -> None:
+    """Quantise ``k`` and store the tokens ``plan`` (:func:`write_plan`) keeps where it says."""
+    rows, block, k_at, scale_at = plan
+    codes, scales = quantize_ref(k, quant_block_size, scale_fmt)
+    blocks = _blocks(kv_cache)
+    blocks[block, k_at] = codes.index_select(0, rows)
+    blocks[block, scale_at] = scales.index_select(0, rows).contiguous().view(torch.uint8).reshape(scale_at.shape)
+
+
 def write_ref(k, kv_cache, slot_mapping, quant_block_size, scale_fmt, preshuffle=False) -> None:
     """aiter's ``indexer_k_quant_and_cache``: token i goes to slot ``slot_mapping[i]`` (block
     ``slot // block_size``, offset ``slot % block_size``); negative slots are skipped."""
-    d = k.shape[1]
-    _, block_size = check_geometry(kv_cache, d, quant_block_size, preshuffle, "write_ref")
-    blocks = _blocks(kv_cache)
-    codes, scales = quantize_ref(k, quant_block_size, scale_fmt)
-    keep = slot_mapping >= 0
-    slots = slot_mapping[keep].long()
-    block, o = slots // block_size, slots % block_size
-    n_sc = d // quant_block_size
-    blocks[block[:, None], k_offsets(block_size, d, preshuffle, k.device)[o]] = codes[keep]
-    scale_at = block_size * d + 4 * n_sc * o[:, None] + torch.arange(4 * n_sc, device=k.device)[None, :]
-    blocks[block[:, None], scale_at] = scales[keep].contiguous().view(torch.uint8).reshape(len(slots), 4 * n_sc)
+    plan = write_plan(kv_cache, slot_mapping, k.shape[1], quant_block_size, preshuffle)
+    write_planned(k, kv_cache, plan, quant_block_size, scale_fmt)
 
 
 def read_tokens(kv_cache, block, offset, head_dim, quant_block_size, preshuffle):
@@ -106,17 +119,23 @@ def read_tokens(kv_cache, block, offset, head_dim, quant_block_size, preshuffle)
     return codes, scales
 
 
-def gather_ref(kv_cache, block_table, cu_seq_lens, head_dim, quant_block_size, preshuffle=False):
-    """aiter's ``cp_gather_indexer_k_quant_cache``: the tokens of every sequence, in order ->
-    (fp8 bytes (T, D) uint8, scale bytes (T, 4 * D / Q) uint8)."""
+def gather_plan(kv_cache, block_table, cu_seq_lens, head_dim, quant_block_size, preshuffle=False):
+    """The (block, offset) of every token :func:`gather_ref` returns, in order (a host step: it reads
+    the sequence lengths); :func:`read_tokens` is the rest (graph-capturable)."""
     check_geometry(kv_cache, head_dim, quant_block_size, preshuffle, "gather_ref")
     block_size = kv_cache.shape[1]
     lens = (cu_seq_lens[1:] - cu_seq_lens[:-1]).long()
     seq = torch.repeat_interleave(torch.arange(len(lens), device=lens.device), lens)
     pos = torch.arange(int(lens.sum()), device=lens.device) - cu_seq_lens[:-1].long()[seq]
-    block = block_table.long()[seq, pos // block_size]
-    codes, scales = read_tokens(kv_cache, block, pos % block_size, head_dim, quant_block_size, preshuffle)
-    return codes, scales.view(torch.uint8).reshape(len(pos), -1)
+    return block_table.long()[seq, pos // block_size], pos % block_size
+
+
+def gather_ref(kv_cache, block_table, cu_seq_lens, head_dim, quant_block_size, preshuffle=False):
+    """aiter's ``cp_gather_indexer_k_quant_cache``: the tokens of every sequence, in order ->
+    (fp8 bytes (T, D) uint8, scale bytes (T, 4 * D / Q) uint8)."""
+    block, offset = gather_plan(kv_cache, block_table, cu_seq_lens, head_dim, quant_block_size, preshuffle)
+    codes, scales = read_tokens(kv_cache, block, offset, head_dim, quant_block_size, preshuffle)
+    return codes, scales.view(torch.uint8).reshape(len(block), -1)
 
 
 def cp_gather_indexer_k_quant_cache_ref(kv_cache, dst_k, dst_scale, block_table, cu_seq_lens, preshuffle=False) -> None:

@@ -27,7 +27,9 @@ def launch_rule(tokens: int, heads: int, topk: int, device, splits: int | None =
 
 
 def sparse_mla_decode(q, kv, indices, sm_scale: float, d_v: int = 512, out: torch.Tensor | None = None,
-                      splits: int | None = None):
+                      splits: int | None = None, rule: splitk.SplitPlan | None = None):
+    """-> out; see the module docstring. ``splits`` forces the split count (tests); ``rule`` replaces
+    the launch rule (the benchmark's sweep)."""
     if q.dim() != 3 or kv.dim() != 3 or indices.dim() != 3:
         raise ValueError(f"sparse_mla_decode: q {tuple(q.shape)}, kv {tuple(kv.shape)}, indices {tuple(indices.shape)} "
                          "must be 3-D")
@@ -54,7 +56,7 @@ def sparse_mla_decode(q, kv, indices, sm_scale: float, d_v: int = 512, out: torc
     kv2 = kv[:, 0, :]
     if n == 0 or h == 0:
         return out
-    p = launch_rule(n, h, topk, q.device, splits)
+    p = rule if rule is not None else launch_rule(n, h, topk, q.device, splits)
     final = p.splits == 1
     if final:
         o_buf, l_buf = out, out  # no lse is written

@@ -6,6 +6,10 @@ seeds, the ``gpu`` marker, the Triton interpreter on the CPU, and no false green
   machine and from either the repository root or ``sgl-kernel/``.
 * ``@pytest.mark.gpu`` tests are skipped where no GPU is visible; there, Triton kernels run under
   ``TRITON_INTERPRET=1`` (fp32: the interpreter's bf16/fp8 arithmetic is not trustworthy).
+* Under the interpreter ``tl.dot`` of floating-point operands is torch's matmul (the interpreter's
+  own is numpy's, whose fp32 rounding depends on the BLAS build and the CPU: on an AVX2-only CPU it
+  errs up to 4x more than torch's on the same products, so a kernel's error measured against
+  "torch's own error" would depend on the machine). Same dtypes in and out as numpy's.
 * The run fails when tests were collected and every one of them was skipped: a green suite that
   tested nothing on this machine is a false green (decided by the controller under pytest-xdist,
   which receives every worker's reports).
@@ -23,6 +27,28 @@ import torch
 # @triton.jit kernel module is imported (triton reads it at decoration time).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _torch_dot():
+    """The interpreter's ``create_dot`` with torch's matmul for floating-point operands."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    numpy_dot = interpreter.InterpreterBuilder.create_dot
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        floating = all(np.issubdtype(x.data.dtype, np.floating) for x in (a, b, d))
+        if not floating or 8 in (a.dtype.primitive_bitwidth, b.dtype.primitive_bitwidth):
+            # integer dots are exact; fp8 operands take numpy's float16 route as before
+            return numpy_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+        x, y = (torch.from_numpy(np.ascontiguousarray(t.data)).to(getattr(torch, str(d.data.dtype))) for t in (a, b))
+        return interpreter.TensorHandle(torch.matmul(x, y).numpy() + d.data, d.dtype.scalar)
+
+    interpreter.InterpreterBuilder.create_dot = create_dot
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _torch_dot()
 
 _outcomes = {"passed": 0, "failed": 0, "skipped": 0}
 

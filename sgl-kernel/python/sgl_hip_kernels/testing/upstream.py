@@ -83,3 +83,31 @@ def load(source: str, package_dir: str, modules: list[str], stubs: dict[str, dic
         else:
             os.environ["TRITON_CACHE_DIR"] = env_before
     return loaded
+
+
+class PoolShape:
+    """The two fields of SGLang's DSA token pool that upstream's index-K store and gather read (page
+    64, head_dim 128: the only geometry they take)."""
+
+    index_page_size = 64
+    index_head_dim = 128
+
+
+def dsa_index_k_cache(source: str, preshuffle: bool) -> types.ModuleType:
+    """sglang 0.5.23's ``sglang/kernels/ops/kvcache/dsa_index_k_cache.py`` (its Triton index-K cache
+    store ``SetKAndS.triton`` and gather ``GetKAndS.triton``) as on a GPU whose indexer is
+    (``preshuffle``) or is not on the preshuffled page-64 path, the module's import-time switch;
+    OCP fp8 (not fnuz); aiter's gather is a stub that raises."""
+    import torch
+
+    def unused(*a, **k):
+        raise RuntimeError("aiter's gather is not available here")
+
+    stubs = {
+        "sglang.kernels.ops.quantization.fp8_kernel": {"is_fp8_fnuz": lambda: False, "fp8_dtype": torch.float8_e4m3fn},
+        "sglang.srt.layers.attention.dsa.utils": {"INDEXER_K_CACHE_PRESHUFFLE_TILE": 16,
+                                                  "aiter_can_use_preshuffle_paged_mqa": lambda: preshuffle},
+        "sglang.srt.utils": {"is_hip": lambda: False, "is_xpu": lambda: False},
+        "aiter.ops.cache": {"cp_gather_indexer_k_quant_cache": unused},
+    }
+    return load(source, "sglang/kernels/ops/kvcache", ["dsa_index_k_cache"], stubs=stubs)["dsa_index_k_cache"]
