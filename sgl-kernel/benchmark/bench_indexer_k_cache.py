@@ -79,7 +79,7 @@ def measure_gather(tokens, preshuffle, repeats, copy_gbps, l2, up):
     calls, gen = 8, torch.Generator(device="cuda").manual_seed(tokens + 1)
     cache = cache_for(tokens, calls, l2)
     cache.copy_(torch.randint(0, 120, cache.shape, generator=gen, device="cuda", dtype=torch.uint8))  # finite codes
-    lens = torch.full((4,), max(1, tokens // 4), dtype=torch.int32)
+    lens = torch.full((4,), tokens // 4, dtype=torch.int32)  # the last sequence takes the rest
     lens[-1] = tokens - int(lens[:-1].sum())
     cu = torch.cat([torch.zeros(1, dtype=torch.int32), lens.cumsum(0).to(torch.int32)]).cuda()
     width = triton.cdiv(int(lens.max()), BS)

@@ -82,14 +82,11 @@ def combine(part_o, stats, out, out_strides, s_q: int, sink=None, lse=None, lse_
     ``sink`` (heads,) fp32 or None."""
     splits, tokens, heads, d = part_o.shape
     m = stats[0]
-    block_h, block_d = 16, min(d, 64)
-    if d % block_d or block_d & (block_d - 1):
-        raise ValueError(f"splitk.combine: output width {d} must be a power of two or a multiple of 64")
-    _splitk_combine_kernel[(tokens, triton.cdiv(heads, block_h), triton.cdiv(d, block_d))](
+    block_h = 16
+    _splitk_combine_kernel[(tokens, triton.cdiv(heads, block_h))](
         part_o, m, sink if sink is not None else m, out, lse if lse is not None else m,
         heads, s_q,
         part_o.stride(0), part_o.stride(1), part_o.stride(2), m.stride(0), m.stride(1), den_offset(stats),
         *out_strides, *lse_strides,
-        SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits), CHUNK=min(8, triton.next_power_of_2(splits)),
-        BLOCK_D=block_d, BLOCK_H=block_h, HAS_SINK=sink is not None, HAS_LSE=lse is not None, num_warps=4,
+        SPLITS=splits, D=d, BLOCK_H=block_h, HAS_SINK=sink is not None, HAS_LSE=lse is not None, num_warps=4,
     )

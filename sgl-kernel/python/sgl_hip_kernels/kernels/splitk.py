@@ -62,41 +62,33 @@ def _splitk_combine_kernel(
     s_o_b, s_o_s, s_o_h,
     s_l_b, s_l_h, s_l_s,
     SPLITS: tl.constexpr,
-    SPLITS_P2: tl.constexpr,  # SPLITS rounded up to a power of two (the statistics tile)
-    CHUNK: tl.constexpr,  # splits whose outputs one step loads at once
-    BLOCK_D: tl.constexpr,  # divides the output width
+    D: tl.constexpr,
     BLOCK_H: tl.constexpr,
     HAS_SINK: tl.constexpr,
     HAS_LSE: tl.constexpr,
 ):
-    """One program per (query token, block of heads, block of output columns): merge the
-    ``SPLITS`` partials (see the module docstring) into the final output and LSE; the sink joins
-    only here. Every split's statistics come in one load, and the partial outputs ``CHUNK`` splits
-    at a time with no load waiting on another (a split that saw nothing has weight 0 and output 0)."""
+    """One program per (query token, block of heads): merge the ``SPLITS`` partials (see the module
+    docstring) into the final output and LSE; the sink joins only here."""
     t = tl.program_id(0).to(tl.int64)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_h = heads < H
-    stats = part_m_ptr + t * s_pm_t + heads[None, :]
-    all_splits = tl.arange(0, SPLITS_P2)[:, None]
-    mask_s = (all_splits < SPLITS) & mask_h[None, :]
-    m_all = tl.load(stats + all_splits * s_pm_split, mask=mask_s, other=float("-inf"))
-    den_all = tl.load(stats + all_splits * s_pm_split + den_offset, mask=mask_s, other=0.0)
-    big_m = tl.max(m_all, 0)
+    d = tl.arange(0, D)
+    big_m = tl.full((BLOCK_H,), float("-inf"), tl.float32)
+    for i in range(0, SPLITS):
+        m_i = tl.load(part_m_ptr + i * s_pm_split + t * s_pm_t + heads, mask=mask_h, other=float("-inf"))
+        big_m = tl.maximum(big_m, m_i)
     empty = big_m == float("-inf")
     m_safe = tl.where(empty, 0.0, big_m)
-    total = tl.sum(tl.where(m_all == float("-inf"), 0.0, den_all * tl.exp2(m_all - m_safe[None, :])), 0)
-    acc = tl.zeros((BLOCK_H, BLOCK_D), tl.float32)
-    chunk = tl.arange(0, CHUNK)
-    for first in range(0, SPLITS, CHUNK):
-        sp = first + chunk
-        mask_c = (sp < SPLITS)[:, None] & mask_h[None, :]
-        m_c = tl.load(stats + sp[:, None] * s_pm_split, mask=mask_c, other=float("-inf"))
-        den_c = tl.load(stats + sp[:, None] * s_pm_split + den_offset, mask=mask_c, other=0.0)
-        w = tl.where(m_c == float("-inf"), 0.0, den_c * tl.exp2(m_c - m_safe[None, :]))
-        o = tl.load(part_o_ptr + sp[:, None, None] * s_po_split + t * s_po_t + heads[None, :, None] * s_po_h
-                    + d[None, None, :], mask=mask_c[:, :, None], other=0.0)
-        acc += tl.sum(w[:, :, None] * o, 0)
+    total = tl.zeros((BLOCK_H,), tl.float32)
+    acc = tl.zeros((BLOCK_H, D), tl.float32)
+    for i in range(0, SPLITS):
+        stats = part_m_ptr + i * s_pm_split + t * s_pm_t + heads
+        m_i = tl.load(stats, mask=mask_h, other=float("-inf"))
+        w = tl.load(stats + den_offset, mask=mask_h & (m_i > float("-inf")), other=0.0) * tl.exp2(m_i - m_safe)
+        o = tl.load(part_o_ptr + i * s_po_split + t * s_po_t + heads[:, None] * s_po_h + d[None, :],
+                    mask=(mask_h & (w > 0))[:, None], other=0.0)
+        total += w
+        acc += w[:, None] * o
     denom = total
     if HAS_SINK:
         sink2 = tl.load(sink_ptr + heads, mask=mask_h, other=0.0) * LOG2E
@@ -107,6 +99,5 @@ def _splitk_combine_kernel(
     o_ptrs = out_ptr + b * s_o_b + s * s_o_s + heads[:, None] * s_o_h + d[None, :]
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_h[:, None])
     if HAS_LSE:
-        if tl.program_id(2) == 0:
-            lse = tl.where(empty, float("inf"), (m_safe + tl.log2(tl.where(empty, 1.0, total))) * LN2)
-            tl.store(lse_ptr + b * s_l_b + heads * s_l_h + s * s_l_s, lse, mask=mask_h)
+        lse = tl.where(empty, float("inf"), (m_safe + tl.log2(tl.where(empty, 1.0, total))) * LN2)
+        tl.store(lse_ptr + b * s_l_b + heads * s_l_h + s * s_l_s, lse, mask=mask_h)

@@ -18,12 +18,21 @@ _FLOAT8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e4m3fnuz", 
 
 
 def launch_rule(tokens: int, heads: int, topk: int, device, splits: int | None = None) -> splitk.SplitPlan:
-    """The fixed launch of one call (``splits`` forces the split count): 16 heads per program up to
-    16 heads (tl.dot needs 16 rows; fewer heads are masked), else 32; 32 keys per step, 8 warps:
-    the configurations that compile without register spills for sm_90 (ptxas -v); the top-k split
-    so the grid covers the GPU (``splitk.plan``)."""
-    return splitk.plan(tokens, heads, topk, device, block_h=16 if heads <= 16 else 32, block_n=32, num_warps=8,
-                       num_stages=2, splits=splits)
+    """The fixed launch of one call (``splits`` forces the split count), the top-k split so the grid
+    covers the GPU (``splitk.plan``). On a GPU, from the H200 sweep (``bench_dsv4_sparse_decode.py
+    --sweep --only nsa``, top-k 2048): more than 16 heads, 32 heads x 64 keys, 8 warps (h64 b64:
+    212 us against 307 for 16 x 32, bf16; 228 against 331, fp8); up to 16 heads (tl.dot needs 16
+    rows; fewer are masked), 16 x 64 with 8 warps at up to 4 tokens (h8 b1: 21.7 us against 26.5)
+    and 16 x 32 with 4 warps above (h8 b64: 86.8 against 134.3); only b1 and b64 were swept, the
+    switch at 4 tokens is not measured. On the CPU (interpreter): 16 or 32 heads x 32 keys."""
+    if torch.device(device).type != "cuda":
+        return splitk.plan(tokens, heads, topk, device, block_h=16 if heads <= 16 else 32, block_n=32, num_warps=8,
+                           num_stages=2, splits=splits)
+    if heads > 16:
+        return splitk.plan(tokens, heads, topk, device, 32, 64, 8, 2, splits=splits)
+    if tokens <= 4:
+        return splitk.plan(tokens, heads, topk, device, 16, 64, 8, 2, splits=splits)
+    return splitk.plan(tokens, heads, topk, device, 16, 32, 4, 2, splits=splits)
 
 
 def sparse_mla_decode(q, kv, indices, sm_scale: float, d_v: int = 512, out: torch.Tensor | None = None,
