@@ -94,6 +94,8 @@ def write_plan(kv_cache, slot_mapping, head_dim, quant_block_size, preshuffle=Fa
 def write_planned(k, kv_cache, plan, quant_block_size, scale_fmt) -> None:
     """Quantise ``k`` and store the tokens ``plan`` (:func:`write_plan`) keeps where it says."""
     rows, block, k_at, scale_at = plan
+    if k.dim() != 2 or k.shape[1] != k_at.shape[1]:
+        raise ValueError(f"write_planned: k {tuple(k.shape)} does not match a plan for head_dim {k_at.shape[1]}")
     codes, scales = quantize_ref(k, quant_block_size, scale_fmt)
     blocks = _blocks(kv_cache)
     blocks[block, k_at] = codes.index_select(0, rows)

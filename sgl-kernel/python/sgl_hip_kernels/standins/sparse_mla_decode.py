@@ -24,8 +24,9 @@ def launch_rule(tokens: int, heads: int, topk: int, device, splits: int | None =
     212 us against 307 for 16 x 32, bf16; 228 against 331, fp8); up to 16 heads (tl.dot needs 16
     rows; fewer are masked), 16 x 64 with 8 warps at up to 4 tokens (h8 b1: 21.7 us against 26.5)
     and 16 x 32 with 4 warps above (h8 b64: 86.8 against 134.3); only b1 and b64 were swept, the
-    switch at 4 tokens is not measured. On the CPU (interpreter): 16 or 32 heads x 32 keys."""
-    if torch.device(device).type != "cuda":
+    switch at 4 tokens is not measured. On the CPU (interpreter) and on ROCm (not swept there): the
+    earlier rule, 16 or 32 heads x 32 keys, 8 warps."""
+    if torch.device(device).type != "cuda" or torch.version.hip:
         return splitk.plan(tokens, heads, topk, device, block_h=16 if heads <= 16 else 32, block_n=32, num_warps=8,
                            num_stages=2, splits=splits)
     if heads > 16:

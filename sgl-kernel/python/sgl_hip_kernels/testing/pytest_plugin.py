@@ -17,6 +17,7 @@ seeds, the ``gpu`` marker, the Triton interpreter on the CPU, and no false green
 
 from __future__ import annotations
 
+import inspect
 import os
 import zlib
 
@@ -35,11 +36,15 @@ def _torch_dot():
     from triton.runtime import interpreter
 
     numpy_dot = interpreter.InterpreterBuilder.create_dot
+    expected = ["self", "a", "b", "d", "input_precision", "max_num_imprecise_acc"]
+    if list(inspect.signature(numpy_dot).parameters) != expected:
+        raise RuntimeError(f"the Triton interpreter's create_dot is not {expected}: update _torch_dot for this Triton")
 
     def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
         floating = all(np.issubdtype(x.data.dtype, np.floating) for x in (a, b, d))
         if not floating or 8 in (a.dtype.primitive_bitwidth, b.dtype.primitive_bitwidth):
-            # integer dots are exact; fp8 operands take numpy's float16 route as before
+            # integer dots are exact; bf16 and fp8 operands (stored as uint16 / uint8 arrays) keep the
+            # interpreter's own conversion and numpy's matmul
             return numpy_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
         x, y = (torch.from_numpy(np.ascontiguousarray(t.data)).to(getattr(torch, str(d.data.dtype))) for t in (a, b))
         return interpreter.TensorHandle(torch.matmul(x, y).numpy() + d.data, d.dtype.scalar)
