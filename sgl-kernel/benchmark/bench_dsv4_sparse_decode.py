@@ -34,9 +34,7 @@ On the CPU nothing is timed: the kernels (interpreter) are checked against the r
 from __future__ import annotations
 
 import dataclasses
-import glob
 import itertools
-import os
 import sys
 import types
 
@@ -53,16 +51,10 @@ from sgl_hip_kernels.standins.sparse_mla_decode_ref import sparse_mla_decode_ref
 from sgl_hip_kernels.testing import timing, upstream
 from sgl_hip_kernels.testing.report import bench_args, emit
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DSV4_DIR = "sglang/srt/layers/attention/nsa/triton_decode"
 NSA_DIR = "sglang/kernels/ops/attention/dsa"
 BATCHES = (1, 2, 4, 64, 74, 128, 256)
 SWA_TOPK, SWA_BLOCK, X_BLOCK = 128, 256, 64
-
-
-def _default_wheel(version: str) -> str | None:
-    found = sorted(glob.glob(os.path.join(ROOT, ".releases", "wheels", f"sglang-{version}-*.whl")))
-    return found[0] if found else None
 
 
 def load_upstream_dsv4(source):
@@ -346,9 +338,9 @@ COLUMNS = ["kernel", "shape", "upstream_path", "splits", "ours_us", "upstream_us
 
 def main(argv=None) -> int:
     def extra(parser):
-        parser.add_argument("--upstream-dsv4", default=_default_wheel("0.5.13.post1"),
+        parser.add_argument("--upstream-dsv4", default=upstream.release_wheel("0.5.13.post1"),
                             help="sglang 0.5.13(.post1) wheel or unpacked release: its Triton DSV4 decode is the peer")
-        parser.add_argument("--upstream-nsa", default=_default_wheel("0.5.23"),
+        parser.add_argument("--upstream-nsa", default=upstream.release_wheel("0.5.23"),
                             help="sglang 0.5.23 wheel or unpacked release: its Triton sparse MLA decode is the NSA peer")
         parser.add_argument("--sweep", action="store_true", help="time the launch-rule alternatives instead")
         parser.add_argument("--only", choices=("dsv4", "nsa"), help="one of the two tables")

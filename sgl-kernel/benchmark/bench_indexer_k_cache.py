@@ -22,8 +22,6 @@ On the CPU nothing is timed: the kernels (interpreter) are checked against the r
 
 from __future__ import annotations
 
-import glob
-import os
 import sys
 
 import torch
@@ -33,13 +31,12 @@ from sgl_hip_kernels.indexer_k_cache import cp_gather_indexer_k_quant_cache, fp8
 from sgl_hip_kernels.indexer_k_cache_ref import (gather_plan, gather_ref, mqa_logits_ref, mqa_logits_torch, quantize_ref,
                                                  read_tokens, write_plan, write_planned, write_ref)
 from sgl_hip_kernels.testing import timing
-from sgl_hip_kernels.testing.upstream import PoolShape, dsa_index_k_cache
+from sgl_hip_kernels.testing.upstream import PoolShape, dsa_index_k_cache, release_wheel
 from sgl_hip_kernels.testing.report import bench_args, emit
 
 D, BS, HEADS, CTX = 128, 64, 64, 8192
 COLUMNS = ["op", "layout", "size", "ours_us", "upstream_us", "torch_us", "floor_us", "upstream/ours", "torch/ours",
            "ours/floor", "bytes", "GBps", "pct_copy_bw", "check"]
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def cache_for(tokens: int, calls: int, l2: int):
@@ -152,8 +149,7 @@ def cpu_check() -> list[dict]:
 
 def main(argv=None) -> int:
     def extra(parser):
-        found = sorted(glob.glob(os.path.join(ROOT, ".releases", "wheels", "sglang-0.5.23-*.whl")))
-        parser.add_argument("--upstream", default=found[0] if found else None,
+        parser.add_argument("--upstream", default=release_wheel("0.5.23"),
                             help="sglang 0.5.23 wheel or unpacked release: its Triton index-K store and gather are the peers")
 
     args = bench_args(__doc__, argv, repeats=30, extra=extra)

@@ -244,16 +244,16 @@ def test_gpu_cache_over_2gib(rng):
 # --- against upstream's own Triton store and gather (sglang 0.5.23) -------------------------------
 
 def _upstream_0523():
-    import glob
     import os
 
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    found = sorted(glob.glob(os.path.join(root, ".releases", "wheels", "sglang-0.5.23-*.whl")))
-    if not found:
+    from sgl_hip_kernels.testing.upstream import release_wheel
+
+    found = release_wheel("0.5.23")
+    if found is None:
         if os.environ.get("SGLANG_HIP_DECODE_TEST_RELEASES"):
             pytest.fail("the sglang 0.5.23 wheel is missing although make test fetched the releases")
         pytest.skip("the sglang 0.5.23 wheel is missing: run `make releases` (tools/release_wheels.py)")
-    return found[0]
+    return found
 
 
 @pytest.mark.parametrize("preshuffle", [False, True])

@@ -27,13 +27,12 @@ def launch_rule(tokens: int, heads: int, topk: int, device, splits: int | None =
     switch at 4 tokens is not measured. On the CPU (interpreter) and on ROCm (not swept there): the
     earlier rule, 16 or 32 heads x 32 keys, 8 warps."""
     if torch.device(device).type != "cuda" or torch.version.hip:
-        return splitk.plan(tokens, heads, topk, device, block_h=16 if heads <= 16 else 32, block_n=32, num_warps=8,
-                           num_stages=2, splits=splits)
-    if heads > 16:
-        return splitk.plan(tokens, heads, topk, device, 32, 64, 8, 2, splits=splits)
-    if tokens <= 4:
-        return splitk.plan(tokens, heads, topk, device, 16, 64, 8, 2, splits=splits)
-    return splitk.plan(tokens, heads, topk, device, 16, 32, 4, 2, splits=splits)
+        block_h, block_n, warps = (16 if heads <= 16 else 32), 32, 8
+    elif heads > 16:
+        block_h, block_n, warps = 32, 64, 8
+    else:
+        block_h, block_n, warps = (16, 64, 8) if tokens <= 4 else (16, 32, 4)
+    return splitk.plan(tokens, heads, topk, device, block_h, block_n, warps, 2, splits=splits)
 
 
 def sparse_mla_decode(q, kv, indices, sm_scale: float, d_v: int = 512, out: torch.Tensor | None = None,

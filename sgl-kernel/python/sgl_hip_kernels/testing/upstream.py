@@ -85,6 +85,16 @@ def load(source: str, package_dir: str, modules: list[str], stubs: dict[str, dic
     return loaded
 
 
+def release_wheel(version: str) -> str | None:
+    """The sglang ``version`` wheel ``make releases`` fetched into the repository's ``.releases/wheels``
+    (None when it is not there)."""
+    import glob
+
+    root = Path(__file__).resolve().parents[4]
+    found = sorted(glob.glob(str(root / ".releases" / "wheels" / f"sglang-{version}-*.whl")))
+    return found[0] if found else None
+
+
 class PoolShape:
     """The two fields of SGLang's DSA token pool that upstream's index-K store and gather read (page
     64, head_dim 128: the only geometry they take)."""
