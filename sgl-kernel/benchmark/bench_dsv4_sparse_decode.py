@@ -345,6 +345,8 @@ def main(argv=None) -> int:
         parser.add_argument("--sweep", action="store_true", help="time the launch-rule alternatives instead")
         parser.add_argument("--only", choices=("dsv4", "nsa"), help="one of the two tables")
         parser.add_argument("--heads", type=int, choices=(64, 128), help="dsv4: only the shapes with this head count")
+        parser.add_argument("--batches", help="dsv4: comma-separated batch sizes (default: all)")
+        parser.add_argument("--swa-only", action="store_true", help="dsv4: only the shapes without the compressed scope")
     args = bench_args(__doc__, argv, repeats=30, extra=extra)
     if not torch.cuda.is_available():
         emit({"benchmark": "sparse decode: dsv4 and the NSA stand-in", "device": "cpu (no timing; interpreter check only)",
@@ -362,10 +364,12 @@ def main(argv=None) -> int:
     rows, providers = [], []
     if args.only in (None, "dsv4"):
         up = load_upstream_dsv4(args.upstream_dsv4) if args.upstream_dsv4 else None
-        shapes = [Dsv4Shape(h, b, s_q, 512 if h == 64 else 1024) for h in ((args.heads,) if args.heads else (64, 128))
-                  for b in ((1, 64) if args.quick else BATCHES) for s_q in (1, 2)]
+        batches = [int(b) for b in args.batches.split(",")] if args.batches else None
+        shapes = [] if args.swa_only else [
+            Dsv4Shape(h, b, s_q, 512 if h == 64 else 1024) for h in ((args.heads,) if args.heads else (64, 128))
+            for b in (batches or ((1, 64) if args.quick else BATCHES)) for s_q in (1, 2)]
         if args.heads in (None, 64):
-            shapes += [Dsv4Shape(64, b, 1, 0) for b in ((1,) if args.quick else (1, 64, 256))]
+            shapes += [Dsv4Shape(64, b, 1, 0) for b in (batches or ((1,) if args.quick else (1, 64, 256)))]
         for shape in shapes:
             rows.append(dict(measure_dsv4(shape, up, args.repeats, copy_gbps, l2), kernel="dsv4"))
             progress(rows[-1])
