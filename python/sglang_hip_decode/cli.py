@@ -16,6 +16,10 @@
 * ``releases [--markdown]``: what every patch does on every verified release (README's table).
 * ``doctor``: torch, GPU and HIP arch, Triton, aiter / TileLang importable, and which provider each
   kernel resolves to.
+* ``trace-diff OFF ON [--json] [--layers N] [--events auto|kernels|ops] [--step-marker RE] [--all]``:
+  two torch.profiler chrome traces (SGLang's ``/start_profile`` output) compared per decode step and
+  per layer, kernel by kernel (``sglang_hip_decode.tracediff``). Exit 0, or 2 for an unreadable
+  trace or one with no decode steps (the message says which).
 """
 
 from __future__ import annotations
@@ -278,6 +282,29 @@ def cmd_doctor(args) -> int:
     return 0 if version is not None else 1
 
 
+def cmd_trace_diff(args) -> int:
+    from . import tracediff
+
+    try:
+        result = tracediff.compare(args.off, args.on, layers=args.layers, events=args.events,
+                                   step_marker=args.step_marker)
+    except tracediff.TraceError as exc:
+        print(f"sglang-hip-decode trace-diff: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2) if args.json else tracediff.render(result, show_all=args.all))
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a whole number >= 1, not {text!r}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sglang-hip-decode", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -295,6 +322,24 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_releases)
     p = sub.add_parser("doctor", help="environment and kernel providers")
     p.set_defaults(func=cmd_doctor)
+    from .tracediff import DEFAULT_STEP_MARKER
+
+    p = sub.add_parser("trace-diff", help="compare two decode profiles (chrome traces) kernel by kernel",
+                       description="Compare the decode steps of two torch.profiler chrome traces (.json or "
+                                   ".json.gz, SGLang's /start_profile output): per decode step and per layer, "
+                                   "each kernel's count and GPU time in both, what disappeared, what appeared, "
+                                   "and the net.")
+    p.add_argument("off", help="the trace of the arm without the patches")
+    p.add_argument("on", help="the trace of the arm with the patches")
+    p.add_argument("--json", action="store_true", help="machine-readable output (raw kernel names included)")
+    p.add_argument("--layers", type=_positive_int,
+                   help="decoder layers in the model (default: inferred from the OFF trace)")
+    p.add_argument("--events", choices=("auto", "kernels", "ops"), default="auto",
+                   help="compare GPU kernels or CPU aten ops (default auto: kernels when the trace has any)")
+    p.add_argument("--step-marker", default=DEFAULT_STEP_MARKER,
+                   help=f"regular expression naming a decode step's span (default: {DEFAULT_STEP_MARKER})")
+    p.add_argument("--all", action="store_true", help="list the unchanged kernels too")
+    p.set_defaults(func=cmd_trace_diff)
     args = parser.parse_args(argv)
     return args.func(args)
 

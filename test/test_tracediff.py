@@ -1,0 +1,285 @@
+"""trace-diff: synthetic ROCm- and CUDA-style traces (eager launches and a graph replay), the name
+normaliser, every unreadable-trace error, and real torch.profiler traces of the decode harness
+(CPU: aten ops; GPU: kernels, eager and a CUDA-graph replay)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+
+from sglang_hip_decode import cli, tracediff
+from sglang_hip_decode.tracediff import normalise_kernel
+
+CAT_CUDA = ("void at::native::(anonymous namespace)::CatArrayBatchedCopy<at::native::(anonymous namespace)::OpaqueType<2u>, "
+            "unsigned int, 3, {n}, 64>(at::native::(anonymous namespace)::OpaqueType<2u>*, at::native::(anonymous "
+            "namespace)::CatArrInputTensorMetadata<at::native::(anonymous namespace)::OpaqueType<2u>, unsigned int, "
+            "{n}, 64>, at::native::(anonymous namespace)::TensorSizeStride<unsigned int, 4u>, int, unsigned int)")
+COPY_CUDA = ("void at::native::elementwise_kernel<128, 2, at::native::gpu_kernel_impl_nocast<at::native::"
+             "direct_copy_kernel_cuda(at::TensorIteratorBase&)::{lambda()#3}::operator()() const::{lambda()#7}::"
+             "operator()() const::{lambda(c10::BFloat16)#1}>(at::TensorIteratorBase&, at::native::direct_copy_kernel_cuda"
+             "(at::TensorIteratorBase&)::{lambda()#3}::operator()() const::{lambda()#7}::operator()() const::"
+             "{lambda(c10::BFloat16)#1} const&)::{lambda(int)#1}>(int, at::native::gpu_kernel_impl_nocast<...>)")
+FILL = ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>, std::array<char*, 1ul> >"
+        "(int, at::native::FillFunctor<float>, std::array<char*, 1ul>)")
+
+
+@pytest.mark.parametrize("raw, expect", [
+    (CAT_CUDA.format(n=64), "CatArrayBatchedCopy<...>"),
+    (CAT_CUDA.format(n=128), "CatArrayBatchedCopy<...>"),
+    (COPY_CUDA, "elementwise_kernel<...>[direct_copy_kernel_cuda]"),
+    (FILL, "vectorized_elementwise_kernel<...>[FillFunctor]"),
+    ("void cutlass::Kernel2<cutlass_80_wmma_tensorop_bf16_s161616gemm_bf16_16x16_128x2_tn_align8>(cutlass_80_wmma_"
+     "tensorop_bf16_s161616gemm_bf16_16x16_128x2_tn_align8::Params)",
+     "Kernel2<...>[cutlass_80_wmma_tensorop_bf16_s161616gemm_bf16_16x16_128x2_tn_align8]"),
+    ("void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, at::native::func_wrapper_t<float, at::native::"
+     "sum_functor<float, float, float>::operator()(at::TensorIterator&)::{lambda(float, float)#1}>, unsigned int, float, "
+     "4, 4> >(at::native::ReduceOp<float, float, 4, 4>)", "reduce_kernel<...>[sum_functor]"),
+    ("_sparse_mla_splitk_kernel", "_sparse_mla_splitk_kernel"),  # Triton: the jit function's name
+    ("_ZN5aiter38mla_a8w8_qh16_qseqlen1_gqaratio16_psE", "_ZN5aiter38mla_a8w8_qh16_qseqlen1_gqaratio16_psE"),
+    ("void mscclpp::foo(int", "foo"),  # a truncated parameter list
+])
+def test_normalise_kernel(raw, expect):
+    assert normalise_kernel(raw) == expect
+
+
+class Trace:
+    """A chrome trace as torch.profiler writes one: CPU step spans and launches, GPU kernels by correlation."""
+
+    def __init__(self, rocm: bool):
+        self.rocm, self.events, self.t, self.corr = rocm, [], 1000.0, 1
+
+    def _x(self, cat, name, ts, dur, pid, tid, **args):
+        self.events.append({"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "pid": pid, "tid": tid,
+                            **({"args": args} if args else {})})
+
+    def step(self, label: str, kernels: list[tuple[str, float]], graph: bool = False, gpu_span_only: bool = False):
+        """One forward: a span on the scheduler thread, launches inside it, the kernels on the stream after it."""
+        start = self.t
+        launch = ("hipGraphLaunch" if self.rocm else "cudaGraphLaunch") if graph else \
+                 ("hipLaunchKernel" if self.rocm else "cudaLaunchKernel")
+        gpu_t = start + 5
+        gcorr = self.corr
+        for i, (name, dur) in enumerate(kernels):
+            if not graph or i == 0:
+                corr = self.corr
+                self.corr += 1
+                self._x("cuda_runtime", launch, start + 1 + i, 0.5, 100, 1, correlation=corr)
+            corr = gcorr if graph else corr
+            args = {} if gpu_span_only else {"correlation": corr}
+            self._x("kernel", name, gpu_t, dur, 0, 7, stream=7, **args)
+            gpu_t += dur + 0.25
+        self._x("user_annotation", label, start, len(kernels) + 2, 100, 1)
+        self._x("gpu_user_annotation", label, start + 5, gpu_t - start - 5, 0, 7)
+        self.t = gpu_t + 10
+
+    def write(self, path, gz: bool = False):
+        text = json.dumps({"schemaVersion": 1, "traceEvents": self.events + [{"ph": "M", "name": "process_name"}]})
+        if gz:
+            path.write_bytes(gzip.compress(text.encode()))
+        else:
+            path.write_text(text)
+        return path
+
+
+LAYERS = 3
+
+
+def decode_kernels(patched: bool, rocm: bool, bs: int) -> list[tuple[str, float]]:
+    """A 3-layer decode step: per layer rope, [cat], attention, o_proj; then one sampler."""
+    attn = "_ZN5aiter38mla_a8w8_qh16_qseqlen1_gqaratio16_psE" if rocm else "_sparse_mla_splitk_kernel"
+    out = []
+    for layer in range(LAYERS):
+        out.append(("_fused_qk_rope_cat_kernel", 2.0))
+        if not patched:
+            out.append((CAT_CUDA.format(n=64 if layer % 2 else 128), 2.5))  # two instantiations, one row
+        out += [(attn, 30.0 + bs), ("Cijk_Alik_Bljk_BBS_BH_MT64x64" if rocm else "nvjet_tst_64x8", 4.0)]
+    return out + [(FILL, 1.0)]
+
+
+def write_pair(tmp_path, rocm: bool, graph: bool, gz: bool = False, gpu_span_only: bool = False):
+    paths = {}
+    for arm in ("off", "on"):
+        t = Trace(rocm)
+        t.step("step[EXTEND bs=4 toks=4096]", [(CAT_CUDA.format(n=64), 50.0)] * 7)  # prefill: not a decode step
+        for bs in (4, 4, 3):
+            t.step(f"step[DECODE bs={bs}]", decode_kernels(arm == "on", rocm, bs), graph=graph,
+                   gpu_span_only=gpu_span_only)
+        t._x("kernel", COPY_CUDA, t.t + 100, 9.0, 0, 7, correlation=999_999)  # after the profile's last step
+        paths[arm] = t.write(tmp_path / f"{arm}.trace.json{'.gz' if gz else ''}", gz=gz)
+    return paths
+
+
+@pytest.mark.parametrize("rocm, graph, gz, gpu_span_only", [
+    (True, False, True, False), (True, True, True, False), (False, False, False, False), (False, True, True, False),
+    (True, False, False, True),  # no launch correlation: the gpu_user_annotation spans place the kernels
+], ids=["rocm-eager-gz", "rocm-graph-gz", "cuda-eager", "cuda-graph-gz", "rocm-gpu-span-only"])
+def test_synthetic_traces(tmp_path, rocm, graph, gz, gpu_span_only):
+    paths = write_pair(tmp_path, rocm, graph, gz, gpu_span_only)
+    result = tracediff.compare(paths["off"], paths["on"])
+    assert result["events"] == "kernels"
+    assert result["layers"] == LAYERS and result["layers_inferred"]
+    assert result["off"]["decode_steps"] == result["on"]["decode_steps"] == 3
+    assert result["off"]["step_labels"] == {"step[DECODE bs=4]": 2, "step[DECODE bs=3]": 1}
+    assert result["removed"] == ["CatArrayBatchedCopy<...>"] and result["added"] == []
+    rows = {r["name"]: r for r in result["rows"]}
+    cat = rows["CatArrayBatchedCopy<...>"]
+    assert (cat["count_off"], cat["count_on"], cat["count_off_per_layer"]) == (3, 0, 1)
+    assert cat["us_off"] == pytest.approx(7.5) and cat["delta_us"] == pytest.approx(-7.5)
+    assert len(cat["raw_names"]) == 2  # both instantiations behind the one row
+    assert result["net_us_per_step"] == pytest.approx(-7.5) and result["net_us_per_layer"] == pytest.approx(-2.5)
+    same = [r for r in result["rows"] if r["status"] == "same"]
+    assert len(same) == 4 and all(r["delta_us"] == pytest.approx(0) for r in same)
+    assert result["off"]["per_step"]["count"] == 3 * 4 + 1 and result["on"]["per_step"]["count"] == 3 * 3 + 1
+    # the prefill's 7 cats and the kernel after the last step are outside every decode step
+    assert result["off"]["outside_decode_steps"] == result["on"]["outside_decode_steps"] == 8
+    text = tracediff.render(result)
+    assert "CatArrayBatchedCopy<...>  removed" in text and "3 → 0" in text and "1 → 0" in text
+    assert "net: -7.5 µs per decode step (-2.50 µs per layer)" in text
+    assert "_fused_qk_rope_cat_kernel" not in text and "_fused_qk_rope_cat_kernel" in tracediff.render(result, True)
+
+
+def test_added_and_changed_kernels_and_explicit_layers(tmp_path):
+    t_off, t_on = Trace(False), Trace(False)
+    for _ in range(2):
+        t_off.step("step[DECODE bs=1]", [("a", 1.0), ("b", 2.0), ("b", 2.0)])
+        t_on.step("step[DECODE bs=1]", [("a", 1.0), ("b", 2.0), ("c", 0.5)])
+    result = tracediff.compare(t_off.write(tmp_path / "off.json"), t_on.write(tmp_path / "on.json"), layers=2)
+    rows = {r["name"]: r for r in result["rows"]}
+    assert not result["layers_inferred"] and result["layers"] == 2
+    assert rows["b"]["status"] == "changed" and (rows["b"]["count_off"], rows["b"]["count_on"]) == (2, 1)
+    assert rows["c"]["status"] == "added" and result["added"] == ["c"] and result["removed"] == []
+    assert result["net_us_per_step"] == pytest.approx(-1.5) and result["net_us_per_layer"] == pytest.approx(-0.75)
+
+
+def test_cli_prints_text_and_json(tmp_path, capsys):
+    paths = write_pair(tmp_path, rocm=True, graph=True)
+    assert cli.main(["trace-diff", str(paths["off"]), str(paths["on"])]) == 0
+    assert "CatArrayBatchedCopy<...>" in capsys.readouterr().out
+    assert cli.main(["trace-diff", str(paths["off"]), str(paths["on"]), "--json", "--layers", "3"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["removed"] == ["CatArrayBatchedCopy<...>"] and data["layers_inferred"] is False
+    with pytest.raises(SystemExit):
+        cli.main(["trace-diff", str(paths["off"]), str(paths["on"]), "--layers", "0"])
+    assert "a whole number >= 1" in capsys.readouterr().err
+
+
+def _bad_traces(tmp_path):
+    good = write_pair(tmp_path, rocm=False, graph=False)["off"]
+    text = good.read_text()
+    cases = {
+        "truncated.json": (text[: len(text) // 2], "truncated"),
+        "truncated.json.gz": (gzip.compress(text.encode())[:200], "truncated or damaged gzip"),
+        "not_a_trace.json": (json.dumps({"hello": 1}), "no 'traceEvents' list"),
+        "binary.json": (b"\xff\xfe\x00garbage", "not a chrome trace"),
+        "empty.json": (json.dumps({"traceEvents": []}), "no complete"),
+        "no_steps.json": (json.dumps({"traceEvents": [
+            {"ph": "X", "cat": "user_annotation", "name": "step[EXTEND bs=1 toks=9]", "ts": 0, "dur": 5, "pid": 1, "tid": 1},
+            {"ph": "X", "cat": "kernel", "name": "k", "ts": 1, "dur": 1, "pid": 0, "tid": 7}]}),
+            "no decode step spans matching"),
+        "unattributed.json": (json.dumps({"traceEvents": [
+            {"ph": "X", "cat": "user_annotation", "name": "step[DECODE bs=1]", "ts": 0, "dur": 5, "pid": 1, "tid": 1},
+            {"ph": "X", "cat": "kernel", "name": "k", "ts": 100, "dur": 1, "pid": 0, "tid": 7}]}),
+            "no GPU event could be attributed"),
+    }
+    return good, cases
+
+
+def test_unreadable_traces_say_why(tmp_path, capsys):
+    good, cases = _bad_traces(tmp_path)
+    for name, (content, message) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        with pytest.raises(tracediff.TraceError, match=message):
+            tracediff.read_steps(path)
+        assert cli.main(["trace-diff", str(path), str(good)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and str(path) in err, name
+    assert len(cases) == 7
+    with pytest.raises(tracediff.TraceError, match="cannot read"):
+        tracediff.read_steps(tmp_path / "missing.json")
+    with pytest.raises(tracediff.TraceError, match="not a regular expression"):
+        tracediff.read_steps(good, step_marker="step[")
+    with pytest.raises(tracediff.TraceError, match="no GPU kernel events"):
+        tracediff.read_steps(_cpu_only(tmp_path), events="kernels")
+
+
+def _cpu_only(tmp_path):
+    path = tmp_path / "cpu.json"
+    path.write_text(json.dumps({"traceEvents": [
+        {"ph": "X", "cat": "user_annotation", "name": "step[DECODE bs=1]", "ts": 0, "dur": 50, "pid": 1, "tid": 1},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::cat", "ts": 1, "dur": 3, "pid": 1, "tid": 1},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 10, "dur": 3, "pid": 1, "tid": 2}]}))  # other thread
+    return path
+
+
+def test_cpu_trace_compares_ops_of_the_step_thread(tmp_path):
+    steps = tracediff.read_steps(_cpu_only(tmp_path))
+    assert steps.events == "ops" and steps.steps[0].counts == {"aten::cat": 1} and steps.outside == 1
+    with pytest.raises(tracediff.TraceError, match="cannot compare ops"):
+        tracediff.diff(steps, tracediff.read_steps(write_pair(tmp_path, rocm=True, graph=False)["on"]))
+
+
+# --- real torch.profiler traces of the decode harness (sglang 0.5.11's NSA decode, nsa-cat-skip) ---
+
+def _profile_harness(tmp_path, device: str, graph: bool = False):
+    import torch
+
+    from patch_fixtures import edits_here
+    from sglang_hip_decode import patching
+    from sglang_hip_decode.patches.nsa_cat_skip import PATCH
+    from sglang_hip_decode.testing.mla_decode import MlaDecodeCase, MlaDecodePath, import_sglang, make_inputs
+
+    ok, why = edits_here(PATCH)
+    if not ok:
+        pytest.skip(why)
+    small = dict(heads=4, topk=32, context=64, hidden=64) if device == "cpu" else dict(heads=8, topk=2048, context=4096)
+    case = MlaDecodeCase(batch=2, layers=2, device=device, **small)
+    gen = torch.Generator().manual_seed(5)
+    path = MlaDecodePath(case, gen, import_sglang())
+    x = make_inputs(case, gen)
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device == "cuda" else [])
+    traces = {}
+    with path.hip():
+        for arm, patches in (("off", ()), ("on", (PATCH,))):
+            with patching.applied(*patches):
+                fb = path.forward_batch(x)
+                step = lambda: path.step(x, fb)  # noqa: E731
+                if graph:
+                    from sgl_hip_kernels.testing import timing
+
+                    g = timing.capture(step, 1)
+                    step = g.replay
+                step()
+                with torch.profiler.profile(activities=activities) as prof:
+                    for _ in range(2):
+                        with torch.profiler.record_function(f"step[DECODE bs={case.batch}]"):
+                            step()
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+            traces[arm] = tmp_path / f"{arm}.trace.json"
+            prof.export_chrome_trace(str(traces[arm]))
+    return traces, case
+
+
+def test_real_cpu_trace_of_the_decode_harness(tmp_path):
+    traces, case = _profile_harness(tmp_path, "cpu")
+    result = tracediff.compare(traces["off"], traces["on"], layers=case.layers)
+    assert result["events"] == "ops" and result["off"]["decode_steps"] == result["on"]["decode_steps"] == 2
+    cat = {r["name"]: r for r in result["rows"]}["aten::cat"]
+    assert cat["count_off"] - cat["count_on"] == case.layers  # one cat per layer per step gone
+    assert cat["count_off_per_layer"] - cat["count_on_per_layer"] == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "cuda-graph"])
+def test_gpu_trace_of_the_decode_harness(tmp_path, graph):
+    traces, case = _profile_harness(tmp_path, "cuda", graph=graph)
+    result = tracediff.compare(traces["off"], traces["on"], layers=case.layers, events="kernels")
+    assert result["off"]["decode_steps"] == result["on"]["decode_steps"] == 2
+    assert result["removed"] == ["CatArrayBatchedCopy<...>"] and result["added"] == []
+    cat = {r["name"]: r for r in result["rows"]}["CatArrayBatchedCopy<...>"]
+    assert (cat["count_off"], cat["count_on"], cat["count_off_per_layer"]) == (case.layers, 0, 1)
+    assert cat["us_off"] > 0 and result["net_us_per_step"] < 0
+    assert all(r["status"] in ("same", "removed") for r in result["rows"])
