@@ -12,6 +12,14 @@ processes do, with ``--worker-env K=V`` added to their environment. Failure mode
 ``--die-after N`` (exit after N
 /generate requests), ``--fail-streams-after N`` (streamed requests after the first N get HTTP 500),
 ``--skip-plugin``.
+
+``/start_profile`` (SGLang's JSON body: ``output_dir``, ``num_steps``, ``profile_prefix``) waits
+``num_steps`` token intervals, then writes one synthetic chrome trace per TP rank,
+``<prefix>-<id>-TP-<rank>.trace.json.gz`` (test/trace_fixtures.py): ``num_steps`` decode steps at the
+batch of the streams open when the profile started, 4 layers, with the copy each patch removes present only where that
+patch is not applied in this process (``CatArrayBatchedCopy`` for nsa-cat-skip on an NSA server, the
+flatten ``direct_copy`` for mxfp4-vbmm-layout on an aiter one). ``--no-profile`` answers it with 404,
+as a server without the endpoint would.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 p = argparse.ArgumentParser()
 p.add_argument("--model-path", required=True)
@@ -39,6 +48,7 @@ p.add_argument("--max-tokens", type=int, default=0)
 p.add_argument("--fail-streams-after", type=int, default=-1)
 p.add_argument("--workers", type=int, default=None)  # default: one per TP rank, as SGLang's schedulers
 p.add_argument("--worker-env", action="append", default=[])
+p.add_argument("--no-profile", action="store_true")
 # Launch flags SGLang reports back in /server_info (the rest are accepted and ignored).
 p.add_argument("--trust-remote-code", action="store_true")
 p.add_argument("--attention-backend", default=None)
@@ -83,8 +93,47 @@ if DSA:
 else:
     SERVER_INFO.update(nsa_decode_backend=args.nsa_decode_backend, nsa_prefill_backend=args.nsa_prefill_backend)
 
-state = {"generates": 0, "streams": 0}
+state = {"generates": 0, "streams": 0, "open_streams": 0}
 lock = threading.Lock()
+
+
+def _applied(name: str) -> bool:
+    """Whether the plugin applied ``name`` in this process (what the synthetic trace shows)."""
+    if args.skip_plugin:
+        return False
+    from sglang_hip_decode import patching
+    from sglang_hip_decode.patches import catalog
+
+    entry = next(e for e in catalog() if e.name == name)
+    return entry.patch is not None and any(name in patching.active_patches(t) for t in entry.patch.targets)
+
+
+def write_profile(body: dict) -> None:
+    """After ``num_steps`` token intervals, one trace per TP rank into ``output_dir``."""
+    from trace_fixtures import CAT_CUDA, COPY_CUDA, Trace
+
+    steps = int(body.get("num_steps") or 5)
+    with lock:  # the batch decoding when the profile starts
+        batch = max(state["open_streams"], 1)
+    time.sleep(steps * args.token_ms / 1000.0)
+    out = body.get("output_dir") or os.environ.get("SGLANG_TORCH_PROFILER_DIR", "/tmp")
+    os.makedirs(out, exist_ok=True)
+    layer = [("_fused_qk_rope_cat_kernel", 2.0)]
+    if args.attention_backend == "nsa" and not _applied("nsa-cat-skip"):
+        layer.append((CAT_CUDA.format(n=64), 2.5))
+    layer.append(("_sparse_mla_splitk_kernel", 30.0 + batch))
+    if args.attention_backend == "aiter" and not _applied("mxfp4-vbmm-layout"):
+        layer.append((COPY_CUDA, 3.0))
+    layer.append(("nvjet_tst_64x8_o_proj", 4.0))
+    prefix = (body.get("profile_prefix") + "-") if body.get("profile_prefix") else ""
+    for rank in range(args.tp_size):
+        trace = Trace(rocm=True)
+        for _ in range(steps):
+            trace.step(f"step[DECODE bs={batch}]", layer * 4 + [("_sampler_kernel", 1.0)], graph=True)
+        name = f"{prefix}{time.time():.0f}-TP-{rank}.trace.json.gz"
+        part = os.path.join(out, "." + name)  # written whole, then renamed: never seen half-written
+        trace.write(Path(part), gz=True)
+        os.replace(part, os.path.join(out, name))
 
 
 def answer(prompt: str) -> str:
@@ -124,13 +173,16 @@ class Handler(BaseHTTPRequestHandler):
         payload = json.loads(self.rfile.read(length) or b"{}")
         if self.path == "/flush_cache":
             return self._json({})
+        if self.path == "/start_profile" and not args.no_profile:
+            threading.Thread(target=write_profile, args=(payload,), daemon=True).start()
+            return self._json({"message": "Start profiling."})
         if self.path != "/generate":
             return self._json({"error": "not found"}, 404)
         with lock:
             state["generates"] += 1
             if args.die_after and state["generates"] > args.die_after:
                 os._exit(3)
-        prompt = payload.get("text") or ""
+        prompt = payload.get("text") or " ".join("t" for _ in payload.get("input_ids") or [])
         params = payload.get("sampling_params", {})
         max_new = int(params.get("max_new_tokens", 16))
         if payload.get("stream"):
@@ -144,13 +196,21 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Type", "text/event-stream")
             self.end_headers()
             text = ""
-            for i, word in enumerate(words, start=1):
-                time.sleep(args.token_ms / 1000.0)
-                text += word
-                chunk = {"text": text, "meta_info": {"prompt_tokens": len(prompt.split()), "completion_tokens": i}}
-                self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
-                self.wfile.flush()
-            self.wfile.write(b"data: [DONE]\n\n")
+            with lock:
+                state["open_streams"] += 1
+            try:
+                for i, word in enumerate(words, start=1):
+                    time.sleep(args.token_ms / 1000.0)
+                    text += word
+                    chunk = {"text": text, "meta_info": {"prompt_tokens": len(prompt.split()), "completion_tokens": i}}
+                    self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+                    self.wfile.flush()
+                self.wfile.write(b"data: [DONE]\n\n")
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client went away (SGLang aborts the request)
+            finally:
+                with lock:
+                    state["open_streams"] -= 1
             return
         text = answer(prompt)
         meta = {"prompt_tokens": len(prompt.split()), "completion_tokens": len(text.split()), "finish_reason": {"type": "stop"}}

@@ -58,6 +58,26 @@ def test_success_path_and_report(successful_run):
     assert processes_on_port(port) == []
 
 
+def test_the_report_has_the_kernels_removed_per_decode_step(successful_run):
+    # Each arm profiled the stand-in after its benchmark (/start_profile under a decode load of 2
+    # streams); the stand-in's trace has the cat per layer only where nsa-cat-skip is not applied.
+    _, out, _ = successful_run
+    results = json.loads((out / "results.json").read_text())
+    for arm in ("off", "on"):
+        trace = results["arms"][arm]["profile"]["trace"]
+        assert trace.startswith(str(out / arm / "profile")) and "TP-0" in trace
+    kernels = results["kernels"]
+    assert kernels["off"]["step_labels"] == {"step[DECODE bs=2]": 5} == kernels["on"]["step_labels"]
+    assert kernels["layers"] == 4 and kernels["layers_inferred"]
+    assert kernels["removed"] == ["CatArrayBatchedCopy<...>"] and kernels["added"] == []
+    cat = kernels["rows"][0]
+    assert (cat["name"], cat["count_off"], cat["count_on"], cat["count_off_per_layer"]) == ("CatArrayBatchedCopy<...>", 4, 0, 1)
+    report = (out / "report.md").read_text()
+    assert "## Kernels per decode step (rank 0's profile" in report
+    assert "| `CatArrayBatchedCopy<...>` | removed | 4 → 0 | 1 → 0 | 10.0 → 0.0 | -10.0 |" in report
+    assert "Net: -10.0 µs per decode step (-2.50 µs per layer)." in report
+
+
 def test_parsers_on_real_client_output():
     text = "Accuracy: 0.953\nInvalid: 0.001\nLatency: 120.500 s\nOutput throughput: 4123.400 token/s\n"
     assert validate.parse_gsm8k(text) == {"accuracy": 0.953, "invalid": 0.001, "latency_s": 120.5, "output_throughput": 4123.4}

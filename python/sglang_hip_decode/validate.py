@@ -14,9 +14,13 @@ applied (the plugin's ``SGLANG_HIP_DECODE_STATUS_FILE``) and accepts an ``on`` a
 patch it measures is ``applied`` in every process that reported (an ``off`` arm only if none applied
 anything), runs SGLang's own clients — ``sglang.test.few_shot_gsm8k`` (accuracy) and
 ``sglang.bench_serving`` (decode TPOT/ITL, JSONL), refusing a run that did not complete every
-request or has no positive TPOT — and stops the server (SIGTERM to the group, SIGKILL after a
+request or has no positive TPOT — then takes a short decode profile (``--profile-steps`` steps of
+SGLang's ``/start_profile`` under a decode load at the benchmark's concurrency,
+``sglang_hip_decode.profiling``) and stops the server (SIGTERM to the group, SIGKILL after a
 grace period; also on Ctrl-C, SIGTERM, SIGHUP or any failure). It writes ``results.json`` and
-``report.md``; a run that stops early leaves what it measured in ``results.partial.json``.
+``report.md`` (with the kernels per decode step that ``trace-diff`` finds between the two arms'
+rank-0 profiles; a profile that fails is reported, not fatal); a run that stops early leaves what
+it measured in ``results.partial.json``.
 
 Exit codes: 0 done; 1 the validation failed (a server, a client or a measurement was refused, or
 the 'on' arm's GSM8K accuracy is below the threshold: the report is still written); 2 usage error
@@ -664,7 +668,31 @@ def render_report(results: dict) -> str:
         a, b = off["bench"][key], on["bench"][key]
         lines.append(f"| {label} | {a:.3f} | {b:.3f} | {_pct(a, b)} |")
     lines.append(f"| requests completed | {off['bench']['completed']} | {on['bench']['completed']} | |")
+    if "kernels" in results:
+        lines += [""] + render_kernels(results["kernels"])
     return "\n".join(lines) + "\n"
+
+
+def render_kernels(kernels: dict) -> list[str]:
+    """The report's "kernels per decode step" section (trace-diff of the rank-0 profiles)."""
+    if "error" in kernels:
+        return ["## Kernels per decode step", "", f"No kernel table: {kernels['error']}"]
+    layers = f"{kernels['layers']} layers{' (inferred)' if kernels['layers_inferred'] else ''}"
+    lines = ["## Kernels per decode step (rank 0's profile, `sglang-hip-decode trace-diff`)", "",
+             f"{kernels['off']['decode_steps']} decode steps off ({', '.join(kernels['off']['step_labels'])}), "
+             f"{kernels['on']['decode_steps']} on ({', '.join(kernels['on']['step_labels'])}); per layer: / {layers}; "
+             f"µs: GPU busy time per step", ""]
+    changed = [r for r in kernels["rows"] if r["status"] != "same"]
+    if not changed:
+        return lines + ["No kernel changed count between the arms."]
+    lines += ["| kernel | change | per step off → on | per layer off → on | µs off → on | Δ µs |", "|---|---|---|---|---|---|"]
+    num = lambda x: f"{x:.0f}" if float(x).is_integer() else f"{x:.2f}"  # noqa: E731
+    for r in changed:
+        lines.append(f"| `{r['name']}` | {r['status']} | {num(r['count_off'])} → {num(r['count_on'])} "
+                     f"| {num(r['count_off_per_layer'])} → {num(r['count_on_per_layer'])} "
+                     f"| {r['us_off']:.1f} → {r['us_on']:.1f} | {r['delta_us']:+.1f} |")
+    return lines + ["", f"Net: {kernels['net_us_per_step']:+.1f} µs per decode step "
+                        f"({kernels['net_us_per_layer']:+.2f} µs per layer)."]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -709,6 +737,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sglang-release", help="the sglang release the server runs (default: what --python's sglang "
                                             "metadata says); picks the preset's flags and the patches measured")
     p.add_argument("--server-cmd", default=None, help="server launcher (default: '<python> -m sglang.launch_server')")
+    p.add_argument("--profile-steps", type=int, default=5,
+                   help="decode steps of the profile each arm takes after the benchmark for the kernel table "
+                        "(SGLang's /start_profile; 0: no profile)")
+    p.add_argument("--profile-timeout", type=float, default=900.0,
+                   help="seconds for the profile: the decode load, the steps and the trace export (seconds)")
     p.add_argument("--dry-run", action="store_true", help="print every command and run nothing")
     return p
 
@@ -720,6 +753,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
     if args.tp < 1 or args.num_prompts < 1 or args.output_len < 2 or args.concurrency < 1:
         raise UsageError("--tp, --num-prompts and --concurrency must be >= 1 and --output-len >= 2 (TPOT needs two "
                          "output tokens)")
+    if args.profile_steps < 0 or not args.profile_timeout > 0:
+        raise UsageError("--profile-steps must be >= 0 (0: no profile) and --profile-timeout > 0")
     from .declare import parse_release
 
     release_text = args.sglang_release or sglang_release_of(args.python)
@@ -769,6 +804,9 @@ def dry_run(plan: Plan) -> str:
                   _shell(plan.server_cmd(), plan.server_env(arm)),
                   f"(cd {shlex.quote(str(plan.out / arm))} && {_shell(plan.gsm8k_cmd())})",
                   _shell(plan.bench_cmd(arm)),
+                  (f"# profile: {plan.args.concurrency} streamed /generate requests decoding, then POST /start_profile "
+                   f"{{\"num_steps\": {plan.args.profile_steps}, \"output_dir\": \"{plan.out / arm / 'profile'}\"}}; "
+                   "rank 0's trace is kept" if plan.args.profile_steps else "# profile: none (--profile-steps 0)"),
                   "# stop: SIGTERM to the server's process group, SIGKILL after 30 s"]
     lines.append(f"# report: {plan.out / 'results.json'}, {plan.out / 'report.md'}")
     return "\n".join(lines)
@@ -814,8 +852,48 @@ def run_arm(plan: Plan, arm: str, measured: dict) -> None:
         check_bench(arm, bench, args.num_prompts, log)
         print(f"[{arm}] TPOT median {bench['median_tpot_ms']:.3f} ms", flush=True)
         _check_signals()
+        if args.profile_steps:
+            measured["profile"] = profile_arm(plan, server)
+            _check_signals()
     finally:
         server.stop()
+
+
+def profile_arm(plan: Plan, server: Server) -> dict:
+    """A decode profile of the running server: ``{"trace": rank 0's file}``, or ``{"error": why}``."""
+    from .profiling import ProfileError, decode_profile
+
+    args = plan.args
+
+    def check() -> None:
+        _check_signals()
+        if not server.alive():
+            raise ValidationError(f"[{server.arm}] the server exited during the profile; last lines of "
+                                  f"{server.log_path}:\n{server.log_tail()}")
+
+    try:
+        trace = decode_profile(server.url(""), server.dir / "profile", num_steps=args.profile_steps,
+                               concurrency=args.concurrency, input_len=args.input_len, output_len=args.output_len,
+                               prefix=server.arm, timeout=args.profile_timeout, poll=args.poll_interval, check=check)
+    except ProfileError as exc:
+        print(f"[{server.arm}] no profile: {exc}", flush=True)
+        return {"error": str(exc)}
+    print(f"[{server.arm}] profile: {trace}", flush=True)
+    return {"trace": str(trace)}
+
+
+def kernel_table(results: dict) -> dict:
+    """trace-diff of the two arms' rank-0 profiles, or why there is none."""
+    from . import tracediff
+
+    profiles = {arm: results["arms"][arm].get("profile") or {} for arm in ("off", "on")}
+    missing = [f"{arm}: {p.get('error', 'not taken')}" for arm, p in profiles.items() if "trace" not in p]
+    if missing:
+        return {"error": "; ".join(missing)}
+    try:
+        return tracediff.compare(profiles["off"]["trace"], profiles["on"]["trace"])
+    except tracediff.TraceError as exc:
+        return {"error": str(exc)}
 
 
 def run(plan: Plan) -> dict:
@@ -844,6 +922,8 @@ def run(plan: Plan) -> dict:
         partial.write_text(json.dumps(results, indent=1, sort_keys=True, default=str))
         print(f"what was measured before the stop: {partial}", file=sys.stderr)
         raise
+    if args.profile_steps:
+        results["kernels"] = kernel_table(results)
     on, off = results["arms"]["on"], results["arms"]["off"]
     results["verdict"] = {
         "gsm8k_on_pass": None if plan.threshold is None else on["gsm8k"]["accuracy"] >= plan.threshold,

@@ -128,6 +128,10 @@ class CopyAudit(TorchDispatchMode):
         self.all_ops: collections.Counter[str] = collections.Counter()
         self.kernels: collections.Counter[str] = collections.Counter()
 
+    def saw_kernel(self, name: str, args, kwargs, result) -> None:
+        """An :func:`opaque` kernel ran (with its arguments and result)."""
+        self.kernels[name] += 1
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
@@ -171,11 +175,12 @@ def opaque(name: str, fn: Callable) -> Callable:
     @functools.wraps(fn)
     def kernel(*args, **kwargs):
         audits = [m for m in _get_current_dispatch_mode_stack() if isinstance(m, CopyAudit)]
-        for audit in audits:
-            audit.kernels[name] += 1
         if not audits:
             return fn(*args, **kwargs)
         with _disable_current_modes():
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+        for audit in audits:
+            audit.saw_kernel(name, args, kwargs, result)
+        return result
 
     return kernel
