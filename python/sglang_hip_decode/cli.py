@@ -16,6 +16,8 @@
 * ``releases [--markdown]``: what every patch does on every verified release (README's table).
 * ``doctor``: torch, GPU and HIP arch, Triton, aiter / TileLang importable, and which provider each
   kernel resolves to.
+* ``find-copies [nsa|mxfp4|indexer ...] [--arm unpatched|patched|both] [--json]``: the decode
+  harness's real sglang paths under the redundant-copy finder (``testing.find_copies``).
 * ``trace-diff OFF ON [--json] [--layers N] [--events auto|kernels|ops] [--step-marker RE] [--all]``:
   two torch.profiler chrome traces (SGLang's ``/start_profile`` output) compared per decode step and
   per layer, kernel by kernel (``sglang_hip_decode.tracediff``). Exit 0, or 2 for an unreadable
@@ -295,6 +297,20 @@ def cmd_trace_diff(args) -> int:
     return 0
 
 
+def cmd_find_copies(args) -> int:
+    _require_sglang(as_json=args.json)
+    from .testing import find_copies_paths
+
+    arms = {"unpatched": (False,), "patched": (True,), "both": (False, True)}[args.arm]
+    reports = [find_copies_paths.find_copies(kind, patched=patched, calls=args.calls, device=args.device)
+               for kind in (args.paths or list(find_copies_paths.PATHS)) for patched in arms]
+    if args.json:
+        print(json.dumps(reports, indent=2))
+    else:
+        print("\n\n".join(find_copies_paths.render(r) for r in reports))
+    return 1 if any("unavailable" in r for r in reports) else 0
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -340,6 +356,19 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"regular expression naming a decode step's span (default: {DEFAULT_STEP_MARKER})")
     p.add_argument("--all", action="store_true", help="list the unchanged kernels too")
     p.set_defaults(func=cmd_trace_diff)
+    p = sub.add_parser("find-copies", help="run decode paths and report copies whose output already exists",
+                       description="Run the decode harness's real sglang paths (this Python's sglang) under the "
+                                   "redundant-copy finder: every copy op whose output equals, byte for byte, a buffer "
+                                   "alive at that moment (or relays out a buffer made in the same call), once per call "
+                                   "site with the sglang stack, the bytes and how often per call.")
+    p.add_argument("paths", nargs="*", choices=[[], "nsa", "mxfp4", "indexer"], metavar="PATH",
+                   help="nsa, mxfp4 or indexer (default: all three)")
+    p.add_argument("--arm", choices=("unpatched", "patched", "both"), default="both",
+                   help="run the path without its patch, with it, or both (default)")
+    p.add_argument("--calls", type=_positive_int, default=2, help="decode calls to run under the finder (default 2)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the harness runs (default cpu)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_find_copies)
     args = parser.parse_args(argv)
     return args.func(args)
 

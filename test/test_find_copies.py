@@ -1,0 +1,154 @@
+"""The redundant-copy finder on small torch programs (each case says what it must and must not
+report), then on the decode harness's real sglang paths, unpatched and patched."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sglang_hip_decode.testing.audit import opaque
+from sglang_hip_decode.testing.find_copies import RedundantCopyFinder
+
+
+def run(fn, calls: int = 1, **kwargs) -> RedundantCopyFinder:
+    finder = RedundantCopyFinder(root="sglang_hip_decode", **kwargs)  # this test file is the "upstream" here
+    with finder:
+        for _ in range(calls):
+            with finder.call():
+                fn()
+    return finder
+
+
+def rand(*shape, gen=None):
+    return torch.randn(*shape, generator=gen or torch.Generator().manual_seed(sum(shape)))
+
+
+def test_clone_of_an_unchanged_tensor_is_a_duplicate_once_per_call_site():
+    x = rand(8, 16)
+    keep = []
+
+    def fn():
+        keep.append(x.clone())
+        y = x * 2
+        keep.append(y.clone())
+
+    finder = run(fn, calls=3)
+    rows = finder.report()
+    assert len(rows) == 2 and all(r["kind"] == "duplicate" and r["op"] == "clone" for r in rows)
+    assert [r["per_call"] for r in rows] == [1.0, 1.0] and all(r["bytes"] == 8 * 16 * 4 for r in rows)
+    assert rows[0]["twin"].startswith("its own source, an input of the call")
+    assert rows[1]["twin"].startswith("its own source, mul at ")
+
+
+def test_a_cat_that_rebuilds_a_live_buffer_from_its_views():
+    produce = opaque("fused", lambda a: torch.cat([a, a.flip(-1)], -1))  # a kernel: its ops are not seen
+
+    def fn():
+        q = produce(rand(4, 3, 8))
+        nope, rope = q[..., :8], q[..., 8:]
+        fn.out = torch.cat([nope, rope], -1)
+
+    rows = run(fn).report()
+    assert [(r["kind"], r["op"], r["shape"]) for r in rows] == [("duplicate", "cat", [4, 3, 16])]
+    assert rows[0]["twin"].startswith("the buffer its inputs are views of, kernel fused at ")
+
+
+@pytest.mark.parametrize("how", ["op", "kernel"])
+def test_no_false_positive_when_the_source_is_overwritten_later(how):
+    scale = opaque("scale_in_place", lambda t: t.mul_(3))
+
+    def fn():
+        x = rand(6, 10) + 1
+        saved = x.clone()  # needed: x changes below
+        if how == "op":
+            x.add_(1)
+        else:
+            scale(x)  # a kernel writes x in place: seen only by its bytes at the end of the call
+        fn.keep = (x, saved)
+
+    finder = run(fn)
+    assert finder.report() == []
+    assert len(finder.excluded) == 1 and finder.excluded[0].excluded.startswith("overwritten later in the call")
+
+
+def test_no_false_positive_when_the_copy_is_modified_later():
+    def fn():
+        x = rand(6, 10)
+        y = x.clone()
+        y.mul_(2)
+        fn.keep = (x, y)
+
+    finder = run(fn)
+    assert finder.report() == [] and len(finder.excluded) == 1
+
+
+def test_relayout_of_a_buffer_made_in_the_call():
+    w = rand(4, 8, 5)
+
+    def fn():
+        x = rand(3, 4, 8)  # (B, H, K)
+        out = torch.empty(4, 3, 5)  # the GEMM writes (H, B, V) ...
+        torch.bmm(x.transpose(0, 1), w, out=out)
+        fn.flat = out.transpose(0, 1).flatten(1, 2)  # ... and the consumer wants (B, H*V): a copy
+
+    rows = run(fn).report()
+    assert [(r["kind"], r["op"]) for r in rows] == [("relayout", "clone")]
+    assert rows[0]["twin"].startswith("empty at ") and "(3, 4, 5) view" in rows[0]["twin"]
+
+
+def test_what_is_not_reported():
+    persistent = torch.zeros(16, 32)  # e.g. a graph's input buffer: outlives the call
+    x = rand(16, 32)
+
+    def fn():
+        persistent.copy_(x)  # into a buffer made before the call: needed
+        fn.a = torch.zeros(16, 32).clone()  # constant bytes: would match any zero tensor
+        fn.b = x[:1, :1].clone()  # 4 bytes: under min_bytes
+        fn.c = x.t().contiguous()  # a transpose of an input: no tensor holds these bytes, not a fresh buffer
+        fn.d = torch.cat([x, x])  # a new value
+
+    finder = run(fn)
+    assert finder.report() == [] and finder.excluded == []
+    fresh = {}
+
+    def into_fresh():
+        fresh["buf"] = torch.empty(16, 32)
+        fresh["buf"].copy_(x)  # allocate + copy_ made in the call: a clone
+
+    rows = run(into_fresh).report()
+    assert [(r["kind"], r["op"]) for r in rows] == [("duplicate", "copy_")]
+
+
+def test_report_needs_a_call():
+    with pytest.raises(RuntimeError, match="no call was run"):
+        RedundantCopyFinder().report()
+
+
+# --- the decode harness's real sglang paths (the release the process imports) ---
+
+def _harness_report(kind: str, patched: bool):
+    from sglang_hip_decode.testing.find_copies_paths import find_copies
+
+    return find_copies(kind, patched=patched, calls=2)
+
+
+@pytest.mark.parametrize("kind", ["nsa", "mxfp4", "indexer"])
+def test_decode_paths_unpatched_and_patched(kind):
+    from sglang_hip_decode.testing.find_copies_paths import PATHS, applies
+
+    ok, why = applies(kind)
+    if not ok:
+        pytest.skip(why)
+    off, on = _harness_report(kind, False), _harness_report(kind, True)
+    removed = PATHS[kind].removes
+    found_off = {(r["kind"], r["op"], r["site"].split(":")[0].split(" (patched")[0], r["site"].rsplit(" in ", 1)[1])
+                 for r in off["rows"]}
+    for expect in removed:
+        assert expect in found_off, (expect, off["rows"])
+    assert all(r["per_call"] == PATHS[kind].per_call for r in off["rows"] if _key(r) in removed)
+    assert not any(_key(r) in removed for r in on["rows"]), on["rows"]
+    assert on["patch_active"] and not off["patch_active"]
+
+
+def _key(r):
+    return r["kind"], r["op"], r["site"].split(":")[0].split(" (patched")[0], r["site"].rsplit(" in ", 1)[1]
