@@ -124,31 +124,56 @@ def test_report_needs_a_call():
         RedundantCopyFinder().report()
 
 
-# --- the decode harness's real sglang paths (the release the process imports) ---
+# --- the decode harness's real sglang paths (the release this process imports) ---
 
-def _harness_report(kind: str, patched: bool):
-    from sglang_hip_decode.testing.find_copies_paths import find_copies
+FORWARD_MLA = "sglang/srt/models/deepseek_common/attention_forward_methods/forward_mla.py"
+Q_RECAT = ("duplicate", "cat", "sglang/srt/layers/attention/utils.py", "concat_mla_absorb_q_general",
+           "kernel fused_qk_rope_cat_and_cache_mla")  # the seeds' q re-cat (nsa-cat-skip)
+MXFP4_FLATTEN = ("relayout", "clone", FORWARD_MLA, "forward_absorb_core", "empty")  # the seeds' v-bmm flatten copy
+BF16_FLATTEN = ("relayout", "clone", FORWARD_MLA, "forward_absorb_core", "bmm")  # bf16 w_vc: no patch of ours
+# Everything the finder reports per release, path and arm (2 layers: each site twice per call).
+EXPECTED = {
+    "0.5.11": {("nsa", False): {Q_RECAT, BF16_FLATTEN}, ("nsa", True): {BF16_FLATTEN},
+               ("mxfp4", False): {MXFP4_FLATTEN}, ("mxfp4", True): set(),
+               ("indexer", False): set(), ("indexer", True): set()},
+    "0.5.12.post1": {("nsa", False): {BF16_FLATTEN}, ("nsa", True): {BF16_FLATTEN},  # upstream removed the re-cat
+                     ("mxfp4", False): {MXFP4_FLATTEN}, ("mxfp4", True): set(),
+                     ("indexer", False): set(), ("indexer", True): set()},
+}
 
-    return find_copies(kind, patched=patched, calls=2)
+
+def site_key(row: dict) -> tuple:
+    path, func = row["site"].rsplit(" in ", 1)
+    return row["kind"], row["op"], path.rsplit(":", 1)[0].split(" (patched")[0], func, row["twin_op"]
 
 
 @pytest.mark.parametrize("kind", ["nsa", "mxfp4", "indexer"])
 def test_decode_paths_unpatched_and_patched(kind):
-    from sglang_hip_decode.testing.find_copies_paths import PATHS, applies
+    from sglang_hip_decode.patching import installed_release
+    from sglang_hip_decode.declare import format_release
+    from sglang_hip_decode.testing.find_copies_paths import PATHS, applies, find_copies
 
-    ok, why = applies(kind)
-    if not ok:
-        pytest.skip(why)
-    off, on = _harness_report(kind, False), _harness_report(kind, True)
-    removed = PATHS[kind].removes
-    found_off = {(r["kind"], r["op"], r["site"].split(":")[0].split(" (patched")[0], r["site"].rsplit(" in ", 1)[1])
-                 for r in off["rows"]}
-    for expect in removed:
-        assert expect in found_off, (expect, off["rows"])
-    assert all(r["per_call"] == PATHS[kind].per_call for r in off["rows"] if _key(r) in removed)
-    assert not any(_key(r) in removed for r in on["rows"]), on["rows"]
-    assert on["patch_active"] and not off["patch_active"]
+    release = format_release(installed_release())
+    if release not in EXPECTED:
+        pytest.skip(f"no recorded findings for sglang {release} (test_releases runs the others)")
+    for patched in (False, True):
+        report = find_copies(kind, patched=patched, calls=2)
+        assert "unavailable" not in report, report["unavailable"]
+        assert report["calls"] == 2 and report["patch_active"] == (patched and applies(kind)[0])
+        found = [site_key(r) for r in report["rows"]]
+        assert len(found) == len(set(found)) and set(found) == EXPECTED[release][(kind, patched)], (patched, report["rows"])
+        assert all(r["per_call"] == 2 and r["in_upstream"] and r["stack"] for r in report["rows"])
+        removes = {k[:4] for k in EXPECTED[release][(kind, False)] - EXPECTED[release][(kind, True)]}
+        if applies(kind)[0]:  # what the patch removes is what its path declares
+            assert removes == set(PATHS[kind].removes), removes
 
 
-def _key(r):
-    return r["kind"], r["op"], r["site"].split(":")[0].split(" (patched")[0], r["site"].rsplit(" in ", 1)[1]
+def test_cli_find_copies(capsys):
+    from sglang_hip_decode import cli
+
+    assert cli.main(["find-copies", "mxfp4", "--arm", "unpatched"]) == 0
+    out = capsys.readouterr().out
+    assert "relayout: clone bfloat16[3, 4, 128] (3072 B), 2 per call" in out and "forward_absorb_core" in out
+    assert cli.main(["find-copies", "indexer", "--json", "--calls", "1"]) == 0
+    reports = __import__("json").loads(capsys.readouterr().out)
+    assert [(r["path"], r["patched"], r["rows"]) for r in reports] == [("indexer", False, []), ("indexer", True, [])]

@@ -125,13 +125,13 @@ def _release_env(version: str, **extra) -> dict:
 PARITY = {
     "0.5.12.post1": {"test_nsa_cat_skip.py": "skipped", "test_mxfp4_vbmm_layout.py": "ran",
                      "test_indexer_rope_guard.py": "ran", "test_hip_alt_stream.py": "ran",
-                     "test_hip_dual_stream_av4.py": "ran", "test_gates.py": "ran"},
+                     "test_hip_dual_stream_av4.py": "ran", "test_gates.py": "ran", "test_find_copies.py": "ran"},
     "0.5.13.post1": {"test_nsa_cat_skip.py": "skipped", "test_mxfp4_vbmm_layout.py": "skipped",
                      "test_indexer_rope_guard.py": "ran", "test_hip_alt_stream.py": "skipped",
-                     "test_hip_dual_stream_av4.py": "skipped", "test_gates.py": "ran"},
+                     "test_hip_dual_stream_av4.py": "skipped", "test_gates.py": "ran", "test_find_copies.py": "ran"},
     "0.5.23": {"test_nsa_cat_skip.py": "skipped", "test_mxfp4_vbmm_layout.py": "skipped",
                "test_indexer_rope_guard.py": "ran", "test_hip_alt_stream.py": "skipped",
-               "test_hip_dual_stream_av4.py": "skipped", "test_gates.py": "ran"},
+               "test_hip_dual_stream_av4.py": "skipped", "test_gates.py": "ran", "test_find_copies.py": "ran"},
 }
 
 

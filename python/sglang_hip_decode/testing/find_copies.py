@@ -55,6 +55,7 @@ class Finding:
     shape: tuple[int, ...]
     dtype: str
     twin: str  # what the output duplicates (its producer), or the buffer it relays out
+    twin_op: str  # the op or kernel that made that buffer ("an input of the call" if it came from outside)
     in_upstream: bool
     excluded: str = ""
 
@@ -222,8 +223,9 @@ class RedundantCopyFinder(CopyAudit):
         for src in inputs:
             if (not src.is_contiguous() and _storage(src) in self._fresh and src.dtype == o.dtype
                     and src.untyped_storage().nbytes() == nbytes and src.numel() == o.numel()):
-                self._pending.append(_Pending(Finding("relayout", twin=f"{self._origin.get(_storage(src), '?')} "
-                                                      f"(its {tuple(src.shape)} view, strides {src.stride()})", **meta),
+                origin = self._origin.get(_storage(src), "?")
+                twin = f"{origin} (its {tuple(src.shape)} view, strides {src.stride()})"
+                self._pending.append(_Pending(Finding("relayout", twin=twin, twin_op=origin.split(" at ")[0], **meta),
                                               o, None))
                 return
         digest = None
@@ -238,8 +240,9 @@ class RedundantCopyFinder(CopyAudit):
                                   for i in inputs)
                 viewed = any(_storage(i) == _storage(cand) for i in inputs)
                 how = "its own source, " if whole_input else "the buffer its inputs are views of, " if viewed else ""
-                twin = f"{how}{self._origin.get(_storage(cand), '?')}"
-                self._pending.append(_Pending(Finding("duplicate", twin=twin, **meta), o, whole))
+                origin = self._origin.get(_storage(cand), "?")
+                self._pending.append(_Pending(Finding("duplicate", twin=how + origin, twin_op=origin.split(" at ")[0],
+                                                      **meta), o, whole))
                 return
 
     # --- calls ---------------------------------------------------------------------------------
@@ -273,5 +276,5 @@ class RedundantCopyFinder(CopyAudit):
             f = fs[0]
             rows.append({"kind": f.kind, "op": f.op, "site": f.site, "stack": list(f.stack), "bytes": f.nbytes,
                          "shape": list(f.shape), "dtype": f.dtype, "per_call": len(fs) / self.calls,
-                         "twin": f.twin, "in_upstream": f.in_upstream})
+                         "twin": f.twin, "twin_op": f.twin_op, "in_upstream": f.in_upstream})
         return sorted(rows, key=lambda r: (not r["in_upstream"], r["site"], r["op"]))
