@@ -26,6 +26,10 @@ from trace_fixtures import CAT_CUDA, COPY_CUDA, FILL, Trace
     ("void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, at::native::func_wrapper_t<float, at::native::"
      "sum_functor<float, float, float>::operator()(at::TensorIterator&)::{lambda(float, float)#1}>, unsigned int, float, "
      "4, 4> >(at::native::ReduceOp<float, float, 4, 4>)", "reduce_kernel<...>[sum_functor]"),
+    ("void at::native::vectorized_elementwise_kernel<8, at::native::AUnaryFunctor<c10::BFloat16, c10::BFloat16, "
+     "c10::BFloat16, at::native::binary_internal::MulFunctor<float> >, std::array<char*, 2ul> >(int, at::native::"
+     "AUnaryFunctor<c10::BFloat16, c10::BFloat16, c10::BFloat16, at::native::binary_internal::MulFunctor<float> >, "
+     "std::array<char*, 2ul>)", "vectorized_elementwise_kernel<...>[MulFunctor]"),  # from an H200 trace
     ("_sparse_mla_splitk_kernel", "_sparse_mla_splitk_kernel"),  # Triton: the jit function's name
     ("_ZN5aiter38mla_a8w8_qh16_qseqlen1_gqaratio16_psE", "_ZN5aiter38mla_a8w8_qh16_qseqlen1_gqaratio16_psE"),
     ("void mscclpp::foo(int", "foo"),  # a truncated parameter list

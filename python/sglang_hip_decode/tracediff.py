@@ -54,6 +54,7 @@ _GENERIC_LAUNCHERS = {
     "elementwise_kernel_manual_unroll", "index_elementwise_kernel", "reduce_kernel",
     "vectorized_templated_elementwise_kernel", "Kernel", "Kernel2", "device_kernel",
 }
+_WRAPPER_FUNCTORS = {"AUnaryFunctor", "BUnaryFunctor", "BinaryFunctor", "UnaryFunctor"}
 _CLASS_LAUNCHERS = {"Kernel", "Kernel2", "device_kernel"}  # CUTLASS: the template's first argument is the kernel
 _FIRST_ARG = re.compile(r"\s*<\s*(?:[\w:]*::)?(\w+)")
 _FUNCTOR = re.compile(r"\b([A-Za-z_]\w*?(?:_kernel_cuda|_kernel_impl|Functor(?:_\w+)?|_functor))\b")
@@ -95,7 +96,11 @@ def normalise_kernel(name: str) -> str:
     plain = base.split("<", 1)[0]
     if plain in _GENERIC_LAUNCHERS:
         inner = name.split(plain, 1)[-1]
-        functor = _FIRST_ARG.match(inner) if plain in _CLASS_LAUNCHERS else _FUNCTOR.search(inner)
+        if plain in _CLASS_LAUNCHERS:
+            functor = _FIRST_ARG.match(inner)
+        else:  # the op's own functor, not the wrapper that binds a scalar (AUnaryFunctor<..., MulFunctor<float>>)
+            found = list(_FUNCTOR.finditer(inner))
+            functor = next((m for m in found if m.group(1) not in _WRAPPER_FUNCTORS), found[0] if found else None)
         if functor:
             base += f"[{functor.group(1)}]"
     return base or name.strip()
