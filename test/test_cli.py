@@ -181,7 +181,11 @@ def test_doctor(capsys):
     assert "aiter not importable" in out and "tilelang not importable" in out
     lines = out.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("kernel "))
-    rows = {line.split()[0]: line.split()[1] for line in lines[header + 2 :]}
+    end = next(i for i in range(header, len(lines)) if lines[i].startswith("(providers are"))
+    rows = {line.split()[0]: line.split()[1] for line in lines[header + 2 : end]}
+    assert "NONE: no provider can run here" in lines[end]
+    assert lines[-1] == ("plugin entry point: hip_decode = sglang_hip_decode:register (distribution sglang-hip-decode "
+                         f"{__import__('sglang_hip_decode').__version__}): SGLang's plugin loader will call it")
     # The implemented kernels resolve to the portable Triton kernel on a GPU, else the torch reference.
     import torch
 
@@ -212,8 +216,39 @@ def test_missing_sglang_is_a_clear_error():
     assert proc.returncode == 1 and "sglang NOT INSTALLED" in proc.stdout, proc.stderr
     assert "torch not importable" in proc.stdout
     assert "fused_qk_rope_cat_and_cache_mla  NONE" in proc.stdout
+    assert "plugin entry point: NOT FOUND in group sglang.srt.plugins: SGLang will not load the plugin" in proc.stdout
     # The plugin itself, if ever called without sglang, still does not raise.
     proc = _python_without_site_packages(
         "import sglang_hip_decode as s; r = s.register(); print(r.sglang, set(p.status for p in r.patches))")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("None ")
+
+
+def test_version_and_help_say_what_the_tool_is(capsys):
+    from sglang_hip_decode import __version__, cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"sglang-hip-decode {__version__}"
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert "the ROCm (MI355X) decode patch set for SGLang" in out and "``" not in out
+    for switch in ("SGLANG_HIP_DECODE=1|0", "SGLANG_HIP_DECODE_PATCHES=", "SGLANG_HIP_DECODE_ANY_PLATFORM=1",
+                   "SGLANG_HIP_DECODE_STATUS_FILE=PATH", "on is any of 1/true/yes/on, off any of 0/false/no/off"):
+        assert switch in out, switch
+    for command in ("status", "diff", "releases", "doctor", "trace-diff", "find-copies"):
+        assert f"    {command}" in out, command
+
+
+def test_validate_help_shows_defaults_and_units(capsys):
+    from sglang_hip_decode import validate
+
+    with pytest.raises(SystemExit):
+        validate.main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for text in ("prompt length (tokens) (default: 8192)", "output length (tokens) (default: 1024)",
+                 "requests in flight (default: 4)", "seconds for a server to become healthy (default: 1800.0)",
+                 "(default: 30000)", "decode steps of the profile"):
+        assert text in out, text
+    assert "(default: None)" not in out

@@ -93,12 +93,16 @@ def test_unknown_patch_name_is_reported_not_raised(stand_in):
     assert "t-on" in report.problems[0]  # the message lists the known names
 
 
+NOT_A_SWITCH = "is not a switch value (on: 1/true/yes/on; off: 0/false/no/off; any case)"
+
+
 @pytest.mark.parametrize(
     "value, status, problem",
     [
         ("0", "off (SGLANG_HIP_DECODE=0)", None),
         ("off", "off (SGLANG_HIP_DECODE=off)", None),
-        ("maybe", "off (SGLANG_HIP_DECODE='maybe' is not 0 or 1)", "SGLANG_HIP_DECODE='maybe' is not 0 or 1; applying nothing"),
+        ("maybe", f"off (SGLANG_HIP_DECODE='maybe' {NOT_A_SWITCH})",
+         f"SGLANG_HIP_DECODE='maybe' {NOT_A_SWITCH}; applying nothing"),
     ],
 )
 def test_kill_switch(stand_in, value, status, problem):
@@ -113,7 +117,7 @@ def test_kill_switch(stand_in, value, status, problem):
 def test_malformed_any_platform_is_explained_and_not_forced(stand_in):
     report = evaluate({"SGLANG_HIP_DECODE_ANY_PLATFORM": "yes please"})
     assert report.status_of("t-on") == FORCE
-    assert report.problems == ("SGLANG_HIP_DECODE_ANY_PLATFORM='yes please' is not 0 or 1; HIP-gated patches stay HIP-only",)
+    assert report.problems == (f"SGLANG_HIP_DECODE_ANY_PLATFORM='yes please' {NOT_A_SWITCH}; HIP-gated patches stay HIP-only",)
 
 
 @pytest.mark.parametrize("version, status", [

@@ -281,7 +281,38 @@ def cmd_doctor(args) -> int:
         passed = "; ".join(f"{k}: {r}" for k, r in res.reasons) or "-"
         rows.append([name, res.kind or "NONE", passed])
     print(_table(rows, ["kernel", "provider", "passed over"]))
-    return 0 if version is not None else 1
+    print("(providers are what this project's tests and benchmarks run for each ROCm kernel a patch sits "
+          "between; a server always calls upstream's own kernels. NONE: no provider can run here, so those "
+          "tests and benchmarks skip.)")
+    discovered, line = plugin_entry_point()
+    print()
+    print(line)
+    return 0 if version is not None and discovered else 1
+
+
+ENTRY_POINT_GROUP = "sglang.srt.plugins"
+
+
+def plugin_entry_point() -> tuple[bool, str]:
+    """Whether SGLang's plugin loader will find this plugin (an installed distribution's entry point
+    in ``sglang.srt.plugins`` that loads to ``sglang_hip_decode.register``), and a line saying so."""
+    from importlib import metadata
+
+    from . import register
+
+    found = [ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP) if ep.value.split(":")[0] == "sglang_hip_decode"]
+    if not found:
+        return False, (f"plugin entry point: NOT FOUND in group {ENTRY_POINT_GROUP}: SGLang will not load the plugin "
+                       "(install the package, e.g. pip install --no-deps the wheel; a PYTHONPATH entry is not enough)")
+    ep = found[0]
+    try:
+        loaded = ep.load()
+    except Exception as exc:  # noqa: BLE001 - whatever stops SGLang's loader stops it here too
+        return False, f"plugin entry point: {ep.name} = {ep.value} does not load ({type(exc).__name__}: {exc})"
+    dist = f" (distribution {ep.dist.name} {ep.dist.version})" if getattr(ep, "dist", None) else ""
+    if loaded is not register:
+        return False, f"plugin entry point: {ep.name} = {ep.value}{dist} loads another register than this package's"
+    return True, f"plugin entry point: {ep.name} = {ep.value}{dist}: SGLang's plugin loader will call it"
 
 
 def cmd_trace_diff(args) -> int:
@@ -321,9 +352,30 @@ def _positive_int(text: str) -> int:
     return value
 
 
+DESCRIPTION = """\
+sglang-hip-decode: the ROCm (MI355X) decode patch set for SGLang, as an SGLang plugin. SGLang loads
+it at start-up (entry point group sglang.srt.plugins); each patch edits an upstream function in
+place, only on HIP unless forced, and each can be switched off. This command shows what applies on
+the installed sglang, the edits as diffs, and the tools that check a decode path (trace-diff,
+find-copies)."""
+
+SWITCHES = f"""\
+switches (environment variables, read when SGLang loads the plugin):
+  {gates.ENV_ENABLE}=1|0           apply the patch set (default 1) or nothing
+  {gates.ENV_PATCHES}=...  all, none, default, or a comma-separated list of patch names
+  {gates.ENV_ANY_PLATFORM}=1  apply HIP-gated patches on CUDA/CPU too (validation only)
+  {gates.ENV_STATUS_FILE}=PATH  append one JSON status line per process
+  on is any of {'/'.join(gates.SWITCH_ON)}, off any of {'/'.join(gates.SWITCH_OFF)} (any case)
+
+exit codes of status: 0 all selected patches fine, 1 one failed or sglang unsupported, 2 a switch is
+malformed or names an unknown patch, 3 sglang not installed"""
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sglang-hip-decode", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="sglang-hip-decode", description=DESCRIPTION, epilog=SWITCHES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"sglang-hip-decode {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("status", help="patch statuses under the current switches")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_status)

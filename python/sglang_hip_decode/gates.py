@@ -23,8 +23,8 @@ ENV_PATCHES = "SGLANG_HIP_DECODE_PATCHES"
 ENV_ANY_PLATFORM = "SGLANG_HIP_DECODE_ANY_PLATFORM"
 ENV_STATUS_FILE = "SGLANG_HIP_DECODE_STATUS_FILE"
 
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("0", "false", "no", "off")
+SWITCH_ON = ("1", "true", "yes", "on")
+SWITCH_OFF = ("0", "false", "no", "off")
 
 
 def sglang_version() -> str | None:
@@ -98,11 +98,11 @@ def _flag(env: Mapping[str, str], name: str, default: bool) -> tuple[bool | None
     if raw is None or raw.strip() == "":
         return default, None
     value = raw.strip().lower()
-    if value in _TRUE:
+    if value in SWITCH_ON:
         return True, None
-    if value in _FALSE:
+    if value in SWITCH_OFF:
         return False, None
-    return None, f"{name}={raw!r} is not 0 or 1"
+    return None, f"{name}={raw!r} is not a switch value (on: {'/'.join(SWITCH_ON)}; off: {'/'.join(SWITCH_OFF)}; any case)"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -699,8 +699,19 @@ def render_kernels(kernels: dict) -> list[str]:
 # Main
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless it has none or the help already says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, "", [], False, argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m sglang_hip_decode.validate", description=__doc__.split("\n\n")[0],
+                                formatter_class=_DefaultsFormatter,
                                 epilog="Exit codes: 0 done; 1 validation failed (incl. the 'on' arm below the GSM8K "
                                        "threshold); 2 usage error (nothing started); 3 runner error; 130/143/129 "
                                        "interrupted by SIGINT/SIGTERM/SIGHUP.")
@@ -715,24 +726,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="remove a preset flag and its values (repeatable), e.g. --drop-server-arg=--nsa-prefill-backend")
     p.add_argument("--patches", default="", help="SGLANG_HIP_DECODE_PATCHES for the 'on' run (default: the default set; "
                                                  "each must be implemented, and with a preset at least one must act on it)")
-    p.add_argument("--port", type=int, default=30000)
+    p.add_argument("--port", type=int, default=30000, help="the server's port on 127.0.0.1 (both arms, one after the other)")
     p.add_argument("--out", default="ab-validate", help="output folder (results.json, report.md, logs)")
     p.add_argument("--threshold", type=float, help="GSM8K accuracy threshold (default: by model family)")
-    p.add_argument("--gsm8k-questions", type=int, default=1319)
-    p.add_argument("--gsm8k-shots", type=int, default=5)
-    p.add_argument("--gsm8k-parallel", type=int, default=1319)
+    p.add_argument("--gsm8k-questions", type=int, default=1319, help="GSM8K questions per arm")
+    p.add_argument("--gsm8k-shots", type=int, default=5, help="few-shot examples per question")
+    p.add_argument("--gsm8k-parallel", type=int, default=1319, help="GSM8K questions in flight")
     p.add_argument("--gsm8k-data", help="local GSM8K test.jsonl (GPU hosts are often offline)")
-    p.add_argument("--input-len", type=int, default=8192)
-    p.add_argument("--output-len", type=int, default=1024)
-    p.add_argument("--range-ratio", type=float, default=0.8)
-    p.add_argument("--concurrency", type=int, default=4)
-    p.add_argument("--num-prompts", type=int, default=20)
+    p.add_argument("--input-len", type=int, default=8192, help="bench_serving prompt length (tokens)")
+    p.add_argument("--output-len", type=int, default=1024, help="bench_serving output length (tokens)")
+    p.add_argument("--range-ratio", type=float, default=0.8,
+                   help="bench_serving --random-range-ratio: lengths drawn from [ratio x len, len]")
+    p.add_argument("--concurrency", type=int, default=4, help="bench_serving requests in flight")
+    p.add_argument("--num-prompts", type=int, default=20, help="bench_serving requests per arm")
     p.add_argument("--bench-dataset", default="random", help="bench_serving --dataset-name (random needs ShareGPT text)")
     p.add_argument("--bench-dataset-path", help="local ShareGPT JSON for --dataset-name random (offline hosts)")
     p.add_argument("--tokenizer", help="tokenizer path for bench_serving (default: the model)")
-    p.add_argument("--health-timeout", type=float, default=1800.0)
-    p.add_argument("--client-timeout", type=float, default=7200.0)
-    p.add_argument("--poll-interval", type=float, default=2.0)
+    p.add_argument("--health-timeout", type=float, default=1800.0, help="seconds for a server to become healthy")
+    p.add_argument("--client-timeout", type=float, default=7200.0, help="seconds for one client run (GSM8K, bench_serving)")
+    p.add_argument("--poll-interval", type=float, default=2.0, help="seconds between health and status polls")
     p.add_argument("--python", default=sys.executable, help="the Python that has sglang (clients run with it)")
     p.add_argument("--sglang-release", help="the sglang release the server runs (default: what --python's sglang "
                                             "metadata says); picks the preset's flags and the patches measured")
@@ -741,7 +753,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode steps of the profile each arm takes after the benchmark for the kernel table "
                         "(SGLang's /start_profile; 0: no profile)")
     p.add_argument("--profile-timeout", type=float, default=900.0,
-                   help="seconds for the profile: the decode load, the steps and the trace export (seconds)")
+                   help="seconds for the profile: the decode load, the steps and the trace export")
     p.add_argument("--dry-run", action="store_true", help="print every command and run nothing")
     return p
 
