@@ -128,10 +128,12 @@ PARITY = {
                      "test_hip_dual_stream_av4.py": "ran", "test_gates.py": "ran", "test_find_copies.py": "ran"},
     "0.5.13.post1": {"test_nsa_cat_skip.py": "skipped", "test_mxfp4_vbmm_layout.py": "skipped",
                      "test_indexer_rope_guard.py": "ran", "test_hip_alt_stream.py": "skipped",
-                     "test_hip_dual_stream_av4.py": "skipped", "test_gates.py": "ran", "test_find_copies.py": "ran"},
+                     "test_hip_dual_stream_av4.py": "skipped", "test_gates.py": "ran", "test_find_copies.py": "ran",
+                     "test_mla_decode_dsa.py": "ran"},
     "0.5.23": {"test_nsa_cat_skip.py": "skipped", "test_mxfp4_vbmm_layout.py": "skipped",
                "test_indexer_rope_guard.py": "ran", "test_hip_alt_stream.py": "skipped",
-               "test_hip_dual_stream_av4.py": "skipped", "test_gates.py": "ran", "test_find_copies.py": "ran"},
+               "test_hip_dual_stream_av4.py": "skipped", "test_gates.py": "ran", "test_find_copies.py": "ran",
+               "test_mla_decode_dsa.py": "ran"},
 }
 
 

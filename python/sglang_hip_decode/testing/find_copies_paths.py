@@ -3,8 +3,10 @@ harness's real sglang functions (the release this process imports), small shapes
 torch providers (or the GPU when asked), unpatched or with the path's patch applied.
 
 * ``nsa``: GLM-5 / DeepSeek-V3.2 NSA decode, ``forward_absorb_core`` → ``RadixAttention`` →
-  ``NativeSparseAttnBackend.forward_decode`` (TileLang impl, fused RoPE branch; nsa-cat-skip).
-* ``mxfp4``: Kimi-K2 MXFP4 decode, ``forward_absorb_core`` with MXFP4 ``w_vc`` and a bf16 o_proj
+  ``NativeSparseAttnBackend.forward_decode`` (TileLang impl, fused RoPE branch; nsa-cat-skip); from
+  0.5.13 the DSA backend (``testing.mla_decode_dsa``: the method the model's own dispatch picks, which
+  on ROCm from 0.5.18 is ``forward_absorb_rocm_core``).
+* ``mxfp4``: Kimi-K2 MXFP4 decode, the same absorb core with MXFP4 ``w_vc`` and a bf16 o_proj
   (the aiter MLA backend stand-in; mxfp4-vbmm-layout).
 * ``indexer``: the NSA indexer's ``_get_q_k_bf16`` and ``_get_k_bf16`` with an in-place RoPE
   (indexer-rope-guard).
@@ -30,12 +32,14 @@ class PathSpec:
 LAYERS = 2
 FORWARD_MLA = "sglang/srt/models/deepseek_common/attention_forward_methods/forward_mla.py"
 PATHS = {
-    "nsa": PathSpec("nsa_cat_skip", "NSA decode (forward_absorb_core -> NativeSparseAttnBackend.forward_decode, "
-                                    f"tilelang impl, fused RoPE), {LAYERS} layers, batch 3, 4 heads",
+    "nsa": PathSpec("nsa_cat_skip", "NSA/DSA decode (what the model dispatches on ROCm: forward_absorb_core, from "
+                                    "0.5.18 forward_absorb_rocm_core -> the sparse backend's forward_decode; tilelang "
+                                    f"impl, fused RoPE), {LAYERS} layers, batch 3, 4 heads",
                     frozenset({("duplicate", "cat", "sglang/srt/layers/attention/utils.py", "concat_mla_absorb_q_general")}),
                     LAYERS),
-    "mxfp4": PathSpec("mxfp4_vbmm_layout", "Kimi-K2 MXFP4 decode (forward_absorb_core, aiter MLA stand-in, MXFP4 w_vc, "
-                                           f"bf16 o_proj), {LAYERS} layers, batch 3, 4 heads",
+    "mxfp4": PathSpec("mxfp4_vbmm_layout", "Kimi-K2 MXFP4 decode (forward_absorb_core, from 0.5.18 "
+                                           "forward_absorb_rocm_core; aiter MLA stand-in, MXFP4 w_vc, bf16 o_proj), "
+                                           f"{LAYERS} layers, batch 3, 4 heads",
                       frozenset({("relayout", "clone", FORWARD_MLA, "forward_absorb_core")}), LAYERS),
     "indexer": PathSpec("indexer_rope_guard", "NSA indexer _get_q_k_bf16 + _get_k_bf16 (in-place RoPE), 4 tokens, "
                                               "8 index heads"),
@@ -62,7 +66,12 @@ def applies(kind: str) -> tuple[bool, str]:
 
 
 def _mla_call(kind: str, device: str, calls: int) -> tuple[Callable, Callable]:
-    from .mla_decode import MlaDecodeCase, MlaDecodePath, import_sglang, make_inputs
+    from ..patching import installed_release
+
+    if (installed_release() or (0, 0, 0, 0)) >= (0, 5, 13, 0):  # the dsa_backend rename; 0.5.18+ ROCm core
+        from .mla_decode_dsa import MlaDecodeCase, MlaDecodePath, import_sglang, make_inputs
+    else:
+        from .mla_decode import MlaDecodeCase, MlaDecodePath, import_sglang, make_inputs
 
     extra = dict(attention="aiter", w_vc="mxfp4", o_proj="bf16") if kind == "mxfp4" else {}
     case = MlaDecodeCase(batch=3, heads=4, topk=32, context=64, hidden=64, layers=LAYERS, device=device, **extra)
