@@ -11,7 +11,8 @@ TP rank (``--workers N`` to change that) that calls ``register()`` too, as SGLan
 processes do, with ``--worker-env K=V`` added to their environment. Failure modes: ``--never-healthy``,
 ``--die-after N`` (exit after N
 /generate requests), ``--fail-streams-after N`` (streamed requests after the first N get HTTP 500),
-``--skip-plugin``.
+``--skip-plugin``. ``--slowdown-pct P``: with the plugin switched on (``SGLANG_HIP_DECODE=1``, the
+runner's 'on' arm) every token takes P% longer: a known difference for the runner's statistics.
 
 ``/start_profile`` (SGLang's JSON body: ``output_dir``, ``num_steps``, ``profile_prefix``) waits
 ``num_steps`` token intervals, then writes one synthetic chrome trace per TP rank,
@@ -49,6 +50,7 @@ p.add_argument("--fail-streams-after", type=int, default=-1)
 p.add_argument("--workers", type=int, default=None)  # default: one per TP rank, as SGLang's schedulers
 p.add_argument("--worker-env", action="append", default=[])
 p.add_argument("--no-profile", action="store_true")
+p.add_argument("--slowdown-pct", type=float, default=0.0)  # the 'on' arm (SGLANG_HIP_DECODE=1) streams this much slower
 # Launch flags SGLang reports back in /server_info (the rest are accepted and ignored).
 p.add_argument("--trust-remote-code", action="store_true")
 p.add_argument("--attention-backend", default=None)
@@ -59,6 +61,8 @@ p.add_argument("--dsa-decode-backend", default=None)  # 0.5.13 and later
 p.add_argument("--dsa-prefill-backend", default=None)
 p.add_argument("--kv-cache-dtype", default="auto")
 args, _unknown = p.parse_known_args()  # launch_server flags this stand-in does not model
+if os.environ.get("SGLANG_HIP_DECODE") == "1":
+    args.token_ms *= 1 + args.slowdown_pct / 100.0
 
 if not args.skip_plugin:
     import sglang_hip_decode

@@ -52,7 +52,10 @@ def test_success_path_and_report(successful_run):
         assert arm["processes"] == 2  # the launcher and one scheduler (TP 1)
     assert results["verdict"]["gsm8k_on_pass"] is True
     report = (out / "report.md").read_text()
-    assert "| GSM8K accuracy (threshold 0.9) | 1.000 (pass) | 1.000 (pass) | +0.000 |" in report
+    # 6 questions: the 95% interval [0.610, 1.000] holds the threshold, so neither pass nor fail
+    assert ("| GSM8K accuracy [95% interval, 6 questions] (threshold 0.9) | 1.000 [0.610, 1.000] (inconclusive) "
+            "| 1.000 [0.610, 1.000] (inconclusive) | +0.000 |") in report
+    assert "GSM8K: the threshold 0.9 lies inside the 'on' arm's interval: 6 questions cannot tell" in report
     assert "TPOT median (ms)" in report and f"applied (on): {', '.join(defaults)} in all 2 reporting processes" in report
     assert results["versions"]["sglang"] == "0.5.11"
     assert processes_on_port(port) == []
@@ -90,7 +93,7 @@ def test_gsm8k_below_the_threshold_fails_with_the_report_written(successful_run,
     # real run() computes the verdict and writes the report, main() prints it and exits 1.
     measured = json.loads((successful_run[1] / "results.json").read_text())["arms"]
 
-    def arm_below_threshold(plan, arm, into):
+    def arm_below_threshold(plan, arm, into, repeats, launch):
         into.update(measured[arm], gsm8k=dict(measured[arm]["gsm8k"], accuracy=0.5))
 
     monkeypatch.setattr(validate, "run_arm", arm_below_threshold)
@@ -102,7 +105,8 @@ def test_gsm8k_below_the_threshold_fails_with_the_report_written(successful_run,
         in captured.err
     results = json.loads((out / "results.json").read_text())
     assert results["verdict"]["gsm8k_on_pass"] is False and results["verdict"]["gsm8k_off_pass"] is False
-    assert "0.500 (FAIL)" in captured.out and "0.500 (FAIL)" in (out / "report.md").read_text()
+    # 3 of 6: the 95% interval [0.188, 0.812] lies below 0.9
+    assert "0.500 [0.188, 0.812] (fail)" in captured.out and "0.500 [0.188, 0.812] (fail)" in (out / "report.md").read_text()
 
 
 def test_a_signal_during_the_last_stop_is_not_lost(files, tmp_path, monkeypatch):
@@ -111,7 +115,7 @@ def test_a_signal_during_the_last_stop_is_not_lost(files, tmp_path, monkeypatch)
     args = validate.build_parser().parse_args(runner_args(files, tmp_path / "ab", free_port()))
     plan = validate.make_plan(args)
 
-    def fake_arm(plan, arm, measured):
+    def fake_arm(plan, arm, measured, repeats, launch):
         measured["arm"] = arm
         if arm == "on":
             validate._SIGNALS.append(signal.SIGTERM)  # what the handler does

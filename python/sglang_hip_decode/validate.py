@@ -41,6 +41,7 @@ import os
 import re
 import shlex
 import signal
+import statistics
 import socket
 import subprocess
 import sys
@@ -50,7 +51,7 @@ import urllib.request
 from pathlib import Path
 from typing import Callable
 
-from . import gates, is_applied_status
+from . import abstats, gates, is_applied_status
 
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERNAL = 1, 2, 3
 
@@ -352,13 +353,17 @@ class Plan:
                "--parallel", str(a.gsm8k_parallel)]
         return cmd + (["--data-path", a.gsm8k_data] if a.gsm8k_data else [])
 
-    def bench_cmd(self, arm: str) -> list[str]:
+    def bench_output(self, arm: str, repeat: int = 0) -> Path:
+        return self.out / arm / f"bench_serving{'' if repeat == 0 else f'.r{repeat}'}.jsonl"
+
+    def bench_cmd(self, arm: str, repeat: int = 0) -> list[str]:
         a = self.args
         cmd = [a.python, "-m", "sglang.bench_serving", "--backend", "sglang", "--host", "127.0.0.1", "--port", str(a.port),
                "--model", a.model, "--dataset-name", a.bench_dataset,
                "--random-input-len", str(a.input_len), "--random-output-len", str(a.output_len),
                "--random-range-ratio", str(a.range_ratio), "--max-concurrency", str(a.concurrency),
-               "--num-prompts", str(a.num_prompts), "--output-file", str(self.out / arm / "bench_serving.jsonl")]
+               "--num-prompts", str(a.num_prompts), "--output-file", str(self.bench_output(arm, repeat)),
+               "--output-details"]  # per-request ITLs: the TPOT interval is computed over requests
         if a.tokenizer:
             cmd += ["--tokenizer", a.tokenizer]
         if a.bench_dataset_path:
@@ -405,11 +410,11 @@ def _kill_group(proc: subprocess.Popen) -> None:
 class Server:
     """A server in its own process group; ``stop()`` takes the whole group down."""
 
-    def __init__(self, plan: Plan, arm: str):
+    def __init__(self, plan: Plan, arm: str, launch: int = 0):
         self.plan, self.arm = plan, arm
         self.dir = plan.out / arm
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.log_path = self.dir / "server.log"
+        self.log_path = self.dir / ("server.log" if launch == 0 else f"server.{launch + 1}.log")
         self.status_path = Path(plan.server_env(arm)[gates.ENV_STATUS_FILE])
         self.proc: subprocess.Popen | None = None
         self._log = None
@@ -603,7 +608,11 @@ def parse_bench(path: Path) -> dict:
     missing = [k for k in BENCH_KEYS if k not in record]
     if missing:
         raise ValidationError(f"{path}: missing {missing}")
-    return {k: record[k] for k in BENCH_KEYS}
+    try:
+        tpots = abstats.request_tpots_ms(record)
+    except ValueError as exc:
+        raise ValidationError(f"{path}: {exc}") from None
+    return {**{k: record[k] for k in BENCH_KEYS}, "tpots_ms": tpots}
 
 
 def check_bench(arm: str, bench: dict, num_prompts: int, log: Path) -> None:
@@ -656,21 +665,71 @@ def render_report(results: dict) -> str:
         "| metric | off | on | change |",
         "|---|---|---|---|",
     ]
-    ga, gb = off["gsm8k"], on["gsm8k"]
-    verdict = lambda acc: "" if thr is None else (" (pass)" if acc >= thr else " (FAIL)")  # noqa: E731
-    lines.append(f"| GSM8K accuracy (threshold {thr if thr is not None else 'none'}) "
-                 f"| {ga['accuracy']:.3f}{verdict(ga['accuracy'])} "
-                 f"| {gb['accuracy']:.3f}{verdict(gb['accuracy'])} | {gb['accuracy'] - ga['accuracy']:+.3f} |")
-    lines.append(f"| GSM8K invalid | {ga['invalid']:.3f} | {gb['invalid']:.3f} | |")
+    verdict = results["verdict"]
+
+    def gsm(v: dict) -> str:
+        judged = "" if v["verdict"] is None else f" ({v['verdict']})"
+        return f"{v['accuracy']:.3f} [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}]{judged}"
+
+    ga, gb = verdict["gsm8k_off"], verdict["gsm8k_on"]
+    lines.append(f"| GSM8K accuracy [95% interval, {ga['questions']} questions] (threshold {thr if thr is not None else 'none'}) "
+                 f"| {gsm(ga)} | {gsm(gb)} | {gb['accuracy'] - ga['accuracy']:+.3f} |")
+    lines.append(f"| GSM8K invalid | {off['gsm8k']['invalid']:.3f} | {on['gsm8k']['invalid']:.3f} | |")
     for key, label in (("median_tpot_ms", "TPOT median (ms)"), ("p99_tpot_ms", "TPOT p99 (ms)"),
                        ("median_itl_ms", "ITL median (ms)"), ("p99_itl_ms", "ITL p99 (ms)"),
                        ("output_throughput", "output throughput (tok/s)")):
         a, b = off["bench"][key], on["bench"][key]
         lines.append(f"| {label} | {a:.3f} | {b:.3f} | {_pct(a, b)} |")
     lines.append(f"| requests completed | {off['bench']['completed']} | {on['bench']['completed']} | |")
+    t = verdict["tpot"]
+    lines += ["", f"Bench figures: the median over {t['repeats'][0]} off and {t['repeats'][1]} on repeats, run "
+                  f"{', '.join(f'{arm} x{len(reps)}' for arm, reps in results['schedule'])} (server launches in order).",
+              "", f"**TPOT: {t['verdict']}.** Median request TPOT {t['median_off_ms']:.3f} → {t['median_on_ms']:.3f} ms, "
+                  f"{t['change_pct']:+.2f}% [{t['ci_pct'][0]:+.2f}%, {t['ci_pct'][1]:+.2f}%] ({t['level'] * 100:g}% interval, "
+                  f"bootstrap over repeats and their {t['requests'][0]} / {t['requests'][1]} requests). "
+                  + ("The interval contains 0: this run cannot tell the arms apart; more repeats narrow it."
+                     if not t["detected"] else "The interval excludes 0.")]
+    if gb["verdict"] == "inconclusive":
+        lines += ["", f"GSM8K: the threshold {thr} lies inside the 'on' arm's interval: {gb['questions']} questions "
+                      "cannot tell whether it is met."]
+    if results.get("plot"):
+        lines += ["", f"![TPOT and ITL, off vs on]({Path(results['plot']).name})"]
     if "kernels" in results:
         lines += [""] + render_kernels(results["kernels"])
     return "\n".join(lines) + "\n"
+
+
+def write_plot(out: Path, results: dict) -> str | None:
+    """``tpot_itl.png`` beside the report: per-request TPOT and every ITL, off vs on (matplotlib, an
+    optional extra: without it there is no plot and the report says nothing about one)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("no plot: matplotlib is not installed (pip install 'sglang-hip-decode[plot]')", flush=True)
+        return None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for arm, colour in (("off", "tab:blue"), ("on", "tab:orange")):
+        repeats = results["arms"][arm]["repeats"]
+        tpots = sorted(x for r in repeats for x in r["tpots_ms"])
+        left.plot(tpots, [(i + 1) / len(tpots) for i in range(len(tpots))], label=arm, color=colour)
+        itls = []
+        for r in repeats:
+            record = json.loads([line for line in Path(r["file"]).read_text().splitlines() if line.strip()][-1])
+            itls += [x * 1000.0 for request in record["itls"] for x in request]
+        right.hist(itls, bins=60, alpha=0.5, label=arm, color=colour, density=True)
+    left.set(xlabel="TPOT per request (ms)", ylabel="fraction of requests", title="TPOT (ECDF)")
+    right.set(xlabel="inter-token latency (ms)", ylabel="density", title="ITL")
+    for ax in (left, right):
+        ax.legend()
+    fig.suptitle(f"{results['model']}: sglang {results.get('sglang_release', '?')}, off vs on")
+    fig.tight_layout()
+    path = out / "tpot_itl.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return str(path)
 
 
 def render_kernels(kernels: dict) -> list[str]:
@@ -749,6 +808,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sglang-release", help="the sglang release the server runs (default: what --python's sglang "
                                             "metadata says); picks the preset's flags and the patches measured")
     p.add_argument("--server-cmd", default=None, help="server launcher (default: '<python> -m sglang.launch_server')")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="benchmark runs per arm, interleaved off, on, on, off, ... (back-to-back runs of an arm share "
+                        "a server launch); the TPOT interval is over repeats and requests")
+    p.add_argument("--ci-level", type=float, default=0.95, help="confidence level of the TPOT interval")
     p.add_argument("--profile-steps", type=int, default=5,
                    help="decode steps of the profile each arm takes after the benchmark for the kernel table "
                         "(SGLang's /start_profile; 0: no profile)")
@@ -765,6 +828,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
     if args.tp < 1 or args.num_prompts < 1 or args.output_len < 2 or args.concurrency < 1:
         raise UsageError("--tp, --num-prompts and --concurrency must be >= 1 and --output-len >= 2 (TPOT needs two "
                          "output tokens)")
+    if args.repeats < 1 or not 0.5 <= args.ci_level < 1:
+        raise UsageError("--repeats must be >= 1 and --ci-level in [0.5, 1)")
     if args.profile_steps < 0 or not args.profile_timeout > 0:
         raise UsageError("--profile-steps must be >= 0 (0: no profile) and --profile-timeout > 0")
     from .declare import parse_release
@@ -811,6 +876,8 @@ def dry_run(plan: Plan) -> str:
              f"# GSM8K threshold: {plan.threshold} ({plan.family or 'family unknown'})",
              f"# measured patches: {', '.join(plan.measured)} (selected for 'on': {', '.join(plan.selected)})",
              "# server checks: " + ("; ".join(r.what for r in plan.requires) or "none")]
+    lines.append("# launches: " + ", ".join(f"{arm} (repeats {', '.join(str(r + 1) for r in reps)})"
+                                          for arm, reps in launch_schedule(plan.args.repeats)))
     for arm in ("off", "on"):
         lines += [f"# --- {arm}: server on 127.0.0.1:{plan.args.port}, health GET /health, status file read after health",
                   _shell(plan.server_cmd(), plan.server_env(arm)),
@@ -834,10 +901,28 @@ SERVER_FIELDS = ("attention_backend", "decode_attention_backend", "nsa_decode_ba
                  "kv_cache_dtype", "tp_size", "version")
 
 
-def run_arm(plan: Plan, arm: str, measured: dict) -> None:
-    """One arm, recorded into ``measured`` step by step (so a failure keeps what was measured)."""
+def launch_schedule(repeats: int) -> list[tuple[str, list[int]]]:
+    """Server launches in order, each ``(arm, repeat indices it runs)``: the arms alternate ABBA
+    (off, on, on, off, off, on, ...), so neither always runs first and back-to-back repeats of one
+    arm share a launch (the server stays warm)."""
+    order = [arm for i in range(repeats) for arm in (("off", "on") if i % 2 == 0 else ("on", "off"))]
+    launches: list[tuple[str, list[int]]] = []
+    count = {"off": 0, "on": 0}
+    for arm in order:
+        if launches and launches[-1][0] == arm:
+            launches[-1][1].append(count[arm])
+        else:
+            launches.append((arm, [count[arm]]))
+        count[arm] += 1
+    return launches
+
+
+def run_arm(plan: Plan, arm: str, measured: dict, repeats: tuple[int, ...] = (0,), launch: int = 0) -> None:
+    """One server launch of ``arm`` running benchmark ``repeats``, recorded into ``measured`` step by
+    step (so a failure keeps what was measured). The arm's first launch also runs GSM8K and, after
+    its benchmark, the decode profile."""
     args = plan.args
-    server = Server(plan, arm)
+    server = Server(plan, arm, launch)
     print(f"[{arm}] starting: {_shell(plan.server_cmd(), plan.server_env(arm))}", flush=True)
     try:
         server.start()
@@ -852,23 +937,33 @@ def run_arm(plan: Plan, arm: str, measured: dict) -> None:
         measured["processes"] = len(records)
         measured["status"] = records
         print(f"[{arm}] healthy; applied: {measured['applied'] or 'none'} ({len(records)} processes reported)", flush=True)
-        measured["gsm8k"] = parse_gsm8k(run_client(plan.gsm8k_cmd(), server.dir, server.dir / "gsm8k.log",
-                                                   args.client_timeout, server, "GSM8K"))
-        print(f"[{arm}] GSM8K accuracy {measured['gsm8k']['accuracy']:.3f}", flush=True)
-        log = server.dir / "bench_serving.log"
-        (server.dir / "bench_serving.jsonl").unlink(missing_ok=True)  # bench_serving appends; the last line is read
-        run_client(plan.bench_cmd(arm), server.dir, log, args.client_timeout, server, "bench_serving")
-        bench = parse_bench(server.dir / "bench_serving.jsonl")
-        bench["output_len"] = args.output_len
-        measured["bench"] = bench
-        check_bench(arm, bench, args.num_prompts, log)
-        print(f"[{arm}] TPOT median {bench['median_tpot_ms']:.3f} ms", flush=True)
-        _check_signals()
-        if args.profile_steps:
+        if "gsm8k" not in measured:
+            measured["gsm8k"] = parse_gsm8k(run_client(plan.gsm8k_cmd(), server.dir, server.dir / "gsm8k.log",
+                                                       args.client_timeout, server, "GSM8K"))
+            print(f"[{arm}] GSM8K accuracy {measured['gsm8k']['accuracy']:.3f}", flush=True)
+        for repeat in repeats:
+            output = plan.bench_output(arm, repeat)
+            log = output.with_suffix(".log")
+            output.unlink(missing_ok=True)  # bench_serving appends; the last line is read
+            run_client(plan.bench_cmd(arm, repeat), server.dir, log, args.client_timeout, server, "bench_serving")
+            bench = parse_bench(output)
+            bench.update(output_len=args.output_len, repeat=repeat, launch=launch, file=str(output))
+            check_bench(arm, bench, args.num_prompts, log)
+            measured.setdefault("repeats", []).append(bench)
+            print(f"[{arm}] repeat {repeat + 1}/{args.repeats}: TPOT median {bench['median_tpot_ms']:.3f} ms", flush=True)
+            _check_signals()
+        if args.profile_steps and "profile" not in measured:
             measured["profile"] = profile_arm(plan, server)
             _check_signals()
     finally:
         server.stop()
+
+
+def summarise_bench(repeats: list[dict]) -> dict:
+    """The arm's bench figures: each the median over its repeats (requests completed: the fewest)."""
+    out = {key: statistics.median(r[key] for r in repeats) for key in BENCH_KEYS if key != "completed"}
+    out["completed"] = min(r["completed"] for r in repeats)
+    return out
 
 
 def profile_arm(plan: Plan, server: Server) -> dict:
@@ -924,10 +1019,12 @@ def run(plan: Plan) -> dict:
                "patches_selected": list(plan.selected), "patches_measured": list(plan.measured), "arms": {}}
     try:
         results["versions"] = versions(args.python)
-        for arm in ("off", "on"):
+        results["schedule"] = [[arm, reps] for arm, reps in launch_schedule(args.repeats)]
+        launches = {"off": 0, "on": 0}
+        for arm, reps in launch_schedule(args.repeats):
             _check_signals()
-            results["arms"][arm] = {}
-            run_arm(plan, arm, results["arms"][arm])
+            run_arm(plan, arm, results["arms"].setdefault(arm, {}), tuple(reps), launches[arm])
+            launches[arm] += 1
             _check_signals()  # one that arrived while the server was being stopped
     except BaseException as exc:
         results["error"] = f"{type(exc).__name__}: {exc}"
@@ -937,12 +1034,19 @@ def run(plan: Plan) -> dict:
     if args.profile_steps:
         results["kernels"] = kernel_table(results)
     on, off = results["arms"]["on"], results["arms"]["off"]
+    for arm in (on, off):
+        arm["bench"] = summarise_bench(arm["repeats"])
+    tpot = abstats.tpot_difference([r["tpots_ms"] for r in off["repeats"]], [r["tpots_ms"] for r in on["repeats"]],
+                                   level=args.ci_level)
+    gsm = {name: abstats.gsm8k_verdict(arm["gsm8k"]["accuracy"], args.gsm8k_questions, plan.threshold)
+           for name, arm in (("on", on), ("off", off))}
     results["verdict"] = {
-        "gsm8k_on_pass": None if plan.threshold is None else on["gsm8k"]["accuracy"] >= plan.threshold,
-        "gsm8k_off_pass": None if plan.threshold is None else off["gsm8k"]["accuracy"] >= plan.threshold,
-        "tpot_change_pct": (on["bench"]["median_tpot_ms"] - off["bench"]["median_tpot_ms"])
-        / off["bench"]["median_tpot_ms"] * 100,
+        "gsm8k_on": gsm["on"], "gsm8k_off": gsm["off"],
+        "gsm8k_on_pass": None if plan.threshold is None else gsm["on"]["verdict"] != "fail",
+        "gsm8k_off_pass": None if plan.threshold is None else gsm["off"]["verdict"] != "fail",
+        "tpot": tpot, "tpot_change_pct": tpot["change_pct"],
     }
+    results["plot"] = write_plot(plan.out, results)
     (plan.out / "results.json").write_text(json.dumps(results, indent=1, sort_keys=True))
     (plan.out / "report.md").write_text(render_report(results))
     return results
@@ -984,6 +1088,9 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(s, handler)
     print((plan.out / "report.md").read_text())
     verdict = json.loads((plan.out / "results.json").read_text())["verdict"]
+    if verdict["gsm8k_on"]["verdict"] == "inconclusive":
+        print(f"GSM8K: the threshold {plan.threshold} lies inside the 'on' arm's 95% interval "
+              f"{verdict['gsm8k_on']['ci']}: not a failure, but these questions cannot tell", file=sys.stderr)
     if verdict["gsm8k_on_pass"] is False:
         also = (" (the 'off' arm fails it too: look at the model and server set-up first)"
                 if verdict["gsm8k_off_pass"] is False else "")
