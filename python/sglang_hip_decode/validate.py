@@ -1090,7 +1090,8 @@ def main(argv: list[str] | None = None) -> int:
     verdict = json.loads((plan.out / "results.json").read_text())["verdict"]
     if verdict["gsm8k_on"]["verdict"] == "inconclusive":
         print(f"GSM8K: the threshold {plan.threshold} lies inside the 'on' arm's 95% interval "
-              f"{verdict['gsm8k_on']['ci']}: not a failure, but these questions cannot tell", file=sys.stderr)
+              f"[{verdict['gsm8k_on']['ci'][0]:.3f}, {verdict['gsm8k_on']['ci'][1]:.3f}]: not a failure, but these "
+              "questions cannot tell", file=sys.stderr)
     if verdict["gsm8k_on_pass"] is False:
         also = (" (the 'off' arm fails it too: look at the model and server set-up first)"
                 if verdict["gsm8k_off_pass"] is False else "")
