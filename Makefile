@@ -3,8 +3,9 @@
 # make lint   ruff with the rules in pyproject.toml (CI runs it before the tests)
 # make bench  every decode and kernel benchmark, one table (quick shapes on the CPU)
 # make wheel  dist/sglang_hip_decode-*-py3-none-any.whl: both packages, pure Python, for an offline GPU host
-#             (pip install --no-deps --no-index dist/sglang_hip_decode-*.whl; it never touches torch)
-# All create .venv on first use with the pinned environment (requirements/cpu.txt).
+#             (pip install --no-deps --no-index dist/sglang_hip_decode-*.whl; it never touches torch); built
+#             in .venv-build (setuptools + wheel only, fetched once), not the test environment
+# The others create .venv on first use with the pinned environment (requirements/cpu.txt).
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -44,8 +45,11 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 
 # Built from a copy of the sources, so the checkout gets no build/ or egg-info from it.
-wheel: $(STAMP)
-	$(PY) tools/build_wheel.py dist
+BUILD_VENV ?= .venv-build
+wheel:
+	test -x $(BUILD_VENV)/bin/python || $(PYTHON) -m venv $(BUILD_VENV)
+	$(BUILD_VENV)/bin/python -m pip install -q --disable-pip-version-check "setuptools>=64" wheel==0.45.1
+	$(BUILD_VENV)/bin/python tools/build_wheel.py dist
 
 bench: $(STAMP)
 	$(PY) benchmark/run_all.py $(BENCH_ARGS)
