@@ -22,6 +22,7 @@ $(STAMP): requirements/cpu.txt requirements/lint.txt pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.11.0 torchvision==0.26.0
 	$(PY) -m pip download -q --disable-pip-version-check --no-deps sglang==0.5.11 -d $(SGLANG_WHEEL_DIR)
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps $(SGLANG_WHEEL_DIR)/sglang-0.5.11-*.whl
+	@echo "note: sglang is installed --no-deps, so pip's 'sglang ... requires X, which is not installed' lines below are expected"
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements/cpu.txt -r requirements/lint.txt
 	$(PY) -m pip install -q --disable-pip-version-check wheel==0.45.1
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .

@@ -111,10 +111,20 @@ def test_make_bench_runs_them_and_prints_one_table_each(tmp_path, monkeypatch, c
     import run_all
 
     assert run_all.main(["--only", "bench_dsv4_qk_norm"]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert "## dsv4 fused QK RMSNorm" in out and "\ndevice: " in out and "; providers: " in out
-    # A benchmark that fails is named, and the run fails.
-    (tmp_path / "bench_broken.py").write_text("import sys\nsys.exit(3)\n")
+    assert out.rstrip().endswith("summary: 1 of 1 benchmarks ran")
+    assert "[1/1] sgl-kernel/benchmark/bench_dsv4_qk_norm.py ... ok, " in captured.err
+    import torch
+
+    if not torch.cuda.is_available():
+        assert "the CPU: only copy audits, kernel counts and the Triton kernels' correctness" in captured.err
+    assert "Warning" not in captured.err  # sglang's import warnings are silenced
+    # A benchmark that fails is named, its output shown, and the run fails.
+    (tmp_path / "bench_broken.py").write_text("import sys\nprint('why it broke', file=sys.stderr)\nsys.exit(3)\n")
     monkeypatch.setattr(run_all, "SEARCH", (tmp_path,))
     assert run_all.main([]) == 1
-    assert "FAILED: bench_broken.py" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "summary: 0 of 1 benchmarks ran; FAILED: bench_broken.py" in captured.out
+    assert "FAILED after" in captured.err and "why it broke" in captured.err

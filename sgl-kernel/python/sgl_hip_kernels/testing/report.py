@@ -3,14 +3,45 @@
 from __future__ import annotations
 
 
+_UNITS = (("_us", "µs"), ("_ms", "ms"), ("_GBps", "GB/s"), ("GBps", "GB/s"), ("_bytes", "B"), ("bytes", "B"),
+          ("pct_", "%"), ("TFLOPs", "TFLOP/s"))
+
+
+def _header(column: str) -> str:
+    """A column name with its unit: ``ours_us`` -> ``ours (µs)``, ``pct_copy_bw`` -> ``copy_bw (%)``."""
+    for marker, unit in _UNITS:
+        if marker.startswith("_") and column.endswith(marker) and column != marker[1:]:
+            return f"{column[: -len(marker)]} ({unit})"
+        if marker.endswith("_") and column.startswith(marker):
+            return f"{column[len(marker):]} ({unit})"
+        if column == marker:
+            return unit if unit != "B" else column
+    return column
+
+
+def _cell(value) -> str:
+    """Numbers to at most 4 significant digits (integers whole, with thousands separators)."""
+    if isinstance(value, bool) or value is None:
+        return "" if value is None else str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            return str(value)
+        return f"{value:,.0f}" if abs(value) >= 10_000 else f"{value:.4g}"
+    return str(value)
+
+
 def render(result: dict) -> str:
     columns = result["columns"]
-    rows = [[str(r.get(c, "")) for c in columns] for r in result["rows"]]
-    widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(columns)]
+    headers = [_header(c) for c in columns]
+    rows = [[_cell(r.get(c)) for c in columns] for r in result["rows"]]
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
     lines = [
         f"## {result['benchmark']}",
         f"device: {result['device']}; providers: {result['providers']}",
-        "  ".join(c.rjust(w) for c, w in zip(columns, widths)),
+        "  ".join(h.rjust(w) for h, w in zip(headers, widths)),
+        "  ".join("-" * w for w in widths),
     ]
     lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in rows]
     return "\n".join(lines)
