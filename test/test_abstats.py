@@ -1,7 +1,8 @@
 """The A/B runner's statistics (sglang_hip_decode.abstats): per-request TPOT from bench_serving's
-details, the Wilson interval against published values, the GSM8K verdicts, the bootstrap's
-calibration on simulated A/Bs (no difference invented at 0%, a 5% one found), and the launch
-schedule; then the runner end to end against the stand-in server with a known injected slowdown."""
+details, the Wilson interval against published values, the GSM8K verdicts, the bootstrap on
+simulated A/Bs (request noise dominating, launch drift dominating: few differences invented at 0%, a
+real one found and covered; no verdict from one launch per arm), and the launch schedule; then the
+runner end to end against the stand-in server with a known injected slowdown."""
 
 from __future__ import annotations
 
@@ -33,33 +34,55 @@ def test_wilson_interval(correct, n, lo, hi):
 def test_gsm8k_verdicts():
     assert abstats.gsm8k_verdict(0.95, 1319, 0.93)["verdict"] == "pass"  # [0.937, 0.960]
     assert abstats.gsm8k_verdict(0.90, 1319, 0.93)["verdict"] == "fail"  # [0.883, 0.915]
-    assert abstats.gsm8k_verdict(0.925, 1319, 0.93)["verdict"] == "inconclusive"
+    inconclusive = abstats.gsm8k_verdict(0.925, 1319, 0.93)
+    assert inconclusive["verdict"] == "inconclusive" and inconclusive["passes"] is False  # the gate: below fails
     assert abstats.gsm8k_verdict(0.5, 6, None)["verdict"] is None
 
 
-def _simulated(rng: random.Random, shift: float, repeats: int = 3, requests: int = 20, drift: float = 0.005):
-    """Two arms of ``repeats`` runs of ``requests`` TPOTs (ms): run-to-run drift plus request noise."""
+def _simulated(rng: random.Random, shift: float, launches: int = 2, repeats: int = 2, requests: int = 20,
+               drift: float = 0.005, noise: float = 0.02):
+    """Two arms of ``launches`` server launches of ``repeats`` runs of ``requests`` TPOTs (ms): a drift
+    per launch, a smaller one per repeat, and request noise."""
     def arm(scale):
-        return [[20.0 * scale * (1 + rng.gauss(0, drift)) * (1 + rng.gauss(0, 0.02)) for _ in range(requests)]
-                for _ in range(repeats)]
+        out = []
+        for _ in range(launches):
+            level = 20.0 * scale * (1 + rng.gauss(0, drift))
+            out.append([[level * (1 + rng.gauss(0, drift / 4)) * (1 + rng.gauss(0, noise)) for _ in range(requests)]
+                        for _ in range(repeats)])
+        return out
     return arm(1.0), arm(1.0 + shift)
 
 
-def test_bootstrap_is_calibrated_on_simulated_ab_runs():
+@pytest.mark.parametrize("drift, noise", [(0.005, 0.02), (0.02, 0.005)], ids=["request-noise", "launch-drift"])
+def test_bootstrap_on_simulated_ab_runs(drift, noise):
     rng = random.Random(7)
-    null = [abstats.tpot_difference(*_simulated(rng, 0.0), draws=400, seed=i)["detected"] for i in range(60)]
-    found = [abstats.tpot_difference(*_simulated(rng, 0.05), draws=400, seed=i) for i in range(30)]
-    assert sum(null) <= 5, sum(null)  # a 95% interval: ~3 of 60 expected by chance
-    assert all(r["detected"] and r["verdict"] == "slower with the patches" for r in found)
-    assert all(3.5 < r["change_pct"] < 6.5 for r in found)
-    assert sum(r["ci_pct"][0] <= 5.0 <= r["ci_pct"][1] for r in found) >= 26  # the true change is covered ~95%
-    faster = abstats.tpot_difference(*_simulated(rng, -0.05), draws=400)
+    null = [abstats.tpot_difference(*_simulated(rng, 0.0, launches=4, drift=drift, noise=noise), draws=300, seed=i)
+            for i in range(40)]
+    false = sum(r["detected"] for r in null)
+    assert false <= 6, false  # 95% intervals: ~2 of 40 expected by chance; 4 launches per arm
+    shift = 0.05 if drift < 0.01 else 0.10  # a difference several times the drift
+    found = [abstats.tpot_difference(*_simulated(rng, shift, launches=4, drift=drift, noise=noise), draws=300, seed=i)
+             for i in range(20)]
+    assert sum(r["detected"] and r["verdict"] == "slower with the patches" for r in found) >= 18
+    assert sum(r["ci_pct"][0] <= shift * 100 <= r["ci_pct"][1] for r in found) >= 16
+
+
+def test_one_launch_per_arm_gives_no_verdict():
+    rng = random.Random(3)
+    result = abstats.tpot_difference(*_simulated(rng, 0.20, launches=1), draws=200)
+    assert not result["detected"] and result["verdict"].startswith("no verdict (an arm ran in one server launch")
+    assert result["ci_pct"][0] > 0 and result["launches"] == [1, 1]  # the interval is still reported
+
+
+def test_a_faster_arm():
+    rng = random.Random(5)
+    faster = abstats.tpot_difference(*_simulated(rng, -0.05, launches=3), draws=300)
     assert faster["verdict"] == "faster with the patches" and faster["ci_pct"][1] < 0
 
 
 def test_tpot_difference_refuses_an_empty_arm():
     with pytest.raises(ValueError, match="the on arm has no request TPOT"):
-        abstats.tpot_difference([[1.0, 2.0]], [[]])
+        abstats.tpot_difference([[[1.0, 2.0]]], [[[]]])
 
 
 @pytest.mark.parametrize("repeats, expect", [
@@ -84,7 +107,8 @@ def test_the_runner_finds_a_known_slowdown_and_invents_none(files, tmp_path, slo
     results = json.loads((out / "results.json").read_text())
     tpot = results["verdict"]["tpot"]
     assert tpot["verdict"] == verdict, tpot
-    assert tpot["repeats"] == [3, 3] and tpot["requests"] == [18, 18] and tpot["level"] == 0.99
+    assert tpot["launches"] == [2, 2] and tpot["repeats"] == [3, 3] and tpot["requests"] == [18, 18]
+    assert tpot["level"] == 0.99
     if slowdown:
         assert 2.5 < tpot["change_pct"] < 7.5 and tpot["ci_pct"][0] > 0
     else:
@@ -95,6 +119,7 @@ def test_the_runner_finds_a_known_slowdown_and_invents_none(files, tmp_path, slo
         assert [r["repeat"] for r in runs] == [0, 1, 2] and all(len(r["tpots_ms"]) == 6 for r in runs)
     assert (out / "on" / "server.2.log").exists() and (out / "off" / "bench_serving.r2.jsonl").exists()
     report = (out / "report.md").read_text()
-    assert f"**TPOT: {verdict}.**" in report and "(99% interval, bootstrap over repeats and their 18 / 18 requests)" in report
+    assert f"**TPOT: {verdict}.**" in report
+    assert "(99% interval, bootstrap over 2 / 2 server launches, their repeats and their 18 / 18 requests;" in report
     assert (out / "tpot_itl.png").stat().st_size > 10_000 and "![TPOT and ITL, off vs on](tpot_itl.png)" in report
     assert processes_on_port(port) == []

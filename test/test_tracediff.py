@@ -30,6 +30,17 @@ from trace_fixtures import CAT_CUDA, COPY_CUDA, FILL, Trace
      "c10::BFloat16, at::native::binary_internal::MulFunctor<float> >, std::array<char*, 2ul> >(int, at::native::"
      "AUnaryFunctor<c10::BFloat16, c10::BFloat16, c10::BFloat16, at::native::binary_internal::MulFunctor<float> >, "
      "std::array<char*, 2ul>)", "vectorized_elementwise_kernel<...>[MulFunctor]"),  # from an H200 trace
+    ("void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl<at::native::direct_copy_kernel_cuda("
+     "at::TensorIteratorBase&)::{lambda()#3}::operator()() const::{lambda(c10::BFloat16)#1}>(at::TensorIteratorBase&, "
+     "...)::{lambda(int)#1}>(int, ...)", "elementwise_kernel<...>[direct_copy_kernel_cuda]"),  # the casting path
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::(anonymous namespace)::silu_kernel(at::"
+     "TensorIteratorBase&)::{lambda()#1}::operator()() const::{lambda(c10::BFloat16)#1}, std::array<char*, 2ul> >(int, "
+     "...)", "vectorized_elementwise_kernel<...>[silu_kernel]"),
+    ("void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, at::native::ArgMaxOps<float>, unsigned int, "
+     "long, 4, 4> >(at::native::ReduceOp<float, at::native::ArgMaxOps<float>, unsigned int, long, 4, 4>)",
+     "reduce_kernel<...>[ArgMaxOps]"),
+    ("void cutlass::device_kernel<flash::enable_sm90_or_later<flash::FlashAttnFwdSm90<flash::CollectiveMainloopFwdSm90<"
+     "2> > > >(flash::enable_sm90_or_later<...>::Params)", "device_kernel<...>[FlashAttnFwdSm90]"),
     ("_sparse_mla_splitk_kernel", "_sparse_mla_splitk_kernel"),  # Triton: the jit function's name
     ("_ZN5aiter38mla_a8w8_qh16_qseqlen1_gqaratio16_psE", "_ZN5aiter38mla_a8w8_qh16_qseqlen1_gqaratio16_psE"),
     ("void mscclpp::foo(int", "foo"),  # a truncated parameter list
@@ -236,5 +247,48 @@ def test_gpu_trace_of_the_decode_harness(tmp_path, graph):
     assert result["removed"] == ["CatArrayBatchedCopy<...>"] and result["added"] == []
     cat = {r["name"]: r for r in result["rows"]}["CatArrayBatchedCopy<...>"]
     assert (cat["count_off"], cat["count_on"], cat["count_off_per_layer"]) == (case.layers, 0, 1)
-    assert cat["us_off"] > 0 and result["net_us_per_step"] < 0
-    assert all(r["status"] in ("same", "removed") for r in result["rows"])
+    assert cat["us_off"] > 0 and cat["delta_us"] == -cat["us_off"]
+    assert all(r["status"] in ("same", "slower", "faster", "removed") for r in result["rows"])  # no count changed but the cat's
+
+
+def _x(cat, name, ts, dur, pid, tid, **args):
+    return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "pid": pid, "tid": tid,
+            **({"args": args} if args else {})}
+
+
+def test_attribution_on_two_streams_and_launches_outside_a_step(tmp_path):
+    # Three steps, each with a kernel on the main stream (7) and one on an alt stream (8), placed by
+    # their GPU spans only (no correlation on the kernels); a kernel launched between two steps (the
+    # scheduler preparing the next batch) runs during step 0's GPU span: it belongs to no step.
+    ev = []
+    for k in range(3):
+        t = 100 * k
+        ev += [_x("user_annotation", "step[DECODE bs=1]", t, 10, 1, 1),
+               _x("gpu_user_annotation", "step[DECODE bs=1]", t + 20, 30, 0, 7),
+               _x("gpu_user_annotation", "step[DECODE bs=1]", t + 22, 20, 0, 8),
+               _x("kernel", "main", t + 21, 5, 0, 7), _x("kernel", "alt", t + 23, 5, 0, 8)]
+    ev += [_x("cuda_runtime", "cudaLaunchKernel", 12, 1, 1, 1, correlation=77),
+           _x("kernel", "prep_next_batch", 30, 2, 0, 9, correlation=77)]
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"traceEvents": ev}))
+    steps = tracediff.read_steps(path)
+    assert [dict(s.counts) for s in steps.steps] == [{"main": 1, "alt": 1}] * 3 and steps.outside == 1
+
+
+def test_a_merged_multi_rank_trace_is_refused(tmp_path):
+    ev = [_x("user_annotation", "step[DECODE bs=1]", 0, 10, 100, 1), _x("user_annotation", "step[DECODE bs=1]", 0, 10, 200, 1)]
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"traceEvents": ev}))
+    with pytest.raises(tracediff.TraceError, match="decode steps from 2 processes"):
+        tracediff.read_steps(path)
+
+
+def test_an_unchanged_count_that_got_slower_is_listed(tmp_path):
+    t_off, t_on = Trace(False), Trace(False)
+    for _ in range(2):
+        t_off.step("step[DECODE bs=1]", [("gemm", 10.0), ("norm", 1.0)])
+        t_on.step("step[DECODE bs=1]", [("gemm", 20.0), ("norm", 1.01)])
+    result = tracediff.compare(t_off.write(tmp_path / "off.json"), t_on.write(tmp_path / "on.json"), layers=1)
+    rows = {r["name"]: r["status"] for r in result["rows"]}
+    assert rows == {"gemm": "slower", "norm": "same"}
+    assert any(line.split()[:2] == ["gemm", "slower"] for line in tracediff.render(result).splitlines())

@@ -54,10 +54,11 @@ _GENERIC_LAUNCHERS = {
     "elementwise_kernel_manual_unroll", "index_elementwise_kernel", "reduce_kernel",
     "vectorized_templated_elementwise_kernel", "Kernel", "Kernel2", "device_kernel",
 }
-_WRAPPER_FUNCTORS = {"AUnaryFunctor", "BUnaryFunctor", "BinaryFunctor", "UnaryFunctor"}
+_WRAPPER_FUNCTORS = {"AUnaryFunctor", "BUnaryFunctor", "BinaryFunctor", "UnaryFunctor", "gpu_kernel_impl",
+                     "gpu_kernel_impl_nocast"}
 _CLASS_LAUNCHERS = {"Kernel", "Kernel2", "device_kernel"}  # CUTLASS: the template's first argument is the kernel
-_FIRST_ARG = re.compile(r"\s*<\s*(?:[\w:]*::)?(\w+)")
-_FUNCTOR = re.compile(r"\b([A-Za-z_]\w*?(?:_kernel_cuda|_kernel_impl|Functor(?:_\w+)?|_functor))\b")
+_TEMPLATE_IDS = re.compile(r"(?:[A-Za-z_]\w*::)*([A-Za-z_]\w*)")
+_FUNCTOR = re.compile(r"\b([A-Za-z_]\w*?(?:_kernel_cuda|_kernel_impl|_kernel(?=\()|Functor(?:_\w+)?|_functor|Ops))\b")
 
 
 class TraceError(ValueError):
@@ -96,8 +97,9 @@ def normalise_kernel(name: str) -> str:
     plain = base.split("<", 1)[0]
     if plain in _GENERIC_LAUNCHERS:
         inner = name.split(plain, 1)[-1]
-        if plain in _CLASS_LAUNCHERS:
-            functor = _FIRST_ARG.match(inner)
+        if plain in _CLASS_LAUNCHERS:  # the first identifier of the template that is not an arch guard
+            functor = next((m for m in _TEMPLATE_IDS.finditer(inner.split(">(", 1)[0])
+                            if not m.group(1).startswith("enable_sm")), None)
         else:  # the op's own functor, not the wrapper that binds a scalar (AUnaryFunctor<..., MulFunctor<float>>)
             found = list(_FUNCTOR.finditer(inner))
             functor = next((m for m in found if m.group(1) not in _WRAPPER_FUNCTORS), found[0] if found else None)
@@ -186,8 +188,9 @@ def _cat(e: dict) -> str:
 
 
 def _correlation(e: dict):
-    args = e.get("args") or {}
-    return args.get("correlation", args.get("correlation id", args.get("External id")))
+    """The launch correlation id (0 is the tracers' "unknown": treated as none)."""
+    value = (e.get("args") or {}).get("correlation")
+    return value if value not in (None, 0, "0") else None
 
 
 def read_steps(path: str | Path, events: str = "auto", step_marker: str = DEFAULT_STEP_MARKER) -> TraceSteps:
@@ -212,6 +215,10 @@ def read_steps(path: str | Path, events: str = "auto", step_marker: str = DEFAUL
         seen = ", ".join(f"{k!r}" for k, _ in labels.most_common(5)) or "none"
         raise TraceError(f"{path}: no decode step spans matching {step_marker!r} (user annotations seen: {seen}); "
                          "profile while the server decodes, or pass --step-marker")
+    pids = {e.get("pid") for e in steps_cpu}
+    if len(pids) > 1:
+        raise TraceError(f"{path}: decode steps from {len(pids)} processes (a merged multi-rank trace?): launch "
+                         "correlations are per process, so pass one rank's trace (SGLang writes one per rank: TP-0 ...)")
     steps = [Step(str(e["name"]), e["ts"]) for e in steps_cpu]
     by_thread = collections.defaultdict(list)  # (pid, tid) -> [(start, end, step index)] in time order
     for i, e in enumerate(steps_cpu):
@@ -244,29 +251,31 @@ def read_steps(path: str | Path, events: str = "auto", step_marker: str = DEFAUL
                 steps[i].micros[name] += e["dur"]
         return TraceSteps(str(path), mode, steps, dict(raw_names), outside)
 
-    launch_step = {}
+    launch_step, launched = {}, set()  # correlation -> step; every correlation a runtime call carries
     for e in evs:
         if _cat(e) in RUNTIME_CATEGORIES and _correlation(e) is not None:
+            launched.add(_correlation(e))
             i = step_at(e)
             if i is not None:
                 launch_step[_correlation(e)] = i
-    gpu_spans = collections.defaultdict(list)  # step label -> its GPU-timeline spans
+    gpu_spans = collections.defaultdict(list)  # (step label, GPU stream) -> its GPU-timeline spans
     for e in evs:
         if _cat(e) in GPU_STEP_CATEGORIES and marker.search(str(e.get("name", ""))):
-            gpu_spans[str(e["name"])].append((e["ts"], e["ts"] + e["dur"]))
-    # the GPU span of step k is the k-th span of its label in time order: pair them with the CPU steps
+            gpu_spans[(str(e["name"]), e.get("pid"), e.get("tid"))].append((e["ts"], e["ts"] + e["dur"]))
+    # Kineto writes one GPU span per step and stream: the k-th span of a label on a stream is step k's
     order = collections.defaultdict(list)
     for i, s in enumerate(steps):
         order[s.label].append(i)
     gpu_step_index = []
-    for label, v in gpu_spans.items():
+    for (label, _pid, _tid), v in gpu_spans.items():
         for k, (lo, hi) in enumerate(sorted(v)):
             if k < len(order[label]):
                 gpu_step_index.append((lo, hi, order[label][k]))
     gpu_step_index.sort()
     for e in gpu:
-        i = launch_step.get(_correlation(e))
-        if i is None:
+        corr = _correlation(e)
+        i = launch_step.get(corr)
+        if i is None and corr not in launched:  # no launch in the trace: its place on the GPU timeline decides
             i = next((k for lo, hi, k in gpu_step_index if lo <= e["ts"] <= hi), None)
         if i is None:
             outside += 1
@@ -285,8 +294,9 @@ def read_steps(path: str | Path, events: str = "auto", step_marker: str = DEFAUL
 def infer_layers(trace: TraceSteps) -> int:
     """The most common per-step count among names that run more than once in every step (ties: the larger)."""
     per_step = [s.counts for s in trace.steps]
-    common = set.intersection(*(set(c) for c in per_step)) if per_step else set()
-    counts = collections.Counter(round(statistics.median(c[k] for c in per_step)) for k in common)
+    seen = collections.Counter(k for c in per_step for k in c)
+    common = {k for k, n in seen.items() if 2 * n > len(per_step)}  # in most steps (one cut-off step does not decide)
+    counts = collections.Counter(round(statistics.median(c[k] for c in per_step if k in c)) for k in common)
     counts = {n: m for n, m in counts.items() if n >= 2}
     if not counts:
         return 1
@@ -306,7 +316,10 @@ def diff(off: TraceSteps, on: TraceSteps, layers: int | None = None) -> dict:
     rows = []
     for name in sorted(set(c_off) | set(c_on)):
         a, b = c_off.get(name, 0.0), c_on.get(name, 0.0)
-        status = "removed" if b == 0 else "added" if a == 0 else "changed" if a != b else "same"
+        ua, ub = t_off.get(name, 0.0), t_on.get(name, 0.0)
+        timed = abs(ub - ua) > max(0.5, 0.05 * ua)  # count unchanged, time changed beyond noise
+        status = ("removed" if b == 0 else "added" if a == 0 else "changed" if a != b
+                  else ("slower" if ub > ua else "faster") if timed else "same")
         rows.append({
             "name": name, "status": status, "count_off": a, "count_on": b,
             "us_off": t_off.get(name, 0.0), "us_on": t_on.get(name, 0.0),
