@@ -224,6 +224,16 @@ def test_missing_sglang_is_a_clear_error():
     assert proc.stdout.startswith("None ")
 
 
+def test_doctor_says_when_sglang_plugins_excludes_it(capsys, monkeypatch):
+    from sglang_hip_decode import cli
+
+    monkeypatch.setenv("SGLANG_PLUGINS", "someone_else")
+    found, line = cli.plugin_entry_point()
+    assert not found and "SGLANG_PLUGINS='someone_else' does not name 'hip_decode': SGLang will skip it" in line
+    monkeypatch.setenv("SGLANG_PLUGINS", "someone_else, hip_decode")
+    assert cli.plugin_entry_point()[0]
+
+
 def test_version_and_help_say_what_the_tool_is(capsys):
     from sglang_hip_decode import __version__, cli
 

@@ -109,6 +109,17 @@ def test_what_is_not_reported():
 
     finder = run(fn)
     assert finder.report() == [] and finder.excluded == []
+    # bf16 ones: bytes 0x80 0x3F, not all equal; still a constant, so not matched to an unrelated full()
+    ones, other = torch.ones(64, dtype=torch.bfloat16), torch.full((64,), 1.0, dtype=torch.bfloat16)
+    assert run(lambda: torch.cat([ones[:32], ones[32:]])).report() == [] and other.sum() == 64
+    # a gather that happens to read a whole fresh buffer is not a relayout
+    def gather():
+        buf = rand(8, 6) * 1
+        gather.out = torch.index_select(buf.t(), 0, torch.tensor([0, 0, 1, 2, 3, 4]))
+    assert run(gather).report() == []
+    tiny = rand(2)  # 8 bytes: under min_bytes (64) it is not examined; with 0 it is a duplicate
+    assert run(lambda: tiny.clone()).report() == []
+    assert [r["op"] for r in run(lambda: setattr(fn, "t", tiny.clone()), min_bytes=0).report()] == ["clone"]
     fresh = {}
 
     def into_fresh():

@@ -305,6 +305,14 @@ def plugin_entry_point() -> tuple[bool, str]:
         return False, (f"plugin entry point: NOT FOUND in group {ENTRY_POINT_GROUP}: SGLang will not load the plugin "
                        "(install the package, e.g. pip install --no-deps the wheel; a PYTHONPATH entry is not enough)")
     ep = found[0]
+    allowed = {x.strip() for x in os.environ.get("SGLANG_PLUGINS", "").split(",") if x.strip()}
+    if allowed and ep.name not in allowed:  # SGLang's whitelist of plugin names
+        return False, (f"plugin entry point: {ep.name} = {ep.value} is found, but SGLANG_PLUGINS="
+                       f"{os.environ['SGLANG_PLUGINS']!r} does not name {ep.name!r}: SGLang will skip it")
+    same_name = [e for e in metadata.entry_points(group=ENTRY_POINT_GROUP) if e.name == ep.name]
+    if len(same_name) > 1:
+        return False, (f"plugin entry point: {len(same_name)} entry points are named {ep.name!r} in "
+                       f"{ENTRY_POINT_GROUP} ({', '.join(e.value for e in same_name)}): SGLang keeps one of them")
     try:
         loaded = ep.load()
     except Exception as exc:  # noqa: BLE001 - whatever stops SGLang's loader stops it here too

@@ -110,7 +110,9 @@ def decode_profile(base_url: str, out_dir: Path, *, num_steps: int, concurrency:
             with urllib.request.urlopen(req, timeout=min(timeout, 300)) as resp:
                 resp.read()
         except urllib.error.HTTPError as exc:
-            raise ProfileError(f"/start_profile answered HTTP {exc.code}: {exc.read()[:300].decode(errors='replace')}") from None
+            with exc:
+                detail = exc.read()[:300].decode(errors="replace")
+            raise ProfileError(f"/start_profile answered HTTP {exc.code}: {detail}") from None
         except (urllib.error.URLError, OSError) as exc:
             raise ProfileError(f"/start_profile failed: {exc}") from None
         last = "no rank-0 trace file yet"

@@ -348,6 +348,8 @@ def main(argv=None) -> int:
         parser.add_argument("--batches", help="dsv4: comma-separated batch sizes (default: all)")
         parser.add_argument("--swa-only", action="store_true", help="dsv4: only the shapes without the compressed scope")
     args = bench_args(__doc__, argv, repeats=30, extra=extra)
+    if args.swa_only and args.heads == 128:
+        raise SystemExit("--swa-only measures h_q 64 only (the SWA-only shapes): drop --heads 128")
     if not torch.cuda.is_available():
         emit({"benchmark": "sparse decode: dsv4 and the NSA stand-in", "device": "cpu (no timing; interpreter check only)",
               "providers": "triton (interpreter) vs fp64 reference", "columns": ["kernel", "shape", "err_ours"],

@@ -22,6 +22,11 @@ place), is moved to ``finder.excluded`` with the reason ("overwritten later in t
 reported. Constant-valued outputs (every element equal) and outputs under ``min_bytes`` are not
 examined: they match unrelated tensors by coincidence.
 
+Limits: an output that is not contiguous (a clone that kept a transposed view's strides) is not
+examined; "overwritten later" looks within the call only, so a snapshot of a call input that the
+*next* call overwrites (state carried between decode steps) is reported: check the twin's origin
+("an input of the call") before calling such a copy redundant.
+
 Findings are grouped per call site: the op, the innermost frame inside the upstream package
 (``root``, default ``sglang``; file:line relative to the package's parent) and the stack trimmed to
 upstream frames. Each site reports its bytes per occurrence and how many times per call it happened.
@@ -41,8 +46,7 @@ import torch
 from .audit import COPY_OPS, CopyAudit, _tensors
 
 _IN_PLACE_COPIES = {"copy_", "index_put_", "_index_put_impl_", "index_copy_", "scatter_", "masked_scatter_"}
-_FACTORIES = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "zeros", "zeros_like",
-              "new_zeros", "ones", "full", "new_full"}
+_LAYOUT_COPIES = {"clone", "_to_copy", "copy_", "contiguous", "_unsafe_view"}  # ops that may be a pure relayout
 
 
 @dataclasses.dataclass
@@ -114,16 +118,24 @@ class RedundantCopyFinder(CopyAudit):
         if t.layout != torch.strided or t.is_sparse or t.device.type == "meta":
             return
         ptr = _storage(t)
+        if origin is not None and not new and ptr in self._origin and not self._holds(ptr):
+            new = True  # a dead buffer's address, reused: what is known about it is stale
         if new or (origin is not None and ptr not in self._origin):
             self._origin[ptr] = origin or "?"
-            self._live.get((t.device, t.untyped_storage().nbytes()), {}).pop(ptr, None) if new else None
-            if self._in_call and new:
+            if new:
+                for bucket in self._live.values():
+                    bucket.pop(ptr, None)
+            if self._in_call and new and origin != "an input of the call":
                 self._fresh.add(ptr)
         size = t.untyped_storage().nbytes()
         if size >= self.min_bytes:
             refs = self._live[(t.device, size)].setdefault(ptr, [])
             if not any(r() is t for r in refs):
                 refs.append(weakref.ref(t))
+
+    def _holds(self, ptr: int) -> bool:
+        """Whether a tensor the finder saw at ``ptr`` is still alive."""
+        return any(r() is not None for bucket in self._live.values() for r in bucket.get(ptr, ()))
 
     def _alive(self, device, nbytes: int) -> list[torch.Tensor]:
         """One live tensor per storage of exactly ``nbytes`` on ``device`` (pruning the dead)."""
@@ -217,12 +229,17 @@ class RedundantCopyFinder(CopyAudit):
         meta = dict(op=op, site=where, stack=stack, nbytes=nbytes, shape=tuple(o.shape),
                     dtype=str(o.dtype).removeprefix("torch."), in_upstream=in_upstream)
         flat = o.reshape(-1)
-        if bool((flat.view(torch.uint8) == flat.view(torch.uint8)[0]).all()):
-            return  # constant bytes: would match any other constant tensor
+        if flat.numel() and bool((flat == flat[0]).all()):
+            return  # constant-valued: would match any other tensor of that constant
+        try:
+            flat.view(torch.uint8)
+        except RuntimeError:
+            return  # no byte view (a quantized or otherwise special dtype): not examined
         # relayout: a non-contiguous view of the whole of a buffer made in this call, copied out
-        for src in inputs:
+        for src in inputs if op in _LAYOUT_COPIES else ():
             if (not src.is_contiguous() and _storage(src) in self._fresh and src.dtype == o.dtype
-                    and src.untyped_storage().nbytes() == nbytes and src.numel() == o.numel()):
+                    and src.untyped_storage().nbytes() == nbytes and src.numel() == o.numel()
+                    and torch.equal(src.reshape(-1), o.reshape(-1))):  # the same values, another order
                 origin = self._origin.get(_storage(src), "?")
                 twin = f"{origin} (its {tuple(src.shape)} view, strides {src.stride()})"
                 self._pending.append(_Pending(Finding("relayout", twin=twin, twin_op=origin.split(" at ")[0], **meta),
