@@ -56,7 +56,8 @@ def test_success_path_and_report(successful_run):
     assert ("| GSM8K accuracy [95% interval, 6 questions] (threshold 0.9) | 1.000 [0.610, 1.000] (inconclusive) "
             "| 1.000 [0.610, 1.000] (inconclusive) | +0.000 |") in report
     assert "GSM8K: the threshold 0.9 lies inside the 'on' arm's interval: 6 questions cannot tell" in report
-    assert "TPOT median (ms)" in report and f"applied (on): {', '.join(defaults)} in all 2 reporting processes" in report
+    assert "TPOT median (ms, bench_serving's, median of repeats)" in report
+    assert f"applied (on): {', '.join(defaults)} in all 2 reporting processes" in report
     assert results["versions"]["sglang"] == "0.5.11"
     assert processes_on_port(port) == []
 
