@@ -20,7 +20,8 @@ runner's 'on' arm) every token takes P% longer: a known difference for the runne
 batch of the streams open when the profile started, 4 layers, with the copy each patch removes present only where that
 patch is not applied in this process (``CatArrayBatchedCopy`` for nsa-cat-skip on an NSA server, the
 flatten ``direct_copy`` for mxfp4-vbmm-layout on an aiter one). ``--no-profile`` answers it with 404,
-as a server without the endpoint would.
+as a server without the endpoint would; ``--profile-writes-nothing`` accepts it and never writes a
+trace (a profile that times out); ``GET /standin_state`` says how often ``/stop_profile`` was called.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ p.add_argument("--fail-streams-after", type=int, default=-1)
 p.add_argument("--workers", type=int, default=None)  # default: one per TP rank, as SGLang's schedulers
 p.add_argument("--worker-env", action="append", default=[])
 p.add_argument("--no-profile", action="store_true")
+p.add_argument("--profile-writes-nothing", action="store_true")  # accepts /start_profile, never writes a trace
 p.add_argument("--slowdown-pct", type=float, default=0.0)  # the 'on' arm (SGLANG_HIP_DECODE=1) streams this much slower
 # Launch flags SGLang reports back in /server_info (the rest are accepted and ignored).
 p.add_argument("--trust-remote-code", action="store_true")
@@ -97,7 +99,7 @@ if DSA:
 else:
     SERVER_INFO.update(nsa_decode_backend=args.nsa_decode_backend, nsa_prefill_backend=args.nsa_prefill_backend)
 
-state = {"generates": 0, "streams": 0, "open_streams": 0}
+state = {"generates": 0, "streams": 0, "open_streams": 0, "stop_profile": 0}
 lock = threading.Lock()
 
 
@@ -170,6 +172,9 @@ class Handler(BaseHTTPRequestHandler):
             return self._json({"object": "list", "data": [{"id": args.model_path, "object": "model"}]})
         if self.path in ("/server_info", "/get_server_info"):
             return self._json(SERVER_INFO)
+        if self.path == "/standin_state":  # for the tests: what the stand-in was asked
+            with lock:
+                return self._json(dict(state))
         return self._json({"error": "not found"}, 404)
 
     def do_POST(self):
@@ -178,8 +183,13 @@ class Handler(BaseHTTPRequestHandler):
         if self.path == "/flush_cache":
             return self._json({})
         if self.path == "/start_profile" and not args.no_profile:
-            threading.Thread(target=write_profile, args=(payload,), daemon=True).start()
+            if not args.profile_writes_nothing:
+                threading.Thread(target=write_profile, args=(payload,), daemon=True).start()
             return self._json({"message": "Start profiling."})
+        if self.path == "/stop_profile" and not args.no_profile:
+            with lock:
+                state["stop_profile"] += 1
+            return self._json({"message": "Stop profiling."})
         if self.path != "/generate":
             return self._json({"error": "not found"}, 404)
         with lock:

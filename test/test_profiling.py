@@ -71,6 +71,21 @@ def test_a_load_that_ends_early_is_a_profile_error(standin, tmp_path):
         decode_profile(url, tmp_path / "prof", **PROFILE)
 
 
+@pytest.mark.parametrize("standin", [("--profile-writes-nothing",)], indirect=True)
+def test_a_profile_that_never_comes_is_stopped(standin, tmp_path):
+    _, url = standin
+    with pytest.raises(ProfileError, match="no complete rank-0 decode trace .* asked the server to /stop_profile"):
+        decode_profile(url, tmp_path / "prof", **dict(PROFILE, timeout=2))
+    deadline = time.monotonic() + 5
+    while True:  # the server sees a closed stream at its next token
+        with urllib.request.urlopen(url + "/standin_state", timeout=5) as resp:
+            state = __import__("json").loads(resp.read())
+        if state["open_streams"] == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert state["stop_profile"] == 1 and state["open_streams"] == 0  # stopped, and the streams closed
+
+
 def test_check_stops_the_wait(standin, tmp_path):
     proc, url = standin
 

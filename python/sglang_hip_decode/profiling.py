@@ -130,10 +130,23 @@ def decode_profile(base_url: str, out_dir: Path, *, num_steps: int, concurrency:
                     raise ProfileError(f"rank 0's profile holds no decode step to compare: {exc}") from None
                 return path
             time.sleep(poll)
-        raise ProfileError(f"no complete rank-0 decode trace in {out_dir} within {timeout:.0f} s ({last})")
+        _stop_profile(base_url)  # so the server does not keep profiling after the runner gave up on it
+        raise ProfileError(f"no complete rank-0 decode trace in {out_dir} within {timeout:.0f} s ({last}); "
+                           "asked the server to /stop_profile")
     finally:
         for s in streams:
             s.stop.set()
             s.close()
+        until = time.monotonic() + 10  # one shared grace period, not 10 s per stream
         for s in streams:
-            s.join(timeout=10)
+            s.join(timeout=max(0.0, until - time.monotonic()))
+
+
+def _stop_profile(base_url: str) -> None:
+    """Best effort: SGLang's ``/stop_profile`` (its answer, or its absence, changes nothing here)."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(base_url + "/stop_profile", data=b"{}",
+                                                           headers={"Content-Type": "application/json"}), timeout=30):
+            pass
+    except (urllib.error.URLError, OSError):
+        pass
