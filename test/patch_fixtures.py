@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from sglang_hip_decode import patches as patch_set
 from sglang_hip_decode.patching import Edit, Hunk, Patch
+from sglang_hip_decode.testing.releases import edits_here  # noqa: F401 (the parity files skip by it)
 
 RMSNORM = "sglang.srt.layers.layernorm:RMSNorm.__init__"
 GUARD = "sglang.srt.layers.attention.nsa.nsa_indexer:Indexer._update_rope_guarded"
@@ -49,17 +50,3 @@ def install_test_catalog(setattr_=setattr):
     """Point the plugin at the stand-in catalog (``setattr_``: monkeypatch.setattr in tests)."""
     setattr_(patch_set, "catalog", stand_in_catalog)
     setattr_(patch_set, "NAMES", TEST_NAMES)
-
-
-def edits_here(patch) -> tuple[bool, str]:
-    """Whether ``patch`` declares edits for the installed sglang release, and if not, why (a skip reason)."""
-    from sglang_hip_decode.declare import format_release
-    from sglang_hip_decode.patching import installed_release
-
-    release = installed_release()
-    if patch.candidates(release):
-        return True, ""
-    declared = patch.for_release(release)
-    why = "nothing declared" if declared is None else declared.why_no_edits()
-    shown = format_release(release) if release is not None else "(unknown release)"
-    return False, f"{patch.name} has no edits on sglang {shown}: {why}"

@@ -54,15 +54,9 @@ def _patch(kind: str):
 
 def applies(kind: str) -> tuple[bool, str]:
     """Whether ``kind``'s patch has edits on this process's sglang (else why not)."""
-    from ..declare import format_release
-    from ..patching import installed_release
+    from .releases import edits_here
 
-    patch, release = _patch(kind), installed_release()
-    if patch.candidates(release):
-        return True, ""
-    declared = patch.for_release(release)
-    why = "nothing declared" if declared is None else declared.why_no_edits()
-    return False, f"{patch.name} has no edits on sglang {format_release(release) if release else '(unknown)'}: {why}"
+    return edits_here(_patch(kind))
 
 
 def _mla_call(kind: str, device: str, calls: int) -> tuple[Callable, Callable]:
