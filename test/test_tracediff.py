@@ -12,7 +12,7 @@ import pytest
 from sglang_hip_decode import cli, tracediff
 from sglang_hip_decode.tracediff import normalise_kernel
 
-from trace_fixtures import CAT_CUDA, COPY_CUDA, FILL, Trace
+from trace_fixtures import CAT_CUDA, COPY_CUDA, FILL, Trace, event
 
 
 @pytest.mark.parametrize("raw, expect", [
@@ -251,11 +251,6 @@ def test_gpu_trace_of_the_decode_harness(tmp_path, graph):
     assert all(r["status"] in ("same", "slower", "faster", "removed") for r in result["rows"])  # no count changed but the cat's
 
 
-def _x(cat, name, ts, dur, pid, tid, **args):
-    return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "pid": pid, "tid": tid,
-            **({"args": args} if args else {})}
-
-
 def test_attribution_on_two_streams_and_launches_outside_a_step(tmp_path):
     # Three steps, each with a kernel on the main stream (7) and one on an alt stream (8), placed by
     # their GPU spans only (no correlation on the kernels); a kernel launched between two steps (the
@@ -263,12 +258,12 @@ def test_attribution_on_two_streams_and_launches_outside_a_step(tmp_path):
     ev = []
     for k in range(3):
         t = 100 * k
-        ev += [_x("user_annotation", "step[DECODE bs=1]", t, 10, 1, 1),
-               _x("gpu_user_annotation", "step[DECODE bs=1]", t + 20, 30, 0, 7),
-               _x("gpu_user_annotation", "step[DECODE bs=1]", t + 22, 20, 0, 8),
-               _x("kernel", "main", t + 21, 5, 0, 7), _x("kernel", "alt", t + 23, 5, 0, 8)]
-    ev += [_x("cuda_runtime", "cudaLaunchKernel", 12, 1, 1, 1, correlation=77),
-           _x("kernel", "prep_next_batch", 30, 2, 0, 9, correlation=77)]
+        ev += [event("user_annotation", "step[DECODE bs=1]", t, 10, 1, 1),
+               event("gpu_user_annotation", "step[DECODE bs=1]", t + 20, 30, 0, 7),
+               event("gpu_user_annotation", "step[DECODE bs=1]", t + 22, 20, 0, 8),
+               event("kernel", "main", t + 21, 5, 0, 7), event("kernel", "alt", t + 23, 5, 0, 8)]
+    ev += [event("cuda_runtime", "cudaLaunchKernel", 12, 1, 1, 1, correlation=77),
+           event("kernel", "prep_next_batch", 30, 2, 0, 9, correlation=77)]
     path = tmp_path / "t.json"
     path.write_text(json.dumps({"traceEvents": ev}))
     steps = tracediff.read_steps(path)
@@ -276,7 +271,7 @@ def test_attribution_on_two_streams_and_launches_outside_a_step(tmp_path):
 
 
 def test_a_merged_multi_rank_trace_is_refused(tmp_path):
-    ev = [_x("user_annotation", "step[DECODE bs=1]", 0, 10, 100, 1), _x("user_annotation", "step[DECODE bs=1]", 0, 10, 200, 1)]
+    ev = [event("user_annotation", "step[DECODE bs=1]", 0, 10, pid, 1) for pid in (100, 200)]
     path = tmp_path / "t.json"
     path.write_text(json.dumps({"traceEvents": ev}))
     with pytest.raises(tracediff.TraceError, match="decode steps from 2 processes"):

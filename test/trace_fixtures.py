@@ -20,6 +20,12 @@ FILL = ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunct
         "(int, at::native::FillFunctor<float>, std::array<char*, 1ul>)")
 
 
+def event(cat, name, ts, dur, pid, tid, **args) -> dict:
+    """One complete ("X") chrome-trace event."""
+    return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "pid": pid, "tid": tid,
+            **({"args": args} if args else {})}
+
+
 class Trace:
     """A chrome trace as torch.profiler writes one: CPU step spans and launches, GPU kernels by correlation."""
 
@@ -27,8 +33,7 @@ class Trace:
         self.rocm, self.events, self.t, self.corr = rocm, [], 1000.0, 1
 
     def event(self, cat, name, ts, dur, pid, tid, **args):
-        self.events.append({"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "pid": pid, "tid": tid,
-                            **({"args": args} if args else {})})
+        self.events.append(event(cat, name, ts, dur, pid, tid, **args))
 
     def step(self, label: str, kernels: list[tuple[str, float]], graph: bool = False, gpu_span_only: bool = False):
         """One forward: a span on the scheduler thread, launches inside it, the kernels on the stream after it."""

@@ -347,7 +347,8 @@ def diff(off: TraceSteps, on: TraceSteps, layers: int | None = None) -> dict:
     }
 
 
-def _num(x: float) -> str:
+def format_count(x: float) -> str:
+    """A per-step or per-layer count: whole when it is, else two decimals."""
     return f"{x:.0f}" if float(x).is_integer() else f"{x:.2f}"
 
 
@@ -359,10 +360,8 @@ def render(result: dict, show_all: bool = False) -> str:
         f"OFF {off['path']}: {off['decode_steps']} decode steps ({', '.join(off['step_labels'])})",
         f"ON  {on['path']}: {on['decode_steps']} decode steps ({', '.join(on['step_labels'])})",
         f"per decode step, mean over its steps; per layer = / {layers} layers"
-        f"{' (inferred; --layers to set)' if result['layers_inferred'] else ''}; µs = GPU busy time"
-        if unit == "kernel" else
-        f"per decode step, mean over its steps; per layer = / {layers} layers"
-        f"{' (inferred; --layers to set)' if result['layers_inferred'] else ''}; µs = CPU op time (inclusive)",
+        f"{' (inferred; --layers to set)' if result['layers_inferred'] else ''}; µs = "
+        + ("GPU busy time" if unit == "kernel" else "CPU op time (inclusive)"),
         "",
     ]
     header = [unit, "status", "count off → on", "per layer", "µs off → on", "Δ µs/step"]
@@ -370,8 +369,8 @@ def render(result: dict, show_all: bool = False) -> str:
     for r in result["rows"]:
         if r["status"] == "same" and not show_all:
             continue
-        body.append([r["name"], r["status"], f"{_num(r['count_off'])} → {_num(r['count_on'])}",
-                     f"{_num(r['count_off_per_layer'])} → {_num(r['count_on_per_layer'])}",
+        body.append([r["name"], r["status"], f"{format_count(r['count_off'])} → {format_count(r['count_on'])}",
+                     f"{format_count(r['count_off_per_layer'])} → {format_count(r['count_on_per_layer'])}",
                      f"{r['us_off']:.1f} → {r['us_on']:.1f}", f"{r['delta_us']:+.1f}"])
     if body:
         widths = [max(len(row[i]) for row in body + [header]) for i in range(len(header))]
@@ -384,7 +383,7 @@ def render(result: dict, show_all: bool = False) -> str:
         "",
         f"removed: {', '.join(result['removed']) or 'none'}",
         f"appeared: {', '.join(result['added']) or 'none'}",
-        f"{unit}s per step: {_num(off['per_step']['count'])} → {_num(on['per_step']['count'])}"
+        f"{unit}s per step: {format_count(off['per_step']['count'])} → {format_count(on['per_step']['count'])}"
         f" ({same} unchanged{'' if show_all else ', not listed: --all'})",
         f"net: {result['net_us_per_step']:+.1f} µs per decode step ({result['net_us_per_layer']:+.2f} µs per layer)",
     ]

@@ -597,23 +597,26 @@ BENCH_KEYS = ("median_tpot_ms", "p99_tpot_ms", "median_itl_ms", "p99_itl_ms", "o
               "completed", "duration")
 
 
-def parse_bench(path: Path) -> dict:
-    """The last record of sglang.bench_serving's JSONL output file."""
+def bench_record(path: Path) -> dict:
+    """The last record of sglang.bench_serving's JSONL output file (it appends one per run)."""
     if not path.exists():
         raise ValidationError(f"bench_serving wrote no {path}")
     lines = [line for line in path.read_text().splitlines() if line.strip()]
     if not lines:
         raise ValidationError(f"{path} is empty")
-    record = json.loads(lines[-1])
+    return json.loads(lines[-1])
+
+
+def parse_bench(record: dict, path: Path) -> dict:
+    """The figures the report uses from one bench_serving record (``path`` names it in errors)."""
     missing = [k for k in BENCH_KEYS if k not in record]
     if missing:
         raise ValidationError(f"{path}: missing {missing}")
     return {k: record[k] for k in BENCH_KEYS}
 
 
-def request_tpots(path: Path) -> list[float]:
+def request_tpots(record: dict, path: Path) -> list[float]:
     """Per-request TPOT (ms) of a complete bench_serving run (its ``--output-details`` record)."""
-    record = json.loads([line for line in path.read_text().splitlines() if line.strip()][-1])
     try:
         return abstats.request_tpots_ms(record)
     except ValueError as exc:
@@ -725,7 +728,7 @@ def write_plot(out: Path, results: dict) -> str | None:
         left.plot(tpots, [(i + 1) / len(tpots) for i in range(len(tpots))], label=arm, color=colour)
         itls = []
         for r in repeats:
-            record = json.loads([line for line in Path(r["file"]).read_text().splitlines() if line.strip()][-1])
+            record = bench_record(Path(r["file"]))
             itls += [x * 1000.0 for request in record["itls"] for x in request]
         right.hist(itls, bins=60, alpha=0.5, label=arm, color=colour, density=True)
     left.set(xlabel="TPOT per request (ms)", ylabel="fraction of requests", title="TPOT (ECDF)")
@@ -753,7 +756,7 @@ def render_kernels(kernels: dict) -> list[str]:
     if not changed:
         return lines + ["No kernel changed count between the arms."]
     lines += ["| kernel | change | per step off → on | per layer off → on | µs off → on | Δ µs |", "|---|---|---|---|---|---|"]
-    num = lambda x: f"{x:.0f}" if float(x).is_integer() else f"{x:.2f}"  # noqa: E731
+    from .tracediff import format_count as num
     for r in changed:
         lines.append(f"| `{r['name']}` | {r['status']} | {num(r['count_off'])} → {num(r['count_on'])} "
                      f"| {num(r['count_off_per_layer'])} → {num(r['count_on_per_layer'])} "
@@ -954,11 +957,12 @@ def run_arm(plan: Plan, arm: str, measured: dict, repeats: tuple[int, ...] = (0,
             log = output.with_suffix(".log")
             output.unlink(missing_ok=True)  # bench_serving appends; the last line is read
             run_client(plan.bench_cmd(arm, repeat), server.dir, log, args.client_timeout, server, "bench_serving")
-            bench = parse_bench(output)
+            record = bench_record(output)
+            bench = parse_bench(record, output)
             bench.update(output_len=args.output_len, repeat=repeat, launch=launch, file=str(output))
             measured.setdefault("repeats", []).append(bench)  # kept in the partial results if refused below
             check_bench(arm, bench, args.num_prompts, log)
-            bench["tpots_ms"] = request_tpots(output)
+            bench["tpots_ms"] = request_tpots(record, output)
             measured["bench"] = summarise_bench(measured["repeats"])
             print(f"[{arm}] repeat {repeat + 1}/{args.repeats}: TPOT median {bench['median_tpot_ms']:.3f} ms", flush=True)
             _check_signals()
