@@ -1061,9 +1061,7 @@ def run(plan: Plan) -> dict:
         # the verdicts (in the try: a failure here still leaves the measurements in the partial file)
         if args.profile_steps:
             results["kernels"] = kernel_table(results)
-        on, off = results["arms"]["on"], results["arms"]["off"]
-        for arm in (on, off):
-            arm["bench"] = summarise_bench(arm["repeats"])
+        on, off = results["arms"]["on"], results["arms"]["off"]  # run_arm keeps each arm's "bench" summary current
         tpot = abstats.tpot_difference(by_launch(off), by_launch(on), level=args.ci_level)
         questions = gsm8k_questions_run(args)
         gsm = {name: abstats.gsm8k_verdict(arm["gsm8k"]["accuracy"], questions, plan.threshold)
