@@ -28,6 +28,7 @@ PLANNED: tuple[tuple[str, str, bool], ...] = (
     ("indexer-rope-guard", "indexer_rope_guard", True),
     ("hip-alt-stream", "hip_alt_stream", False),
     ("hip-dual-stream-av4", "hip_dual_stream_av4", False),
+    ("dsv4-sparse-decode", "dsv4_sparse_decode", False),
 )
 
 NAMES: tuple[str, ...] = tuple(name for name, _, _ in PLANNED)

@@ -1,0 +1,68 @@
+"""What the DeepSeek-V4 patches' edited upstream bodies call at run time (imported inside the edited
+method, so a server without these patches never imports it, nor the kernels).
+
+:func:`sparse_decode_call` (patch ``dsv4-sparse-decode``): the HIP DSV4 attention backend's FlashMLA
+call, ``flash_mla_with_kvcache_entrypoint(**input_dict, backend=...)[0]``, answered by this project's
+portable ``sgl_hip_kernels.dsv4.sparse_decode`` where that kernel implements exactly the call's
+contract, else ``None`` (the edited body then makes upstream's call, unchanged). Ours answers when
+all of these hold, each a property of the call's shapes and mode (the same on every replay of a
+captured CUDA graph):
+
+* the batch is a decode batch (``forward_mode.is_decode()``; prefill, target-verify and draft-extend
+  keep upstream's kernel);
+* q is (tokens, 1, heads, 512) bf16 (fp32: the CPU interpreter's precision), ``head_dim_v`` 512;
+* the FP8 cache (``is_fp8_kvcache``) of both scopes is the 584 B/token V4 layout (0.5.22+ also has
+  V4.1 layouts: those keep upstream's kernel), no block table, no ``cache_seqlens``.
+
+0.5.22+ passes ``inv_rope`` where the kernel it picks (aiter's) applies the inverse RoPE itself; ours
+does not, so upstream's own standalone inverse RoPE (``hip_flash_mla._apply_inverse_rope``) runs on
+our output, as upstream's paths without the fused form do.
+"""
+
+from __future__ import annotations
+
+V4_BYTES_PER_TOKEN = 584  # FlashMLA's MODEL1 FP8 layout: 448 fp8 NoPE + 64 bf16 RoPE + 8 scale bytes
+HEAD_DIM = 512
+
+
+def _v4_cache(cache) -> bool:
+    return cache.dim() == 4 and cache.shape[2] == 1 and cache.shape[3] == V4_BYTES_PER_TOKEN
+
+
+def sparse_decode_applies(forward_batch, call: dict) -> bool:
+    """Whether :func:`sparse_decode_call` answers this call (module docstring)."""
+    import torch
+
+    q, extra = call.get("q"), call.get("extra_k_cache")
+    return bool(
+        forward_batch.forward_mode.is_decode()
+        and q is not None and q.dim() == 4 and q.shape[1] == 1 and q.shape[3] == HEAD_DIM
+        and q.dtype in (torch.bfloat16, torch.float32)
+        and call.get("head_dim_v") == HEAD_DIM
+        and call.get("is_fp8_kvcache") is True
+        and call.get("block_table") is None and call.get("cache_seqlens") is None
+        and _v4_cache(call["k_cache"]) and (extra is None or _v4_cache(extra))
+    )
+
+
+def sparse_decode_call(forward_batch, call: dict):
+    """The call's output (tokens, 1, heads, 512), what ``entrypoint(**call)[0]`` returns, or ``None``
+    where ours does not answer it."""
+    if not sparse_decode_applies(forward_batch, call):
+        return None
+    from sgl_hip_kernels.dsv4 import sparse_decode
+
+    k_cache, extra = call["k_cache"], call.get("extra_k_cache")
+    out, _ = sparse_decode(
+        call["q"], k_cache, call["indices"], k_cache.shape[1], call["softmax_scale"],
+        topk_length=call.get("topk_length"), attn_sink=call.get("attn_sink"),
+        extra_k_cache=extra, extra_indices=call.get("extra_indices_in_kvcache") if extra is not None else None,
+        extra_block_size=extra.shape[1] if extra is not None else None,
+        extra_topk_length=call.get("extra_topk_length") if extra is not None else None,
+    )
+    inv_rope = call.get("inv_rope")
+    if inv_rope is not None:
+        from sglang.srt.layers.attention.hip_flash_mla import _apply_inverse_rope
+
+        _apply_inverse_rope(out, inv_rope)
+    return out
