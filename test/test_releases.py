@@ -125,15 +125,16 @@ def _release_env(version: str, **extra) -> dict:
 PARITY = {
     "0.5.12.post1": {"test_nsa_cat_skip.py": "skipped", "test_mxfp4_vbmm_layout.py": "ran",
                      "test_indexer_rope_guard.py": "ran", "test_hip_alt_stream.py": "ran",
-                     "test_hip_dual_stream_av4.py": "ran", "test_gates.py": "ran", "test_find_copies.py": "ran"},
+                     "test_hip_dual_stream_av4.py": "ran", "test_gates.py": "ran", "test_find_copies.py": "ran",
+                     "test_dsv4_sparse_decode_patch.py": "skipped"},
     "0.5.13.post1": {"test_nsa_cat_skip.py": "skipped", "test_mxfp4_vbmm_layout.py": "skipped",
                      "test_indexer_rope_guard.py": "ran", "test_hip_alt_stream.py": "skipped",
                      "test_hip_dual_stream_av4.py": "skipped", "test_gates.py": "ran", "test_find_copies.py": "ran",
-                     "test_mla_decode_dsa.py": "ran"},
+                     "test_mla_decode_dsa.py": "ran", "test_dsv4_sparse_decode_patch.py": "ran"},
     "0.5.23": {"test_nsa_cat_skip.py": "skipped", "test_mxfp4_vbmm_layout.py": "skipped",
                "test_indexer_rope_guard.py": "ran", "test_hip_alt_stream.py": "skipped",
                "test_hip_dual_stream_av4.py": "skipped", "test_gates.py": "ran", "test_find_copies.py": "ran",
-               "test_mla_decode_dsa.py": "ran"},
+               "test_mla_decode_dsa.py": "ran", "test_dsv4_sparse_decode_patch.py": "ran"},
 }
 
 
@@ -176,7 +177,8 @@ def test_parity_suites_on_the_release(version, tmp_path):
 @pytest.mark.parametrize("version, expected", [
     ("0.5.12.post1", {"nsa-cat-skip": "upstream: sglang 0.5.12.post1 has this (sglang#24125, since 0.5.12)",
                       "mxfp4-vbmm-layout": "applied", "indexer-rope-guard": "applied",
-                      "hip-alt-stream": "off (opt-in; add it to SGLANG_HIP_DECODE_PATCHES)"}),
+                      "hip-alt-stream": "off (opt-in; add it to SGLANG_HIP_DECODE_PATCHES)",
+                      "dsv4-sparse-decode": "not applicable: no DeepSeek-V4 before 0.5.13"}),
     ("0.5.13.post1", {"nsa-cat-skip": "upstream: sglang 0.5.13.post1 has this (sglang#24125, since 0.5.12)",
                       "mxfp4-vbmm-layout": "upstream: sglang 0.5.13.post1 has this (sglang#25463, since 0.5.13)",
                       "indexer-rope-guard": "applied"}),
@@ -187,7 +189,8 @@ def test_parity_suites_on_the_release(version, tmp_path):
                 "hip-alt-stream": "upstream: sglang 0.5.23 has this (the dual-stream `not _use_aiter` guard; "
                                   "SGLANG_ROCM_USE_MULTI_STREAM=1 for the stream, since 0.5.13)",
                 "hip-dual-stream-av4": "not applicable: not ported past 0.5.12.post1 (from 0.5.18 ROCm decodes in "
-                                       "forward_mla_rocm.py)"}),
+                                       "forward_mla_rocm.py)",
+                "dsv4-sparse-decode": "off (opt-in; add it to SGLANG_HIP_DECODE_PATCHES)"}),
 ])
 def test_status_on_the_release(version, expected):
     # The console script, the platform forced: what a user on that release sees.

@@ -1,0 +1,132 @@
+"""dsv4-sparse-decode on the installed release's real DSV4 HIP backend (test_releases runs this file on
+0.5.13.post1 and 0.5.23; on 0.5.11 / 0.5.12.post1 it skips: no DeepSeek-V4 there).
+
+The patch is a kernel swap (accuracy-equivalent, not bit-identical: its header), so parity is
+against references, through ``DeepseekV4HipRadixBackend.forward`` (``sglang_hip_decode.testing.dsv4_attention``):
+
+* CPU (interpreter, fp32): upstream's method hands its FlashMLA call to an fp64 reference of the
+  contract (the entrypoint answered by ``reference_call``): that equals the case's own fp64
+  reference (so the recorded call is the case); patched, the method calls ours and never the
+  entrypoint, and ours is within 2x torch's own fp32 error of the fp64 reference; SWA only, ratio 4
+  and ratio 128, batch 1 / 3 / 8.
+* What ours does not implement keeps upstream's call, once, with what upstream hands it: prefill
+  (extend), and from 0.5.22 a compressed cache that is not the 584 B/token layout. From 0.5.22, an
+  ``inv_rope`` runs upstream's standalone inverse RoPE on our output.
+* GPU (bf16): patched vs upstream's own Triton kernel (``SGLANG_HACK_FLASHMLA_BACKEND=triton``) on the
+  same inputs: ours within 2x torch's bf16 error of fp64 and no farther from it than upstream (10%
+  slack for the order of bf16 roundings).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from patch_fixtures import edits_here
+from sglang_hip_decode import patching
+from sglang_hip_decode.patches.dsv4_sparse_decode import PATCH
+
+_APPLIES, _WHY = edits_here(PATCH)
+if not _APPLIES:
+    pytest.skip(_WHY, allow_module_level=True)
+
+from sglang_hip_decode.testing.dsv4_attention import (  # noqa: E402
+    Dsv4AttentionCase, Dsv4AttentionPath, import_sglang, make_inputs,
+)
+
+NEW_LAYOUT = patching.installed_release() >= (0, 5, 22, 0)
+
+
+@pytest.fixture(scope="module")
+def sg():
+    return import_sglang()
+
+
+def build(sg, seed=0, device="cpu", **kw):
+    case = Dsv4AttentionCase(**kw)
+    x = make_inputs(case, torch.Generator().manual_seed(seed), device)
+    return Dsv4AttentionPath(case, x, sg)
+
+
+def err(a, ref):
+    return (a.double() - ref).abs().max().item()
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8])
+@pytest.mark.parametrize("ratio", [0, 4, 128])
+def test_patched_decode_within_twice_torchs_error_and_upstream_call_is_the_case(sg, ratio, batch):
+    path = build(sg, seed=batch, ratio=ratio, batch=batch)
+    ref = path.reference()
+    with path.kernel("reference"):
+        upstream = path.run()
+        assert len(path.calls) == 1
+        with patching.applied(PATCH):
+            assert patching.is_applied(PATCH)
+            ours = path.run()
+        assert len(path.calls) == 1, "patched, the decode must not reach upstream's entrypoint"
+    assert ours.shape == upstream.shape == (batch, path.case.heads, 512) and ours.dtype == upstream.dtype
+    assert torch.equal(upstream, ref.to(upstream.dtype))  # the call upstream made is the case the reference computes
+    torch_err = err(path.reference(torch.float32), ref)
+    assert 0 < err(ours, ref) <= 2 * torch_err, (err(ours, ref), torch_err)
+
+
+@pytest.mark.parametrize("ratio", [0, 4])
+def test_prefill_keeps_upstreams_call(sg, ratio):
+    path = build(sg, ratio=ratio, mode="extend")
+    with path.kernel("reference"):
+        upstream = path.run()
+        with patching.applied(PATCH):
+            patched = path.run()
+    assert len(path.calls) == 2  # once unpatched, once patched: ours declined the extend batch
+    assert torch.equal(upstream, patched)
+    assert all(c["q"].shape == (path.case.batch, 1, path.case.heads, 512) for c in path.calls)
+
+
+@pytest.mark.skipif(not NEW_LAYOUT, reason="the compressed cache has one layout before 0.5.22")
+def test_another_compressed_layout_keeps_upstreams_call(sg):
+    path = build(sg, ratio=4, extra_bytes=600)  # a stand-in for a V4.1 layout: not 584 B/token
+    with path.kernel("zeros"):
+        with patching.applied(PATCH):
+            out = path.run()
+    assert len(path.calls) == 1 and path.calls[0]["extra_k_cache"].shape[-1] == 600
+    assert not out.any()
+
+
+@pytest.mark.skipif(not NEW_LAYOUT, reason="inv_rope reaches the backend from 0.5.22")
+def test_inv_rope_runs_upstreams_standalone_inverse_rope_on_our_output(sg, monkeypatch):
+    path = build(sg, ratio=4)
+    seen = []
+
+    def inverse(out, inv_rope):
+        seen.append((out, inv_rope))
+        out[..., -64:] = 0  # observable: the returned output is the one it was handed
+
+    monkeypatch.setattr(sg.flash, "_apply_inverse_rope", inverse)
+    inv_rope = (torch.zeros(8, 64), torch.zeros(path.case.batch, dtype=torch.int64))
+    with path.kernel("reference"):
+        with patching.applied(PATCH):
+            out = path.run(inv_rope=inv_rope)
+    assert not path.calls and len(seen) == 1 and seen[0][1] is inv_rope
+    assert seen[0][0].shape == (path.case.batch, 1, path.case.heads, 512)
+    ref = path.reference()
+    assert not out[..., -64:].any() and err(out[..., :-64], ref[..., :-64]) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("batch", [1, 16, 64])
+@pytest.mark.parametrize("ratio", [0, 4, 128])
+def test_gpu_patched_vs_upstreams_triton_kernel(sg, ratio, batch):
+    path = build(sg, seed=batch, device="cuda", ratio=ratio, batch=batch, heads=64, dtype=torch.bfloat16,
+                 swa_topk=128, extra_topk=512 if ratio == 4 else 64, swa_pages=8, extra_pages=16)
+    ref = path.reference()
+    with path.kernel("triton"):
+        upstream = path.run()
+        with patching.applied(PATCH):
+            ours = path.run()
+    assert len(path.calls) == 1
+    torch_err = err(path.reference(torch.bfloat16), ref)
+    e_ours, e_up = err(ours, ref), err(upstream, ref)
+    print(f"ratio {ratio} batch {batch}: ours {e_ours:.3e} upstream {e_up:.3e} torch bf16 {torch_err:.3e}")
+    assert e_ours <= 2 * torch_err and e_ours <= 1.1 * e_up, (e_ours, e_up, torch_err)
+
