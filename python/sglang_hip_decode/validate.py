@@ -109,9 +109,13 @@ def _dsv4(release) -> dict:
     return dict(server_args="--trust-remote-code", requires=())
 
 
+# The DeepSeek-V4 patches (opt-in): the dsv4 preset's 'on' arm selects them with --patches default.
+DSV4_PATCHES = ("dsv4-sparse-decode",)
+
 # The three workloads the upstream changes were validated on (benchmark/e2e/README.md); the model
 # path is the user's. ``patches``: the ones that act on the workload where they have edits on the
-# release (which of them do is decided per release); ``flags(release)``: the server arguments and
+# release (which of them do is decided per release); ``adds``: opt-in ones among them that
+# ``--patches default`` selects for the 'on' arm with this preset; ``flags(release)``: the server arguments and
 # the /server_info checks on that release (``--nsa-*`` before 0.5.13, ``--dsa-*`` from it).
 PRESETS = {
     "glm5": dict(
@@ -126,10 +130,11 @@ PRESETS = {
         note="Kimi-K2.6-MXFP4, TP8, aiter MLA backend (mxfp4-vbmm-layout; hip-alt-stream when selected).",
     ),
     "dsv4": dict(
-        family="DeepSeek-V4", tp=8, threshold=0.91, patches=(), flags=_dsv4, first=DSV4_FIRST,
-        note="DeepSeek-V4 (sglang 0.5.12 and later; its HIP kernels from 0.5.13). No patch of this plugin acts on it "
-             "on any release (its C4Indexer has no RoPE write-back guard, and its attention is not the MLA path "
-             "the other patches edit): the runner refuses the preset before starting anything.",
+        family="DeepSeek-V4", tp=8, threshold=0.91, patches=DSV4_PATCHES, adds=DSV4_PATCHES, flags=_dsv4,
+        first=DSV4_FIRST,
+        note="DeepSeek-V4 (sglang 0.5.12 and later; its HIP kernels from 0.5.13), the HIP DSV4 backend: "
+             f"{', '.join(DSV4_PATCHES)} (opt-in kernel swaps, accuracy-equivalent; the preset selects them for "
+             "'on' with --patches default). On 0.5.12.x no patch acts on it: the runner refuses the preset.",
     ),
 }
 FAMILY_THRESHOLDS = (("glm", "GLM-5", 0.93), ("kimi", "Kimi", 0.92), ("deepseek-v4", "DeepSeek-V4", 0.91))
@@ -225,7 +230,8 @@ def resolve_patches(requested: str, preset: str | None, release=None) -> tuple[t
 
     value = requested.strip()
     if value.lower() in ("", "default"):
-        selected = [e.name for e in catalog() if e.patch is not None and e.default]
+        adds = PRESETS[preset].get("adds", ()) if preset is not None else ()
+        selected = [e.name for e in catalog() if e.patch is not None and (e.default or e.name in adds)]
     elif value.lower() == "all":
         selected = [e.name for e in catalog() if e.patch is not None]
     elif value.lower() == "none":
@@ -794,8 +800,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "--host/--port/--model-path/--tp-size")
     p.add_argument("--drop-server-arg", action="append", default=[], metavar="FLAG",
                    help="remove a preset flag and its values (repeatable), e.g. --drop-server-arg=--nsa-prefill-backend")
-    p.add_argument("--patches", default="", help="SGLANG_HIP_DECODE_PATCHES for the 'on' run (default: the default set; "
-                                                 "each must be implemented, and with a preset at least one must act on it)")
+    p.add_argument("--patches", default="", help="SGLANG_HIP_DECODE_PATCHES for the 'on' run (default: the default set, plus the "
+                                                 "preset's opt-in patches (dsv4: the DeepSeek-V4 ones); each must be implemented, and with a preset at least one must act on it)")
     p.add_argument("--port", type=int, default=30000, help="the server's port on 127.0.0.1 (both arms, one after the other)")
     p.add_argument("--out", default="ab-validate", help="output folder (results.json, report.md, logs)")
     p.add_argument("--threshold", type=float, help="GSM8K accuracy threshold (default: by model family)")
