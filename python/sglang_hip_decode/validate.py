@@ -801,7 +801,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drop-server-arg", action="append", default=[], metavar="FLAG",
                    help="remove a preset flag and its values (repeatable), e.g. --drop-server-arg=--nsa-prefill-backend")
     p.add_argument("--patches", default="", help="SGLANG_HIP_DECODE_PATCHES for the 'on' run (default: the default set, plus the "
-                                                 "preset's opt-in patches (dsv4: the DeepSeek-V4 ones); each must be implemented, and with a preset at least one must act on it)")
+                                                 "preset's opt-in patches (dsv4: the DeepSeek-V4 ones); each must be "
+                                                 "implemented, and with a preset at least one must act on it)")
     p.add_argument("--port", type=int, default=30000, help="the server's port on 127.0.0.1 (both arms, one after the other)")
     p.add_argument("--out", default="ab-validate", help="output folder (results.json, report.md, logs)")
     p.add_argument("--threshold", type=float, help="GSM8K accuracy threshold (default: by model family)")

@@ -5,9 +5,10 @@ layer per ratio (0: SWA only, 4, 128), batch 1..256, bf16 q, h_q 64, SWA top-k 1
 
 Each arm's outputs are checked against the fp64 reference first. Timing: ``triton.testing.do_bench_cudagraph``
 (a CUDA graph of the layer's forward, median of its replays), arms interleaved per shape; µs per layer and
-the ratio. GPU only; the device is named in the output.
+the ratio. GPU only, and sglang >= 0.5.13 (the DSV4 backend): so it lives outside the folders ``make bench``
+runs on the CPU with 0.5.11; the device is named in the output.
 
-Run:  python benchmark/decode/bench_dsv4_sparse_decode_patch.py [--batches 1,16,64,256] [--json out.json]
+Run:  python benchmark/gpu/bench_dsv4_sparse_decode_patch.py [--batches 1,16,64,256] [--json out.json]
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ def main():
     for ratio in (0, 4, 128):
         for batch in map(int, args.batches.split(",")):
             case = Dsv4AttentionCase(batch=batch, heads=args.heads, ratio=ratio, dtype=torch.bfloat16, swa_topk=128,
-                                     extra_topk=512 if ratio == 4 else 64, swa_pages=max(8, batch), extra_pages=max(16, 4 * batch))
+                                     extra_topk=512 if ratio == 4 else 64, swa_pages=max(8, batch),
+                                     extra_pages=max(16, 4 * batch))
             path = Dsv4AttentionPath(case, make_inputs(case, torch.Generator().manual_seed(batch), "cuda"), sg)
             ref = path.reference()
             times, errs = {}, {}
