@@ -233,7 +233,8 @@ def _extract(wheel_path: Path, names, tree: Path) -> None:
     ("0.5.12.post1", ["sglang/srt/layers/attention/nsa/nsa_indexer.py",
                       "sglang/srt/models/deepseek_common/attention_forward_methods/forward_mla.py",
                       "sglang/srt/models/deepseek_v2.py"], ["nsa-cat-skip"]),
-    ("0.5.23", ["sglang/srt/layers/attention/dsa/dsa_indexer.py"], ["nsa-cat-skip", "mxfp4-vbmm-layout", "hip-alt-stream"]),
+    ("0.5.23", ["sglang/srt/layers/attention/dsa/dsa_indexer.py", "sglang/srt/layers/attention/deepseek_v4_backend_hip_radix.py"],
+     ["nsa-cat-skip", "mxfp4-vbmm-layout", "hip-alt-stream"]),
 ])
 def test_diff_of_a_release_from_its_wheel_applies_to_its_tree(version, files, left_out, tmp_path, capsys):
     from sglang_hip_decode import cli
