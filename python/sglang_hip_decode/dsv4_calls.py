@@ -21,6 +21,10 @@ our output, as upstream's paths without the fused form do.
 
 from __future__ import annotations
 
+import torch
+
+from sgl_hip_kernels.dsv4 import sparse_decode
+
 V4_BYTES_PER_TOKEN = 584  # FlashMLA's MODEL1 FP8 layout: 448 fp8 NoPE + 64 bf16 RoPE + 8 scale bytes
 HEAD_DIM = 512
 
@@ -31,8 +35,6 @@ def _v4_cache(cache) -> bool:
 
 def sparse_decode_applies(forward_batch, call: dict) -> bool:
     """Whether :func:`sparse_decode_call` answers this call (module docstring)."""
-    import torch
-
     q, extra = call.get("q"), call.get("extra_k_cache")
     return bool(
         forward_batch.forward_mode.is_decode()
@@ -50,8 +52,6 @@ def sparse_decode_call(forward_batch, call: dict):
     where ours does not answer it."""
     if not sparse_decode_applies(forward_batch, call):
         return None
-    from sgl_hip_kernels.dsv4 import sparse_decode
-
     k_cache, extra = call["k_cache"], call.get("extra_k_cache")
     out, _ = sparse_decode(
         call["q"], k_cache, call["indices"], k_cache.shape[1], call["softmax_scale"],

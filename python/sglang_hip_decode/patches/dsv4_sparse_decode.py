@@ -7,7 +7,7 @@ launch plus a split-K combine) on the same inputs: SGLang's SWA and compressed F
 are (its ``(pages, page_size, 1, 584)`` byte views), its top-k page indices and lengths, the sink.
 Both compute softmax attention over the same selected keys in fp32 from the same bf16 q and FP8 K,
 but in another order (other tiles, splits and combine), so outputs differ in the last bits of bf16.
-What that means, as the parity test (``test/test_dsv4_sparse_decode.py``) checks it: on the real
+What that means, as the parity test (``test/test_dsv4_sparse_decode_patch.py``) checks it: on the real
 backend method of each release, ours is within 2x torch's own bf16 error of an fp64 reference of the
 FlashMLA contract, and no farther from it than upstream's own kernel on the same inputs (GPU).
 

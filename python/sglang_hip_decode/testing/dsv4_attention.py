@@ -27,7 +27,6 @@ import torch
 from sgl_hip_kernels.dsv4 import quantize_kv
 from sgl_hip_kernels.dsv4.sparse_decode_ref import sparse_decode_ref
 
-from ..patching import installed_release
 from .sglang_import import import_modules, swap_attrs
 
 HIP = "sglang.srt.layers.attention.deepseek_v4_backend_hip_radix"
@@ -104,8 +103,6 @@ class Dsv4AttentionPath:
     def __init__(self, case: Dsv4AttentionCase, x: Dsv4AttentionInputs, sg: types.SimpleNamespace):
         self.case, self.x, self.sg = case, x, sg
         self.calls: list[dict] = []  # what upstream's entrypoint was handed, in order
-        release = installed_release()
-        self.new_layout = release is not None and release >= (0, 5, 22, 0)  # _forward_attention, pool getters
         self.backend = self._backend()
 
     def _pool(self):
