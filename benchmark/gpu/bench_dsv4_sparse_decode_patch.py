@@ -9,7 +9,7 @@ forwards per arm, replays interleaved, L2 flushed before each, median [p20, p80]
 rounds); µs per layer, upstream/ours of the medians, GPU kernels per layer. GPU only, and sglang >=
 0.5.13 (the DSV4 backend): so it lives outside the folders ``make bench`` runs on the CPU with 0.5.11.
 
-Run:  python benchmark/gpu/bench_dsv4_sparse_decode_patch.py [--batches 1,16,64,256] [--json out.json]
+Run:  python benchmark/gpu/bench_dsv4_sparse_decode_patch.py [--ratios 0,4,128] [--batches 1,16,64,256] [--json out.json]
 """
 
 from __future__ import annotations
@@ -31,14 +31,16 @@ ARMS = {"upstream": (), "ours": (PATCH,)}
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", default="1,4,16,64,128,256")
+    ap.add_argument("--ratios", default="0,4,128")
     ap.add_argument("--heads", type=int, default=64)
     ap.add_argument("--calls", type=int, default=10, help="layer forwards per CUDA graph")
     ap.add_argument("--repeats", type=int, default=30, help="interleaved replay rounds per arm")
-    ap.add_argument("--json")
+    ap.add_argument("--json", help="written after every shape (upstream's autotune makes a run long)")
     args = ap.parse_args()
     sg = import_sglang()
     rows = []
-    for ratio in (0, 4, 128):
+    device = timing.device_name()
+    for ratio in map(int, args.ratios.split(",")):
         for batch in map(int, args.batches.split(",")):
             case = Dsv4AttentionCase(batch=batch, heads=args.heads, ratio=ratio, dtype=torch.bfloat16, swa_topk=128,
                                      extra_topk=512 if ratio == 4 else 64, swa_pages=max(8, batch),
@@ -60,12 +62,12 @@ def main():
             print(f"ratio {ratio:3d} batch {batch:3d}: upstream {t['upstream']} us ({runs['upstream'].kernels:g} kernels)  "
                   f"ours {t['ours']} us ({runs['ours'].kernels:g})  upstream/ours {row['speedup']:5.2f}  max err vs fp64: "
                   f"upstream {errs['upstream']:.2e} ours {errs['ours']:.2e}", flush=True)
-    device = timing.device_name()
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(dict(device=device, heads=args.heads, calls=args.calls, repeats=args.repeats, rows=rows), f,
+                              indent=1)
     print(f"device: {device}; providers: upstream = sglang's Triton DSV4 decode (HIP backend 'triton'), "
           "ours = sgl_hip_kernels.dsv4.sparse_decode (portable Triton)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(device=device, heads=args.heads, calls=args.calls, repeats=args.repeats, rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":
