@@ -10,7 +10,9 @@ against references, through ``DeepseekV4HipRadixBackend.forward`` (``sglang_hip_
   entrypoint, and ours is within 2x torch's own fp32 error of the fp64 reference; SWA only, ratio 4
   and ratio 128, batch 1 / 3 / 8.
 * What ours does not implement keeps upstream's call, once, with what upstream hands it: prefill
-  (extend), and from 0.5.22 a compressed cache that is not the 584 B/token layout. From 0.5.22, an
+  (extend), and from 0.5.22 a compressed cache that is not the 584 B/token layout; the guard
+  declines every input the kernel itself refuses (dtypes, strides, shapes of indices, lengths, sink,
+  cache pages), so a decode step never meets an error of ours. From 0.5.22, an
   ``inv_rope`` runs upstream's standalone inverse RoPE on our output.
 * GPU (bf16): patched vs upstream's own Triton kernel (``SGLANG_HACK_FLASHMLA_BACKEND=triton``) on the
   same inputs: ours within 2x torch's bf16 error of fp64 and no farther from it than upstream (10%
@@ -80,6 +82,53 @@ def test_prefill_keeps_upstreams_call(sg, ratio):
     assert len(path.calls) == 2  # once unpatched, once patched: ours declined the extend batch
     assert torch.equal(upstream, patched)
     assert all(c["q"].shape == (path.case.batch, 1, path.case.heads, 512) for c in path.calls)
+
+
+def _kernel_args(call):
+    k, x = call["k_cache"], call.get("extra_k_cache")
+    return dict(q=call["q"], k_cache=k, indices=call["indices"], block_size=k.shape[1],
+                sm_scale=call["softmax_scale"], topk_length=call.get("topk_length"), attn_sink=call.get("attn_sink"),
+                extra_k_cache=x, extra_indices=call.get("extra_indices_in_kvcache"),
+                extra_block_size=x.shape[1], extra_topk_length=call.get("extra_topk_length"))
+
+
+_OFF_CONTRACT = {  # one input the kernel refuses, as the call could carry it
+    "indices int64": lambda c: c.update(indices=c["indices"].long()),
+    "indices with a strided last dim": lambda c: c.update(indices=c["indices"].repeat_interleave(2, -1)[..., ::2]),
+    "indices of another batch": lambda c: c.update(indices=c["indices"][:1]),
+    "lengths int64": lambda c: c.update(topk_length=c["topk_length"].long()),
+    "extra lengths strided": lambda c: c.update(
+        extra_topk_length=c["extra_topk_length"].repeat_interleave(2)[::2]),
+    "extra indices int64": lambda c: c.update(extra_indices_in_kvcache=c["extra_indices_in_kvcache"].long()),
+    "sink bf16": lambda c: c.update(attn_sink=c["attn_sink"].bfloat16()),
+    "sink for other heads": lambda c: c.update(attn_sink=c["attn_sink"][:-1]),
+    "cache pages with a gap between tokens": lambda c: c.update(
+        k_cache=c["k_cache"].repeat_interleave(2, 1)[:, ::2]),
+    "cache as int16": lambda c: c.update(k_cache=c["k_cache"].view(torch.int16).repeat_interleave(2, -1)),
+}
+
+
+def test_calls_off_the_kernels_contract_keep_upstreams_call(sg):
+    """The patch's guard declines every call its kernel would refuse (never an error of ours in a
+    decode step): each variant below is first shown to be refused by ``sparse_decode`` itself."""
+    from sglang_hip_decode.dsv4_calls import sparse_decode_applies
+    from sgl_hip_kernels.dsv4 import sparse_decode
+
+    path = build(sg, ratio=4, batch=3)
+    with path.kernel("reference"):
+        path.run()
+    (call,) = path.calls
+    fb = path.forward_batch()
+    assert sparse_decode_applies(fb, call) and call["attn_sink"] is not None and call["topk_length"] is not None
+    assert call["extra_topk_length"] is not None
+    sparse_decode(**_kernel_args(call))  # the recorded call as it is: accepted
+    for what, change in _OFF_CONTRACT.items():
+        bad = dict(call)
+        change(bad)
+        with pytest.raises(ValueError):
+            sparse_decode(**_kernel_args(bad))
+        assert not sparse_decode_applies(fb, bad), what
+    assert len(_OFF_CONTRACT) == 10
 
 
 @pytest.mark.skipif(not NEW_LAYOUT, reason="the compressed cache has one layout before 0.5.22")

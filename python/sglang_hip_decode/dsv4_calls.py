@@ -12,7 +12,11 @@ captured CUDA graph):
   keep upstream's kernel);
 * q is (tokens, 1, heads, 512) bf16 (fp32: the CPU interpreter's precision), ``head_dim_v`` 512;
 * the FP8 cache (``is_fp8_kvcache``) of both scopes is the 584 B/token V4 layout (0.5.22+ also has
-  V4.1 layouts: those keep upstream's kernel), no block table, no ``cache_seqlens``.
+  V4.1 layouts: those keep upstream's kernel), one-byte elements, a page's bytes contiguous, no block
+  table, no ``cache_seqlens``;
+* every other input is what the kernel accepts: indices (tokens, 1, topk) int32 with a contiguous
+  last dim, lengths (tokens,) int32 contiguous, the sink (heads,) fp32 contiguous, all on q's device.
+  A call that misses any of these keeps upstream's kernel (never an error of ours in a decode step).
 
 0.5.22+ passes ``inv_rope`` where the kernel it picks (aiter's) applies the inverse RoPE itself; ours
 does not, so upstream's own standalone inverse RoPE (``hip_flash_mla._apply_inverse_rope``) runs on
@@ -29,21 +33,50 @@ V4_BYTES_PER_TOKEN = 584  # FlashMLA's MODEL1 FP8 layout: 448 fp8 NoPE + 64 bf16
 HEAD_DIM = 512
 
 
-def _v4_cache(cache) -> bool:
-    return cache.dim() == 4 and cache.shape[2] == 1 and cache.shape[3] == V4_BYTES_PER_TOKEN
+def _v4_cache(cache, device) -> bool:
+    """SGLang's (pages, page_size, 1, 584) byte view of V4 pages, each page's bytes contiguous, at an
+    even address and page stride (the kernel reads the RoPE values as bf16)."""
+    return bool(
+        isinstance(cache, torch.Tensor) and cache.device == device and cache.dim() == 4
+        and cache.element_size() == 1 and cache.dtype != torch.bool
+        and cache.shape[2] == 1 and cache.shape[3] == V4_BYTES_PER_TOKEN
+        and cache.stride(3) == 1 and (cache.shape[1] == 1 or cache.stride(1) == V4_BYTES_PER_TOKEN)
+        and (cache.shape[0] <= 1 or cache.stride(0) % 2 == 0) and cache.data_ptr() % 2 == 0
+    )
+
+
+def _int32_rows(t, shape, device) -> bool:
+    """An int32 tensor of ``shape`` (``None`` entries any size) on ``device``, its last dim contiguous."""
+    return bool(
+        isinstance(t, torch.Tensor) and t.device == device and t.dtype == torch.int32 and t.dim() == len(shape)
+        and all(want is None or have == want for have, want in zip(t.shape, shape))
+        and (t.shape[-1] <= 1 or t.stride(-1) == 1)
+    )
+
+
+def _scope_ok(call, cache_key, indices_key, length_key, q) -> bool:
+    length = call.get(length_key)
+    return (_v4_cache(call.get(cache_key), q.device)
+            and _int32_rows(call.get(indices_key), (q.shape[0], 1, None), q.device)
+            and (length is None or _int32_rows(length, (q.shape[0],), q.device)))
 
 
 def sparse_decode_applies(forward_batch, call: dict) -> bool:
     """Whether :func:`sparse_decode_call` answers this call (module docstring)."""
-    q, extra = call.get("q"), call.get("extra_k_cache")
+    q, sink = call.get("q"), call.get("attn_sink")
     return bool(
         forward_batch.forward_mode.is_decode()
-        and q is not None and q.dim() == 4 and q.shape[1] == 1 and q.shape[3] == HEAD_DIM
-        and q.dtype in (torch.bfloat16, torch.float32)
+        and isinstance(q, torch.Tensor) and q.dim() == 4 and q.shape[1] == 1 and q.shape[3] == HEAD_DIM
+        and q.dtype in (torch.bfloat16, torch.float32) and q.stride(3) == 1
         and call.get("head_dim_v") == HEAD_DIM
         and call.get("is_fp8_kvcache") is True
         and call.get("block_table") is None and call.get("cache_seqlens") is None
-        and _v4_cache(call["k_cache"]) and (extra is None or _v4_cache(extra))
+        and _scope_ok(call, "k_cache", "indices", "topk_length", q)
+        and (call.get("extra_k_cache") is None
+             or _scope_ok(call, "extra_k_cache", "extra_indices_in_kvcache", "extra_topk_length", q))
+        and (sink is None or (isinstance(sink, torch.Tensor) and sink.device == q.device
+                              and sink.dtype == torch.float32 and tuple(sink.shape) == (q.shape[2],)
+                              and (q.shape[2] <= 1 or sink.stride(0) == 1)))
     )
 
 

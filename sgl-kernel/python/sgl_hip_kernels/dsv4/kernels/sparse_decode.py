@@ -5,7 +5,8 @@ One program per (block of heads, query token, split of the key list); head block
 share grid axis 0 (heads fastest), splits are axis 1. The key list is the main
 scope's top-k followed by the extra scope's; a split walks its part of each, dequantising every
 gathered token into one 512-wide row (7 fp8 tiles times their power-of-two scales, then the bf16
-RoPE values): exact in bf16, so one QK dot and one PV dot per block of keys. Heads are the fastest
+RoPE values): exact in bf16, so one QK dot (fp32: eight 64-wide dots summed) and one PV dot per
+block of keys. Heads are the fastest
 grid axis, so the programs that read one token's keys run together and share them through L2.
 """
 
@@ -42,6 +43,21 @@ def _load_keys(cache_ptr, idx_row_ptr, pos, limit, page_stride, block_size, n_to
     vals = tl.reshape(tl.reshape(vals, (BLOCK_N, 8, 64)) * scale[:, :, None], (BLOCK_N, 512))
     keys = tl.where(nope[None, :], vals, rope.to(tl.float32)).to(COMPUTE)
     return keys, valid
+
+
+@triton.jit
+def _scores(q, keys, scale2, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+    """``q . k`` of every head and key, times ``scale2``: (BLOCK_H, BLOCK_N). bf16 (the GPU's path):
+    one dot. fp32 (``IEEE``): the 512-long dot as 8 dots of 64 (the cache's own tiles), summed, so
+    the fp32 rounding does not hang on the order the backend sums one long dot in (numpy's BLAS
+    under the interpreter differs between CPUs): about half the error of one long dot."""
+    if IEEE:
+        q_tiles = tl.permute(tl.reshape(q, (BLOCK_H, 8, 64)), (1, 0, 2))
+        k_tiles = tl.permute(tl.reshape(keys, (BLOCK_N, 8, 64)), (1, 2, 0))
+        dots = tl.sum(tl.dot(q_tiles, k_tiles, input_precision="ieee"), 0)
+    else:
+        dots = tl.dot(q, tl.trans(keys), input_precision="tf32")
+    return dots * scale2
 
 
 @triton.jit
@@ -97,7 +113,7 @@ def _dsv4_sparse_decode_kernel(
         if start < main_hi:
             keys, valid = _load_keys(cache_ptr, idx_row, start + blocks, main_hi, page_stride, block_size, n_tokens,
                                      BLOCK_N, compute)
-            sc = tl.dot(q, tl.trans(keys), input_precision="ieee" if IEEE else "tf32") * scale2
+            sc = _scores(q, keys, scale2, BLOCK_H, BLOCK_N, IEEE)
             sc = tl.where(valid[None, :], sc, float("-inf"))
             m, den, acc = softmax_step(sc, keys, m, den, acc, IEEE)
 
@@ -113,7 +129,7 @@ def _dsv4_sparse_decode_kernel(
             if start < x_hi:
                 keys, valid = _load_keys(x_cache_ptr, x_row, start + blocks, x_hi, x_page_stride, x_block_size,
                                          x_n_tokens, BLOCK_N, compute)
-                sc = tl.dot(q, tl.trans(keys), input_precision="ieee" if IEEE else "tf32") * scale2
+                sc = _scores(q, keys, scale2, BLOCK_H, BLOCK_N, IEEE)
                 sc = tl.where(valid[None, :], sc, float("-inf"))
                 m, den, acc = softmax_step(sc, keys, m, den, acc, IEEE)
 
