@@ -156,6 +156,45 @@ def test_decode_steps_mixed_batch(rng, ratio, d, rotate):
     assert sum(n % r == 0 for n in [x + s for x in lens[:-1] for s in range(3)]) >= 2  # the steps did emit
 
 
+@pytest.mark.parametrize("ratio, d, rotate", [(4, 128, True), (128, 128, False)])
+def test_decode_prev_cur_pages_and_strided_tables_equal_the_ring(rng, ratio, d, rotate):
+    """``page_order="prev_cur"`` (this step's previous and current block pages, as SGLang's decode plan
+    gives them, the first block's two the same page), with seq_lens, pages and the RoPE tables read
+    in place from strided views (a (B, 4) int32 plan; the halves of view_as_real of a complex
+    table), gives the ring order's result bit for bit: out and the whole state."""
+    r = ratio
+    lens = [1, r - 1, 2 * r - 1, 3 * r - 1, 0]
+    c = Compressor(rng, ratio, d, len(lens), rotate)
+    seqs = [raw_rows(rng, c, n + 2) for n in lens]
+    c.seed_state(seqs, [n - 1 if n else 0 for n in lens])
+    ring_state, pc_state = c.dev(c.state), c.dev(c.state)
+    pages = c.dev(c.pages, torch.int32)
+    bias, norm_w, eps, cos, sin = c.kernel_args()
+    table = torch.view_as_real(torch.complex(cos, sin))  # (max_pos, 32, 2): cos, sin interleaved
+    seen = 0
+    for step in range(2):
+        now = [n + step if n else 0 for n in lens]
+        rows = c.dev(torch.stack([u[max(n - 1, 0)] for u, n in zip(seqs, now)]))
+        seq_lens = torch.tensor(now, dtype=torch.int32, device=DEV)
+        ring_out = compress_decode(rows, ring_state, pages, seq_lens, bias, norm_w, eps, cos, sin, ratio, rotate=rotate)
+        plan = torch.zeros(len(lens), 4, dtype=torch.int32, device=DEV)  # seq_len, (unused), previous page, current page
+        plan[:, 0] = seq_lens
+        for b, n in enumerate(now):
+            blk = max(n - 1, 0) // r
+            plan[b, 3] = pages[b, blk % c.n_pages]
+            plan[b, 2] = pages[b, (blk - 1) % c.n_pages] if (r == 4 and blk > 0) else plan[b, 3]
+        pc_pages = plan[:, 2:] if r == 4 else plan[:, 3:]
+        assert pc_pages.stride() == (4, 1) and plan[:, 0].stride() == (4,) and table[..., 0].stride() == (64, 2)
+        pc_out = compress_decode(rows, pc_state, pc_pages, plan[:, 0], bias, norm_w, eps, table[..., 0], table[..., 1],
+                                 ratio, rotate=rotate, page_order="prev_cur")
+        assert torch.equal(ring_out.view(torch.int32), pc_out.view(torch.int32)), f"step {step}: out differs"
+        assert torch.equal(ring_state.view(torch.int32), pc_state.view(torch.int32)), f"step {step}: state differs"
+        seen += int(sum(n > 0 and n % r == 0 for n in now))
+    assert seen >= 3  # blocks were emitted (the first block's own, and later ones reading a previous page)
+    with pytest.raises(ValueError, match="page_order"):
+        compress_decode(rows, pc_state, pages, seq_lens, bias, norm_w, eps, cos, sin, ratio, page_order="parity")
+
+
 def test_edges_neg_inf_and_all_invalid(rng):
     """The sglang#26208 edges: an old max of -inf, a new score of -inf, invalid rows with NaN behind them.
     Block 0 of ratio 4 has no previous block (rows 0..3 invalid, their pages NaN); with its own rows'
@@ -217,8 +256,8 @@ def test_padded_plan_and_bad_inputs(rng):
         compress_prefill(c.dev(u), state, pages, plan_prefill([4000], [130], 128, device=DEV), *args)  # past the RoPE table
     with pytest.raises(ValueError, match="state_pages must be"):
         compress_prefill(c.dev(u), state, torch.cat([pages, pages], 1)[:, ::2], plan, *args)
-    with pytest.raises(ValueError, match="seq_lens must be contiguous"):
-        compress_decode(c.dev(u[:1]), state, pages, torch.tensor([1, 1], dtype=torch.int32, device=DEV)[::2], *args, 128)
+    with pytest.raises(ValueError, match="seq_lens must be"):
+        compress_decode(c.dev(u[:1]), state, pages, torch.tensor([1, 1], dtype=torch.int32, device=DEV), *args, 128)
     with pytest.raises(ValueError, match="launch rule"):
         compress_prefill(c.dev(u), state, pages, plan, *args, rule=LaunchRule(split=3, rows_per_tile=32, num_warps=4))
     with pytest.raises(ValueError, match="pad_blocks_to"):

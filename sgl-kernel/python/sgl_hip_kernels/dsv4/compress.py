@@ -138,9 +138,10 @@ def _check(u, state, state_pages, bias, norm_w, cos, sin, eps, ratio):
         raise ValueError(f"dsv4 compress: bias must be contiguous fp32 ({k}, {d}) (ratio 4: the hot-fixed ape rows)")
     if tuple(norm_w.shape) != (d,) or norm_w.dtype != torch.float32 or not norm_w.is_contiguous():
         raise ValueError(f"dsv4 compress: norm weight must be contiguous fp32 ({d},)")
-    if cos.shape != sin.shape or cos.dim() != 2 or cos.shape[1] != 32 or cos.stride() != sin.stride() or cos.stride(1) != 1 \
+    if cos.shape != sin.shape or cos.dim() != 2 or cos.shape[1] != 32 or cos.stride() != sin.stride() or cos.stride(1) < 1 \
             or cos.dtype != torch.float32 or sin.dtype != torch.float32:
-        raise ValueError("dsv4 compress: cos/sin must be fp32 (max_pos, 32) tables with one layout")
+        raise ValueError("dsv4 compress: cos/sin must be fp32 (max_pos, 32) tables with one layout (any strides: e.g. "
+                         "the two halves of torch.view_as_real of a complex table)")
     return d, k, n_pages, eps
 
 
@@ -167,9 +168,10 @@ def _checking_values(check_indices: bool, device) -> bool:
     return check_indices and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
-def _check_pages(state_pages, active, n_state_pages: int, what: str, extra=None) -> list[int]:
+def _check_pages(state_pages, active, n_state_pages: int, what: str, extra=None, distinct: bool = True) -> list[int]:
     """One device->host read: the ring page ids of the ``active`` requests (at least one request)
-    lie in [0, n_state_pages) and are all distinct. ``extra``: more scalars read in the same trip."""
+    lie in [0, n_state_pages) and (``distinct``) are all distinct. ``extra``: more scalars read in
+    the same trip."""
     pages = state_pages.to(torch.int64)
     act = active[:, None].expand_as(pages)
     far = torch.iinfo(torch.int64).max
@@ -182,28 +184,42 @@ def _check_pages(state_pages, active, n_state_pages: int, what: str, extra=None)
     if hi >= 0 and (lo < 0 or hi >= n_state_pages):
         raise ValueError(f"dsv4 {what}: state_pages holds page ids outside the state (min {lo}, max {hi}; the state has "
                          f"{n_state_pages} pages, ids 0..{n_state_pages - 1})")
-    if shared:
+    if shared and distinct:
         raise ValueError(f"dsv4 {what}: two requests (or one request's two ring pages) share a state page")
     return values[3:]
 
 
 def compress_decode(u, state, state_pages, seq_lens, bias, norm_w, eps, cos, sin, ratio, rotate=False, out=None,
-                    workspace=None, rule: LaunchRule | None = None, check_indices: bool = True):
-    """u (B, W) the new token's raw row per request; seq_lens (B,) int32 after appending it.
-    Returns out (B, d) in u's dtype (``out``, if given, must be that dtype): the compressed vector of
-    block ``seq_len // ratio - 1`` where ``seq_len % ratio == 0``, else 0. Writes ``state``. The page
-    ids of requests with ``seq_len > 0`` and their positions are checked (module docstring) unless
-    capturing or ``check_indices=False``; padded slots (``seq_len <= 0``) may hold any page ids."""
+                    workspace=None, rule: LaunchRule | None = None, check_indices: bool = True,
+                    page_order: str = "ring"):
+    """u (B, W) the new token's raw row per request; seq_lens (B,) int32 after appending it (any
+    stride). Returns out (B, d) in u's dtype (``out``, if given, must be that dtype): the compressed
+    vector of block ``seq_len // ratio - 1`` where ``seq_len % ratio == 0``, else 0. Writes ``state``.
+    The page ids of requests with ``seq_len > 0`` and their positions are checked (module docstring)
+    unless capturing or ``check_indices=False``; padded slots (``seq_len <= 0``) may hold any page ids.
+
+    ``page_order``: ``"ring"`` (default), ``state_pages[b]`` is the request's ring (block n on page
+    ``state_pages[b, n % 2]`` for ratio 4); ``"prev_cur"``, ``state_pages[b]`` is (the previous
+    block's page, the current block's page) for this step only: a caller whose pages are not a fixed
+    pair per request (SGLang's decode plan, where a block's page follows its SWA page). There the two
+    may be one page (the first block has no previous one), so only the current pages of different
+    requests must differ."""
+    if page_order not in ("ring", "prev_cur"):
+        raise ValueError(f"dsv4 compress_decode: page_order must be 'ring' or 'prev_cur', got {page_order!r}")
     d, _, n_pages, eps = _check(u, state, state_pages, bias, norm_w, cos, sin, eps, ratio)
     b = u.shape[0]
-    if seq_lens.shape != (b,) or seq_lens.dtype != torch.int32 or seq_lens.stride(0) != 1 or state_pages.shape[0] != b \
+    if seq_lens.shape != (b,) or seq_lens.dtype != torch.int32 or state_pages.shape[0] != b \
             or seq_lens.device != u.device:
-        raise ValueError(f"dsv4 compress_decode: seq_lens must be contiguous ({b},) int32 on {u.device} and state_pages "
+        raise ValueError(f"dsv4 compress_decode: seq_lens must be ({b},) int32 on {u.device} and state_pages "
                          f"({b}, {n_pages})")
     out = _out(out, b, d, u.dtype, u.device)
     n_state_pages = state.shape[0] // ratio
     if b and _checking_values(check_indices, u.device):
-        (last,) = _check_pages(state_pages, seq_lens > 0, n_state_pages, "compress_decode", extra=[seq_lens.amax()])
+        live = seq_lens > 0
+        if page_order == "prev_cur" and n_pages == 2:  # the previous pages: only inside the state
+            _check_pages(state_pages[:, :1], live, n_state_pages, "compress_decode", distinct=False)
+        (last,) = _check_pages(state_pages[:, n_pages - 1:] if page_order == "prev_cur" else state_pages, live,
+                               n_state_pages, "compress_decode", extra=[seq_lens.amax()])
         if last - 1 >= cos.shape[0]:
             raise ValueError(f"dsv4 compress_decode: a token at position {last - 1} is past the RoPE table of "
                              f"{cos.shape[0]} positions")
@@ -212,10 +228,10 @@ def compress_decode(u, state, state_pages, seq_lens, bias, norm_w, eps, cos, sin
         ws = _workspace(workspace, b, d, ratio, u.device)
         _dsv4_compress_decode_kernel[(b * rule.split,)](
             u, state, state_pages, seq_lens, bias, norm_w, cos, sin, out, ws.pooled, ws.sum_sq, ws.count,
-            eps, n_state_pages, cos.shape[0], u.stride(0), state.stride(0), state_pages.stride(0), cos.stride(0),
-            out.stride(0),
+            eps, n_state_pages, cos.shape[0], u.stride(0), state.stride(0), seq_lens.stride(0), state_pages.stride(0),
+            cos.stride(0), cos.stride(1), out.stride(0),
             RATIO=ratio, D=d, LOG2_D=d.bit_length() - 1, SPLIT=rule.split, N_PAGES=n_pages, BK=rule.rows_per_tile,
-            ROTATE=bool(rotate), num_warps=rule.num_warps,
+            ROTATE=bool(rotate), PREV_CUR=page_order == "prev_cur", num_warps=rule.num_warps,
         )
     return out
 
@@ -249,7 +265,7 @@ def compress_prefill(u, state, state_pages, plan: PrefillPlan, bias, norm_w, eps
         _dsv4_compress_prefill_kernel[(nb * rule.split + fused_writes,)](
             u, state, state_pages, plan.blocks, plan.writes, bias, norm_w, cos, sin, out, ws.pooled, ws.sum_sq, ws.count,
             nb * rule.split, eps, n_state_pages, cos.shape[0], state_pages.shape[0], u.shape[0], u.stride(0), state.stride(0),
-            state_pages.stride(0), cos.stride(0), out.stride(0),
+            state_pages.stride(0), cos.stride(0), cos.stride(1), out.stride(0),
             RATIO=ratio, D=d, LOG2_D=d.bit_length() - 1, SPLIT=rule.split, N_PAGES=n_pages, BK=rule.rows_per_tile,
             ROTATE=bool(rotate), num_warps=rule.num_warps,
         )

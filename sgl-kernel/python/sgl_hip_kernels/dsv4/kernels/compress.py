@@ -128,7 +128,7 @@ def _norm_rope_rotate(pooled, sum_sq, w, c, s, eps, D: tl.constexpr, LOG2_D: tl.
 @triton.jit
 def _emit_block(
     u_ptr, state_ptr, bias_ptr, normw_ptr, cos_ptr, sin_ptr, out_ptr, pooled_ptr, sumsq_ptr, count_ptr,
-    pos, last_u, n_new, own_page, prev_page, slot, chunk, eps, s_u, s_state, s_cos, s_out,
+    pos, last_u, n_new, own_page, prev_page, slot, chunk, eps, s_u, s_state, s_cos, s_cos_c, s_out,
     RATIO: tl.constexpr, D: tl.constexpr, LOG2_D: tl.constexpr, SPLIT: tl.constexpr,
     BK: tl.constexpr, ROTATE: tl.constexpr,
 ):
@@ -139,8 +139,8 @@ def _emit_block(
     # The finishing loads are issued before the pooling (and the ticket, which no load may pass).
     w = tl.load(normw_ptr + cols)
     pair = tl.arange(0, D // 2) - (D - 64) // 2  # frequency index of each pair; < 0: not rotated
-    c = tl.load(cos_ptr + pos * s_cos + pair, mask=pair >= 0, other=1.0)
-    s = tl.load(sin_ptr + pos * s_cos + pair, mask=pair >= 0, other=0.0)
+    c = tl.load(cos_ptr + pos * s_cos + pair * s_cos_c, mask=pair >= 0, other=1.0)
+    s = tl.load(sin_ptr + pos * s_cos + pair * s_cos_c, mask=pair >= 0, other=0.0)
     pooled = _pool_rows(u_ptr, state_ptr, bias_ptr, p_start, last_u, n_new, own_page, prev_page, chunk * CB,
                         s_u, s_state, RATIO, D, CB, BK)
     if SPLIT == 1:
@@ -167,20 +167,22 @@ def _pages_inside(page_a, page_b, n_state_pages):
 def _dsv4_compress_decode_kernel(
     u_ptr, state_ptr, pages_ptr, seq_lens_ptr, bias_ptr, normw_ptr, cos_ptr, sin_ptr, out_ptr,
     pooled_ptr, sumsq_ptr, count_ptr,
-    eps, n_state_pages, n_cos, s_u, s_state, s_pages, s_cos, s_out,
+    eps, n_state_pages, n_cos, s_u, s_state, s_seq, s_pages, s_cos, s_cos_c, s_out,
     RATIO: tl.constexpr, D: tl.constexpr, LOG2_D: tl.constexpr, SPLIT: tl.constexpr, N_PAGES: tl.constexpr,
-    BK: tl.constexpr, ROTATE: tl.constexpr,
+    BK: tl.constexpr, ROTATE: tl.constexpr, PREV_CUR: tl.constexpr,
 ):
     """Programs (b, chunk): chunk 0 stores request b's new row (token seq_len - 1) in its ring;
     when that token closes a block (seq_len % RATIO == 0) every chunk pools its channels of the
     block, else chunk 0 writes out[b] = 0. seq_len <= 0 (a padded slot) touches no state and gives 0.
     The new row is pooled from ``u``, not re-read from the state it is being stored to. Guards:
-    module docstring (every chunk of a request takes the same decision)."""
+    module docstring (every chunk of a request takes the same decision). PREV_CUR: the request's
+    two page ids are (the previous block's page, the current block's page) for this step, not a
+    ring indexed by block parity (ratio 4; ratio 128 reads its one page from the given column)."""
     W: tl.constexpr = (4 if RATIO == 4 else 2) * D
     BW: tl.constexpr = triton.next_power_of_2(W)
     b = tl.program_id(0).to(tl.int64) // SPLIT
     chunk = tl.program_id(0) % SPLIT
-    seq_len = tl.load(seq_lens_ptr + b)
+    seq_len = tl.load(seq_lens_ptr + b * s_seq)
     page_a = tl.load(pages_ptr + b * s_pages).to(tl.int64)  # the ring's page ids, loaded beside seq_len
     page_b = tl.load(pages_ptr + b * s_pages + N_PAGES - 1).to(tl.int64)
     live = seq_len > 0
@@ -190,13 +192,15 @@ def _dsv4_compress_decode_kernel(
     if live & pages_ok & (chunk == 0):
         wc = tl.arange(0, BW)
         row = tl.load(u_ptr + b * s_u + wc, mask=wc < W).to(tl.float32)
-        page = _ring_page(page_a, page_b, t // RATIO, N_PAGES)
+        page = page_b if PREV_CUR else _ring_page(page_a, page_b, t // RATIO, N_PAGES)
         tl.store(state_ptr + (page * RATIO + t % RATIO) * s_state + wc, row, mask=wc < W)
     if emits & pages_ok & (seq_len - RATIO < n_cos):
         n = seq_len // RATIO - 1
+        own_page = page_b if PREV_CUR else _ring_page(page_a, page_b, n, N_PAGES)
+        prev_page = page_a if PREV_CUR else _ring_page(page_a, page_b, n - 1, N_PAGES)
         _emit_block(u_ptr, state_ptr, bias_ptr, normw_ptr, cos_ptr, sin_ptr, out_ptr, pooled_ptr, sumsq_ptr, count_ptr,
-                    seq_len - RATIO, b, 1, _ring_page(page_a, page_b, n, N_PAGES), _ring_page(page_a, page_b, n - 1, N_PAGES),
-                    b, chunk, eps, s_u, s_state, s_cos, s_out, RATIO, D, LOG2_D, SPLIT, BK, ROTATE)
+                    seq_len - RATIO, b, 1, own_page, prev_page,
+                    b, chunk, eps, s_u, s_state, s_cos, s_cos_c, s_out, RATIO, D, LOG2_D, SPLIT, BK, ROTATE)
     elif chunk == 0:
         if live & (not pages_ok or emits):  # refused by a guard
             _nan_row(out_ptr, b, s_out, D)
@@ -236,7 +240,7 @@ def _store_kept_row(u_ptr, state_ptr, pages_ptr, writes_ptr, i, n_state_pages, n
 def _dsv4_compress_prefill_kernel(
     u_ptr, state_ptr, pages_ptr, plan_ptr, writes_ptr, bias_ptr, normw_ptr, cos_ptr, sin_ptr, out_ptr,
     pooled_ptr, sumsq_ptr, count_ptr,
-    n_compress_programs, eps, n_state_pages, n_cos, n_req, n_u, s_u, s_state, s_pages, s_cos, s_out,
+    n_compress_programs, eps, n_state_pages, n_cos, n_req, n_u, s_u, s_state, s_pages, s_cos, s_cos_c, s_out,
     RATIO: tl.constexpr, D: tl.constexpr, LOG2_D: tl.constexpr, SPLIT: tl.constexpr, N_PAGES: tl.constexpr,
     BK: tl.constexpr, ROTATE: tl.constexpr,
 ):
@@ -261,7 +265,7 @@ def _dsv4_compress_prefill_kernel(
             _emit_block(u_ptr, state_ptr, bias_ptr, normw_ptr, cos_ptr, sin_ptr, out_ptr, pooled_ptr, sumsq_ptr, count_ptr,
                         pos, last_u, n_new,
                         _ring_page(page_a, page_b, n, N_PAGES), _ring_page(page_a, page_b, n - 1, N_PAGES),
-                        i, chunk, eps, s_u, s_state, s_cos, s_out, RATIO, D, LOG2_D, SPLIT, BK, ROTATE)
+                        i, chunk, eps, s_u, s_state, s_cos, s_cos_c, s_out, RATIO, D, LOG2_D, SPLIT, BK, ROTATE)
         elif chunk == 0:
             if pos >= 0:  # refused by a guard
                 _nan_row(out_ptr, i, s_out, D)
