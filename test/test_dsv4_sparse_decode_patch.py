@@ -131,6 +131,44 @@ def test_calls_off_the_kernels_contract_keep_upstreams_call(sg):
     assert len(_OFF_CONTRACT) == 10
 
 
+def test_fnuz_gpus_debug_backends_pinned_splits_keep_upstreams_call(sg, monkeypatch):
+    """What the kernel's numbers would not match keeps upstream's kernel: gfx942's e4m3fnuz cache (the
+    kernel reads e4m3fn), upstream's ``torch`` / ``comparison`` debugging backends, 0.5.22+'s pinned
+    split count (deterministic inference), a softmax scale that is not a number."""
+    import types
+
+    from sglang_hip_decode import dsv4_calls
+
+    path = build(sg, ratio=4, batch=3)
+    with path.kernel("reference"):
+        path.run()
+    (call,) = path.calls
+    fb = path.forward_batch()
+    assert dsv4_calls.sparse_decode_applies(fb, call, "tilelang") and dsv4_calls.sparse_decode_applies(fb, call, "auto")
+    for debug in ("torch", "comparison"):
+        assert not dsv4_calls.sparse_decode_applies(fb, call, debug)
+    assert not dsv4_calls.sparse_decode_applies(fb, dict(call, softmax_scale=None))
+    # The FP8 flavour, from the arch name as HIP reports it (gfx942 fnuz; gfx950 and CUDA OCP).
+    for arch, hip, fnuz in (("gfx942:sramecc+:xnack-", "6.4", True), ("gfx950:sramecc+:xnack-", "6.4", False),
+                            ("", None, False)):
+        dsv4_calls._fp8_is_fnuz.cache_clear()
+        monkeypatch.setattr(torch.version, "hip", hip)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i, a=arch: types.SimpleNamespace(gcnArchName=a))
+        assert dsv4_calls._kernel_reads_this_fp8(types.SimpleNamespace(device=torch.device("cuda", 0))) is not fnuz
+    dsv4_calls._fp8_is_fnuz.cache_clear()
+    monkeypatch.undo()
+    # Deterministic inference (0.5.22+): upstream pins 4 splits; the patched backend then calls upstream.
+    monkeypatch.setattr(sg.flash, "hip_attn_kv_splits", lambda: 4, raising=False)
+    assert not dsv4_calls.sparse_decode_applies(fb, call)
+    path.calls.clear()
+    with path.kernel("reference"):
+        with patching.applied(PATCH):
+            path.run()
+    assert len(path.calls) == 1, "pinned splits: the patched decode must make upstream's call"
+    monkeypatch.setattr(sg.flash, "hip_attn_kv_splits", lambda: 0, raising=False)
+    assert dsv4_calls.sparse_decode_applies(fb, call)
+
+
 @pytest.mark.skipif(not NEW_LAYOUT, reason="the compressed cache has one layout before 0.5.22")
 def test_another_compressed_layout_keeps_upstreams_call(sg):
     path = build(sg, ratio=4, extra_bytes=600)  # a stand-in for a V4.1 layout: not 584 B/token

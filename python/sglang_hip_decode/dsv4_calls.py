@@ -14,6 +14,12 @@ captured CUDA graph):
 * the FP8 cache (``is_fp8_kvcache``) of both scopes is the 584 B/token V4 layout (0.5.22+ also has
   V4.1 layouts: those keep upstream's kernel), one-byte elements, a page's bytes contiguous, no block
   table, no ``cache_seqlens``;
+* the device's FP8 is OCP e4m3 (the kernel reads the cache as e4m3fn): gfx942 (MI300X / MI325X),
+  where SGLang writes e4m3fnuz, keeps upstream's kernel; so does any call on a GPU with fp32 q;
+* upstream's split count is not pinned: 0.5.22+'s deterministic inference (``hip_attn_kv_splits()``
+  > 0) fixes it for batch-invariant bits, ours picks splits by batch size, so it keeps upstream's;
+* the backend asked for is not one of upstream's debugging paths (``torch``, ``comparison``);
+* ``softmax_scale`` is a number;
 * every other input is what the kernel accepts: indices (tokens, 1, topk) int32 with a contiguous
   last dim, lengths (tokens,) int32 contiguous, the sink (heads,) fp32 contiguous, all on q's device.
   A call that misses any of these keeps upstream's kernel (never an error of ours in a decode step).
@@ -24,6 +30,8 @@ our output, as upstream's paths without the fused form do.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -61,13 +69,36 @@ def _scope_ok(call, cache_key, indices_key, length_key, q) -> bool:
             and (length is None or _int32_rows(length, (q.shape[0],), q.device)))
 
 
-def sparse_decode_applies(forward_batch, call: dict) -> bool:
+DEBUG_BACKENDS = ("torch", "comparison")  # upstream's reference and cross-check paths: never replaced
+
+
+@functools.lru_cache(maxsize=None)
+def _fp8_is_fnuz(device_index: int) -> bool:
+    """Whether this HIP GPU's FP8 is e4m3fnuz (gfx94x), as SGLang's ``is_fp8_fnuz`` decides it."""
+    return bool(torch.version.hip) and torch.cuda.get_device_properties(device_index).gcnArchName.startswith("gfx94")
+
+
+def _kernel_reads_this_fp8(q) -> bool:
+    return q.device.type != "cuda" or not _fp8_is_fnuz(q.device.index if q.device.index is not None else 0)
+
+
+def _splits_pinned() -> bool:
+    """0.5.22+: deterministic inference pins upstream's split count (none of this before)."""
+    from sglang.srt.layers.attention import hip_flash_mla
+
+    pinned = getattr(hip_flash_mla, "hip_attn_kv_splits", None)
+    return pinned is not None and pinned() > 0
+
+
+def sparse_decode_applies(forward_batch, call: dict, backend=None) -> bool:
     """Whether :func:`sparse_decode_call` answers this call (module docstring)."""
-    q, sink = call.get("q"), call.get("attn_sink")
+    q, sink, scale = call.get("q"), call.get("attn_sink"), call.get("softmax_scale")
     return bool(
         forward_batch.forward_mode.is_decode()
+        and backend not in DEBUG_BACKENDS
+        and isinstance(scale, (int, float)) and not isinstance(scale, bool)
         and isinstance(q, torch.Tensor) and q.dim() == 4 and q.shape[1] == 1 and q.shape[3] == HEAD_DIM
-        and q.dtype in (torch.bfloat16, torch.float32) and q.stride(3) == 1
+        and (q.dtype == torch.bfloat16 or (q.dtype == torch.float32 and q.device.type == "cpu")) and q.stride(3) == 1
         and call.get("head_dim_v") == HEAD_DIM
         and call.get("is_fp8_kvcache") is True
         and call.get("block_table") is None and call.get("cache_seqlens") is None
@@ -77,13 +108,15 @@ def sparse_decode_applies(forward_batch, call: dict) -> bool:
         and (sink is None or (isinstance(sink, torch.Tensor) and sink.device == q.device
                               and sink.dtype == torch.float32 and tuple(sink.shape) == (q.shape[2],)
                               and (q.shape[2] <= 1 or sink.stride(0) == 1)))
+        and _kernel_reads_this_fp8(q)
+        and not _splits_pinned()
     )
 
 
-def sparse_decode_call(forward_batch, call: dict):
-    """The call's output (tokens, 1, heads, 512), what ``entrypoint(**call)[0]`` returns, or ``None``
-    where ours does not answer it."""
-    if not sparse_decode_applies(forward_batch, call):
+def sparse_decode_call(forward_batch, call: dict, backend=None):
+    """The call's output (tokens, 1, heads, 512), what ``entrypoint(**call, backend=backend)[0]``
+    returns, or ``None`` where ours does not answer it."""
+    if not sparse_decode_applies(forward_batch, call, backend):
         return None
     k_cache, extra = call["k_cache"], call.get("extra_k_cache")
     out, _ = sparse_decode(

@@ -12,8 +12,10 @@ backend method of each release, ours is within 2x torch's own bf16 error of an f
 FlashMLA contract, and no farther from it than upstream's own kernel on the same inputs (GPU).
 
 Where it acts (``sglang_hip_decode.dsv4_calls.sparse_decode_call``): decode batches whose q is bf16
-(tokens, 1, heads, 512) over 584 B/token caches; anything else (prefill, target-verify, the V4.1
-layouts of 0.5.22+, fp8 q) keeps upstream's call, unchanged. On 0.5.22+ a decode with few enough
+(tokens, 1, heads, 512) over 584 B/token caches, on GPUs whose FP8 is OCP e4m3 (gfx950; gfx942
+stores e4m3fnuz and keeps upstream's kernel); anything else (prefill, target-verify, the V4.1
+layouts of 0.5.22+, fp8 q, 0.5.22+'s deterministic inference with its pinned split count,
+upstream's ``torch`` / ``comparison`` debugging backends) keeps upstream's call, unchanged. On 0.5.22+ a decode with few enough
 tokens on gfx950 with ``aiter_sparse`` takes upstream's ``swapab_attention`` branch before this call
 and is not reached; where upstream passes ``inv_rope`` (its aiter kernel's fused inverse RoPE), ours
 runs upstream's standalone inverse RoPE on its output.
@@ -40,7 +42,7 @@ _CALL = Hunk(
     # sglang-hip-decode dsv4-sparse-decode: ours where it implements the call, else upstream's
     from sglang_hip_decode.dsv4_calls import sparse_decode_call as _shd_sparse_decode_call
 
-    o = _shd_sparse_decode_call(forward_batch, input_dict)
+    o = _shd_sparse_decode_call(forward_batch, input_dict, backend)
     if o is None:
         o = flash_mla_with_kvcache_entrypoint(**input_dict, backend=backend)[0]
     """,

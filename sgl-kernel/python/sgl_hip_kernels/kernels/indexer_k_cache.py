@@ -10,6 +10,8 @@ interpreter, whose fp32 -> fp8 cast rounds some values into the wrong binade.
 import triton
 import triton.language as tl
 
+from .splitk import dot
+
 
 @triton.jit
 def e4m3fn_code(x):
@@ -125,7 +127,7 @@ def _paged_mqa_logits_kernel(
     q = tl.load(q_ptr + t * s_q_t + heads[:, None] * s_q_h + c[None, :], mask=(heads < H)[:, None], other=0)
     q = q.to(tl.float8e4nv, bitcast=True).to(compute)
     w = tl.load(w_ptr + t * s_w_t + heads, mask=heads < H, other=0.0)
-    dots = tl.dot(q, tl.trans(keys), input_precision="ieee" if IEEE else "tf32")  # (BLOCK_H, BLOCK_N)
+    dots = dot(q, tl.trans(keys), IEEE)  # (BLOCK_H, BLOCK_N)
     logits = tl.sum(tl.maximum(dots * sf[None, :], 0.0) * w[:, None], 0)
     logits = tl.where(ok, logits, tl.where(visible, float("nan"), float("-inf")))
     tl.store(out_ptr + t * s_o_t + pos, logits, mask=pos < max_model_len)

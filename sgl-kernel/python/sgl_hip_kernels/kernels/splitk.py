@@ -17,6 +17,19 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
+def dot(a, b, IEEE: tl.constexpr):
+    """``a @ b``. IEEE (fp32 operands: the CPU interpreter): exact fp32 products and sums. Else the
+    backend's default precision for the operands (bf16: their only one). Never ``"tf32"`` by name:
+    Triton's gfx950 (MI355X) backend refuses it at compile time (gfx942 and NVIDIA accept it), which
+    ``tests/test_compile_targets.py`` checks for every kernel here that a patch runs."""
+    if IEEE:
+        r = tl.dot(a, b, input_precision="ieee")
+    else:
+        r = tl.dot(a, b)
+    return r
+
+
+@triton.jit
 def softmax_step(s, v, m, den, acc, IEEE: tl.constexpr):
     """One block of keys: ``s`` (BLOCK_H, BLOCK_N) log2-unit scores, -inf where invalid; ``v``
     (BLOCK_N, D) values. Returns the updated running max, denominator and accumulator."""
@@ -27,7 +40,7 @@ def softmax_step(s, v, m, den, acc, IEEE: tl.constexpr):
     alpha = tl.exp2(m - m_safe)
     p = tl.exp2(s - m_safe[:, None])
     den = den * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee" if IEEE else "tf32")
+    acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, IEEE)
     return m_new, den, acc
 
 

@@ -13,7 +13,7 @@ grid axis, so the programs that read one token's keys run together and share the
 import triton
 import triton.language as tl
 
-from ...kernels.splitk import LOG2E, softmax_step, write_result
+from ...kernels.splitk import LOG2E, dot, softmax_step, write_result
 
 
 @triton.jit
@@ -49,14 +49,15 @@ def _load_keys(cache_ptr, idx_row_ptr, pos, limit, page_stride, block_size, n_to
 def _scores(q, keys, scale2, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
     """``q . k`` of every head and key, times ``scale2``: (BLOCK_H, BLOCK_N). bf16 (the GPU's path):
     one dot. fp32 (``IEEE``): the 512-long dot as 8 dots of 64 (the cache's own tiles), summed, so
-    the fp32 rounding does not hang on the order the backend sums one long dot in (numpy's BLAS
-    under the interpreter differs between CPUs): about half the error of one long dot."""
+    the fp32 rounding does not hang on the order one long dot is summed in (under the interpreter a
+    dot is torch's CPU matmul, whose kernel and order differ between CPUs: on an AVX-512 machine one
+    512-long dot erred 1.2-1.45x past the tests' bound): about half the error of one long dot."""
     if IEEE:
         q_tiles = tl.permute(tl.reshape(q, (BLOCK_H, 8, 64)), (1, 0, 2))
         k_tiles = tl.permute(tl.reshape(keys, (BLOCK_N, 8, 64)), (1, 2, 0))
-        dots = tl.sum(tl.dot(q_tiles, k_tiles, input_precision="ieee"), 0)
+        dots = tl.sum(dot(q_tiles, k_tiles, IEEE), 0)
     else:
-        dots = tl.dot(q, tl.trans(keys), input_precision="tf32")
+        dots = dot(q, tl.trans(keys), IEEE)
     return dots * scale2
 
 

@@ -6,6 +6,8 @@ batched GEMM of the v-bmm. The rounding rules are stated in ``mxfp4_ref.mxfp4_qu
 import triton
 import triton.language as tl
 
+from ...kernels.splitk import dot
+
 
 @triton.jit
 def _mxfp4_codes(x, ROWS: tl.constexpr, COLS: tl.constexpr):
@@ -107,7 +109,6 @@ def _mxfp4_prequant_bmm_kernel(
     cols = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok, col_ok = rows < M, cols < N
     compute = tl.float32 if IEEE else tl.bfloat16
-    precision: tl.constexpr = "ieee" if IEEE else "tf32"
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
@@ -123,6 +124,6 @@ def _mxfp4_prequant_bmm_kernel(
         w_exp = tl.load(ws_ptr + b * s_ws_b + cols[:, None] * s_ws_n + kg[None, :] * s_ws_k, mask=col_ok[:, None], other=127)
         w = tl.reshape(_e2m1_value(w_codes), (BLOCK_N, BLOCK_K // 32, 32)) * tl.exp2(w_exp.to(tl.float32) - 127.0)[:, :, None]
         w = tl.reshape(w, (BLOCK_N, BLOCK_K)).to(compute)
-        acc += tl.dot(a, tl.trans(w), input_precision=precision)
+        acc += dot(a, tl.trans(w), IEEE)
     y = y_ptr + b * s_y_b + rows[:, None] * s_y_m + cols[None, :] * s_y_n
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])

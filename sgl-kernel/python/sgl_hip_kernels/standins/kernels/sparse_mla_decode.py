@@ -10,7 +10,7 @@ merges (the split-K pieces are shared with the DeepSeek-V4 decode).
 import triton
 import triton.language as tl
 
-from ...kernels.splitk import LOG2E, softmax_step, write_result
+from ...kernels.splitk import LOG2E, dot, softmax_step, write_result
 
 
 @triton.jit
@@ -39,7 +39,6 @@ def _sparse_mla_decode_kernel(
     dv = tl.arange(0, D_V)
     dr = tl.arange(0, D_ROPE)
     compute = tl.float32 if IEEE else tl.bfloat16
-    precision: tl.constexpr = "ieee" if IEEE else "tf32"
 
     q_row = q_ptr + n * s_q_n + heads[:, None] * s_q_h
     q_nope = tl.load(q_row + dv[None, :] * s_q_d, mask=head_ok[:, None], other=0.0).to(compute)
@@ -61,8 +60,8 @@ def _sparse_mla_decode_kernel(
             # Invalid slots are never read (NaN in them must not leak).
             kv_nope = tl.load(rows + dv[None, :] * s_kv_d, mask=valid[:, None], other=0.0).to(compute)
             kv_rope = tl.load(rows + (D_V + dr)[None, :] * s_kv_d, mask=valid[:, None], other=0.0).to(compute)
-            s = tl.dot(q_nope, tl.trans(kv_nope), input_precision=precision)
-            s += tl.dot(q_rope, tl.trans(kv_rope), input_precision=precision)
+            s = dot(q_nope, tl.trans(kv_nope), IEEE)
+            s += dot(q_rope, tl.trans(kv_rope), IEEE)
             s = tl.where(valid[None, :], s * scale2, float("-inf"))
             m, den, acc = softmax_step(s, kv_nope, m, den, acc, IEEE)
     o_ptrs = out_ptr + split * s_o_split + n * s_o_n + heads[:, None] * s_o_h + dv[None, :] * s_o_d

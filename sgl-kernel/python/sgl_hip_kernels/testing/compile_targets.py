@@ -1,0 +1,86 @@
+"""Compile, on the CPU, every Triton kernel a patch runs on a ROCm server, for the GPUs it will meet:
+gfx950 (MI355X, the target), gfx942 (MI300X / MI325X) and sm_90 (the H200 the measurements use), at
+the launch shapes the launchers pick on a GPU (Triton's own backends; nothing runs).
+``python -m sgl_hip_kernels.testing.compile_targets ARCH`` prints one JSON line per kernel:
+``{"kernel": ..., "arch": ..., "ok": bool, "error": ...}`` (``tests/test_compile_targets.py``).
+
+Why: a kernel that does not compile for an architecture fails at its first call inside the patched
+server (a patch's guard, which declines unsupported inputs, cannot see it), and the interpreter the
+CPU suite runs never compiles anything. Triton's gfx950 backend refuses ``input_precision="tf32"``,
+which gfx942 and NVIDIA accept.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import sys
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    raise SystemExit("compile_targets: run without TRITON_INTERPRET (an interpreted kernel cannot be compiled)")
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from sgl_hip_kernels.dsv4.kernels.compress import _dsv4_compress_decode_kernel  # noqa: E402
+from sgl_hip_kernels.dsv4.kernels.sparse_decode import _dsv4_sparse_decode_kernel  # noqa: E402
+from sgl_hip_kernels.kernels.splitk import _splitk_combine_kernel  # noqa: E402
+
+TARGETS = {"gfx950": GPUTarget("hip", "gfx950", 64), "gfx942": GPUTarget("hip", "gfx942", 64),
+           "sm90": GPUTarget("cuda", 90, 32)}
+
+
+def _signature(kernel, pointers: dict, floats: tuple, constexprs: dict) -> dict:
+    """Triton's signature for ``kernel``: the named pointer types, fp32 for ``floats``, constexpr for
+    ``constexprs``, i64 for every other (integer) argument."""
+    names = list(inspect.signature(kernel.fn).parameters)
+    unknown = (set(pointers) | set(floats) | set(constexprs)) - set(names)
+    assert not unknown, f"not parameters of {kernel.fn.__name__}: {sorted(unknown)}"
+    return {n: pointers.get(n) or ("fp32" if n in floats else "constexpr" if n in constexprs else "i64") for n in names}
+
+
+# (what, kernel, pointer types, float scalars, constexprs, launch options): the GPU launch rules' shapes
+_SPARSE_PTRS = {"q_ptr": "*bf16", "cache_ptr": "*u8", "idx_ptr": "*i32", "len_ptr": "*i32", "x_cache_ptr": "*u8",
+                "x_idx_ptr": "*i32", "x_len_ptr": "*i32", "sink_ptr": "*fp32", "out_ptr": "*bf16", "lse_ptr": "*fp32"}
+_SPARSE_CONST = dict(HAS_LEN=True, HAS_EXTRA=True, HAS_X_LEN=True, HAS_SINK=True, BLOCK_N=64, KEYS_PER_SPLIT=128,
+                     IEEE=False)
+_COMPRESS_PTRS = {"u_ptr": "*fp32", "state_ptr": "*fp32", "pages_ptr": "*i32", "seq_lens_ptr": "*i32",
+                  "bias_ptr": "*fp32", "normw_ptr": "*fp32", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "out_ptr": "*bf16",
+                  "pooled_ptr": "*fp32", "sumsq_ptr": "*fp32", "count_ptr": "*i32"}
+KERNELS = {
+    "dsv4 sparse decode, one split, 64 heads": (
+        _dsv4_sparse_decode_kernel, _SPARSE_PTRS, ("sm_scale",), dict(_SPARSE_CONST, FINAL=True, BLOCK_H=64),
+        dict(num_warps=8, num_stages=2)),
+    "dsv4 sparse decode, a split's partial, 16 heads": (
+        _dsv4_sparse_decode_kernel, dict(_SPARSE_PTRS, out_ptr="*fp32"), ("sm_scale",),
+        dict(_SPARSE_CONST, FINAL=False, BLOCK_H=16, BLOCK_N=32), dict(num_warps=8, num_stages=2)),
+    "split-K combine": (
+        _splitk_combine_kernel, {"part_o_ptr": "*fp32", "part_m_ptr": "*fp32", "sink_ptr": "*fp32", "out_ptr": "*bf16",
+                                 "lse_ptr": "*fp32"}, (),
+        dict(SPLITS=4, D=512, BLOCK_H=16, HAS_SINK=True, HAS_LSE=True), dict(num_warps=4)),
+    "dsv4 compress decode, ratio 4, d 512, SGLang's plan pages": (
+        _dsv4_compress_decode_kernel, _COMPRESS_PTRS, ("eps",),
+        dict(RATIO=4, D=512, LOG2_D=9, SPLIT=16, N_PAGES=2, BK=8, ROTATE=False, PREV_CUR=True), dict(num_warps=4)),
+    "dsv4 compress decode, ratio 128, d 128, rotated (indexer)": (
+        _dsv4_compress_decode_kernel, _COMPRESS_PTRS, ("eps",),
+        dict(RATIO=128, D=128, LOG2_D=7, SPLIT=4, N_PAGES=1, BK=128, ROTATE=True, PREV_CUR=True), dict(num_warps=4)),
+}
+
+
+def compile_all(arch: str) -> list[dict]:
+    results = []
+    for what, (kernel, pointers, floats, constexprs, options) in KERNELS.items():
+        try:
+            compiled = triton.compile(ASTSource(kernel, _signature(kernel, pointers, floats, constexprs), constexprs),
+                                      target=TARGETS[arch], options=options)
+            results.append(dict(kernel=what, arch=arch, ok=bool(compiled.asm), error=None))
+        except Exception as e:  # noqa: BLE001 - the report is the point
+            results.append(dict(kernel=what, arch=arch, ok=False, error=f"{type(e).__name__}: {str(e)[-400:]}"))
+    return results
+
+
+if __name__ == "__main__":
+    for row in compile_all(sys.argv[1]):
+        print(json.dumps(row))
