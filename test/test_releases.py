@@ -126,15 +126,17 @@ PARITY = {
     "0.5.12.post1": {"test_nsa_cat_skip.py": "skipped", "test_mxfp4_vbmm_layout.py": "ran",
                      "test_indexer_rope_guard.py": "ran", "test_hip_alt_stream.py": "ran",
                      "test_hip_dual_stream_av4.py": "ran", "test_gates.py": "ran", "test_find_copies.py": "ran",
-                     "test_dsv4_sparse_decode_patch.py": "skipped"},
+                     "test_dsv4_sparse_decode_patch.py": "skipped", "test_dsv4_fused_compress_patch.py": "skipped"},
     "0.5.13.post1": {"test_nsa_cat_skip.py": "skipped", "test_mxfp4_vbmm_layout.py": "skipped",
                      "test_indexer_rope_guard.py": "ran", "test_hip_alt_stream.py": "skipped",
                      "test_hip_dual_stream_av4.py": "skipped", "test_gates.py": "ran", "test_find_copies.py": "ran",
-                     "test_mla_decode_dsa.py": "ran", "test_dsv4_sparse_decode_patch.py": "ran"},
+                     "test_mla_decode_dsa.py": "ran", "test_dsv4_sparse_decode_patch.py": "ran",
+                     "test_dsv4_fused_compress_patch.py": "ran"},
     "0.5.23": {"test_nsa_cat_skip.py": "skipped", "test_mxfp4_vbmm_layout.py": "skipped",
                "test_indexer_rope_guard.py": "ran", "test_hip_alt_stream.py": "skipped",
                "test_hip_dual_stream_av4.py": "skipped", "test_gates.py": "ran", "test_find_copies.py": "ran",
-               "test_mla_decode_dsa.py": "ran", "test_dsv4_sparse_decode_patch.py": "ran"},
+               "test_mla_decode_dsa.py": "ran", "test_dsv4_sparse_decode_patch.py": "ran",
+               "test_dsv4_fused_compress_patch.py": "ran"},
 }
 
 
@@ -178,7 +180,8 @@ def test_parity_suites_on_the_release(version, tmp_path):
     ("0.5.12.post1", {"nsa-cat-skip": "upstream: sglang 0.5.12.post1 has this (sglang#24125, since 0.5.12)",
                       "mxfp4-vbmm-layout": "applied", "indexer-rope-guard": "applied",
                       "hip-alt-stream": "off (opt-in; add it to SGLANG_HIP_DECODE_PATCHES)",
-                      "dsv4-sparse-decode": "not applicable: no DeepSeek-V4 before 0.5.13"}),
+                      "dsv4-sparse-decode": "not applicable: no DeepSeek-V4 before 0.5.13",
+                      "dsv4-fused-compress": "not applicable: no DeepSeek-V4 before 0.5.13"}),
     ("0.5.13.post1", {"nsa-cat-skip": "upstream: sglang 0.5.13.post1 has this (sglang#24125, since 0.5.12)",
                       "mxfp4-vbmm-layout": "upstream: sglang 0.5.13.post1 has this (sglang#25463, since 0.5.13)",
                       "indexer-rope-guard": "applied"}),
@@ -190,7 +193,8 @@ def test_parity_suites_on_the_release(version, tmp_path):
                                   "SGLANG_ROCM_USE_MULTI_STREAM=1 for the stream, since 0.5.13)",
                 "hip-dual-stream-av4": "not applicable: not ported past 0.5.12.post1 (from 0.5.18 ROCm decodes in "
                                        "forward_mla_rocm.py)",
-                "dsv4-sparse-decode": "off (opt-in; add it to SGLANG_HIP_DECODE_PATCHES)"}),
+                "dsv4-sparse-decode": "off (opt-in; add it to SGLANG_HIP_DECODE_PATCHES)",
+                "dsv4-fused-compress": "off (opt-in; add it to SGLANG_HIP_DECODE_PATCHES)"}),
 ])
 def test_status_on_the_release(version, expected):
     # The console script, the platform forced: what a user on that release sees.
@@ -233,7 +237,8 @@ def _extract(wheel_path: Path, names, tree: Path) -> None:
     ("0.5.12.post1", ["sglang/srt/layers/attention/nsa/nsa_indexer.py",
                       "sglang/srt/models/deepseek_common/attention_forward_methods/forward_mla.py",
                       "sglang/srt/models/deepseek_v2.py"], ["nsa-cat-skip"]),
-    ("0.5.23", ["sglang/srt/layers/attention/dsa/dsa_indexer.py", "sglang/srt/layers/attention/deepseek_v4_backend_hip_radix.py"],
+    ("0.5.23", ["sglang/srt/layers/attention/dsa/dsa_indexer.py", "sglang/srt/layers/attention/deepseek_v4_backend_hip_radix.py",
+                "sglang/srt/layers/attention/dsv4/compressor_v2.py"],
      ["nsa-cat-skip", "mxfp4-vbmm-layout", "hip-alt-stream"]),
 ])
 def test_diff_of_a_release_from_its_wheel_applies_to_its_tree(version, files, left_out, tmp_path, capsys):
@@ -288,7 +293,7 @@ def test_releases_command_table(capsys):
     assert lines[0].split() == ["release"] + [p.name for p in IMPLEMENTED]
     rows = {line.split("  ")[0].strip(): line for line in lines[2:]}
     assert list(rows) == ["0.5.11", "0.5.12, 0.5.12.post1", "0.5.13 ... 0.5.23", "newer than 0.5.23"]
-    assert rows["0.5.11"].count("applies:") == len(IMPLEMENTED) - 1  # all but dsv4-sparse-decode
+    assert rows["0.5.11"].count("applies:") == len(IMPLEMENTED) - 2  # all but the two DeepSeek-V4 patches
     assert "not applicable (no DeepSeek-V4 before 0.5.13)" in rows["0.5.11"]
     assert "tried (anchors decide): `dsa_indexer`" in rows["newer than 0.5.23"]
 

@@ -1,6 +1,12 @@
 """What the DeepSeek-V4 patches' edited upstream bodies call at run time (imported inside the edited
 method, so a server without these patches never imports it, nor the kernels).
 
+:func:`fused_compress_call` (patch ``dsv4-fused-compress``): one decode step of the compressor v2's
+``_forward_compress_all_in_one``, handed the method's locals; ours (``compress_decode`` over SGLang's
+state ring and decode plan, then upstream's ``fused_store_cache``) where :func:`fused_compress_applies`
+says the step is one it implements, else ``False`` and upstream's kernels run (the patch header
+lists what is declined).
+
 :func:`sparse_decode_call` (patch ``dsv4-sparse-decode``): the HIP DSV4 attention backend's FlashMLA
 call, ``flash_mla_with_kvcache_entrypoint(**input_dict, backend=...)[0]``, answered by this project's
 portable ``sgl_hip_kernels.dsv4.sparse_decode`` where that kernel implements exactly the call's
@@ -132,3 +138,92 @@ def sparse_decode_call(forward_batch, call: dict, backend=None):
 
         _apply_inverse_rope(out, inv_rope)
     return out
+
+
+# --- dsv4-fused-compress ------------------------------------------------------------------------
+
+# ``_forward_compress_all_in_one``'s locals at the edit, on 0.5.13 ... 0.5.23: the arguments and the
+# three it has computed by then. A name outside these (a later release's new argument) declines.
+_COMPRESS_LOCALS = frozenset({
+    "self", "kv_score_buffer", "kv_score_input", "ape", "head_dim", "norm", "freqs_cis_cache", "kv_cache", "is_indexer",
+    "rotate", "compress_ratio", "page_size", "out_loc", "use_fp4_indexer", "plan", "is_online", "coff", "last_dim",
+    "_shd_fused_compress_call",  # the edit's own import
+    # 0.5.14+
+    "bf16_store",
+    # 0.5.20+ (kv_layout from 0.5.21)
+    "kv_scale_cache", "rope_cache", "kv_layout", "fp8_2buff", "kv_cache_rope",
+})
+_COMPRESS_OFF = ("use_fp4_indexer", "is_online", "bf16_store", "fp8_2buff")  # each must be False where present
+_COMPRESS_NONE = ("kv_scale_cache", "rope_cache", "kv_cache_rope")  # each must be None where present
+
+
+def _fp32_rows(t, shape, device) -> bool:
+    """A fp32 tensor of ``shape`` on ``device`` with contiguous rows."""
+    return bool(isinstance(t, torch.Tensor) and t.device == device and t.dtype == torch.float32
+                and tuple(t.shape) == tuple(shape) and t.is_contiguous())
+
+
+def fused_compress_applies(env: dict) -> bool:
+    """Whether :func:`fused_compress_call` answers this compressor step (``env``: the edited
+    method's locals; module docstring of the patch for what each condition means)."""
+    if set(env) - _COMPRESS_LOCALS:
+        return False
+    if any(env.get(k, False) is not False for k in _COMPRESS_OFF) or any(env.get(k) is not None for k in _COMPRESS_NONE):
+        return False
+    layout = env.get("kv_layout")
+    if layout is not None and str(getattr(layout, "value", layout)) != "v4":
+        return False
+    plan, u, ratio, d = env.get("plan"), env.get("kv_score_input"), env.get("compress_ratio"), env.get("head_dim")
+    if type(plan).__name__ != "CompressorDecodePlan" or not getattr(plan, "is_decode", False):
+        return False  # prefill keeps upstream's kernels (module docstring of the patch)
+    if ratio not in (4, 128) or d not in (128, 512) or bool(env.get("rotate")) != (d == 128):
+        return False
+    if not isinstance(u, torch.Tensor) or u.dim() != 2 or u.dtype not in (torch.float32, torch.bfloat16) \
+            or u.stride(1) != 1:
+        return False
+    width = (4 if ratio == 4 else 2) * d
+    plan_d, buf, dev = plan.plan_d, env.get("kv_score_buffer"), u.device
+    norm, ape = env.get("norm"), env.get("ape")
+    weight, eps = getattr(norm, "weight", None), getattr(norm, "variance_epsilon", None)
+    freqs, cache, loc = env.get("freqs_cis_cache"), env.get("kv_cache"), env.get("out_loc")
+    return bool(
+        u.shape[1] == width
+        and isinstance(plan_d, torch.Tensor) and plan_d.dtype == torch.uint8 and plan_d.device == dev
+        and tuple(plan_d.shape) == (u.shape[0], 16) and plan_d.is_contiguous()
+        and isinstance(buf, torch.Tensor) and buf.dtype == torch.float32 and buf.device == dev and buf.dim() == 3
+        and tuple(buf.shape[1:]) == (ratio, width) and buf.is_contiguous()
+        and isinstance(ape, torch.Tensor) and _fp32_rows(ape, ape.shape, dev) and ape.numel() == (8 if ratio == 4 else 128) * d
+        and _fp32_rows(weight, (d,), dev)
+        and isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps > 0
+        and isinstance(freqs, torch.Tensor) and freqs.dtype == torch.complex64 and freqs.dim() == 2
+        and freqs.shape[1] == 32 and freqs.device == dev and freqs.is_contiguous()
+        and isinstance(cache, torch.Tensor) and cache.dtype == torch.uint8 and cache.dim() == 2 and cache.device == dev
+        and isinstance(loc, torch.Tensor) and loc.dim() == 1 and loc.shape[0] == u.shape[0] and loc.device == dev
+        and loc.dtype in (torch.int32, torch.int64)
+        and isinstance(env.get("page_size"), int) and env["page_size"] > 0
+    )
+
+
+def fused_compress_call(env: dict) -> bool:
+    """Answer one decode step of ``_forward_compress_all_in_one`` (``env``: its locals) with this
+    project's fused compressor and upstream's own cache store; ``False`` (nothing done) where ours
+    does not implement the step, and the edited method then runs upstream's kernels unchanged."""
+    if not fused_compress_applies(env):
+        return False
+    from sgl_hip_kernels.dsv4.compress import compress_decode
+    from sglang.srt.mem_cache import deepseek_v4_memory_pool as pool_module
+
+    ratio, d, u = env["compress_ratio"], env["head_dim"], env["kv_score_input"]
+    buf = env["kv_score_buffer"]
+    plan = env["plan"].plan_d.view(torch.int32)  # (B, 4): seq_len, write_loc, previous block's page, current page
+    table = torch.view_as_real(env["freqs_cis_cache"])  # (max_pos, 32, 2): cos, sin interleaved, read in place
+    out = compress_decode(
+        u, buf.view(-1, buf.shape[-1]), plan[:, 2:] if ratio == 4 else plan[:, 3:], plan[:, 0],
+        env["ape"].view(-1, d), env["norm"].weight, float(env["norm"].variance_epsilon), table[..., 0], table[..., 1],
+        ratio, rotate=bool(env["rotate"]), check_indices=False, page_order="prev_cur",
+    )
+    # Rows that emit nothing are 0 and their out_loc is 0 (the metadata's dummy slot): the store
+    # writes that slot, as upstream's own HIP path (_forward_unified_hip) does.
+    pool_module.fused_store_cache(out, env["kv_cache"], env["out_loc"], page_size=env["page_size"],
+                                  type="indexer" if env["is_indexer"] else "flashmla")
+    return True

@@ -110,7 +110,7 @@ def _dsv4(release) -> dict:
 
 
 # The DeepSeek-V4 patches (opt-in): the dsv4 preset's 'on' arm selects them with --patches default.
-DSV4_PATCHES = ("dsv4-sparse-decode",)
+DSV4_PATCHES = ("dsv4-sparse-decode", "dsv4-fused-compress")
 
 # The three workloads the upstream changes were validated on (benchmark/e2e/README.md); the model
 # path is the user's. ``patches``: the ones that act on the workload where they have edits on the

@@ -10,6 +10,11 @@ seeds, the ``gpu`` marker, the Triton interpreter on the CPU, and no false green
   own is numpy's, whose fp32 rounding depends on the BLAS build and the CPU: on an AVX2-only CPU it
   errs up to 4x more than torch's on the same products, so a kernel's error measured against
   "torch's own error" would depend on the machine). Same dtypes in and out as numpy's.
+* Under the interpreter a float conversion to a narrower type (fp32 -> bf16 / fp16 / fp8, implicit
+  in a store too) rounds to nearest even, as the GPUs do, through torch; e4m3 saturates finite
+  values to +-max (NVIDIA's ``satfinite``). The interpreter's own truncates to bf16 and gets fp8
+  wrong (0.4916 -> 0.25, 7.77 -> 4.0 in e4m3), so a kernel that quantises, or one of upstream's
+  Triton store kernels run on the CPU, would be tested against values no GPU makes.
 * The run fails when tests were collected and every one of them was skipped: a green suite that
   tested nothing on this machine is a false green (decided by the controller under pytest-xdist,
   which receives every worker's reports).
@@ -52,8 +57,41 @@ def _torch_dot():
     interpreter.InterpreterBuilder.create_dot = create_dot
 
 
+def _torch_float_casts():
+    """The interpreter's ``_convert_float`` through torch for the float types torch has (RTNE)."""
+    import numpy as np
+    import triton.language as tl
+    from triton._C.libtriton import ir
+    from triton.runtime import interpreter
+
+    own = interpreter._convert_float
+    as_torch = {getattr(tl, t).name: getattr(torch, n) for t, n in
+                (("float8e4nv", "float8_e4m3fn"), ("float8e4b8", "float8_e4m3fnuz"), ("float8e5", "float8_e5m2"),
+                 ("float8e5b16", "float8_e5m2fnuz"), ("bfloat16", "bfloat16"), ("float16", "float16"),
+                 ("float32", "float32"), ("float64", "float64")) if hasattr(torch, n)}
+    e4m3 = {getattr(torch, n) for n in ("float8_e4m3fn", "float8_e4m3fnuz") if hasattr(torch, n)}
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+    def convert(input, input_dtype, output_dtype, rounding_mode):
+        src, dst = as_torch.get(input_dtype.name), as_torch.get(output_dtype.name)
+        if src is None or dst is None or rounding_mode not in (None, ir.ROUNDING_MODE.RTNE):
+            return own(input, input_dtype, output_dtype, rounding_mode)
+        raw = torch.from_numpy(np.ascontiguousarray(input).view(np.uint8).copy())
+        x = raw.view(src) if src.itemsize == 1 else raw.view(ints[src.itemsize]).view(src)
+        if dst in e4m3 and x.dtype not in e4m3:  # saturate (NaN stays NaN)
+            top = torch.finfo(dst).max
+            x = torch.where(x.isnan(), x, x.clamp(-top, top))
+        y = x.to(dst)
+        out = y.view(torch.uint8) if dst.itemsize == 1 else y.view(ints[dst.itemsize])
+        width = output_dtype.primitive_bitwidth
+        return out.numpy().view(getattr(np, f"uint{width}")).reshape(np.shape(input))
+
+    interpreter._convert_float = convert
+
+
 if os.environ.get("TRITON_INTERPRET") == "1":
     _torch_dot()
+    _torch_float_casts()
 
 _outcomes = {"passed": 0, "failed": 0, "skipped": 0}
 

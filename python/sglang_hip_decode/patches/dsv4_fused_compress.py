@@ -1,0 +1,71 @@
+"""dsv4-fused-compress: the DeepSeek-V4 KV compressor's decode step on HIP runs this project's fused compressor.
+
+Kind: **a kernel swap, accuracy-equivalent, not bit-identical.** In decode, upstream's
+``compress_forward`` (store the token's raw row in the state ring; pool an emitting request's
+block) and ``compress_norm_rope_store`` (RMSNorm, RoPE, the indexer's Hadamard rotation, FP8
+quantisation and the paged store) become ``sgl_hip_kernels.dsv4.compress_decode`` (the ring store,
+APE bias, pooling, RMSNorm, RoPE and rotation in one launch) followed by upstream's own cache store
+(``fused_store_cache``, the ROCm Triton kernel SGLang's HIP paths store with). Both compute in fp32
+from the same rows, in another order (other tiles and reductions), so the compressed vectors differ
+in the last bits and, through FP8 quantisation, the stored bytes may differ by one FP8 step. What
+that means, as the parity test (``test/test_dsv4_fused_compress_patch.py``) checks it: on the real
+method of each release, the state ring after the step equals upstream's bit for bit; the vector
+ours stores is within 2x torch's own fp32 error of an fp64 reference of the compressor's contract;
+the stored row reads back as that vector within one FP8 rounding; no other cache slot but the
+dummy slot 0 changes.
+
+Layouts, mapped without a copy: SGLang's state pool is fp32 rows ``[kv_A | kv_B | s_A | s_B]``
+(ratio 4; ``[kv | s]`` ratio 128), one ring of ``ring_size`` rows per SWA page; its decode plan
+(``CompressorDecodePlan.plan_d``, 16 bytes a request) holds int32 seq_len, the new row's slot and
+the pages of the previous and current block, read in place by ``page_order="prev_cur"``; the ape
+parameter after SGLang's hot-fix is the (K, d) bias our kernel reads; ``freqs_cis`` (complex64) is
+read in place as the two halves of ``view_as_real``.
+
+Where it acts (``sglang_hip_decode.dsv4_calls.fused_compress_call``): decode steps of the compressor
+v2 method ``_forward_compress_all_in_one`` (SGLang's HIP default; ``_forward_unified_hip``, taken
+with ``SGLANG_OPT_USE_JIT_NORM=0``, is not edited), ratio 4 and 128, attention (d 512) and indexer
+(d 128), fp32 state. Prefill keeps upstream's kernels (a chunk's rows span several SWA pages'
+rings, which ``compress_prefill``'s one ring per request does not express), as do the online
+ratio-128 compressor, the FP4 indexer, 0.5.14+'s bf16 store, 0.5.20+'s two-buffer FP8 and external
+scale/rope caches, 0.5.21+'s non-V4 layouts, and any argument a later release adds. A request that
+emits nothing gets a zero row stored at its out_loc, which SGLang's metadata sets to 0 (the dummy
+slot), as upstream's own ``_forward_unified_hip`` does; upstream's default path skips those rows.
+
+The indexer K cache (#31563): the store is upstream's, so the indexer cache gets upstream's layout
+(0.5.13: row-major, as its JIT store writes it; 0.5.23: preshuffled where upstream's gate says so):
+this patch neither fixes nor adds to that bug.
+
+Per release: one hunk, the same text on 0.5.13 ... 0.5.23, handing the method's locals to the call
+(the arguments differ by release; a name the call does not know declines). Opt-in (not a default):
+the A/B runner's ``dsv4`` preset measures it.
+"""
+
+from ..declare import Edit, Hunk, Patch, Releases
+
+MIXIN = "sglang.srt.layers.attention.dsv4.compressor_v2:CompressorBackendMixin"
+
+_STEP = Hunk(
+    before="""
+    # Step 1: compress_forward
+    """,
+    after="""
+    # sglang-hip-decode dsv4-fused-compress: ours where it implements the step, else upstream's
+    from sglang_hip_decode.dsv4_calls import fused_compress_call as _shd_fused_compress_call
+
+    if _shd_fused_compress_call(dict(locals())):
+        return
+
+    # Step 1: compress_forward
+    """,
+)
+
+PATCH = Patch(
+    name="dsv4-fused-compress",
+    summary="DSV4 HIP compressor decode calls this project's fused compressor, then upstream's store (accuracy-equivalent)",
+    gate="hip",
+    default=False,
+    releases=(
+        Releases("0.5.11", "0.5.12.post1", not_applicable="no DeepSeek-V4 before 0.5.13"),
+        Releases("0.5.13", None, edits=(Edit(f"{MIXIN}._forward_compress_all_in_one", (_STEP,)),)),
+    ),
+)

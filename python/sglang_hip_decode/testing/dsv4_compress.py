@@ -1,0 +1,258 @@
+"""One decode step of the DeepSeek-V4 KV compressor of sglang 0.5.13+, driven through the real
+``CompressorBackendMixin._forward_compress_all_in_one`` (``compressor_v2``) of the installed release:
+the method ``forward_unified`` calls on ROCm with SGLang's defaults (compressor v2, JIT norm).
+
+What is real and what stands in:
+
+* real: the method (upstream's, or as the ``dsv4-fused-compress`` patch edits it), its plan type
+  (``CompressorDecodePlan``) and, on the patched path, upstream's HIP cache store
+  (``fused_store_cache``: a Triton kernel on ROCm, run here with ``is_hip_runtime`` answered True);
+* made here, as SGLang lays them out: the state pool (fp32 rows of ``[kv | score]``, one ring of
+  ``ring_size`` rows per SWA page: a token's row at ``swa_page * ring_size + swa_loc % ring_size``),
+  ``req_to_token`` / ``full_to_swa`` with SWA pages aligned to positions, the compressed cache
+  (V4 584 B/token pages, or the indexer's 132 B/token) and ``out_loc`` (0 where a request emits
+  nothing: the metadata's dummy slot);
+* stand-ins (torch, on the CPU only: upstream's versions are JIT C++ kernels, CUDA/HIP only),
+  written from upstream's sources: the decode planner (``c_plan.cuh``'s ``plan_compress_decode``),
+  ``compress_forward`` (``c4_v2.cuh`` / ``c128_v2.cuh``: store the new row, pool an emitting
+  request's block; an ape-biased score that is -inf on every row of a channel gives NaN there, as
+  their max-subtracting softmax does) and ``compress_norm_rope_store``'s norm, RoPE and indexer
+  rotation (``fused_norm_rope_v2.cuh``), whose rows go to the same real store. Each records its
+  calls, so a test sees which path ran.
+
+The rows a request's history holds, the ape and the RoPE table are drawn from ``seed``; the
+reference of an emitted block is ``sgl_hip_kernels.dsv4.compress_ref.compress_sequence_ref`` over
+the request's whole history (fp64, or fp32: torch's own error).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import sys
+import types
+
+import torch
+
+from sgl_hip_kernels.dsv4.compress_ref import compress_sequence_ref
+from sgl_hip_kernels.dsv4.kv_cache import dequantize_kv, page_bytes
+from sgl_hip_kernels.rotations_ref import hadamard_ref
+
+from .sglang_import import import_modules, swap_attrs
+
+COMPRESSOR = "sglang.srt.layers.attention.dsv4.compressor_v2"
+POOL = "sglang.srt.mem_cache.deepseek_v4_memory_pool"
+EPS = 1e-6
+MAX_POS = 1024
+
+
+def import_sglang() -> types.SimpleNamespace:
+    cv2, pool = import_modules(COMPRESSOR, POOL)
+    store_module = sys.modules[pool.fused_store_cache.__module__]
+    return types.SimpleNamespace(cv2=cv2, pool=pool, store=store_module, fused_store_cache=pool.fused_store_cache)
+
+
+@dataclasses.dataclass(frozen=True)
+class Dsv4CompressCase:
+    ratio: int = 4  # 4 (with overlap) or 128
+    head_dim: int = 512  # 512: the attention compressor; 128: the indexer's (rotated, 132 B/token cache)
+    lens: tuple = (4, 7, 8, 1, 12)  # each request's length after this step; 0: a padded slot
+    swa_page: int = 16  # SWA page (tokens); the ring (8 rows for ratio 4, 128 for ratio 128) divides it
+    page_size: int = 2  # the compressed cache's page (compressed tokens)
+    neg_inf_channel: bool = False  # one score channel -inf on every token of every request
+    dtype: torch.dtype = torch.float32  # kv_score_input (and the pooled rows): fp32; bf16 on a GPU
+
+
+def ring_size(ratio: int) -> int:
+    return 8 if ratio == 4 else 128  # get_compress_state_ring_size, without speculative decoding
+
+
+class Dsv4CompressStep:
+    """The pools, metadata and inputs of one decode step (``case``), and both ways to run it."""
+
+    def __init__(self, case: Dsv4CompressCase, sg: types.SimpleNamespace, seed: int = 0, device="cpu"):
+        self.case, self.sg, self.device = case, sg, device
+        r, d = case.ratio, case.head_dim
+        if case.swa_page % ring_size(r):
+            raise ValueError(f"swa_page {case.swa_page} must be a multiple of the ring ({ring_size(r)})")
+        gen = torch.Generator().manual_seed(seed)
+        self.width = (4 if r == 4 else 2) * d
+        self.k = 8 if r == 4 else 128
+        b = len(case.lens)
+        # Request 0 of req_to_token is the padded slots' dummy; request i + 1 is batch row i.
+        longest = max(max(case.lens), 1)
+        swa_pages_per_req = math.ceil(longest / case.swa_page)
+        n_swa_pages = (b + 1) * swa_pages_per_req
+        page_of = torch.randperm(n_swa_pages, generator=gen).reshape(b + 1, swa_pages_per_req)
+        pos = torch.arange(longest)
+        swa_loc = page_of[:, pos // case.swa_page] * case.swa_page + pos % case.swa_page  # (b + 1, longest)
+        n_full = (b + 1) * longest
+        full = torch.randperm(n_full, generator=gen).reshape(b + 1, longest)  # req_to_token
+        self.full_to_swa = torch.empty(n_full, dtype=torch.int64)
+        self.full_to_swa[full.reshape(-1)] = swa_loc.reshape(-1)
+        self.req_to_token = full.to(torch.int32)
+        self.req_pool_indices = torch.tensor([i + 1 if n > 0 else 0 for i, n in enumerate(case.lens)])
+        self.seq_lens = torch.tensor([n if n > 0 else 1 for n in case.lens])
+        # Every request's token rows (its history): scores and kv ~ N(0, 4).
+        self.history = torch.randn(b + 1, longest, self.width, generator=gen) * 2
+        if case.neg_inf_channel:  # score channel 5 (both halves for ratio 4: every row of a block)
+            for col in ((2 * d + 5, 3 * d + 5) if r == 4 else (d + 5,)):
+                self.history[..., col] = float("-inf")
+        ring = ring_size(r)
+        self.state_rows = n_swa_pages * ring + r
+        state = torch.full((self.state_rows, self.width), float("nan"))
+        for req in range(b + 1):  # the rows of every earlier token, in order (later ones overwrite)
+            n = int(self.seq_lens[req - 1]) if req else 1
+            for t in range(n - 1 if req else 0):
+                s = int(swa_loc[req, t])
+                state[(s // case.swa_page) * ring + s % ring] = self.history[req, t]
+        self.state0 = state
+        self.u = torch.stack([self.history[int(q), int(n) - 1] for q, n in zip(self.req_pool_indices, self.seq_lens)])
+        ape = torch.randn(self.k, d, generator=gen)  # the hot-fixed ape as (K, d) rows
+        self.ape = ape.reshape(r, -1) if r == 4 else ape  # the parameter's shape: (4, 2d) / (128, d)
+        self.norm = types.SimpleNamespace(weight=torch.rand(d, generator=gen) + 0.5, variance_epsilon=EPS)
+        angle = torch.rand(MAX_POS, 32, generator=gen, dtype=torch.float64) * 6.283
+        self.freqs = torch.polar(torch.ones_like(angle), angle).to(torch.complex64)
+        emits = [n > 0 and n % r == 0 for n in case.lens]
+        self.emitting = [i for i, e in enumerate(emits) if e]
+        locs = torch.randperm(2 * b + 2, generator=gen)[: b] + 1  # distinct compressed slots, never 0
+        self.out_loc = torch.where(torch.tensor(emits), locs, 0).to(torch.int32)
+        pages = math.ceil((2 * b + 3) / case.page_size)
+        self.page_bytes = 132 * case.page_size if self.indexer else page_bytes(case.page_size)
+        self.cache0 = torch.randint(0, 256, (pages, self.page_bytes), generator=gen, dtype=torch.uint8)
+        self.calls: dict[str, list] = {"plan": [], "compress_forward": [], "norm_rope_store": [], "store": []}
+
+    @property
+    def indexer(self) -> bool:
+        return self.case.head_dim == 128
+
+    # -- the decode plan (stand-in for the C++ planner) ----------------------------------------
+
+    def plan(self):
+        """``CompressorDecodePlan`` as ``plan_compress_decode`` builds it: per request int32
+        (seq_len, write_loc, previous block's page, current block's page) in 16 bytes."""
+        r, ring, sps = self.case.ratio, ring_size(self.case.ratio), self.case.swa_page
+        pos1 = self.seq_lens - 1
+        pos0 = (pos1 - r).clamp(min=0)
+        rows = self.req_to_token[self.req_pool_indices]
+
+        def state_loc(p):
+            swa = self.full_to_swa[rows.gather(1, p[:, None].long())[:, 0].long()]
+            return (swa // sps) * ring + swa % ring
+
+        write = state_loc(pos1)
+        raw = torch.stack([self.seq_lens, write, state_loc(pos0) // r, write // r], 1).to(torch.int32)
+        self.calls["plan"].append(raw.clone())
+        plan_d = raw.contiguous().view(torch.uint8).reshape(-1, 16).to(self.device)
+        return self.sg.cv2.CompressorDecodePlan(r, plan_d)
+
+    # -- stand-ins for upstream's JIT kernels --------------------------------------------------
+
+    def _compress_forward(self, *, kv_score_buffer, kv_score_input, ape, plan, compress_ratio, head_dim, out=None,
+                          is_online=False):
+        r, d = compress_ratio, head_dim
+        self.calls["compress_forward"].append(dict(ratio=r, online=is_online))
+        buf = kv_score_buffer.view(-1, kv_score_buffer.shape[-1])
+        p = plan.plan_d.view(torch.int32)
+        seq, write, rp0, rp1 = (p[:, i].long() for i in range(4))
+        buf[write] = kv_score_input.to(buf.dtype)
+        res = torch.full((p.shape[0], d), float("nan"), dtype=kv_score_input.dtype, device=buf.device)  # unwritten
+        for b in range(p.shape[0]):
+            if seq[b] % r:
+                continue
+            if r == 4:
+                prev, cur = buf[rp0[b] * 4: rp0[b] * 4 + 4], buf[rp1[b] * 4: rp1[b] * 4 + 4]
+                kv = torch.cat([prev[:, :d], cur[:, d: 2 * d]])
+                score = torch.cat([prev[:, 2 * d: 3 * d], cur[:, 3 * d:]])
+                if seq[b] <= 4:  # the first block: no previous one (its rows: kv 0, score -FLT_MAX)
+                    kv[:4], score[:4] = 0.0, -torch.finfo(torch.float32).max
+            else:
+                rows = buf[rp1[b] * r: rp1[b] * r + r]
+                kv, score = rows[:, :d], rows[:, d:]
+            score = score.float() + ape.float()
+            m = score.amax(0)
+            e = torch.exp(score - m)
+            res[b] = ((kv.float() * e).sum(0) / e.sum(0)).to(res.dtype)
+        return res
+
+    def _norm_rope_store(self, kv, plan, *, norm_weight, norm_eps, freq_cis, out_loc, kvcache, page_size,
+                         use_fp4=False, **unused):
+        self.calls["norm_rope_store"].append(dict(use_fp4=use_fp4, unused=sorted(unused)))
+        p = plan.plan_d.view(torch.int32)
+        r = plan.compress_ratio
+        keep = [b for b in range(p.shape[0]) if int(p[b, 0]) % r == 0]
+        if not keep:
+            return
+        x = kv[keep].float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm_eps) * norm_weight.float()
+        f = freq_cis[(p[keep, 0] - r).long()]  # (n, 32) complex: the block's first position
+        rot = torch.view_as_complex(x[:, -64:].reshape(-1, 32, 2).contiguous()) * f
+        x = torch.cat([x[:, :-64], torch.view_as_real(rot).reshape(-1, 64)], 1)
+        if x.shape[1] == 128:
+            x = hadamard_ref(x.double()).float()
+        self.upstream_rows = x
+        self._store(x, kvcache, out_loc[keep], page_size)
+
+    def _store(self, rows, cache, loc, page_size):
+        store = self.sg.fused_store_cache  # upstream's, as imported (the pool module's name is swapped in run)
+        with swap_attrs((self.sg.store, "is_hip_runtime", lambda: True)):
+            store(rows, cache, loc, page_size=page_size, type="indexer" if self.indexer else "flashmla")
+
+    def _recording_store(self, rows, cache, loc, *, page_size, type):
+        self.calls["store"].append(dict(rows=rows.clone(), loc=loc.clone(), type=type))
+        self._store(rows, cache, loc, page_size)
+
+    # -- running the step -------------------------------------------------------------------------
+
+    def run(self):
+        """``_forward_compress_all_in_one`` on fresh copies of the state and cache, as
+        ``forward_unified`` calls it: -> (state, cache) after the step."""
+        cv2, dev = self.sg.cv2, self.device
+        plan = self.plan()
+        backend = object.__new__(cv2.CompressorBackendMixin)
+        r = self.case.ratio
+        backend.forward_metadata = types.SimpleNamespace(**{f"c{r}_compress_metadata": plan})
+        state, cache = self.state0.clone().to(dev), self.cache0.clone().to(dev)
+        changes = [(cv2, "compress_forward", self._compress_forward), (cv2, "compress_norm_rope_store", self._norm_rope_store),
+                   (self.sg.pool, "fused_store_cache", self._recording_store)]
+        with swap_attrs(*changes):
+            backend._forward_compress_all_in_one(
+                kv_score_buffer=state, kv_score_input=self.u.to(self.case.dtype).to(dev), ape=self.ape.to(dev),
+                head_dim=self.case.head_dim, norm=types.SimpleNamespace(weight=self.norm.weight.to(dev),
+                                                                       variance_epsilon=EPS),
+                freqs_cis_cache=self.freqs.to(dev), kv_cache=cache, is_indexer=self.indexer, rotate=self.indexer,
+                compress_ratio=r, page_size=self.case.page_size, out_loc=self.out_loc.to(dev))
+        return state.cpu(), cache.cpu()
+
+    # -- references and readers ---------------------------------------------------------------------
+
+    def reference(self, b: int, work=torch.float64) -> torch.Tensor:
+        """The contract's block that batch row ``b`` emits (it must emit), in ``work``."""
+        r, d = self.case.ratio, self.case.head_dim
+        req, n = int(self.req_pool_indices[b]), int(self.seq_lens[b])
+        bias = self.ape.reshape(self.k, d)
+        table = torch.view_as_real(self.freqs.to(torch.complex128))
+        seq = compress_sequence_ref(self.history[req, :n].to(work), r, d, bias.to(work), self.norm.weight.to(work), EPS,
+                                    table[..., 0].to(work), table[..., 1].to(work), self.indexer)
+        return seq[n // r - 1]
+
+    def stored_row(self, cache: torch.Tensor, loc: int) -> torch.Tensor:
+        """Compressed slot ``loc`` of ``cache`` dequantised to fp32 (512: V4 layout; 128: indexer)."""
+        ps = self.case.page_size
+        page, slot = divmod(loc, ps)
+        if not self.indexer:
+            return dequantize_kv(cache[page: page + 1], ps)[0, slot]
+        row = cache[page]
+        values = row[slot * 128: slot * 128 + 128].view(torch.float8_e4m3fn).float()
+        scale = row[128 * ps + 4 * slot: 128 * ps + 4 * slot + 4].view(torch.float32)
+        return values * scale
+
+    @contextlib.contextmanager
+    def fresh_calls(self):
+        for v in self.calls.values():
+            v.clear()
+        yield self.calls
+
+
+__all__ = ["Dsv4CompressCase", "Dsv4CompressStep", "import_sglang", "ring_size"]

@@ -1,0 +1,158 @@
+"""dsv4-fused-compress on the installed release's real DSV4 compressor method (test_releases runs this
+file on 0.5.13.post1 and 0.5.23; on 0.5.11 / 0.5.12.post1 it skips: no DeepSeek-V4 there).
+
+The patch is a kernel swap (accuracy-equivalent, not bit-identical: its header). Through
+``CompressorBackendMixin._forward_compress_all_in_one`` (``sglang_hip_decode.testing.dsv4_compress``;
+upstream's JIT kernels are CUDA/HIP only, so on the CPU upstream's path runs the harness's torch
+stand-ins of them, and both paths store with upstream's real HIP Triton store), one decode step
+over a mixed batch (requests that emit a block, ones that do not, one on its first block, a padded
+slot), ratio 4 and 128, attention (d 512) and indexer (d 128, rotated):
+
+* patched, upstream's two kernels are not called; our vector goes to upstream's store once, with
+  upstream's out_loc;
+* the state after the step equals upstream's bit for bit (the plan's pages read in place: every
+  row where upstream stores it, nothing else touched);
+* each emitted vector is within 2x torch's own fp32 error of the fp64 contract (torch's own: the
+  stand-in's fp32 computation of the same block), and the stored row reads back as that vector
+  within one FP8 rounding; every cache slot but those and the dummy slot 0 is unchanged;
+* a score channel that is -inf on every row: ours stores a finite row where upstream's pooling
+  (as its kernels compute it) gives NaN, upstream's documented defect;
+* what ours does not implement (prefill, the FP4 indexer, a later release's new argument) runs
+  upstream's kernels, unchanged.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from patch_fixtures import edits_here
+from sglang_hip_decode import patching
+from sglang_hip_decode.patches.dsv4_fused_compress import PATCH
+
+_APPLIES, _WHY = edits_here(PATCH)
+if not _APPLIES:
+    pytest.skip(_WHY, allow_module_level=True)
+
+from sglang_hip_decode.testing.dsv4_compress import Dsv4CompressCase, Dsv4CompressStep, import_sglang  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def sg():
+    return import_sglang()
+
+
+CASES = {  # (ratio, head_dim, lengths after the step): emitting, not emitting, the first block, a padded slot (0)
+    "c4 attention": (4, 512, (4, 7, 8, 1, 12, 0)),
+    "c4 indexer": (4, 128, (4, 6, 16, 0, 13)),
+    "c128 attention": (128, 512, (128, 127, 256, 0, 5)),
+    "c128 indexer": (128, 128, (256, 130, 128)),
+}
+
+
+def step(sg, name, seed=0, **kw):
+    ratio, d, lens = CASES[name]
+    swa_page = 16 if ratio == 4 else 128
+    return Dsv4CompressStep(Dsv4CompressCase(ratio=ratio, head_dim=d, lens=lens, swa_page=swa_page, **kw), sg, seed)
+
+
+def err(a, ref):
+    return (a.double() - ref.double()).abs().max().item()
+
+
+def fp8_step(v: torch.Tensor, indexer: bool) -> torch.Tensor:
+    """One FP8 (e4m3) rounding step of ``v`` as the store quantises it, per element: 2^-3 of the
+    element's binade at the tile's scale (64-wide tiles with a power-of-two scale; the indexer:
+    one scale per row); the V4 layout's last 64 (RoPE) are bf16."""
+    if indexer:
+        scale = v.abs().amax().clamp(min=1e-8) / 448
+        return (torch.exp2(torch.floor(torch.log2((v.abs() / scale).clamp(min=2 ** -6)))) * scale) / 8
+    tiles = v[:448].reshape(7, 64)
+    scale = torch.exp2(torch.ceil(torch.log2(tiles.abs().amax(1, keepdim=True).clamp(min=1e-8) / 448)))
+    nope = (torch.exp2(torch.floor(torch.log2((tiles.abs() / scale).clamp(min=2 ** -6)))) * scale / 8).reshape(-1)
+    return torch.cat([nope, v[448:].abs() * 2 ** -8 + 1e-30])
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_decode_step_state_equal_vectors_within_twice_torchs_error(sg, name):
+    s = step(sg, name, seed=len(name))
+    assert len(s.emitting) >= 2 and len(s.emitting) < len(s.case.lens)  # a mixed batch
+    with s.fresh_calls() as calls:
+        up_state, up_cache = s.run()
+        assert len(calls["compress_forward"]) == 1 and len(calls["norm_rope_store"]) == 1 and not calls["store"]
+    upstream_rows = s.upstream_rows
+    with s.fresh_calls() as calls:
+        with patching.applied(PATCH):
+            assert patching.is_applied(PATCH)
+            state, cache = s.run()
+        assert not calls["compress_forward"] and not calls["norm_rope_store"], "patched: upstream's kernels ran"
+        (stored,) = calls["store"]
+    assert torch.equal(state.view(torch.int32), up_state.view(torch.int32)), "state after the step differs from upstream's"
+    assert not torch.equal(state.view(torch.int32), s.state0.view(torch.int32))  # the step did store its rows
+    assert torch.equal(stored["loc"].cpu(), s.out_loc) and stored["type"] == ("indexer" if s.indexer else "flashmla")
+    ours = stored["rows"].cpu()
+    changed = (cache != s.cache0).any(1)
+    assert changed.any()
+    for i, b in enumerate(s.emitting):
+        ref = s.reference(b)
+        torch_err = err(upstream_rows[i], ref)
+        assert 0 < err(ours[b], ref) <= 2 * torch_err + 1e-7, (name, b, err(ours[b], ref), torch_err)
+        back = s.stored_row(cache, int(s.out_loc[b]))
+        assert ((back - ours[b]).abs() <= fp8_step(ours[b], s.indexer)).all(), f"{name}: row {b} not stored as ours"
+        up_back = s.stored_row(up_cache, int(s.out_loc[b]))
+        assert ((back - up_back).abs() <= 2 * fp8_step(ref.float(), s.indexer) + 1e-6).all()
+    idle = [b for b in range(len(s.case.lens)) if b not in s.emitting]
+    assert idle and all(not ours[b].any() for b in idle), "a request that emits nothing must store a zero row"
+    touched_pages = {int(s.out_loc[b]) // s.case.page_size for b in s.emitting} | {0}
+    assert set(torch.nonzero(changed).flatten().tolist()) <= touched_pages
+
+
+@pytest.mark.parametrize("name", ["c4 attention", "c128 indexer"])
+def test_neg_inf_channel_finite_where_upstream_gives_nan(sg, name):
+    s = step(sg, name, seed=3, neg_inf_channel=True)
+    with s.fresh_calls():
+        s.run()
+    upstream_rows = s.upstream_rows
+    assert upstream_rows.isnan().any(), "upstream's pooling of an all -inf channel is 0/0 (its documented defect)"
+    with s.fresh_calls() as calls:
+        with patching.applied(PATCH):
+            s.run()
+        ours = calls["store"][0]["rows"]
+    for b in s.emitting:
+        assert ours[b].isfinite().all()
+        ref = s.reference(b)
+        assert ref.isfinite().all() and err(ours[b], ref) < 1e-4
+
+
+def test_what_ours_does_not_implement_runs_upstreams_kernels(sg, monkeypatch):
+    from sglang_hip_decode import dsv4_calls
+
+    s = step(sg, "c4 indexer", seed=5)
+    seen = []
+    real = dsv4_calls.fused_compress_applies
+    monkeypatch.setattr(dsv4_calls, "fused_compress_applies", lambda env: seen.append(dict(env)) or real(env))
+    with s.fresh_calls() as calls:
+        with patching.applied(PATCH):
+            s.run()
+        assert calls["store"] and not calls["compress_forward"]
+    (env,) = seen
+    assert real(env)
+    declined = {
+        "prefill": dict(plan=type("CompressorPrefillPlan", (), {"is_decode": False})()),
+        "the FP4 indexer": dict(use_fp4_indexer=True),
+        "online ratio 128": dict(is_online=True),
+        "a bf16 store": dict(bf16_store=True),
+        "another layout": dict(kv_layout="v41"),
+        "an argument a later release adds": dict(new_argument=1),
+        "a bf16 state": dict(kv_score_buffer=env["kv_score_buffer"].bfloat16()),
+        "rotation off for the indexer": dict(rotate=False),
+    }
+    for what, change in declined.items():
+        assert not real(dict(env, **change)), what
+    assert len(declined) == 8
+    # Through the patched method: a declined step runs upstream's kernels, once, and stores nothing of ours.
+    monkeypatch.setattr(dsv4_calls, "fused_compress_applies", lambda env: False)
+    with s.fresh_calls() as calls:
+        with patching.applied(PATCH):
+            s.run()
+        assert len(calls["compress_forward"]) == 1 and len(calls["norm_rope_store"]) == 1 and not calls["store"]
