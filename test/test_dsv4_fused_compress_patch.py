@@ -19,6 +19,11 @@ slot), ratio 4 and 128, attention (d 512) and indexer (d 128, rotated):
   (as its kernels compute it) gives NaN, upstream's documented defect;
 * what ours does not implement (prefill, the FP4 indexer, a later release's new argument) runs
   upstream's kernels, unchanged.
+
+GPU (``@gpu``): the same step against upstream's real JIT kernels (its planner, ``compress_forward``
+and ``compress_norm_rope_store``, compiled for the GPU at first use): the state bit for bit, ours
+within 2x torch's fp32 error, each stored row no farther from the fp64 contract than upstream's
+stored row plus one FP8 step; and the -inf channel: upstream's real kernels store a NaN row.
 """
 
 from __future__ import annotations
@@ -50,10 +55,11 @@ CASES = {  # (ratio, head_dim, lengths after the step): emitting, not emitting, 
 }
 
 
-def step(sg, name, seed=0, **kw):
+def step(sg, name, seed=0, device="cpu", **kw):
     ratio, d, lens = CASES[name]
     swa_page = 16 if ratio == 4 else 128
-    return Dsv4CompressStep(Dsv4CompressCase(ratio=ratio, head_dim=d, lens=lens, swa_page=swa_page, **kw), sg, seed)
+    return Dsv4CompressStep(Dsv4CompressCase(ratio=ratio, head_dim=d, lens=lens, swa_page=swa_page, **kw), sg, seed,
+                            device)
 
 
 def err(a, ref):
@@ -156,3 +162,43 @@ def test_what_ours_does_not_implement_runs_upstreams_kernels(sg, monkeypatch):
         with patching.applied(PATCH):
             s.run()
         assert len(calls["compress_forward"]) == 1 and len(calls["norm_rope_store"]) == 1 and not calls["store"]
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("name", list(CASES))
+def test_gpu_patched_vs_upstreams_jit_kernels(sg, name):
+    s = step(sg, name, seed=len(name), device="cuda")
+    up_state, up_cache = s.run("real")
+    with s.fresh_calls() as calls:
+        with patching.applied(PATCH):
+            state, cache = s.run("real")
+        ours = calls["store"][0]["rows"].cpu()
+    assert torch.equal(state.view(torch.int32), up_state.view(torch.int32)), "state after the step differs"
+    for b in s.emitting:
+        ref = s.reference(b)
+        torch_err = err(s.reference(b, torch.float32), ref)
+        assert err(ours[b], ref) <= 2 * torch_err + 1e-7, (name, b, err(ours[b], ref), torch_err)
+        loc = int(s.out_loc[b])
+        mine, theirs = s.stored_row(cache, loc), s.stored_row(up_cache, loc)
+        slack = fp8_step(ref.float(), s.indexer)
+        assert ((mine - ref.float()).abs() <= (theirs - ref.float()).abs() + slack + 1e-6).all(), (name, b)
+        print(f"{name} row {b}: stored max err ours {err(mine, ref):.3e} upstream {err(theirs, ref):.3e}")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("name", ["c4 attention", "c128 indexer"])
+def test_gpu_neg_inf_channel_upstream_stores_nan(sg, name):
+    s = step(sg, name, seed=3, device="cuda", neg_inf_channel=True)
+    _, up_cache = s.run("real")
+    with patching.applied(PATCH):
+        _, cache = s.run("real")
+    nan_rows = [b for b in s.emitting if s.stored_row(up_cache, int(s.out_loc[b])).isnan().any()]
+    print(f"{name}: upstream stored NaN in rows {nan_rows} of {s.emitting}")
+    assert nan_rows, "upstream's real kernels pool an all -inf channel to 0/0 (its documented defect)"
+    for b in s.emitting:
+        assert s.stored_row(cache, int(s.out_loc[b])).isfinite().all()

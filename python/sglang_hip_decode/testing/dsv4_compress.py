@@ -205,25 +205,50 @@ class Dsv4CompressStep:
 
     # -- running the step -------------------------------------------------------------------------
 
-    def run(self):
-        """``_forward_compress_all_in_one`` on fresh copies of the state and cache, as
-        ``forward_unified`` calls it: -> (state, cache) after the step."""
-        cv2, dev = self.sg.cv2, self.device
-        plan = self.plan()
-        backend = object.__new__(cv2.CompressorBackendMixin)
-        r = self.case.ratio
-        backend.forward_metadata = types.SimpleNamespace(**{f"c{r}_compress_metadata": plan})
-        state, cache = self.state0.clone().to(dev), self.cache0.clone().to(dev)
-        changes = [(cv2, "compress_forward", self._compress_forward), (cv2, "compress_norm_rope_store", self._norm_rope_store),
-                   (self.sg.pool, "fused_store_cache", self._recording_store)]
-        with swap_attrs(*changes):
-            backend._forward_compress_all_in_one(
-                kv_score_buffer=state, kv_score_input=self.u.to(self.case.dtype).to(dev), ape=self.ape.to(dev),
-                head_dim=self.case.head_dim, norm=types.SimpleNamespace(weight=self.norm.weight.to(dev),
-                                                                       variance_epsilon=EPS),
-                freqs_cis_cache=self.freqs.to(dev), kv_cache=cache, is_indexer=self.indexer, rotate=self.indexer,
-                compress_ratio=r, page_size=self.case.page_size, out_loc=self.out_loc.to(dev))
-        return state.cpu(), cache.cpu()
+    def _stand_ins(self, upstream: str, record: bool):
+        """The attribute swaps of one call: upstream's JIT kernels by the stand-ins (``upstream=
+        "standin"``; ``"real"``: upstream's own, a GPU with the JIT toolchain), the store recorded
+        (``record``; off when timing: recording copies the rows)."""
+        cv2 = self.sg.cv2
+        changes = []
+        if upstream == "standin":
+            changes += [(cv2, "compress_forward", self._compress_forward),
+                        (cv2, "compress_norm_rope_store", self._norm_rope_store)]
+        elif upstream != "real":
+            raise ValueError(f"upstream must be 'standin' or 'real', got {upstream!r}")
+        store = self._recording_store if record else (
+            lambda rows, cache, loc, *, page_size, type: self._store(rows, cache, loc, page_size))
+        return changes + [(self.sg.pool, "fused_store_cache", store)]
+
+    def prepare(self, upstream: str = "standin"):
+        """Device buffers for :meth:`call` (the plan from the stand-in planner, or upstream's own
+        ``CompressorDecodePlan.generate`` with ``upstream="real"``): a step that can be repeated, as
+        a CUDA graph replays it (it stores the same row and the same block each time)."""
+        dev, r = self.device, self.case.ratio
+        self.plan_used = self.plan() if upstream == "standin" else self.sg.cv2.CompressorDecodePlan.generate(
+            r, self.req_pool_indices.to(dev), self.req_to_token.to(dev), self.full_to_swa.to(dev),
+            self.seq_lens.to(dev), self.case.swa_page, ring_size(r))
+        self.buffers = dict(
+            kv_score_buffer=self.state0.clone().to(dev), kv_score_input=self.u.to(self.case.dtype).to(dev),
+            ape=self.ape.to(dev), head_dim=self.case.head_dim,
+            norm=types.SimpleNamespace(weight=self.norm.weight.to(dev), variance_epsilon=EPS),
+            freqs_cis_cache=self.freqs.to(dev), kv_cache=self.cache0.clone().to(dev), is_indexer=self.indexer,
+            rotate=self.indexer, compress_ratio=r, page_size=self.case.page_size, out_loc=self.out_loc.to(dev))
+        self.backend = object.__new__(self.sg.cv2.CompressorBackendMixin)
+        self.backend.forward_metadata = types.SimpleNamespace(**{f"c{r}_compress_metadata": self.plan_used})
+        return self.buffers
+
+    def call(self, upstream: str = "standin", record: bool = True):
+        """``_forward_compress_all_in_one`` on the buffers of :meth:`prepare`, as ``forward_unified``
+        calls it."""
+        with swap_attrs(*self._stand_ins(upstream, record)):
+            self.backend._forward_compress_all_in_one(**self.buffers)
+
+    def run(self, upstream: str = "standin"):
+        """One call on fresh copies of the state and cache: -> (state, cache) after the step."""
+        buffers = self.prepare(upstream)
+        self.call(upstream)
+        return buffers["kv_score_buffer"].cpu(), buffers["kv_cache"].cpu()
 
     # -- references and readers ---------------------------------------------------------------------
 
