@@ -66,17 +66,27 @@ def err(a, ref):
     return (a.double() - ref.double()).abs().max().item()
 
 
-def fp8_step(v: torch.Tensor, indexer: bool) -> torch.Tensor:
-    """One FP8 (e4m3) rounding step of ``v`` as the store quantises it, per element: 2^-3 of the
-    element's binade at the tile's scale (64-wide tiles with a power-of-two scale; the indexer:
-    one scale per row); the V4 layout's last 64 (RoPE) are bf16."""
+def within_torch_error(s, b, got, ref):
+    """``got`` (fp32, or bf16 for the attention rows) within 2x torch's own fp32 error of the fp64
+    contract plus one rounding of it to ``got``'s dtype: (ok, error, bound)."""
+    torch_err = err(s.reference(b, torch.float32), ref)
+    bound = 2 * torch_err + (ref.to(got.dtype).double() - ref).abs().max().item()
+    return err(got, ref) <= bound, err(got, ref), bound
+
+
+def fp8_half_step(v: torch.Tensor, indexer: bool) -> torch.Tensor:
+    """Per element, half an e4m3 step of ``v`` at the store's scale (64-wide tiles with a power-of-two
+    scale; the indexer: one fp32 scale per row): the most a round-to-nearest-even quantisation errs
+    (a truncating one errs up to twice that); the V4 layout's last 64 (RoPE) are stored as bf16, exact
+    from bf16 rows."""
+    v = v.float()
     if indexer:
         scale = v.abs().amax().clamp(min=1e-8) / 448
-        return (torch.exp2(torch.floor(torch.log2((v.abs() / scale).clamp(min=2 ** -6)))) * scale) / 8
+        return torch.exp2(torch.floor(torch.log2((v.abs() / scale).clamp(min=2 ** -6)))) * scale / 16
     tiles = v[:448].reshape(7, 64)
     scale = torch.exp2(torch.ceil(torch.log2(tiles.abs().amax(1, keepdim=True).clamp(min=1e-8) / 448)))
-    nope = (torch.exp2(torch.floor(torch.log2((tiles.abs() / scale).clamp(min=2 ** -6)))) * scale / 8).reshape(-1)
-    return torch.cat([nope, v[448:].abs() * 2 ** -8 + 1e-30])
+    nope = (torch.exp2(torch.floor(torch.log2((tiles.abs() / scale).clamp(min=2 ** -6)))) * scale / 16).reshape(-1)
+    return torch.cat([nope, torch.zeros(64)])
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -97,20 +107,22 @@ def test_decode_step_state_equal_vectors_within_twice_torchs_error(sg, name):
     assert not torch.equal(state.view(torch.int32), s.state0.view(torch.int32))  # the step did store its rows
     assert torch.equal(stored["loc"].cpu(), s.out_loc) and stored["type"] == ("indexer" if s.indexer else "flashmla")
     ours = stored["rows"].cpu()
-    changed = (cache != s.cache0).any(1)
-    assert changed.any()
     for i, b in enumerate(s.emitting):
         ref = s.reference(b)
-        torch_err = err(upstream_rows[i], ref)
-        assert 0 < err(ours[b], ref) <= 2 * torch_err + 1e-7, (name, b, err(ours[b], ref), torch_err)
+        ok, e, bound = within_torch_error(s, b, ours[b], ref)
+        assert ok and e > 0, (name, b, e, bound)
+        assert within_torch_error(s, b, upstream_rows[i], ref)[0]  # the stand-in meets the same bound
         back = s.stored_row(cache, int(s.out_loc[b]))
-        assert ((back - ours[b]).abs() <= fp8_step(ours[b], s.indexer)).all(), f"{name}: row {b} not stored as ours"
+        assert ((back - ours[b].float()).abs() <= fp8_half_step(ours[b], s.indexer)).all(), f"{name}: row {b}"
         up_back = s.stored_row(up_cache, int(s.out_loc[b]))
-        assert ((back - up_back).abs() <= 2 * fp8_step(ref.float(), s.indexer) + 1e-6).all()
+        assert ((back - up_back).abs() <= 2 * fp8_half_step(ref, s.indexer) + 2 ** -7 * ref.abs().float()).all()
     idle = [b for b in range(len(s.case.lens)) if b not in s.emitting]
     assert idle and all(not ours[b].any() for b in idle), "a request that emits nothing must store a zero row"
-    touched_pages = {int(s.out_loc[b]) // s.case.page_size for b in s.emitting} | {0}
-    assert set(torch.nonzero(changed).flatten().tolist()) <= touched_pages
+    touched = {int(s.out_loc[b]) for b in s.emitting} | {0}
+    changed = [loc for loc in range(s.slots) if not torch.equal(s.slot_bytes(cache, loc), s.slot_bytes(s.cache0, loc))]
+    assert set(changed) <= touched and set(changed) >= touched - {0}, (changed, touched)
+    assert all(torch.equal(s.slot_bytes(up_cache, loc), s.slot_bytes(s.cache0, loc))
+               for loc in range(s.slots) if loc not in touched)
 
 
 @pytest.mark.parametrize("name", ["c4 attention", "c128 indexer"])
@@ -125,9 +137,9 @@ def test_neg_inf_channel_finite_where_upstream_gives_nan(sg, name):
             s.run()
         ours = calls["store"][0]["rows"]
     for b in s.emitting:
-        assert ours[b].isfinite().all()
         ref = s.reference(b)
-        assert ref.isfinite().all() and err(ours[b], ref) < 1e-4
+        assert ours[b].isfinite().all() and ref.isfinite().all()
+        assert within_torch_error(s, b, ours[b].cpu(), ref)[0]
 
 
 def test_what_ours_does_not_implement_runs_upstreams_kernels(sg, monkeypatch):
@@ -151,11 +163,16 @@ def test_what_ours_does_not_implement_runs_upstreams_kernels(sg, monkeypatch):
         "another layout": dict(kv_layout="v41"),
         "an argument a later release adds": dict(new_argument=1),
         "a bf16 state": dict(kv_score_buffer=env["kv_score_buffer"].bfloat16()),
+        "bf16 rows": dict(kv_score_input=env["kv_score_input"].bfloat16()),
+        "an external scale cache": dict(kv_scale_cache=torch.zeros(1)),
+        "a rope cache": dict(rope_cache=(torch.zeros(1), torch.zeros(1))),
+        "ratio 2": dict(compress_ratio=2),
+        "a strided ape": dict(ape=env["ape"].repeat_interleave(2, -1)[..., ::2]),
         "rotation off for the indexer": dict(rotate=False),
     }
     for what, change in declined.items():
         assert not real(dict(env, **change)), what
-    assert len(declined) == 8
+    assert len(declined) == 13
     # Through the patched method: a declined step runs upstream's kernels, once, and stores nothing of ours.
     monkeypatch.setattr(dsv4_calls, "fused_compress_applies", lambda env: False)
     with s.fresh_calls() as calls:
@@ -180,11 +197,11 @@ def test_gpu_patched_vs_upstreams_jit_kernels(sg, name):
     assert torch.equal(state.view(torch.int32), up_state.view(torch.int32)), "state after the step differs"
     for b in s.emitting:
         ref = s.reference(b)
-        torch_err = err(s.reference(b, torch.float32), ref)
-        assert err(ours[b], ref) <= 2 * torch_err + 1e-7, (name, b, err(ours[b], ref), torch_err)
+        ok, e, bound = within_torch_error(s, b, ours[b], ref)
+        assert ok, (name, b, e, bound)
         loc = int(s.out_loc[b])
         mine, theirs = s.stored_row(cache, loc), s.stored_row(up_cache, loc)
-        slack = fp8_step(ref.float(), s.indexer)
+        slack = 2 * fp8_half_step(ref, s.indexer) + 2 ** -8 * ref.abs().float()
         assert ((mine - ref.float()).abs() <= (theirs - ref.float()).abs() + slack + 1e-6).all(), (name, b)
         print(f"{name} row {b}: stored max err ours {err(mine, ref):.3e} upstream {err(theirs, ref):.3e}")
 

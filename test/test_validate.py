@@ -279,7 +279,7 @@ def test_preset_run_adds_arguments_and_checks_the_server(successful_run, files, 
     (dict(preset="kimi", patches="nsa-cat-skip"), "preset kimi: none of the selected patches (nsa-cat-skip) acts on it"),
     (dict(preset="dsv4"), "preset dsv4: sglang 0.5.11 has no DeepSeek-V4 model (it arrived in 0.5.12)"),
     (dict(preset="dsv4", sglang_release="0.5.12.post1"), "preset dsv4: none of the selected patches (nsa-cat-skip, "
-     "mxfp4-vbmm-layout, indexer-rope-guard, dsv4-sparse-decode, dsv4-fused-compress) acts on it on sglang 0.5.12.post1 "
+     "mxfp4-vbmm-layout, indexer-rope-guard, dsv4-sparse-decode) acts on it on sglang 0.5.12.post1 "
      "(patches that do: none; dsv4-sparse-decode: not applicable (no DeepSeek-V4 before 0.5.13); dsv4-fused-compress: "
      "not applicable (no DeepSeek-V4 before 0.5.13))"),
     (dict(preset="dsv4", patches="indexer-rope-guard", sglang_release="0.5.23"), "preset dsv4: none of the selected "
@@ -329,16 +329,19 @@ def test_usage_errors_are_caught_before_anything_starts(files, tmp_path, change,
 
 @pytest.mark.parametrize("release", ["0.5.13.post1", "0.5.23"])
 def test_dry_run_dsv4_preset_enables_the_dsv4_patches_in_the_on_arm(release, capsys):
-    assert validate.main(["--preset", "dsv4", "--model", "/m/DeepSeek-V4", "--dry-run", "--sglang-release", release]) == 0
-    out = capsys.readouterr().out
-    assert "# GSM8K threshold: 0.91 (DeepSeek-V4)" in out
-    dsv4 = validate.DSV4_PATCHES
-    assert f"# measured patches: {', '.join(dsv4)} (selected for 'on': nsa-cat-skip, mxfp4-vbmm-layout, " \
-           f"indexer-rope-guard, {', '.join(dsv4)})" in out
-    off, on = out.split("# --- off:")[1].split("# --- on:")
-    assert "SGLANG_HIP_DECODE=0 " in off and all(name not in off for name in dsv4)  # the plugin off
-    (on_env,) = [w for w in on.split() if w.startswith("SGLANG_HIP_DECODE_PATCHES=")]
-    assert set(dsv4) <= set(on_env.split("=", 1)[1].split(","))
+    # --patches default: the GPU-verified DSV4 patches (DSV4_ADDS); named: every DSV4 patch.
+    assert set(validate.DSV4_ADDS) < set(validate.DSV4_PATCHES)
+    for patches, dsv4 in (("default", validate.DSV4_ADDS), (",".join(validate.DSV4_PATCHES), validate.DSV4_PATCHES)):
+        assert validate.main(["--preset", "dsv4", "--model", "/m/DeepSeek-V4", "--dry-run", "--sglang-release", release,
+                              "--patches", patches]) == 0
+        out = capsys.readouterr().out
+        assert "# GSM8K threshold: 0.91 (DeepSeek-V4)" in out
+        selected = ("nsa-cat-skip, mxfp4-vbmm-layout, indexer-rope-guard, " if patches == "default" else "") + ", ".join(dsv4)
+        assert f"# measured patches: {', '.join(dsv4)} (selected for 'on': {selected})" in out, out
+        off, on = out.split("# --- off:")[1].split("# --- on:")
+        assert "SGLANG_HIP_DECODE=0 " in off and all(name not in off for name in dsv4)  # the plugin off
+        (on_env,) = [w for w in on.split() if w.startswith("SGLANG_HIP_DECODE_PATCHES=")]
+        assert set(dsv4) <= set(on_env.split("=", 1)[1].split(","))
 
 
 def test_dry_run_per_release_flags_and_measured_patches(capsys):

@@ -178,9 +178,8 @@ def fused_compress_applies(env: dict) -> bool:
         return False  # prefill keeps upstream's kernels (module docstring of the patch)
     if ratio not in (4, 128) or d not in (128, 512) or bool(env.get("rotate")) != (d == 128):
         return False
-    if not isinstance(u, torch.Tensor) or u.dim() != 2 or u.dtype not in (torch.float32, torch.bfloat16) \
-            or u.stride(1) != 1:
-        return False
+    if not isinstance(u, torch.Tensor) or u.dim() != 2 or u.dtype != torch.float32 or u.stride(1) != 1:
+        return False  # upstream's kernels need the rows in the state's dtype (fp32); bf16 rows break them
     width = (4 if ratio == 4 else 2) * d
     plan_d, buf, dev = plan.plan_d, env.get("kv_score_buffer"), u.device
     norm, ape = env.get("norm"), env.get("ape")
@@ -217,13 +216,16 @@ def fused_compress_call(env: dict) -> bool:
     buf = env["kv_score_buffer"]
     plan = env["plan"].plan_d.view(torch.int32)  # (B, 4): seq_len, write_loc, previous block's page, current page
     table = torch.view_as_real(env["freqs_cis_cache"])  # (max_pos, 32, 2): cos, sin interleaved, read in place
-    out = compress_decode(
+    # The attention rows go to the store as bf16: upstream's default store (its JIT norm-RoPE-store)
+    # rounds them to bf16 before the FP8 quantisation; the indexer's go as fp32, as its does.
+    out = torch.empty(u.shape[0], d, dtype=torch.float32 if env["is_indexer"] else torch.bfloat16, device=u.device)
+    compress_decode(
         u, buf.view(-1, buf.shape[-1]), plan[:, 2:] if ratio == 4 else plan[:, 3:], plan[:, 0],
         env["ape"].view(-1, d), env["norm"].weight, float(env["norm"].variance_epsilon), table[..., 0], table[..., 1],
-        ratio, rotate=bool(env["rotate"]), check_indices=False, page_order="prev_cur",
+        ratio, rotate=bool(env["rotate"]), out=out, check_indices=False, page_order="prev_cur",
     )
     # Rows that emit nothing are 0 and their out_loc is 0 (the metadata's dummy slot): the store
-    # writes that slot, as upstream's own HIP path (_forward_unified_hip) does.
+    # writes that slot, as upstream's _forward_unified_hip does (its default path skips those rows).
     pool_module.fused_store_cache(out, env["kv_cache"], env["out_loc"], page_size=env["page_size"],
                                   type="indexer" if env["is_indexer"] else "flashmla")
     return True

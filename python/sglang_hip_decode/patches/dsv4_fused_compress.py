@@ -4,10 +4,14 @@ Kind: **a kernel swap, accuracy-equivalent, not bit-identical.** In decode, upst
 ``compress_forward`` (store the token's raw row in the state ring; pool an emitting request's
 block) and ``compress_norm_rope_store`` (RMSNorm, RoPE, the indexer's Hadamard rotation, FP8
 quantisation and the paged store) become ``sgl_hip_kernels.dsv4.compress_decode`` (the ring store,
-APE bias, pooling, RMSNorm, RoPE and rotation in one launch) followed by upstream's own cache store
-(``fused_store_cache``, the ROCm Triton kernel SGLang's HIP paths store with). Both compute in fp32
-from the same rows, in another order (other tiles and reductions), so the compressed vectors differ
-in the last bits and, through FP8 quantisation, the stored bytes may differ by one FP8 step. What
+APE bias, pooling, RMSNorm, RoPE and rotation in one launch) followed by upstream's cache store
+``fused_store_cache`` (on ROCm the Triton kernel of SGLang's ``_forward_unified_hip`` path and of its
+pool's ``set_*_fused``; the default path stores inside its JIT norm-RoPE kernel, with the same
+layout and rounding: attention rows rounded to bf16 before the FP8 quantisation, which ours hands
+the store as bf16 for that reason; its scale floor is 1e-4 where the Triton store's is 1e-8, which
+only a tile of values below 0.05 can tell). Both compute in fp32 from the same rows, in another
+order (other tiles and reductions), so the compressed vectors differ in the last bits and, through
+the bf16 and FP8 roundings, the stored bytes may differ by one step. What
 that means, as the parity test (``test/test_dsv4_fused_compress_patch.py``) checks it: on the real
 method of each release, the state ring after the step equals upstream's bit for bit; the vector
 ours stores is within 2x torch's own fp32 error of an fp64 reference of the compressor's contract;
@@ -24,12 +28,17 @@ read in place as the two halves of ``view_as_real``.
 Where it acts (``sglang_hip_decode.dsv4_calls.fused_compress_call``): decode steps of the compressor
 v2 method ``_forward_compress_all_in_one`` (SGLang's HIP default; ``_forward_unified_hip``, taken
 with ``SGLANG_OPT_USE_JIT_NORM=0``, is not edited), ratio 4 and 128, attention (d 512) and indexer
-(d 128), fp32 state. Prefill keeps upstream's kernels (a chunk's rows span several SWA pages'
-rings, which ``compress_prefill``'s one ring per request does not express), as do the online
-ratio-128 compressor, the FP4 indexer, 0.5.14+'s bf16 store, 0.5.20+'s two-buffer FP8 and external
-scale/rope caches, 0.5.21+'s non-V4 layouts, and any argument a later release adds. A request that
-emits nothing gets a zero row stored at its out_loc, which SGLang's metadata sets to 0 (the dummy
-slot), as upstream's own ``_forward_unified_hip`` does; upstream's default path skips those rows.
+(d 128), fp32 rows and state (the only dtype upstream's kernels run with). Prefill keeps upstream's
+kernels (a chunk's rows span several SWA pages' rings, which ``compress_prefill``'s one ring per
+request does not express), as do the online ratio-128 compressor, the FP4 indexer, 0.5.14+'s bf16
+store, 0.5.20+'s two-buffer FP8 and external scale/rope caches, 0.5.21+'s non-V4 layouts, and any
+argument a later release adds. A request that emits nothing gets a zero row stored at its out_loc,
+which SGLang's metadata sets to 0 (the dummy slot, reserved), as upstream's ``_forward_unified_hip``
+does; upstream's default path skips those rows (the benchmark shows what storing them costs). The
+state ring's layout is the planner's, read from the plan: per SWA page (0.5.13 ... 0.5.19), per
+request for ratio 128 from 0.5.20 (and ratio 4 under 0.5.20+'s unified KV); the kernel stores the
+new row at its page's slot ``pos % ratio``, which is the plan's write_loc under the invariant
+upstream's own pooling relies on (a ring's slots follow positions).
 
 The indexer K cache (#31563): the store is upstream's, so the indexer cache gets upstream's layout
 (0.5.13: row-major, as its JIT store writes it; 0.5.23: preshuffled where upstream's gate says so):

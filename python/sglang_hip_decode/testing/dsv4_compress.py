@@ -8,7 +8,8 @@ What is real and what stands in:
   (``CompressorDecodePlan``) and, on the patched path, upstream's HIP cache store
   (``fused_store_cache``: a Triton kernel on ROCm, run here with ``is_hip_runtime`` answered True);
 * made here, as SGLang lays them out: the state pool (fp32 rows of ``[kv | score]``, one ring of
-  ``ring_size`` rows per SWA page: a token's row at ``swa_page * ring_size + swa_loc % ring_size``),
+  ``ring_size`` rows per SWA page: a token's row at ``swa_page * ring_size + swa_loc % ring_size``;
+  from 0.5.20 ratio 128 has one ring per request, row ``rid * ring_size + pos % ring_size``),
   ``req_to_token`` / ``full_to_swa`` with SWA pages aligned to positions, the compressed cache
   (V4 584 B/token pages, or the indexer's 132 B/token) and ``out_loc`` (0 where a request emits
   nothing: the metadata's dummy slot);
@@ -17,7 +18,9 @@ What is real and what stands in:
   ``compress_forward`` (``c4_v2.cuh`` / ``c128_v2.cuh``: store the new row, pool an emitting
   request's block; an ape-biased score that is -inf on every row of a channel gives NaN there, as
   their max-subtracting softmax does) and ``compress_norm_rope_store``'s norm, RoPE and indexer
-  rotation (``fused_norm_rope_v2.cuh``), whose rows go to the same real store. Each records its
+  rotation (``fused_norm_rope_v2.cuh``, the attention rows rounded to bf16 as it rounds them), whose
+  rows go to the same real store (upstream's own stores inside that kernel: the same layout and
+  rounding, a scale floor of 1e-4 where the Triton store's is 1e-8). Each records its
   calls, so a test sees which path ran.
 
 The rows a request's history holds, the ape and the RoPE table are drawn from ``seed``; the
@@ -39,6 +42,7 @@ from sgl_hip_kernels.dsv4.compress_ref import compress_sequence_ref
 from sgl_hip_kernels.dsv4.kv_cache import dequantize_kv, page_bytes
 from sgl_hip_kernels.rotations_ref import hadamard_ref
 
+from .. import patching
 from .sglang_import import import_modules, swap_attrs
 
 COMPRESSOR = "sglang.srt.layers.attention.dsv4.compressor_v2"
@@ -100,13 +104,17 @@ class Dsv4CompressStep:
             for col in ((2 * d + 5, 3 * d + 5) if r == 4 else (d + 5,)):
                 self.history[..., col] = float("-inf")
         ring = ring_size(r)
-        self.state_rows = n_swa_pages * ring + r
+        # The ring layout the release's planner uses: from 0.5.20 ratio 128 keeps one ring per request
+        # (row rid * ring + pos % ring); otherwise one per SWA page (swa_page * ring + swa_loc % ring).
+        self.req_ring = r == 128 and patching.installed_release() >= (0, 5, 20, 0)
+        self.swa_loc = swa_loc
+        self.state_rows = max(n_swa_pages, b + 1) * ring + r
         state = torch.full((self.state_rows, self.width), float("nan"))
-        for req in range(b + 1):  # the rows of every earlier token, in order (later ones overwrite)
-            n = int(self.seq_lens[req - 1]) if req else 1
-            for t in range(n - 1 if req else 0):
-                s = int(swa_loc[req, t])
-                state[(s // case.swa_page) * ring + s % ring] = self.history[req, t]
+        for i, (req, n) in enumerate(zip(self.req_pool_indices.tolist(), self.seq_lens.tolist())):
+            if case.lens[i] <= 0:
+                continue
+            for t in range(n - 1):  # the rows of every earlier token, in order (later ones overwrite)
+                state[self.state_loc(req, t)] = self.history[req, t]
         self.state0 = state
         self.u = torch.stack([self.history[int(q), int(n) - 1] for q, n in zip(self.req_pool_indices, self.seq_lens)])
         ape = torch.randn(self.k, d, generator=gen)  # the hot-fixed ape as (K, d) rows
@@ -123,6 +131,14 @@ class Dsv4CompressStep:
         self.cache0 = torch.randint(0, 256, (pages, self.page_bytes), generator=gen, dtype=torch.uint8)
         self.calls: dict[str, list] = {"plan": [], "compress_forward": [], "norm_rope_store": [], "store": []}
 
+    def state_loc(self, req: int, pos: int) -> int:
+        """The state row of request ``req``'s token ``pos``, as the release's planner places it."""
+        ring = ring_size(self.case.ratio)
+        if self.req_ring:
+            return req * ring + pos % ring
+        s = int(self.swa_loc[req, pos])
+        return (s // self.case.swa_page) * ring + s % ring
+
     @property
     def indexer(self) -> bool:
         return self.case.head_dim == 128
@@ -132,17 +148,13 @@ class Dsv4CompressStep:
     def plan(self):
         """``CompressorDecodePlan`` as ``plan_compress_decode`` builds it: per request int32
         (seq_len, write_loc, previous block's page, current block's page) in 16 bytes."""
-        r, ring, sps = self.case.ratio, ring_size(self.case.ratio), self.case.swa_page
+        r = self.case.ratio
         pos1 = self.seq_lens - 1
         pos0 = (pos1 - r).clamp(min=0)
-        rows = self.req_to_token[self.req_pool_indices]
-
-        def state_loc(p):
-            swa = self.full_to_swa[rows.gather(1, p[:, None].long())[:, 0].long()]
-            return (swa // sps) * ring + swa % ring
-
-        write = state_loc(pos1)
-        raw = torch.stack([self.seq_lens, write, state_loc(pos0) // r, write // r], 1).to(torch.int32)
+        rids = self.req_pool_indices.tolist()
+        write = torch.tensor([self.state_loc(q, int(p)) for q, p in zip(rids, pos1)])
+        read0 = torch.tensor([self.state_loc(q, int(p)) // r for q, p in zip(rids, pos0)])
+        raw = torch.stack([self.seq_lens, write, read0, write // r], 1).to(torch.int32)
         self.calls["plan"].append(raw.clone())
         plan_d = raw.contiguous().view(torch.uint8).reshape(-1, 16).to(self.device)
         return self.sg.cv2.CompressorDecodePlan(r, plan_d)
@@ -191,6 +203,8 @@ class Dsv4CompressStep:
         x = torch.cat([x[:, :-64], torch.view_as_real(rot).reshape(-1, 64)], 1)
         if x.shape[1] == 128:
             x = hadamard_ref(x.double()).float()
+        else:  # the attention rows: rounded to bf16 before the FP8 quantisation (its store does that)
+            x = x.bfloat16()
         self.upstream_rows = x
         self._store(x, kvcache, out_loc[keep], page_size)
 
@@ -272,6 +286,19 @@ class Dsv4CompressStep:
         values = row[slot * 128: slot * 128 + 128].view(torch.float8_e4m3fn).float()
         scale = row[128 * ps + 4 * slot: 128 * ps + 4 * slot + 4].view(torch.float32)
         return values * scale
+
+    @property
+    def slots(self) -> int:
+        return self.cache0.shape[0] * self.case.page_size
+
+    def slot_bytes(self, cache: torch.Tensor, loc: int) -> torch.Tensor:
+        """Every byte compressed slot ``loc`` owns in ``cache`` (its values and its scales)."""
+        ps = self.case.page_size
+        page, slot = divmod(loc, ps)
+        row = cache[page]
+        if self.indexer:
+            return torch.cat([row[slot * 128: slot * 128 + 128], row[128 * ps + 4 * slot: 128 * ps + 4 * slot + 4]])
+        return torch.cat([row[slot * 576: slot * 576 + 576], row[576 * ps + 8 * slot: 576 * ps + 8 * slot + 8]])
 
     @contextlib.contextmanager
     def fresh_calls(self):

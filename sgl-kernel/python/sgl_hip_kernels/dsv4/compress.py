@@ -155,10 +155,13 @@ def _check_rule(rule: LaunchRule, ratio: int, d: int) -> LaunchRule:
 
 
 def _out(out, rows, d, dtype, device):
+    """``out`` as given (fp32 or bf16: the kernel rounds its fp32 result once to it), or a new one
+    in ``dtype`` (u's)."""
     if out is None:
         return torch.empty(rows, d, dtype=dtype, device=device)
-    if tuple(out.shape) != (rows, d) or out.stride(1) != 1 or out.dtype != dtype or out.device != device:
-        raise ValueError(f"dsv4 compress: out must be ({rows}, {d}) {dtype} on {device} with contiguous rows, got "
+    if tuple(out.shape) != (rows, d) or out.stride(1) != 1 or out.dtype not in (torch.float32, torch.bfloat16) \
+            or out.device != device:
+        raise ValueError(f"dsv4 compress: out must be ({rows}, {d}) fp32 or bf16 on {device} with contiguous rows, got "
                          f"{tuple(out.shape)} {out.dtype} on {out.device}")
     return out
 
@@ -193,7 +196,7 @@ def compress_decode(u, state, state_pages, seq_lens, bias, norm_w, eps, cos, sin
                     workspace=None, rule: LaunchRule | None = None, check_indices: bool = True,
                     page_order: str = "ring"):
     """u (B, W) the new token's raw row per request; seq_lens (B,) int32 after appending it (any
-    stride). Returns out (B, d) in u's dtype (``out``, if given, must be that dtype): the compressed
+    stride). Returns out (B, d) in u's dtype (``out``, if given: fp32 or bf16): the compressed
     vector of block ``seq_len // ratio - 1`` where ``seq_len % ratio == 0``, else 0. Writes ``state``.
     The page ids of requests with ``seq_len > 0`` and their positions are checked (module docstring)
     unless capturing or ``check_indices=False``; padded slots (``seq_len <= 0``) may hold any page ids.

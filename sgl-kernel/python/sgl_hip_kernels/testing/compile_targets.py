@@ -17,16 +17,13 @@ import json
 import os
 import sys
 
-if os.environ.get("TRITON_INTERPRET") == "1":
-    raise SystemExit("compile_targets: run without TRITON_INTERPRET (an interpreted kernel cannot be compiled)")
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-
-from sgl_hip_kernels.dsv4.kernels.compress import _dsv4_compress_decode_kernel  # noqa: E402
-from sgl_hip_kernels.dsv4.kernels.sparse_decode import _dsv4_sparse_decode_kernel  # noqa: E402
-from sgl_hip_kernels.kernels.splitk import _splitk_combine_kernel  # noqa: E402
+from sgl_hip_kernels.dsv4.kernels.compress import _dsv4_compress_decode_kernel
+from sgl_hip_kernels.dsv4.kernels.sparse_decode import _dsv4_sparse_decode_kernel
+from sgl_hip_kernels.kernels.splitk import _splitk_combine_kernel
 
 TARGETS = {"gfx950": GPUTarget("hip", "gfx950", 64), "gfx942": GPUTarget("hip", "gfx942", 64),
            "sm90": GPUTarget("cuda", 90, 32)}
@@ -60,16 +57,25 @@ KERNELS = {
         _splitk_combine_kernel, {"part_o_ptr": "*fp32", "part_m_ptr": "*fp32", "sink_ptr": "*fp32", "out_ptr": "*bf16",
                                  "lse_ptr": "*fp32"}, (),
         dict(SPLITS=4, D=512, BLOCK_H=16, HAS_SINK=True, HAS_LSE=True), dict(num_warps=4)),
-    "dsv4 compress decode, ratio 4, d 512, SGLang's plan pages": (
+    # dsv4-fused-compress's four shapes: the attention compressor writes bf16 rows, the indexer's fp32
+    "dsv4 compress decode, ratio 4, d 512 (attention), plan pages": (
         _dsv4_compress_decode_kernel, _COMPRESS_PTRS, ("eps",),
         dict(RATIO=4, D=512, LOG2_D=9, SPLIT=16, N_PAGES=2, BK=8, ROTATE=False, PREV_CUR=True), dict(num_warps=4)),
-    "dsv4 compress decode, ratio 128, d 128, rotated (indexer)": (
+    "dsv4 compress decode, ratio 128, d 512 (attention), plan pages": (
         _dsv4_compress_decode_kernel, _COMPRESS_PTRS, ("eps",),
+        dict(RATIO=128, D=512, LOG2_D=9, SPLIT=16, N_PAGES=1, BK=128, ROTATE=False, PREV_CUR=True), dict(num_warps=4)),
+    "dsv4 compress decode, ratio 4, d 128, rotated (indexer), plan pages": (
+        _dsv4_compress_decode_kernel, dict(_COMPRESS_PTRS, out_ptr="*fp32"), ("eps",),
+        dict(RATIO=4, D=128, LOG2_D=7, SPLIT=4, N_PAGES=2, BK=8, ROTATE=True, PREV_CUR=True), dict(num_warps=1)),
+    "dsv4 compress decode, ratio 128, d 128, rotated (indexer), plan pages": (
+        _dsv4_compress_decode_kernel, dict(_COMPRESS_PTRS, out_ptr="*fp32"), ("eps",),
         dict(RATIO=128, D=128, LOG2_D=7, SPLIT=4, N_PAGES=1, BK=128, ROTATE=True, PREV_CUR=True), dict(num_warps=4)),
 }
 
 
 def compile_all(arch: str) -> list[dict]:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("compile_targets: run without TRITON_INTERPRET (an interpreted kernel cannot be compiled)")
     results = []
     for what, (kernel, pointers, floats, constexprs, options) in KERNELS.items():
         try:
