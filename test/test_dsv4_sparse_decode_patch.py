@@ -169,6 +169,28 @@ def test_fnuz_gpus_debug_backends_pinned_splits_keep_upstreams_call(sg, monkeypa
     assert dsv4_calls.sparse_decode_applies(fb, call)
 
 
+@pytest.mark.skipif(not NEW_LAYOUT, reason="aiter_sparse reaches the backend from 0.5.22")
+def test_aiter_sparse_folded_indices_reach_ours(sg, monkeypatch):
+    """gfx950's default on 0.5.22+ (``aiter_sparse``): upstream folds the lengths into the index lists
+    (positions past a row's length become -1) before the call; ours gets those lists, with the
+    lengths, and computes the same attention (32 heads: past upstream's swapab branch)."""
+    monkeypatch.setattr(sg.hip, "resolve_hip_flashmla_backend", lambda *a, **k: "aiter_sparse")
+    path = build(sg, seed=7, ratio=4, batch=3, heads=32)
+    ref = path.reference()
+    with path.kernel("reference"):
+        upstream = path.run()
+        (call,) = path.calls
+        with patching.applied(PATCH):
+            ours = path.run()
+        assert len(path.calls) == 1, "patched, the decode must not reach upstream's entrypoint"
+    lengths, idx = call["topk_length"].long(), call["indices"]
+    past = torch.arange(idx.shape[-1]) >= lengths[:, None, None]
+    assert past.any() and (idx[past] == -1).all(), "upstream did not fold the lengths (not the aiter_sparse path)"
+    assert torch.equal(upstream, ref.to(upstream.dtype))
+    torch_err = err(path.reference(torch.float32), ref)
+    assert 0 < err(ours, ref) <= 2 * torch_err, (err(ours, ref), torch_err)
+
+
 @pytest.mark.skipif(not NEW_LAYOUT, reason="the compressed cache has one layout before 0.5.22")
 def test_another_compressed_layout_keeps_upstreams_call(sg):
     path = build(sg, ratio=4, extra_bytes=600)  # a stand-in for a V4.1 layout: not 584 B/token
