@@ -12,7 +12,9 @@ seeds, the ``gpu`` marker, the Triton interpreter on the CPU, and no false green
   "torch's own error" would depend on the machine). Same dtypes in and out as numpy's.
 * Under the interpreter a float conversion to a narrower type (fp32 -> bf16 / fp16 / fp8, implicit
   in a store too) rounds to nearest even, as the GPUs do, through torch; e4m3 saturates finite
-  values to +-max (NVIDIA's ``satfinite``). The interpreter's own truncates to bf16 and gets fp8
+  values and infinities to +-max as NVIDIA's ``satfinite`` does (AMD's saturation not checked);
+  e5m2 overflows to inf (torch's rule); other rounding modes (RTZ) keep the interpreter's own
+  (truncation, unsaturated). The interpreter's own RTNE-less path truncates to bf16 and gets fp8
   wrong (0.4916 -> 0.25, 7.77 -> 4.0 in e4m3), so a kernel that quantises, or one of upstream's
   Triton store kernels run on the CPU, would be tested against values no GPU makes.
 * The run fails when tests were collected and every one of them was skipped: a green suite that
