@@ -15,8 +15,8 @@ against references, through ``DeepseekV4HipRadixBackend.forward`` (``sglang_hip_
   cache pages), so a decode step never meets an error of ours. From 0.5.22, an
   ``inv_rope`` runs upstream's standalone inverse RoPE on our output.
 * GPU (bf16): patched vs upstream's own Triton kernel (``SGLANG_HACK_FLASHMLA_BACKEND=triton``) on the
-  same inputs: ours within 2x torch's bf16 error of fp64 and no farther from it than upstream (10%
-  slack for the order of bf16 roundings).
+  same inputs: ours within 2x torch's bf16 error of fp64 and no farther from it than upstream, in
+  the max and in the mean error (10% slack for the order of bf16 roundings).
 """
 
 from __future__ import annotations
@@ -236,6 +236,11 @@ def test_gpu_patched_vs_upstreams_triton_kernel(sg, ratio, batch):
     assert len(path.calls) == 1
     torch_err = err(path.reference(torch.bfloat16), ref)
     e_ours, e_up = err(ours, ref), err(upstream, ref)
-    print(f"ratio {ratio} batch {batch}: ours {e_ours:.3e} upstream {e_up:.3e} torch bf16 {torch_err:.3e}")
+    # The max is mostly the output's last bf16 rounding (often equal for both): the mean error sees
+    # a small systematic difference the max hides.
+    m_ours, m_up = ((t.double() - ref).abs().mean().item() for t in (ours, upstream))
+    print(f"ratio {ratio} batch {batch}: max err ours {e_ours:.3e} upstream {e_up:.3e} torch bf16 {torch_err:.3e}; "
+          f"mean err ours {m_ours:.3e} upstream {m_up:.3e}")
     assert e_ours <= 2 * torch_err and e_ours <= 1.1 * e_up, (e_ours, e_up, torch_err)
+    assert m_ours <= 1.1 * m_up, (m_ours, m_up)
 
