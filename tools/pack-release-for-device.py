@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
-"""Pack an installed sglang release (``.releases/<version>``, from ``make releases``) for the GPU machine:
-its Python files, its JIT kernel sources (``.cuh``/``.h``/``.cu``: upstream's DSV4 kernels compile there
-at first use) and its ``dist-info`` (the plugin reads the release from it), into
-``.releases/device/sglang-<version>.zip`` (9 MB for 0.5.13.post1, 19 MB for 0.5.23: carry that path beside
-``.whl`` (38 MB); the whole wheel would not fit in one 64 MB carry). On the device: ``python3 -c "import zipfile; zipfile.ZipFile(Z).extractall(D)"`` and put
-``D`` first on PYTHONPATH (before ``/tmp/site``, which holds 0.5.11).
+"""Pack an installed sglang release (``.releases/<version>``, from ``make releases``) for the GPU
+machine: its Python files, its JIT kernel sources (``.cuh``/``.h``/``.cu``: upstream's DSV4 kernels
+compile there at first use) and its ``dist-info`` (the plugin reads the release from it), into
+``.releases/device/sglang-<version>.zip`` (9 MB for 0.5.13.post1, 19 MB for 0.5.23: carry that path
+beside ``.whl`` (38 MB); the whole wheel would not fit in one 64 MB carry). On the device: ``python3
+-c "import zipfile; zipfile.ZipFile(Z).extractall(D)"`` and put ``D`` first on PYTHONPATH (before
+``/tmp/site``, which holds 0.5.11).
 
 Usage: tools/pack-release-for-device.py 0.5.23 [0.5.13.post1 ...]
 """
