@@ -169,10 +169,12 @@ def test_what_ours_does_not_implement_runs_upstreams_kernels(sg, monkeypatch):
         "ratio 2": dict(compress_ratio=2),
         "a strided ape": dict(ape=env["ape"].repeat_interleave(2, -1)[..., ::2]),
         "rotation off for the indexer": dict(rotate=False),
+        "an infinite eps": dict(norm=type("Norm", (), {"weight": env["norm"].weight, "variance_epsilon": float("inf")})()),
+        "an empty batch": dict(kv_score_input=env["kv_score_input"][:0]),
     }
     for what, change in declined.items():
         assert not real(dict(env, **change)), what
-    assert len(declined) == 13
+    assert len(declined) == 15
     # Through the patched method: a declined step runs upstream's kernels, once, and stores nothing of ours.
     monkeypatch.setattr(dsv4_calls, "fused_compress_applies", lambda env: False)
     with s.fresh_calls() as calls:

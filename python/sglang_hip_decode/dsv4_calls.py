@@ -38,6 +38,7 @@ our output, as upstream's paths without the fused form do.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -178,7 +179,8 @@ def fused_compress_applies(env: dict) -> bool:
         return False  # prefill keeps upstream's kernels (module docstring of the patch)
     if ratio not in (4, 128) or d not in (128, 512) or bool(env.get("rotate")) != (d == 128):
         return False
-    if not isinstance(u, torch.Tensor) or u.dim() != 2 or u.dtype != torch.float32 or u.stride(1) != 1:
+    if not isinstance(u, torch.Tensor) or u.dim() != 2 or u.shape[0] == 0 or u.dtype != torch.float32 \
+            or u.stride(1) != 1:
         return False  # upstream's kernels need the rows in the state's dtype (fp32); bf16 rows break them
     width = (4 if ratio == 4 else 2) * d
     plan_d, buf, dev = plan.plan_d, env.get("kv_score_buffer"), u.device
@@ -193,7 +195,7 @@ def fused_compress_applies(env: dict) -> bool:
         and tuple(buf.shape[1:]) == (ratio, width) and buf.is_contiguous()
         and isinstance(ape, torch.Tensor) and _fp32_rows(ape, ape.shape, dev) and ape.numel() == (8 if ratio == 4 else 128) * d
         and _fp32_rows(weight, (d,), dev)
-        and isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps > 0
+        and isinstance(eps, (int, float)) and not isinstance(eps, bool) and math.isfinite(eps) and eps > 0
         and isinstance(freqs, torch.Tensor) and freqs.dtype == torch.complex64 and freqs.dim() == 2
         and freqs.shape[1] == 32 and freqs.device == dev and freqs.is_contiguous()
         and isinstance(cache, torch.Tensor) and cache.dtype == torch.uint8 and cache.dim() == 2 and cache.device == dev
