@@ -21,6 +21,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from sgl_hip_kernels.dsv4.compress import launch_rule
 from sgl_hip_kernels.dsv4.kernels.compress import _dsv4_compress_decode_kernel
 from sgl_hip_kernels.dsv4.kernels.sparse_decode import _dsv4_sparse_decode_kernel
 from sgl_hip_kernels.kernels.splitk import _splitk_combine_kernel
@@ -44,7 +45,7 @@ _SPARSE_PTRS = {"q_ptr": "*bf16", "cache_ptr": "*u8", "idx_ptr": "*i32", "len_pt
 _SPARSE_CONST = dict(HAS_LEN=True, HAS_EXTRA=True, HAS_X_LEN=True, HAS_SINK=True, BLOCK_N=64, KEYS_PER_SPLIT=128,
                      IEEE=False)
 _COMPRESS_PTRS = {"u_ptr": "*fp32", "state_ptr": "*fp32", "pages_ptr": "*i32", "seq_lens_ptr": "*i32",
-                  "bias_ptr": "*fp32", "normw_ptr": "*fp32", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "out_ptr": "*bf16",
+                  "bias_ptr": "*fp32", "normw_ptr": "*fp32", "cos_ptr": "*fp32", "sin_ptr": "*fp32",
                   "pooled_ptr": "*fp32", "sumsq_ptr": "*fp32", "count_ptr": "*i32"}
 KERNELS = {
     "dsv4 sparse decode, one split, 64 heads": (
@@ -57,20 +58,22 @@ KERNELS = {
         _splitk_combine_kernel, {"part_o_ptr": "*fp32", "part_m_ptr": "*fp32", "sink_ptr": "*fp32", "out_ptr": "*bf16",
                                  "lse_ptr": "*fp32"}, (),
         dict(SPLITS=4, D=512, BLOCK_H=16, HAS_SINK=True, HAS_LSE=True), dict(num_warps=4)),
-    # dsv4-fused-compress's four shapes: the attention compressor writes bf16 rows, the indexer's fp32
-    "dsv4 compress decode, ratio 4, d 512 (attention), plan pages": (
-        _dsv4_compress_decode_kernel, _COMPRESS_PTRS, ("eps",),
-        dict(RATIO=4, D=512, LOG2_D=9, SPLIT=16, N_PAGES=2, BK=8, ROTATE=False, PREV_CUR=True), dict(num_warps=4)),
-    "dsv4 compress decode, ratio 128, d 512 (attention), plan pages": (
-        _dsv4_compress_decode_kernel, _COMPRESS_PTRS, ("eps",),
-        dict(RATIO=128, D=512, LOG2_D=9, SPLIT=16, N_PAGES=1, BK=128, ROTATE=False, PREV_CUR=True), dict(num_warps=4)),
-    "dsv4 compress decode, ratio 4, d 128, rotated (indexer), plan pages": (
-        _dsv4_compress_decode_kernel, dict(_COMPRESS_PTRS, out_ptr="*fp32"), ("eps",),
-        dict(RATIO=4, D=128, LOG2_D=7, SPLIT=4, N_PAGES=2, BK=8, ROTATE=True, PREV_CUR=True), dict(num_warps=1)),
-    "dsv4 compress decode, ratio 128, d 128, rotated (indexer), plan pages": (
-        _dsv4_compress_decode_kernel, dict(_COMPRESS_PTRS, out_ptr="*fp32"), ("eps",),
-        dict(RATIO=128, D=128, LOG2_D=7, SPLIT=4, N_PAGES=1, BK=128, ROTATE=True, PREV_CUR=True), dict(num_warps=4)),
 }
+
+
+def _compress_decode(ratio: int, d: int, out: str):
+    """dsv4-fused-compress's decode kernel at ``compress.launch_rule``'s GPU launch (plan pages)."""
+    rule = launch_rule(ratio, d, prefill=False)
+    constexprs = dict(RATIO=ratio, D=d, LOG2_D=d.bit_length() - 1, SPLIT=rule.split, N_PAGES=2 if ratio == 4 else 1,
+                      BK=rule.rows_per_tile, ROTATE=d == 128, PREV_CUR=True)
+    return _dsv4_compress_decode_kernel, dict(_COMPRESS_PTRS, out_ptr=out), ("eps",), constexprs, \
+        dict(num_warps=rule.num_warps)
+
+
+# dsv4-fused-compress's four shapes: the attention compressor (d 512) writes bf16 rows, the indexer's
+# (d 128, rotated) fp32
+KERNELS.update({f"dsv4 compress decode, ratio {r}, d {d} ({'indexer' if d == 128 else 'attention'}), plan pages":
+                _compress_decode(r, d, "*fp32" if d == 128 else "*bf16") for r in (4, 128) for d in (512, 128)})
 
 
 def compile_all(arch: str) -> list[dict]:

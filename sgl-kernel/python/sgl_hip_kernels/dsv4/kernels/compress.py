@@ -189,14 +189,13 @@ def _dsv4_compress_decode_kernel(
     pages_ok = _pages_inside(page_a, page_b, n_state_pages)
     emits = live & (seq_len % RATIO == 0)
     t = seq_len - 1
+    n = t // RATIO  # the new token's block: the one an emitting step closes
+    own_page = page_b if PREV_CUR else _ring_page(page_a, page_b, n, N_PAGES)
     if live & pages_ok & (chunk == 0):
         wc = tl.arange(0, BW)
         row = tl.load(u_ptr + b * s_u + wc, mask=wc < W).to(tl.float32)
-        page = page_b if PREV_CUR else _ring_page(page_a, page_b, t // RATIO, N_PAGES)
-        tl.store(state_ptr + (page * RATIO + t % RATIO) * s_state + wc, row, mask=wc < W)
+        tl.store(state_ptr + (own_page * RATIO + t % RATIO) * s_state + wc, row, mask=wc < W)
     if emits & pages_ok & (seq_len - RATIO < n_cos):
-        n = seq_len // RATIO - 1
-        own_page = page_b if PREV_CUR else _ring_page(page_a, page_b, n, N_PAGES)
         prev_page = page_a if PREV_CUR else _ring_page(page_a, page_b, n - 1, N_PAGES)
         _emit_block(u_ptr, state_ptr, bias_ptr, normw_ptr, cos_ptr, sin_ptr, out_ptr, pooled_ptr, sumsq_ptr, count_ptr,
                     seq_len - RATIO, b, 1, own_page, prev_page,
