@@ -84,6 +84,15 @@ def test_prefill_keeps_upstreams_call(sg, ratio):
     assert all(c["q"].shape == (path.case.batch, 1, path.case.heads, 512) for c in path.calls)
 
 
+def recorded_call(sg):
+    """A ratio-4 decode whose FlashMLA call upstream's method made (unpatched): (path, call, forward batch)."""
+    path = build(sg, ratio=4, batch=3)
+    with path.kernel("reference"):
+        path.run()
+    (call,) = path.calls
+    return path, call, path.forward_batch()
+
+
 def _kernel_args(call):
     k, x = call["k_cache"], call.get("extra_k_cache")
     return dict(q=call["q"], k_cache=k, indices=call["indices"], block_size=k.shape[1],
@@ -114,11 +123,7 @@ def test_calls_off_the_kernels_contract_keep_upstreams_call(sg):
     from sglang_hip_decode.dsv4_calls import sparse_decode_applies
     from sgl_hip_kernels.dsv4 import sparse_decode
 
-    path = build(sg, ratio=4, batch=3)
-    with path.kernel("reference"):
-        path.run()
-    (call,) = path.calls
-    fb = path.forward_batch()
+    _, call, fb = recorded_call(sg)
     assert sparse_decode_applies(fb, call) and call["attn_sink"] is not None and call["topk_length"] is not None
     assert call["extra_topk_length"] is not None
     sparse_decode(**_kernel_args(call))  # the recorded call as it is: accepted
@@ -139,11 +144,7 @@ def test_fnuz_gpus_debug_backends_pinned_splits_keep_upstreams_call(sg, monkeypa
 
     from sglang_hip_decode import dsv4_calls
 
-    path = build(sg, ratio=4, batch=3)
-    with path.kernel("reference"):
-        path.run()
-    (call,) = path.calls
-    fb = path.forward_batch()
+    path, call, fb = recorded_call(sg)
     assert dsv4_calls.sparse_decode_applies(fb, call, "tilelang") and dsv4_calls.sparse_decode_applies(fb, call, "auto")
     for debug in ("torch", "comparison"):
         assert not dsv4_calls.sparse_decode_applies(fb, call, debug)

@@ -158,10 +158,10 @@ _COMPRESS_OFF = ("use_fp4_indexer", "is_online", "bf16_store", "fp8_2buff")  # e
 _COMPRESS_NONE = ("kv_scale_cache", "rope_cache", "kv_cache_rope")  # each must be None where present
 
 
-def _fp32_rows(t, shape, device) -> bool:
-    """A fp32 tensor of ``shape`` on ``device`` with contiguous rows."""
+def _fp32_contiguous(t, device, numel: int) -> bool:
+    """A contiguous fp32 tensor of ``numel`` elements on ``device``."""
     return bool(isinstance(t, torch.Tensor) and t.device == device and t.dtype == torch.float32
-                and tuple(t.shape) == tuple(shape) and t.is_contiguous())
+                and t.numel() == numel and t.is_contiguous())
 
 
 def fused_compress_applies(env: dict) -> bool:
@@ -193,8 +193,8 @@ def fused_compress_applies(env: dict) -> bool:
         and tuple(plan_d.shape) == (u.shape[0], 16) and plan_d.is_contiguous()
         and isinstance(buf, torch.Tensor) and buf.dtype == torch.float32 and buf.device == dev and buf.dim() == 3
         and tuple(buf.shape[1:]) == (ratio, width) and buf.is_contiguous()
-        and isinstance(ape, torch.Tensor) and _fp32_rows(ape, ape.shape, dev) and ape.numel() == (8 if ratio == 4 else 128) * d
-        and _fp32_rows(weight, (d,), dev)
+        and _fp32_contiguous(ape, dev, (8 if ratio == 4 else 128) * d)
+        and _fp32_contiguous(weight, dev, d) and weight.dim() == 1
         and isinstance(eps, (int, float)) and not isinstance(eps, bool) and math.isfinite(eps) and eps > 0
         and isinstance(freqs, torch.Tensor) and freqs.dtype == torch.complex64 and freqs.dim() == 2
         and freqs.shape[1] == 32 and freqs.device == dev and freqs.is_contiguous()

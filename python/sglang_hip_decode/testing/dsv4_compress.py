@@ -65,7 +65,6 @@ class Dsv4CompressCase:
     swa_page: int = 16  # SWA page (tokens); the ring (8 rows for ratio 4, 128 for ratio 128) divides it
     page_size: int = 2  # the compressed cache's page (compressed tokens)
     neg_inf_channel: bool = False  # one score channel -inf on every token of every request
-    dtype: torch.dtype = torch.float32  # kv_score_input (and the pooled rows): fp32; bf16 on a GPU
 
 
 def ring_size(ratio: int) -> int:
@@ -108,8 +107,7 @@ class Dsv4CompressStep:
         # (row rid * ring + pos % ring); otherwise one per SWA page (swa_page * ring + swa_loc % ring).
         self.req_ring = r == 128 and patching.installed_release() >= (0, 5, 20, 0)
         self.swa_loc = swa_loc
-        self.state_rows = max(n_swa_pages, b + 1) * ring + r
-        state = torch.full((self.state_rows, self.width), float("nan"))
+        state = torch.full((max(n_swa_pages, b + 1) * ring + r, self.width), float("nan"))
         for i, (req, n) in enumerate(zip(self.req_pool_indices.tolist(), self.seq_lens.tolist())):
             if case.lens[i] <= 0:
                 continue
@@ -127,9 +125,9 @@ class Dsv4CompressStep:
         locs = torch.randperm(2 * b + 2, generator=gen)[: b] + 1  # distinct compressed slots, never 0
         self.out_loc = torch.where(torch.tensor(emits), locs, 0).to(torch.int32)
         pages = math.ceil((2 * b + 3) / case.page_size)
-        self.page_bytes = 132 * case.page_size if self.indexer else page_bytes(case.page_size)
-        self.cache0 = torch.randint(0, 256, (pages, self.page_bytes), generator=gen, dtype=torch.uint8)
-        self.calls: dict[str, list] = {"plan": [], "compress_forward": [], "norm_rope_store": [], "store": []}
+        nbytes = 132 * case.page_size if self.indexer else page_bytes(case.page_size)
+        self.cache0 = torch.randint(0, 256, (pages, nbytes), generator=gen, dtype=torch.uint8)
+        self.calls: dict[str, list] = {"compress_forward": [], "norm_rope_store": [], "store": []}
 
     def state_loc(self, req: int, pos: int) -> int:
         """The state row of request ``req``'s token ``pos``, as the release's planner places it."""
@@ -155,7 +153,6 @@ class Dsv4CompressStep:
         write = torch.tensor([self.state_loc(q, int(p)) for q, p in zip(rids, pos1)])
         read0 = torch.tensor([self.state_loc(q, int(p)) // r for q, p in zip(rids, pos0)])
         raw = torch.stack([self.seq_lens, write, read0, write // r], 1).to(torch.int32)
-        self.calls["plan"].append(raw.clone())
         plan_d = raw.contiguous().view(torch.uint8).reshape(-1, 16).to(self.device)
         return self.sg.cv2.CompressorDecodePlan(r, plan_d)
 
@@ -239,17 +236,17 @@ class Dsv4CompressStep:
         ``CompressorDecodePlan.generate`` with ``upstream="real"``): a step that can be repeated, as
         a CUDA graph replays it (it stores the same row and the same block each time)."""
         dev, r = self.device, self.case.ratio
-        self.plan_used = self.plan() if upstream == "standin" else self.sg.cv2.CompressorDecodePlan.generate(
+        plan = self.plan() if upstream == "standin" else self.sg.cv2.CompressorDecodePlan.generate(
             r, self.req_pool_indices.to(dev), self.req_to_token.to(dev), self.full_to_swa.to(dev),
             self.seq_lens.to(dev), self.case.swa_page, ring_size(r))
         self.buffers = dict(
-            kv_score_buffer=self.state0.clone().to(dev), kv_score_input=self.u.to(self.case.dtype).to(dev),
+            kv_score_buffer=self.state0.clone().to(dev), kv_score_input=self.u.to(dev),
             ape=self.ape.to(dev), head_dim=self.case.head_dim,
             norm=types.SimpleNamespace(weight=self.norm.weight.to(dev), variance_epsilon=EPS),
             freqs_cis_cache=self.freqs.to(dev), kv_cache=self.cache0.clone().to(dev), is_indexer=self.indexer,
             rotate=self.indexer, compress_ratio=r, page_size=self.case.page_size, out_loc=self.out_loc.to(dev))
         self.backend = object.__new__(self.sg.cv2.CompressorBackendMixin)
-        self.backend.forward_metadata = types.SimpleNamespace(**{f"c{r}_compress_metadata": self.plan_used})
+        self.backend.forward_metadata = types.SimpleNamespace(**{f"c{r}_compress_metadata": plan})
         return self.buffers
 
     def call(self, upstream: str = "standin", record: bool = True):
