@@ -14,11 +14,11 @@ FlashMLA contract, and no farther from it than upstream's own kernel on the same
 Where it acts (``sglang_hip_decode.dsv4_calls.sparse_decode_call``): decode batches whose q is bf16
 (tokens, 1, heads, 512) over 584 B/token caches, on GPUs whose FP8 is OCP e4m3 (gfx950; gfx942
 stores e4m3fnuz and keeps upstream's kernel); anything else (prefill, target-verify, the V4.1
-layouts of 0.5.22+, fp8 q, 0.5.22+'s deterministic inference with its pinned split count,
-upstream's ``torch`` / ``comparison`` debugging backends) keeps upstream's call, unchanged. On 0.5.22+ a decode with few enough
-tokens on gfx950 with ``aiter_sparse`` takes upstream's ``swapab_attention`` branch before this call
-and is not reached; where upstream passes ``inv_rope`` (its aiter kernel's fused inverse RoPE), ours
-runs upstream's standalone inverse RoPE on its output.
+layouts of 0.5.22+, fp8 q, 0.5.22+'s deterministic inference with its pinned split count, upstream's
+``torch`` / ``comparison`` debugging backends) keeps upstream's call, unchanged. On 0.5.22+ a decode
+with few enough tokens on gfx950 with ``aiter_sparse`` takes upstream's ``swapab_attention`` branch
+before this call and is not reached; where upstream passes ``inv_rope`` (its aiter kernel's fused
+inverse RoPE), ours runs upstream's standalone inverse RoPE on its output.
 
 The indexer K cache (#31563): 0.5.13's HIP writer stores the indexer keys row-major while its aiter
 reader (``dsv4/indexer.py``) reads them preshuffled; this patch does not touch the indexer (it reads

@@ -1,13 +1,13 @@
 """Triton body: DeepSeek-V4 sparse decode over the FP8 584 B/token cache (contract:
 ``dsv4/sparse_decode_ref``; layout: ``dsv4/kv_cache``).
 
-One program per (block of heads, query token, split of the key list); head blocks and tokens
-share grid axis 0 (heads fastest), splits are axis 1. The key list is the main
-scope's top-k followed by the extra scope's; a split walks its part of each, dequantising every
-gathered token into one 512-wide row (7 fp8 tiles times their power-of-two scales, then the bf16
-RoPE values): exact in bf16, so one QK dot (fp32: eight 64-wide dots summed) and one PV dot per
-block of keys. Heads are the fastest
-grid axis, so the programs that read one token's keys run together and share them through L2.
+One program per (block of heads, query token, split of the key list); head blocks and tokens share
+grid axis 0 (heads fastest), splits are axis 1. The key list is the main scope's top-k followed by
+the extra scope's; a split walks its part of each, dequantising every gathered token into one
+512-wide row (7 fp8 tiles times their power-of-two scales, then the bf16 RoPE values): exact in
+bf16, so one QK dot (fp32: eight 64-wide dots summed) and one PV dot per block of keys. Heads are
+the fastest grid axis, so the programs that read one token's keys run together and share them
+through L2.
 """
 
 import triton
