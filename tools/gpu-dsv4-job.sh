@@ -1,12 +1,20 @@
 #!/usr/bin/env bash
 # The DeepSeek-V4 GPU job, run ON the GPU machine from the project root (one device call), with
 # .whl (tools/fetch-device-wheels.sh) and .releases/device (tools/pack-release-for-device.py VERSION)
-# carried. For the release VERSION (default 0.5.23): the @gpu parity tests of both DSV4 patches, then
-# both patch benchmarks, each under its own time limit; logs and JSON under $OUT.
-#   bash tools/gpu-dsv4-job.sh [VERSION] [SECONDS_PER_STEP]
+# carried. For the release VERSION, the named steps in order, all within SECONDS in total (each step is
+# stopped at the deadline; a failing step does not end the job); logs and JSON under $OUT.
+#   bash tools/gpu-dsv4-job.sh VERSION SECONDS STEP...
+# STEP: compress-parity, sparse-parity (the patches' @gpu parity tests), compress-bench, sparse-bench
+# (the patch benchmarks). The compressor benchmark's per-step column counts DeepSeek-V4-Flash's layers:
+# compress_ratios = [0, 0, (4, 128) x 20, 4, 0 (the MTP layer)], so 21 ratio-4 and 20 ratio-128 layers.
 set -u
-VERSION=${1:-0.5.23}
-LIMIT=${2:-240}
+if [ $# -lt 3 ]; then
+  echo "usage: bash tools/gpu-dsv4-job.sh VERSION SECONDS STEP..." >&2
+  exit 2
+fi
+VERSION=$1
+DEADLINE=$(($(date +%s) + $2))
+shift 2
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 source tools/device-setup.sh
@@ -15,12 +23,23 @@ python3 -c "import zipfile; zipfile.ZipFile('.releases/device/sglang-$VERSION.zi
 export PYTHONPATH=/tmp/r$VERSION:$PWD/test:$PYTHONPATH
 nvidia-smi --query-gpu=name --format=csv,noheader | tee "$OUT/device.txt"
 step() {  # name, command...
-  local name=$1; shift
-  timeout -k 10 "$LIMIT" "$@" > "$OUT/$name.log" 2>&1
+  local name=$1 left=$((DEADLINE - $(date +%s)))
+  shift
+  if [ "$left" -le 20 ]; then
+    echo "$name: not run (no time left)" | tee "$OUT/$name.log"
+    return
+  fi
+  timeout -k 5 "$((left - 10))" "$@" > "$OUT/$name.log" 2>&1
   echo "rc=$?" >> "$OUT/$name.log"
-  tail -n 4 "$OUT/$name.log"
+  echo "== $name"; tail -n 6 "$OUT/$name.log"
 }
-step compress-parity python3 -m pytest -q -p no:cacheprovider -m gpu -s test/test_dsv4_fused_compress_patch.py
-step sparse-parity python3 -m pytest -q -p no:cacheprovider -m gpu -s test/test_dsv4_sparse_decode_patch.py
-step compress-bench python3 benchmark/gpu/bench_dsv4_fused_compress_patch.py --json "$OUT/dsv4_fused_compress_patch.json"
-step sparse-bench python3 benchmark/gpu/bench_dsv4_sparse_decode_patch.py --json "$OUT/dsv4_sparse_decode_patch.json"
+for name in "$@"; do
+  case $name in
+    compress-parity) step "$name" python3 -m pytest -q -p no:cacheprovider -m gpu -s test/test_dsv4_fused_compress_patch.py ;;
+    sparse-parity) step "$name" python3 -m pytest -q -p no:cacheprovider -m gpu -s test/test_dsv4_sparse_decode_patch.py ;;
+    compress-bench) step "$name" python3 benchmark/gpu/bench_dsv4_fused_compress_patch.py --batches 1,4,16,64,128,256 \
+      --c4-layers 21 --c128-layers 20 --json "$OUT/dsv4_fused_compress_patch.json" ;;
+    sparse-bench) step "$name" python3 benchmark/gpu/bench_dsv4_sparse_decode_patch.py --json "$OUT/dsv4_sparse_decode_patch.json" ;;
+    *) echo "unknown step: $name" >&2 ;;
+  esac
+done
