@@ -12,7 +12,7 @@ What is real and what stands in:
   from 0.5.20 ratio 128 has one ring per request, row ``rid * ring_size + pos % ring_size``),
   ``req_to_token`` / ``full_to_swa`` with SWA pages aligned to positions, the compressed cache
   (V4 584 B/token pages, or the indexer's 132 B/token) and ``out_loc`` (0 where a request emits
-  nothing: the metadata's dummy slot);
+  nothing: the metadata's dummy slot; computed by the release's own metadata kernel, so its dtype too);
 * stand-ins (torch, on the CPU only: upstream's versions are JIT C++ kernels, CUDA/HIP only),
   written from upstream's sources: the decode planner (``c_plan.cuh``'s ``plan_compress_decode``),
   ``compress_forward`` (``c4_v2.cuh`` / ``c128_v2.cuh``: store the new row, pool an emitting
@@ -47,6 +47,8 @@ from .sglang_import import import_modules, swap_attrs
 
 COMPRESSOR = "sglang.srt.layers.attention.dsv4.compressor_v2"
 POOL = "sglang.srt.mem_cache.deepseek_v4_memory_pool"
+# The metadata kernel moved in 0.5.16 (the first name exists from there, the second before).
+METADATA = ("sglang.kernels.ops.attention.dsv4.metadata_kernel", "sglang.srt.layers.attention.dsv4.metadata_kernel")
 EPS = 1e-6
 MAX_POS = 1024
 
@@ -65,6 +67,26 @@ class Dsv4CompressCase:
     swa_page: int = 16  # SWA page (tokens); the ring (8 rows for ratio 4, 128 for ratio 128) divides it
     page_size: int = 2  # the compressed cache's page (compressed tokens)
     neg_inf_channel: bool = False  # one score channel -inf on every token of every request
+
+
+def upstream_out_loc(seq_lens: torch.Tensor, raw_out_loc: torch.Tensor, ratio: int) -> torch.Tensor:
+    """The compressor's ``out_loc`` as the release's own metadata kernel makes it
+    (``_init_compressed_attn_metadata_triton``: the token's slot // ratio where the request closes a
+    block, else 0; int32 up to 0.5.13.post1, int64 from 0.5.14), from the lengths after the step and
+    each request's new-token slot. A Triton kernel: on the CPU it needs ``TRITON_INTERPRET=1``."""
+    meta = None
+    for name in METADATA:
+        try:
+            (meta,) = import_modules(name)
+            break
+        except ModuleNotFoundError as e:
+            if not name.startswith(e.name or "\0"):
+                raise  # the module is there and something it imports is not
+    if meta is None:
+        raise ModuleNotFoundError(f"the release has none of {METADATA}")
+    out = meta._init_compressed_attn_metadata_triton(seq_lens.to(torch.int32), seq_lens.to(torch.int32) - 1,
+                                                      raw_out_loc.to(torch.int64), compute_page_indices=False)
+    return out[0] if ratio == 4 else out[4]  # (c4_out_loc, ..., c128_out_loc, ...) in both layouts
 
 
 def ring_size(ratio: int) -> int:
@@ -123,7 +145,11 @@ class Dsv4CompressStep:
         emits = [n > 0 and n % r == 0 for n in case.lens]
         self.emitting = [i for i, e in enumerate(emits) if e]
         locs = torch.randperm(2 * b + 2, generator=gen)[: b] + 1  # distinct compressed slots, never 0
-        self.out_loc = torch.where(torch.tensor(emits), locs, 0).to(torch.int32)
+        # Each request's new-token slot: an emitting one's // ratio is its distinct compressed slot.
+        raw = locs * r + (self.seq_lens - 1) % r
+        self.out_loc = upstream_out_loc(self.seq_lens.to(device), raw.to(device), r).cpu()
+        if self.out_loc.tolist() != torch.where(torch.tensor(emits), locs, 0).tolist():
+            raise AssertionError("upstream's metadata places the compressed rows elsewhere than assumed")
         pages = math.ceil((2 * b + 3) / case.page_size)
         nbytes = 132 * case.page_size if self.indexer else page_bytes(case.page_size)
         self.cache0 = torch.randint(0, 256, (pages, nbytes), generator=gen, dtype=torch.uint8)
