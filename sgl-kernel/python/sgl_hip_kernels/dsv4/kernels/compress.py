@@ -178,8 +178,9 @@ def _dsv4_compress_decode_kernel(
     module docstring (every chunk of a request takes the same decision). PREV_CUR: the request's
     two page ids are (the previous block's page, the current block's page) for this step, not a
     ring indexed by block parity (ratio 4; ratio 128 reads its one page from the given column)."""
+    # A power of two (D is one: the launcher checks). No triton.next_power_of_2 in a jit body: SGLang
+    # rebinds it to a plain function when imported (srt/utils/common.py), and Triton then refuses to launch.
     W: tl.constexpr = (4 if RATIO == 4 else 2) * D
-    BW: tl.constexpr = triton.next_power_of_2(W)
     b = tl.program_id(0).to(tl.int64) // SPLIT
     chunk = tl.program_id(0) % SPLIT
     seq_len = tl.load(seq_lens_ptr + b * s_seq)
@@ -192,9 +193,9 @@ def _dsv4_compress_decode_kernel(
     n = t // RATIO  # the new token's block: the one an emitting step closes
     own_page = page_b if PREV_CUR else _ring_page(page_a, page_b, n, N_PAGES)
     if live & pages_ok & (chunk == 0):
-        wc = tl.arange(0, BW)
-        row = tl.load(u_ptr + b * s_u + wc, mask=wc < W).to(tl.float32)
-        tl.store(state_ptr + (own_page * RATIO + t % RATIO) * s_state + wc, row, mask=wc < W)
+        wc = tl.arange(0, W)
+        row = tl.load(u_ptr + b * s_u + wc).to(tl.float32)
+        tl.store(state_ptr + (own_page * RATIO + t % RATIO) * s_state + wc, row)
     if emits & pages_ok & (seq_len - RATIO < n_cos):
         prev_page = page_a if PREV_CUR else _ring_page(page_a, page_b, n - 1, N_PAGES)
         _emit_block(u_ptr, state_ptr, bias_ptr, normw_ptr, cos_ptr, sin_ptr, out_ptr, pooled_ptr, sumsq_ptr, count_ptr,
@@ -223,16 +224,15 @@ def _store_kept_row(u_ptr, state_ptr, pages_ptr, writes_ptr, i, n_state_pages, n
     """Copy ragged row writes[i, 0] (fp32) to token writes[i, 2]'s slot in request writes[i, 1]'s
     ring; a negative ragged row is padding; a request any of whose ring pages is outside the state
     (or a row outside u) stores nothing, as in decode."""
-    BW: tl.constexpr = triton.next_power_of_2(W)
     src = tl.load(writes_ptr + i * 3 + 0).to(tl.int64)
     req = tl.load(writes_ptr + i * 3 + 1).to(tl.int64)
     t = tl.load(writes_ptr + i * 3 + 2)
     page_a, page_b = _request_pages(pages_ptr, req, src >= 0, n_req, s_pages, N_PAGES)
     page = _ring_page(page_a, page_b, t // RATIO, N_PAGES)
     if (src >= 0) & (src < n_u) & (t >= 0) & _pages_inside(page_a, page_b, n_state_pages):
-        wc = tl.arange(0, BW)
-        row = tl.load(u_ptr + src * s_u + wc, mask=wc < W).to(tl.float32)
-        tl.store(state_ptr + (page * RATIO + t % RATIO) * s_state + wc, row, mask=wc < W)
+        wc = tl.arange(0, W)  # W: the row width, 2 or 4 times a power-of-two d (the launcher checks)
+        row = tl.load(u_ptr + src * s_u + wc).to(tl.float32)
+        tl.store(state_ptr + (page * RATIO + t % RATIO) * s_state + wc, row)
 
 
 @triton.jit
