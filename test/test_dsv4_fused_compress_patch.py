@@ -89,6 +89,36 @@ def fp8_half_step(v: torch.Tensor, indexer: bool) -> torch.Tensor:
     return torch.cat([nope, torch.zeros(64)])
 
 
+def patched_both_ways(s, upstream="standin"):
+    """The patched step twice: storing in our launch, and handing our rows to upstream's store ->
+    (state, cache) of each and our rows. Asserts upstream's kernels ran in neither and the first
+    called no store."""
+    with s.fresh_calls() as calls:
+        with patching.applied(PATCH):
+            assert patching.is_applied(PATCH)
+            fused = s.run(upstream)
+        assert not calls["compress_forward"] and not calls["norm_rope_store"], "patched: upstream's kernels ran"
+        assert not calls["store"], "the store should ride in our launch"
+    with s.fresh_calls() as calls:
+        with patching.applied(PATCH), s.rows_to_upstreams_store():
+            separate = s.run(upstream)
+        assert not calls["compress_forward"] and not calls["norm_rope_store"]
+        (stored,) = calls["store"]
+    assert torch.equal(stored["loc"].cpu(), s.out_loc) and stored["type"] == ("indexer" if s.indexer else "flashmla")
+    return fused, separate, stored["rows"].cpu()
+
+
+def assert_same_store(s, fused_cache, separate_cache):
+    """Our in-launch store wrote, byte for byte, what upstream's store writes for our rows, at the
+    emitting requests' slots, and nothing else (upstream's store also writes the zero rows of the
+    requests that emit nothing to the dummy slot 0)."""
+    emitted = {int(s.out_loc[b]) for b in s.emitting}
+    for loc in range(s.slots):
+        mine = s.slot_bytes(fused_cache, loc)
+        assert torch.equal(mine, s.slot_bytes(separate_cache if loc in emitted else s.cache0, loc)), loc
+    assert 0 not in emitted and len(emitted) == len(s.emitting) >= 1
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_decode_step_state_equal_vectors_within_twice_torchs_error(sg, name):
     s = step(sg, name, seed=len(name))
@@ -97,16 +127,11 @@ def test_decode_step_state_equal_vectors_within_twice_torchs_error(sg, name):
         up_state, up_cache = s.run()
         assert len(calls["compress_forward"]) == 1 and len(calls["norm_rope_store"]) == 1 and not calls["store"]
     upstream_rows = s.upstream_rows
-    with s.fresh_calls() as calls:
-        with patching.applied(PATCH):
-            assert patching.is_applied(PATCH)
-            state, cache = s.run()
-        assert not calls["compress_forward"] and not calls["norm_rope_store"], "patched: upstream's kernels ran"
-        (stored,) = calls["store"]
-    assert torch.equal(state.view(torch.int32), up_state.view(torch.int32)), "state after the step differs from upstream's"
+    (state, fused_cache), (state2, cache), ours = patched_both_ways(s)
+    for st in (state, state2):
+        assert torch.equal(st.view(torch.int32), up_state.view(torch.int32)), "state after the step differs from upstream's"
     assert not torch.equal(state.view(torch.int32), s.state0.view(torch.int32))  # the step did store its rows
-    assert torch.equal(stored["loc"].cpu(), s.out_loc) and stored["type"] == ("indexer" if s.indexer else "flashmla")
-    ours = stored["rows"].cpu()
+    assert_same_store(s, fused_cache, cache)
     for i, b in enumerate(s.emitting):
         ref = s.reference(b)
         ok, e, bound = within_torch_error(s, b, ours[b], ref)
@@ -117,7 +142,7 @@ def test_decode_step_state_equal_vectors_within_twice_torchs_error(sg, name):
         up_back = s.stored_row(up_cache, int(s.out_loc[b]))
         assert ((back - up_back).abs() <= 2 * fp8_half_step(ref, s.indexer) + 2 ** -7 * ref.abs().float()).all()
     idle = [b for b in range(len(s.case.lens)) if b not in s.emitting]
-    assert idle and all(not ours[b].any() for b in idle), "a request that emits nothing must store a zero row"
+    assert idle and all(not ours[b].any() for b in idle), "a request that emits nothing must hand over a zero row"
     touched = {int(s.out_loc[b]) for b in s.emitting} | {0}
     changed = [loc for loc in range(s.slots) if not torch.equal(s.slot_bytes(cache, loc), s.slot_bytes(s.cache0, loc))]
     assert set(changed) <= touched and set(changed) >= touched - {0}, (changed, touched)
@@ -125,21 +150,42 @@ def test_decode_step_state_equal_vectors_within_twice_torchs_error(sg, name):
                for loc in range(s.slots) if loc not in touched)
 
 
+def test_preshuffled_indexer_cache_where_upstreams_store_uses_it(sg, monkeypatch):
+    """Where upstream's store lays the indexer cache out in aiter's preshuffled tiles (its own
+    ``aiter_can_use_preshuffle_paged_mqa``, here answered True; 0.5.20+), the in-launch store lays
+    it out the same: every request emits, so the whole cache equals upstream's store of our rows."""
+    from sglang_hip_decode import dsv4_calls
+
+    module = dsv4_calls._triton_store_module()
+    if not hasattr(module, "aiter_can_use_preshuffle_paged_mqa"):
+        pytest.skip("this release's store has no preshuffled indexer layout")
+    case = Dsv4CompressCase(ratio=4, head_dim=128, lens=(4, 8, 16, 12, 20), swa_page=16, page_size=16)
+    s = Dsv4CompressStep(case, sg, seed=9)
+    assert len(s.emitting) == 5
+    with patching.applied(PATCH):
+        _, plain_cache = s.run()
+    monkeypatch.setattr(module, "aiter_can_use_preshuffle_paged_mqa", lambda: True)
+    assert dsv4_calls.cache_store(dict(s.prepare(), head_dim=128)).preshuffle == module.INDEXER_K_CACHE_PRESHUFFLE_TILE
+    (_, fused_cache), (_, cache), _ = patched_both_ways(s)
+    assert torch.equal(fused_cache, cache), "the preshuffled bytes differ from upstream's store of our rows"
+    assert not torch.equal(fused_cache, plain_cache)  # the layout did change
+
+
 @pytest.mark.parametrize("name", ["c4 attention", "c128 indexer"])
 def test_neg_inf_channel_finite_where_upstream_gives_nan(sg, name):
+    """The stand-ins pool an all -inf channel as upstream's kernels compute it (0/0: NaN); ours is finite."""
     s = step(sg, name, seed=3, neg_inf_channel=True)
     with s.fresh_calls():
         s.run()
     upstream_rows = s.upstream_rows
     assert upstream_rows.isnan().any(), "upstream's pooling of an all -inf channel is 0/0 (its documented defect)"
-    with s.fresh_calls() as calls:
-        with patching.applied(PATCH):
-            s.run()
-        ours = calls["store"][0]["rows"]
+    (_, fused_cache), (_, cache), ours = patched_both_ways(s)
+    assert_same_store(s, fused_cache, cache)
     for b in s.emitting:
         ref = s.reference(b)
         assert ours[b].isfinite().all() and ref.isfinite().all()
-        assert within_torch_error(s, b, ours[b].cpu(), ref)[0]
+        assert within_torch_error(s, b, ours[b], ref)[0]
+        assert s.stored_row(fused_cache, int(s.out_loc[b])).isfinite().all()
 
 
 def test_what_ours_does_not_implement_runs_upstreams_kernels(sg, monkeypatch):
@@ -152,9 +198,17 @@ def test_what_ours_does_not_implement_runs_upstreams_kernels(sg, monkeypatch):
     with s.fresh_calls() as calls:
         with patching.applied(PATCH):
             s.run()
-        assert calls["store"] and not calls["compress_forward"]
+        assert not calls["compress_forward"] and not calls["store"]
     (env,) = seen
-    assert real(env)
+    assert real(env) and dsv4_calls.cache_store(env) is not None
+    # The store goes to upstream's instead (the rows handed over) where ours cannot write that cache.
+    cache = env["kv_cache"]
+    no_store = {"a 3-D cache view": dict(kv_cache=cache.view(cache.shape[0], 2, -1)),
+                "a page too small": dict(kv_cache=cache[:, :-4]), "a bigger page size": dict(page_size=4 * env["page_size"]),
+                "an int16 out_loc": dict(out_loc=env["out_loc"].to(torch.int16))}
+    for what, change in no_store.items():
+        assert dsv4_calls.cache_store(dict(env, **change)) is None, what
+    assert len(no_store) == 4
     declined = {
         "prefill": dict(plan=type("CompressorPrefillPlan", (), {"is_decode": False})()),
         "the FP4 indexer": dict(use_fp4_indexer=True),
@@ -192,17 +246,16 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_gpu_patched_vs_upstreams_jit_kernels(sg, name):
     s = step(sg, name, seed=len(name), device="cuda")
     up_state, up_cache = s.run("real")
-    with s.fresh_calls() as calls:
-        with patching.applied(PATCH):
-            state, cache = s.run("real")
-        ours = calls["store"][0]["rows"].cpu()
-    assert torch.equal(state.view(torch.int32), up_state.view(torch.int32)), "state after the step differs"
+    (state, fused_cache), (state2, cache), ours = patched_both_ways(s, "real")
+    for st in (state, state2):
+        assert torch.equal(st.view(torch.int32), up_state.view(torch.int32)), "state after the step differs"
+    assert_same_store(s, fused_cache, cache)  # bf16 rows on the GPU: the in-launch store = the Triton store
     for b in s.emitting:
         ref = s.reference(b)
         ok, e, bound = within_torch_error(s, b, ours[b], ref)
         assert ok, (name, b, e, bound)
         loc = int(s.out_loc[b])
-        mine, theirs = s.stored_row(cache, loc), s.stored_row(up_cache, loc)
+        mine, theirs = s.stored_row(fused_cache, loc), s.stored_row(up_cache, loc)
         slack = 2 * fp8_half_step(ref, s.indexer) + 2 ** -8 * ref.abs().float()
         assert ((mine - ref.float()).abs() <= (theirs - ref.float()).abs() + slack + 1e-6).all(), (name, b)
         print(f"{name} row {b}: stored max err ours {err(mine, ref):.3e} upstream {err(theirs, ref):.3e}")
@@ -211,13 +264,17 @@ def test_gpu_patched_vs_upstreams_jit_kernels(sg, name):
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("name", ["c4 attention", "c128 indexer"])
-def test_gpu_neg_inf_channel_upstream_stores_nan(sg, name):
+def test_gpu_neg_inf_channel(sg, name):
+    """Ours stores finite rows within the bound. Upstream's real kernels: ratio 4 stores NaN rows (its
+    documented defect); ratio 128 (indexer) stored finite rows on the H200 at 0.5.23, though its
+    pooling computes 0/0 there too (printed, not asserted: where the NaN goes is not established)."""
     s = step(sg, name, seed=3, device="cuda", neg_inf_channel=True)
     _, up_cache = s.run("real")
-    with patching.applied(PATCH):
-        _, cache = s.run("real")
+    (_, fused_cache), _, ours = patched_both_ways(s, "real")
     nan_rows = [b for b in s.emitting if s.stored_row(up_cache, int(s.out_loc[b])).isnan().any()]
     print(f"{name}: upstream stored NaN in rows {nan_rows} of {s.emitting}")
-    assert nan_rows, "upstream's real kernels pool an all -inf channel to 0/0 (its documented defect)"
+    if s.case.ratio == 4:
+        assert nan_rows, "upstream's real kernels pool an all -inf channel to 0/0 (its documented defect)"
     for b in s.emitting:
-        assert s.stored_row(cache, int(s.out_loc[b])).isfinite().all()
+        assert s.stored_row(fused_cache, int(s.out_loc[b])).isfinite().all()
+        assert within_torch_error(s, b, ours[b], s.reference(b))[0]

@@ -205,10 +205,55 @@ def fused_compress_applies(env: dict) -> bool:
     )
 
 
+# Upstream's HIP Triton store (``fused_store_cache`` on ROCm for the V4 layout), by release: the layout
+# our kernel's in-launch store writes is that one's (0.5.13 ... 0.5.15 / 0.5.16+ module names).
+_TRITON_STORE = ("sglang.kernels.ops.kvcache.triton_store_cache", "sglang.jit_kernel.triton_store_cache")
+
+
+def _triton_store_module():
+    import importlib
+
+    for name in _TRITON_STORE:
+        try:
+            return importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if not name.startswith(e.name or "\0"):
+                raise
+    return None
+
+
+def cache_store(env: dict):
+    """The in-launch store for this step (a ``CacheStore``), or None where the rows must go through
+    upstream's own store instead: the FP8 of gfx94x (e4m3fnuz: our store writes OCP e4m3), a cache
+    that is not one (pages, bytes) uint8 tensor, a release whose Triton store we do not know, or a
+    layout the CacheStore refuses. The indexer's preshuffled layout is used exactly where upstream's
+    store uses it (its own ``aiter_can_use_preshuffle_paged_mqa``, asked at the call, as it asks)."""
+    from sgl_hip_kernels.dsv4.compress import CacheStore
+
+    u, cache, loc = env["kv_score_input"], env["kv_cache"], env["out_loc"]
+    if u.device.type == "cuda" and _fp8_is_fnuz(u.device.index if u.device.index is not None else 0):
+        return None
+    module = _triton_store_module()
+    if module is None or not isinstance(cache, torch.Tensor) or cache.dim() != 2:
+        return None
+    preshuffle = 0
+    if env["is_indexer"] and hasattr(module, "aiter_can_use_preshuffle_paged_mqa"):
+        if module.aiter_can_use_preshuffle_paged_mqa():
+            preshuffle = int(getattr(module, "INDEXER_K_CACHE_PRESHUFFLE_TILE", 0)) or -1  # -1: refused below
+    store = CacheStore("indexer" if env["is_indexer"] else "flashmla", cache, loc, env["page_size"], preshuffle)
+    try:
+        store.check(u.shape[0], env["head_dim"], u.device)
+    except ValueError:
+        return None
+    return store
+
+
 def fused_compress_call(env: dict) -> bool:
     """Answer one decode step of ``_forward_compress_all_in_one`` (``env``: its locals) with this
-    project's fused compressor and upstream's own cache store; ``False`` (nothing done) where ours
-    does not implement the step, and the edited method then runs upstream's kernels unchanged."""
+    project's fused compressor, which stores the emitted rows into the compressed cache in the same
+    launch (:func:`cache_store`), or else hands them to upstream's own cache store; ``False``
+    (nothing done) where ours does not implement the step, and the edited method then runs
+    upstream's kernels unchanged."""
     if not fused_compress_applies(env):
         return False
     from sgl_hip_kernels.dsv4.compress import compress_decode
@@ -218,14 +263,17 @@ def fused_compress_call(env: dict) -> bool:
     buf = env["kv_score_buffer"]
     plan = env["plan"].plan_d.view(torch.int32)  # (B, 4): seq_len, write_loc, previous block's page, current page
     table = torch.view_as_real(env["freqs_cis_cache"])  # (max_pos, 32, 2): cos, sin interleaved, read in place
+    args = (u, buf.view(-1, buf.shape[-1]), plan[:, 2:] if ratio == 4 else plan[:, 3:], plan[:, 0],
+            env["ape"].view(-1, d), env["norm"].weight, float(env["norm"].variance_epsilon), table[..., 0], table[..., 1],
+            ratio)
+    store = cache_store(env)
+    if store is not None:  # rows that emit nothing write nothing, as upstream's JIT store skips them
+        compress_decode(*args, rotate=bool(env["rotate"]), store=store, check_indices=False, page_order="prev_cur")
+        return True
     # The attention rows go to the store as bf16: upstream's default store (its JIT norm-RoPE-store)
     # rounds them to bf16 before the FP8 quantisation; the indexer's go as fp32, as its does.
     out = torch.empty(u.shape[0], d, dtype=torch.float32 if env["is_indexer"] else torch.bfloat16, device=u.device)
-    compress_decode(
-        u, buf.view(-1, buf.shape[-1]), plan[:, 2:] if ratio == 4 else plan[:, 3:], plan[:, 0],
-        env["ape"].view(-1, d), env["norm"].weight, float(env["norm"].variance_epsilon), table[..., 0], table[..., 1],
-        ratio, rotate=bool(env["rotate"]), out=out, check_indices=False, page_order="prev_cur",
-    )
+    compress_decode(*args, rotate=bool(env["rotate"]), out=out, check_indices=False, page_order="prev_cur")
     # Rows that emit nothing are 0 and their out_loc is 0 (the metadata's dummy slot): the store
     # writes that slot, as upstream's _forward_unified_hip does (its default path skips those rows).
     pool_module.fused_store_cache(out, env["kv_cache"], env["out_loc"], page_size=env["page_size"],

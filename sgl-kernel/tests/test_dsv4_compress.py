@@ -22,7 +22,9 @@ import torch
 from sgl_hip_kernels.testing.checks import assert_within_one_rounding, assert_within_torch_error, graph_replay_equals_eager
 from sgl_hip_kernels.dsv4_compress import (CompressWorkspace, LaunchRule, compress_decode, compress_prefill, launch_rule,
                                            plan_prefill)
+from sgl_hip_kernels.dsv4.compress import CacheStore
 from sgl_hip_kernels.dsv4.compress_ref import compress_sequence_ref
+from sgl_hip_kernels.dsv4.kv_cache import page_bytes, quantize_kv
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 EPS = 1e-6
@@ -193,6 +195,75 @@ def test_decode_prev_cur_pages_and_strided_tables_equal_the_ring(rng, ratio, d, 
     assert seen >= 3  # blocks were emitted (the first block's own, and later ones reading a previous page)
     with pytest.raises(ValueError, match="page_order"):
         compress_decode(rows, pc_state, pages, seq_lens, bias, norm_w, eps, cos, sin, ratio, page_order="parity")
+
+
+def stored_bytes(cache, rows, locs, kind, page_size, preshuffle=0):
+    """``cache`` with each (row, loc) quantised into it as SGLang's HIP Triton store lays it out: the
+    V4 layout through ``kv_cache.quantize_kv`` (this project's writer), the indexer's here."""
+    cache = cache.clone()
+    for row, loc in zip(rows, locs):
+        page, slot = divmod(int(loc), page_size)
+        if kind == "flashmla":
+            token = quantize_kv(row.view(1, 1, 512), 1)[0]  # 576 data bytes, then 8 scale bytes
+            cache[page, slot * 576: slot * 576 + 576] = token[:576]
+            at = page_size * 576 + slot * 8
+            cache[page, at: at + 7] = token[576: 583]
+            continue
+        scale = row.abs().amax().clamp_min(1e-8) / 448.0
+        q = (row * (1.0 / scale)).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).view(torch.uint8)
+        lane = torch.arange(128)
+        if preshuffle:
+            p = preshuffle
+            at = slot // p * (p * 128) + lane // p * (p * p) + slot % p * p + lane % p
+        else:
+            at = slot * 128 + lane
+        cache[page, at] = q
+        cache[page, page_size * 128 + 4 * slot: page_size * 128 + 4 * slot + 4] = scale.view(1).view(torch.uint8)
+    return cache
+
+
+@pytest.mark.parametrize("kind, ratio, d, rotate, page_size, preshuffle",
+                         [("flashmla", 4, 512, False, 2, 0), ("flashmla", 128, 512, False, 2, 0),
+                          ("indexer", 4, 128, True, 4, 0), ("indexer", 4, 128, True, 8, 4)])
+def test_decode_store_into_the_cache_equals_quantising_out(rng, kind, ratio, d, rotate, page_size, preshuffle):
+    """``store=CacheStore(...)``: the emitted rows go straight into SGLang's compressed cache, byte
+    for byte what quantising the ``out`` rows (bf16 for the V4 layout, fp32 for the indexer's) into
+    it gives; a request that emits nothing writes no byte (its loc names slot 0, which must stay as
+    it was), and the state is the same as with ``out``."""
+    r = ratio
+    lens = [r, r - 1, 2 * r, 0, 3 * r]
+    c = Compressor(rng, ratio, d, len(lens), rotate)
+    seqs, _, _ = decode_inputs(rng, c, [max(n, 1) for n in lens])
+    rows = c.dev(torch.stack([u[max(n, 1) - 1] for u, n in zip(seqs, lens)]))
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    emitting = [b for b, n in enumerate(lens) if n > 0 and n % r == 0]
+    locs = torch.tensor([3 + 2 * b if b in emitting else 0 for b in range(len(lens))])
+    n_pages = -(-(3 + 2 * len(lens)) // page_size)
+    nbytes = page_bytes(page_size) if kind == "flashmla" else 132 * page_size
+    cache0 = torch.randint(0, 256, (n_pages, nbytes), generator=rng, dtype=torch.uint8)
+    state_out, state_store, pages = c.dev(c.state), c.dev(c.state), c.dev(c.pages, torch.int32)
+    out = torch.empty(len(lens), d, dtype=torch.bfloat16 if kind == "flashmla" else torch.float32, device=DEV)
+    compress_decode(rows, state_out, pages, seq_lens, *c.kernel_args(), ratio, rotate=rotate, out=out)
+    cache = cache0.to(DEV)
+    for loc_dtype in (torch.int64, torch.int32):
+        store = CacheStore(kind, cache, locs.to(loc_dtype).to(DEV), page_size, preshuffle)
+        assert compress_decode(rows, state_store, pages, seq_lens, *c.kernel_args(), ratio, rotate=rotate,
+                               store=store) is None
+        expect = stored_bytes(cache0, out[emitting].float().cpu(), locs[emitting], kind, page_size, preshuffle)
+        assert torch.equal(cache.cpu(), expect), f"{loc_dtype}: the cache differs from quantising out into it"
+        assert torch.equal(state_store.view(torch.int32), state_out.view(torch.int32)), "the state differs"
+    assert len(emitting) == 3
+    bad = [(dict(kind="flashmla" if kind == "indexer" else "indexer"), "does not take d"),
+           (dict(loc=locs.to(torch.int16).to(DEV)), "loc must be"),
+           (dict(cache=cache[:, :-4]), "store cache must be"),
+           (dict(loc=torch.where(locs > 0, locs + 10 ** 6, 0).to(DEV)), "outside the cache"),
+           (dict(preshuffle=3), "preshuffle")]
+    for change, match in bad:
+        with pytest.raises(ValueError, match=match):
+            compress_decode(rows, state_store, pages, seq_lens, *c.kernel_args(), ratio, rotate=rotate,
+                            store=dataclasses.replace(store, **change))
+    with pytest.raises(ValueError, match="not both"):
+        compress_decode(rows, state_store, pages, seq_lens, *c.kernel_args(), ratio, rotate=rotate, out=out, store=store)
 
 
 def test_edges_neg_inf_and_all_invalid(rng):

@@ -324,6 +324,16 @@ class Dsv4CompressStep:
         return torch.cat([row[slot * 576: slot * 576 + 576], row[576 * ps + 8 * slot: 576 * ps + 8 * slot + 8]])
 
     @contextlib.contextmanager
+    def rows_to_upstreams_store(self):
+        """The patched path with its rows handed to upstream's store (``dsv4_calls.cache_store``
+        answering None) instead of stored in our launch: what the patch does where it cannot fuse
+        the store, and how a test sees our rows."""
+        from .. import dsv4_calls
+
+        with swap_attrs((dsv4_calls, "cache_store", lambda env: None)):
+            yield
+
+    @contextlib.contextmanager
     def fresh_calls(self):
         for v in self.calls.values():
             v.clear()

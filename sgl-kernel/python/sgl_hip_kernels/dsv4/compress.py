@@ -166,6 +166,50 @@ def _out(out, rows, d, dtype, device):
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class CacheStore:
+    """Where :func:`compress_decode` puts the emitted rows instead of ``out``: SGLang's compressed
+    KV cache, quantised as its HIP Triton store (``fused_store_cache`` on ROCm) writes it, in the
+    same launch. Rows that emit nothing are not written (``loc`` need not name a slot for them).
+
+    * ``kind``: ``"flashmla"`` (d 512: the V4 584 B/token layout of ``kv_cache``; the row is
+      rounded to bf16 first, as that store's bf16 input is) or ``"indexer"`` (d 128: 128 fp8 bytes
+      and an fp32 scale per token; fp32 rows);
+    * ``cache``: (pages, page_bytes) uint8, a page's bytes contiguous (V4: ``page_size * 584 <=
+      page_bytes``, a multiple of 2; indexer: ``page_size * 132 <= page_bytes``, a multiple of 4);
+    * ``loc``: (B,) int32/int64, request b's compressed slot (page ``loc // page_size``);
+    * ``preshuffle``: indexer only, 0 (token-major) or the tile of the preshuffled layout (the
+      aiter paged-MQA layout: ``page_size`` a multiple of it).
+    The fp8 format is OCP e4m3 (``float8_e4m3fn``, max 448): not the gfx94x fnuz one."""
+
+    kind: str
+    cache: torch.Tensor
+    loc: torch.Tensor
+    page_size: int
+    preshuffle: int = 0
+
+    def check(self, rows: int, d: int, device) -> None:
+        c, loc, ps = self.cache, self.loc, self.page_size
+        if self.kind not in ("flashmla", "indexer") or d != (512 if self.kind == "flashmla" else 128):
+            raise ValueError(f"dsv4 compress_decode: store kind {self.kind!r} does not take d {d} (flashmla: 512, indexer: 128)")
+        if not isinstance(ps, int) or isinstance(ps, bool) or ps < 1:
+            raise ValueError(f"dsv4 compress_decode: store page_size must be an int >= 1, got {ps!r}")
+        token, align = (584, 2) if self.kind == "flashmla" else (132, 4)
+        if (not isinstance(c, torch.Tensor) or c.dtype != torch.uint8 or c.dim() != 2 or c.stride(1) != 1
+                or c.device != device or c.shape[1] < ps * token or c.shape[1] % align
+                or (c.shape[0] > 1 and c.stride(0) != c.shape[1]) or c.data_ptr() % align):
+            raise ValueError(f"dsv4 compress_decode: store cache must be (pages, >= {ps * token}) contiguous uint8 on "
+                             f"{device}, the page a multiple of {align} B, got {getattr(c, 'dtype', c)} "
+                             f"{tuple(getattr(c, 'shape', ()))}")
+        if (not isinstance(loc, torch.Tensor) or loc.shape != (rows,) or loc.dtype not in (torch.int32, torch.int64)
+                or loc.device != device):
+            raise ValueError(f"dsv4 compress_decode: store loc must be ({rows},) int32/int64 on {device}")
+        p = self.preshuffle
+        if not isinstance(p, int) or p < 0 or (p and (self.kind != "indexer" or p & (p - 1) or ps % p or 128 % p)):
+            raise ValueError(f"dsv4 compress_decode: store preshuffle {p!r}: 0, or (indexer) a power of two dividing "
+                             f"page_size {ps} and 128")
+
+
 def _checking_values(check_indices: bool, device) -> bool:
     """Whether to read index values back to the host now: not while a CUDA graph is captured."""
     return check_indices and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
@@ -194,7 +238,7 @@ def _check_pages(state_pages, active, n_state_pages: int, what: str, extra=None,
 
 def compress_decode(u, state, state_pages, seq_lens, bias, norm_w, eps, cos, sin, ratio, rotate=False, out=None,
                     workspace=None, rule: LaunchRule | None = None, check_indices: bool = True,
-                    page_order: str = "ring"):
+                    page_order: str = "ring", store: CacheStore | None = None):
     """u (B, W) the new token's raw row per request; seq_lens (B,) int32 after appending it (any
     stride). Returns out (B, d) in u's dtype (``out``, if given: fp32 or bf16): the compressed
     vector of block ``seq_len // ratio - 1`` where ``seq_len % ratio == 0``, else 0. Writes ``state``.
@@ -206,7 +250,11 @@ def compress_decode(u, state, state_pages, seq_lens, bias, norm_w, eps, cos, sin
     block's page, the current block's page) for this step only: a caller whose pages are not a fixed
     pair per request (SGLang's decode plan, where a block's page follows its SWA page). There the two
     may be one page (the first block has no previous one), so only the current pages of different
-    requests must differ."""
+    requests must differ.
+
+    ``store``: the emitted rows go to the cache it names instead (:class:`CacheStore`; ``out`` must
+    then be None and None is returned). Its slots are checked with the page ids (``check_indices``):
+    an emitting request's slot inside the cache."""
     if page_order not in ("ring", "prev_cur"):
         raise ValueError(f"dsv4 compress_decode: page_order must be 'ring' or 'prev_cur', got {page_order!r}")
     d, _, n_pages, eps = _check(u, state, state_pages, bias, norm_w, cos, sin, eps, ratio)
@@ -215,10 +263,22 @@ def compress_decode(u, state, state_pages, seq_lens, bias, norm_w, eps, cos, sin
             or seq_lens.device != u.device:
         raise ValueError(f"dsv4 compress_decode: seq_lens must be ({b},) int32 on {u.device} and state_pages "
                          f"({b}, {n_pages})")
-    out = _out(out, b, d, u.dtype, u.device)
+    if store is None:
+        out = _out(out, b, d, u.dtype, u.device)
+    elif out is not None:
+        raise ValueError("dsv4 compress_decode: pass out or store, not both")
+    else:
+        store.check(b, d, u.device)
     n_state_pages = state.shape[0] // ratio
     if b and _checking_values(check_indices, u.device):
         live = seq_lens > 0
+        if store is not None:
+            emitting = live & (seq_lens % ratio == 0)
+            loc = store.loc.to(torch.int64)
+            lo, hi = torch.stack([torch.where(emitting, loc, 0).amin(), torch.where(emitting, loc, 0).amax()]).tolist()
+            if lo < 0 or hi >= store.cache.shape[0] * store.page_size:
+                raise ValueError(f"dsv4 compress_decode: store loc of an emitting request outside the cache's "
+                                 f"{store.cache.shape[0] * store.page_size} slots (min {lo}, max {hi})")
         if page_order == "prev_cur" and n_pages == 2:  # the previous pages: only inside the state
             _check_pages(state_pages[:, :1], live, n_state_pages, "compress_decode", distinct=False)
         (last,) = _check_pages(state_pages[:, n_pages - 1:] if page_order == "prev_cur" else state_pages, live,
@@ -229,12 +289,20 @@ def compress_decode(u, state, state_pages, seq_lens, bias, norm_w, eps, cos, sin
     if b:
         rule = _check_rule(rule or launch_rule(ratio, d, prefill=False), ratio, d)
         ws = _workspace(workspace, b, d, ratio, u.device)
+        if store is None:
+            sink = (out, out, out, seq_lens, 0, 0, 1)
+        else:
+            c = store.cache
+            sink = (c, c.view(torch.float8_e4m3fn), c.view(torch.bfloat16 if store.kind == "flashmla" else torch.float32),
+                    store.loc, store.loc.stride(0), c.shape[1], store.page_size)
         _dsv4_compress_decode_kernel[(b * rule.split,)](
-            u, state, state_pages, seq_lens, bias, norm_w, cos, sin, out, ws.pooled, ws.sum_sq, ws.count,
-            eps, n_state_pages, cos.shape[0], u.stride(0), state.stride(0), seq_lens.stride(0), state_pages.stride(0),
-            cos.stride(0), cos.stride(1), out.stride(0),
+            u, state, state_pages, seq_lens, bias, norm_w, cos, sin, out if store is None else u, ws.pooled, ws.sum_sq,
+            ws.count, eps, n_state_pages, cos.shape[0], u.stride(0), state.stride(0), seq_lens.stride(0),
+            state_pages.stride(0), cos.stride(0), cos.stride(1), 0 if store is not None else out.stride(0), *sink,
             RATIO=ratio, D=d, LOG2_D=d.bit_length() - 1, SPLIT=rule.split, N_PAGES=n_pages, BK=rule.rows_per_tile,
-            ROTATE=bool(rotate), PREV_CUR=page_order == "prev_cur", num_warps=rule.num_warps,
+            ROTATE=bool(rotate), PREV_CUR=page_order == "prev_cur",
+            STORE=0 if store is None else (1 if store.kind == "flashmla" else 2),
+            PRESHUFFLE=0 if store is None else store.preshuffle, num_warps=rule.num_warps,
         )
     return out
 

@@ -61,19 +61,27 @@ KERNELS = {
 }
 
 
-def _compress_decode(ratio: int, d: int, out: str):
-    """dsv4-fused-compress's decode kernel at ``compress.launch_rule``'s GPU launch (plan pages)."""
+def _compress_decode(ratio: int, d: int, out: str, store: int = 0, preshuffle: int = 0):
+    """dsv4-fused-compress's decode kernel at ``compress.launch_rule``'s GPU launch (plan pages):
+    rows into ``out`` (STORE 0), or quantised into the compressed cache (1: V4, 2: indexer)."""
     rule = launch_rule(ratio, d, prefill=False)
     constexprs = dict(RATIO=ratio, D=d, LOG2_D=d.bit_length() - 1, SPLIT=rule.split, N_PAGES=2 if ratio == 4 else 1,
-                      BK=rule.rows_per_tile, ROTATE=d == 128, PREV_CUR=True)
-    return _dsv4_compress_decode_kernel, dict(_COMPRESS_PTRS, out_ptr=out), ("eps",), constexprs, \
+                      BK=rule.rows_per_tile, ROTATE=d == 128, PREV_CUR=True, STORE=store, PRESHUFFLE=preshuffle)
+    sink = dict(out_ptr=out, cache_ptr=out, fp8_ptr=out, wide_ptr=out, loc_ptr="*i32") if not store else dict(
+        out_ptr="*fp32", cache_ptr="*u8", fp8_ptr="*fp8e4nv", wide_ptr="*bf16" if store == 1 else "*fp32", loc_ptr="*i64")
+    return _dsv4_compress_decode_kernel, dict(_COMPRESS_PTRS, **sink), ("eps",), constexprs, \
         dict(num_warps=rule.num_warps)
 
 
-# dsv4-fused-compress's four shapes: the attention compressor (d 512) writes bf16 rows, the indexer's
-# (d 128, rotated) fp32
+# dsv4-fused-compress's shapes: the attention compressor (d 512) writes bf16 rows, the indexer's (d 128,
+# rotated) fp32; or each stores into its cache in the same launch (the V4 layout; the indexer's, token-major
+# or preshuffled in 16 x 16 tiles as aiter's paged MQA reads it)
 KERNELS.update({f"dsv4 compress decode, ratio {r}, d {d} ({'indexer' if d == 128 else 'attention'}), plan pages":
                 _compress_decode(r, d, "*fp32" if d == 128 else "*bf16") for r in (4, 128) for d in (512, 128)})
+KERNELS.update({f"dsv4 compress decode, ratio {r}, d 512, into the V4 cache": _compress_decode(r, 512, "", 1)
+                for r in (4, 128)})
+KERNELS.update({f"dsv4 compress decode, ratio 4, d 128, into the indexer cache (preshuffle {p})":
+                _compress_decode(4, 128, "", 2, p) for p in (0, 16)})
 
 
 def compile_all(arch: str) -> list[dict]:

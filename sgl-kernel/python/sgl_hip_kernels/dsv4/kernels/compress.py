@@ -102,6 +102,50 @@ def _nan_row(out_ptr, slot, s_out, D: tl.constexpr):
 
 
 @triton.jit
+def _write_row(y, row, out_ptr, s_out, cache_ptr, fp8_ptr, wide_ptr, loc_ptr, s_loc, page_bytes, page_size,
+               D: tl.constexpr, STORE: tl.constexpr, PRESHUFFLE: tl.constexpr):
+    """Row ``row``'s result ``y`` (D,) fp32: into out[row] (STORE 0), or quantised into SGLang's
+    compressed cache at slot loc[row] (page loc // page_size, ``page_bytes`` apart), as its HIP Triton
+    store lays it out. STORE 1, the V4 layout (d 512): per token 576 data bytes (448 fp8 NoPE, then
+    the 64 RoPE values as bf16) and, after the page's data, 8 scale bytes (7 UE8M0 exponents, one
+    per 64 NoPE values; the 8th is not written); the row is rounded to bf16 first. STORE 2, the
+    indexer's (d 128): 128 fp8 bytes per token (at ``slot * 128``, or in the preshuffled
+    PRESHUFFLE x PRESHUFFLE tiles), then the page's fp32 scales. The scales follow the same steps as
+    that store (floor 1e-8, FP8 max 448; V4: 2 ** ceil(log2(scale))), so the bytes are the same for
+    the same row. ``fp8_ptr`` / ``wide_ptr``: the cache as fp8 and as bf16 (STORE 1) or fp32 (STORE 2)."""
+    if STORE == 0:
+        tl.store(out_ptr + row * s_out + tl.arange(0, D), y.to(out_ptr.dtype.element_ty))
+    else:
+        loc = tl.load(loc_ptr + row * s_loc).to(tl.int64)
+        slot = loc % page_size
+        base = loc // page_size * page_bytes
+        if STORE == 1:
+            t = tl.reshape(y.to(tl.bfloat16).to(tl.float32), (8, 64))  # tiles 0..6: NoPE; tile 7: RoPE
+            tile = tl.arange(0, 8)
+            lane = tl.arange(0, 64)
+            exponent = tl.math.ceil(tl.log2(tl.maximum(tl.max(tl.abs(t), 1), 1e-8) / 448.0))
+            q = tl.clamp(t * tl.exp2(-exponent)[:, None], -448.0, 448.0)
+            at = base + slot * 576 + tile[:, None] * 64 + lane[None, :]
+            nope = tile[:, None] < 7
+            tl.store(fp8_ptr + at, q.to(fp8_ptr.dtype.element_ty), mask=nope)
+            rope_at = (base + slot * 576 + 448) // 2 + tile[:, None] * 0 + lane[None, :]  # in bf16 elements
+            tl.store(wide_ptr + rope_at, t.to(tl.bfloat16), mask=tile[:, None] == 7)
+            tl.store(cache_ptr + base + page_size * 576 + slot * 8 + tile, (exponent.to(tl.int32) + 127).to(tl.uint8),
+                     mask=tile < 7)
+        else:
+            lane = tl.arange(0, D)
+            scale = tl.maximum(tl.max(tl.abs(y), 0), 1e-8) / 448.0
+            q = tl.clamp(y * (1.0 / scale), -448.0, 448.0)
+            if PRESHUFFLE:
+                at = (base + slot // PRESHUFFLE * (PRESHUFFLE * D) + lane // PRESHUFFLE * (PRESHUFFLE * PRESHUFFLE)
+                      + slot % PRESHUFFLE * PRESHUFFLE + lane % PRESHUFFLE)
+            else:
+                at = base + slot * D + lane
+            tl.store(fp8_ptr + at, q.to(fp8_ptr.dtype.element_ty))
+            tl.store(wide_ptr + (base + page_size * D) // 4 + slot, scale)
+
+
+@triton.jit
 def _ring_page(page_a, page_b, block, N_PAGES: tl.constexpr):
     """Page id of a block in a ring of N_PAGES (1 or 2) pages whose ids are page_a, page_b."""
     if N_PAGES == 1:
@@ -129,10 +173,11 @@ def _norm_rope_rotate(pooled, sum_sq, w, c, s, eps, D: tl.constexpr, LOG2_D: tl.
 def _emit_block(
     u_ptr, state_ptr, bias_ptr, normw_ptr, cos_ptr, sin_ptr, out_ptr, pooled_ptr, sumsq_ptr, count_ptr,
     pos, last_u, n_new, own_page, prev_page, slot, chunk, eps, s_u, s_state, s_cos, s_cos_c, s_out,
+    cache_ptr, fp8_ptr, wide_ptr, loc_ptr, s_loc, page_bytes, page_size,
     RATIO: tl.constexpr, D: tl.constexpr, LOG2_D: tl.constexpr, SPLIT: tl.constexpr,
-    BK: tl.constexpr, ROTATE: tl.constexpr,
+    BK: tl.constexpr, ROTATE: tl.constexpr, STORE: tl.constexpr, PRESHUFFLE: tl.constexpr,
 ):
-    """Chunk ``chunk`` of the block whose first token is at ``pos``, into out[slot]."""
+    """Chunk ``chunk`` of the block whose first token is at ``pos``, into row ``slot`` (``_write_row``)."""
     CB: tl.constexpr = D // SPLIT
     p_start = pos - 4 if RATIO == 4 else pos
     cols = tl.arange(0, D)
@@ -145,7 +190,8 @@ def _emit_block(
                         s_u, s_state, RATIO, D, CB, BK)
     if SPLIT == 1:
         y = _norm_rope_rotate(pooled, tl.sum(pooled * pooled, 0), w, c, s, eps, D, LOG2_D, ROTATE)
-        tl.store(out_ptr + slot * s_out + cols, y.to(out_ptr.dtype.element_ty))
+        _write_row(y, slot, out_ptr, s_out, cache_ptr, fp8_ptr, wide_ptr, loc_ptr, s_loc, page_bytes, page_size,
+                   D, STORE, PRESHUFFLE)
     else:
         tl.store(pooled_ptr + slot * D + chunk * CB + tl.arange(0, CB), pooled)
         tl.store(sumsq_ptr + slot * SPLIT + chunk, tl.sum(pooled * pooled, 0))
@@ -154,7 +200,8 @@ def _emit_block(
             full = tl.load(pooled_ptr + slot * D + cols, cache_modifier=".cg")
             sum_sq = tl.sum(tl.load(sumsq_ptr + slot * SPLIT + tl.arange(0, SPLIT), cache_modifier=".cg"), 0)
             y = _norm_rope_rotate(full, sum_sq, w, c, s, eps, D, LOG2_D, ROTATE)
-            tl.store(out_ptr + slot * s_out + cols, y.to(out_ptr.dtype.element_ty))
+            _write_row(y, slot, out_ptr, s_out, cache_ptr, fp8_ptr, wide_ptr, loc_ptr, s_loc, page_bytes, page_size,
+                       D, STORE, PRESHUFFLE)
             tl.store(count_ptr + slot, 0)
 
 
@@ -168,8 +215,9 @@ def _dsv4_compress_decode_kernel(
     u_ptr, state_ptr, pages_ptr, seq_lens_ptr, bias_ptr, normw_ptr, cos_ptr, sin_ptr, out_ptr,
     pooled_ptr, sumsq_ptr, count_ptr,
     eps, n_state_pages, n_cos, s_u, s_state, s_seq, s_pages, s_cos, s_cos_c, s_out,
+    cache_ptr, fp8_ptr, wide_ptr, loc_ptr, s_loc, page_bytes, page_size,
     RATIO: tl.constexpr, D: tl.constexpr, LOG2_D: tl.constexpr, SPLIT: tl.constexpr, N_PAGES: tl.constexpr,
-    BK: tl.constexpr, ROTATE: tl.constexpr, PREV_CUR: tl.constexpr,
+    BK: tl.constexpr, ROTATE: tl.constexpr, PREV_CUR: tl.constexpr, STORE: tl.constexpr, PRESHUFFLE: tl.constexpr,
 ):
     """Programs (b, chunk): chunk 0 stores request b's new row (token seq_len - 1) in its ring;
     when that token closes a block (seq_len % RATIO == 0) every chunk pools its channels of the
@@ -177,7 +225,9 @@ def _dsv4_compress_decode_kernel(
     The new row is pooled from ``u``, not re-read from the state it is being stored to. Guards:
     module docstring (every chunk of a request takes the same decision). PREV_CUR: the request's
     two page ids are (the previous block's page, the current block's page) for this step, not a
-    ring indexed by block parity (ratio 4; ratio 128 reads its one page from the given column)."""
+    ring indexed by block parity (ratio 4; ratio 128 reads its one page from the given column).
+    STORE > 0: an emitted (or refused) row goes to the cache (``_write_row``), and a row that emits
+    nothing is not written anywhere."""
     # A power of two (D is one: the launcher checks). No triton.next_power_of_2 in a jit body: SGLang
     # rebinds it to a plain function when imported (srt/utils/common.py), and Triton then refuses to launch.
     W: tl.constexpr = (4 if RATIO == 4 else 2) * D
@@ -200,11 +250,14 @@ def _dsv4_compress_decode_kernel(
         prev_page = page_a if PREV_CUR else _ring_page(page_a, page_b, n - 1, N_PAGES)
         _emit_block(u_ptr, state_ptr, bias_ptr, normw_ptr, cos_ptr, sin_ptr, out_ptr, pooled_ptr, sumsq_ptr, count_ptr,
                     seq_len - RATIO, b, 1, own_page, prev_page,
-                    b, chunk, eps, s_u, s_state, s_cos, s_cos_c, s_out, RATIO, D, LOG2_D, SPLIT, BK, ROTATE)
+                    b, chunk, eps, s_u, s_state, s_cos, s_cos_c, s_out,
+                    cache_ptr, fp8_ptr, wide_ptr, loc_ptr, s_loc, page_bytes, page_size,
+                    RATIO, D, LOG2_D, SPLIT, BK, ROTATE, STORE, PRESHUFFLE)
     elif chunk == 0:
         if live & (not pages_ok or emits):  # refused by a guard
-            _nan_row(out_ptr, b, s_out, D)
-        else:
+            _write_row(tl.full((D,), float("nan"), tl.float32), b, out_ptr, s_out, cache_ptr, fp8_ptr, wide_ptr, loc_ptr,
+                       s_loc, page_bytes, page_size, D, STORE, PRESHUFFLE)
+        elif STORE == 0:
             tl.store(out_ptr + b * s_out + tl.arange(0, D), tl.zeros((D,), out_ptr.dtype.element_ty))
 
 
@@ -264,7 +317,9 @@ def _dsv4_compress_prefill_kernel(
             _emit_block(u_ptr, state_ptr, bias_ptr, normw_ptr, cos_ptr, sin_ptr, out_ptr, pooled_ptr, sumsq_ptr, count_ptr,
                         pos, last_u, n_new,
                         _ring_page(page_a, page_b, n, N_PAGES), _ring_page(page_a, page_b, n - 1, N_PAGES),
-                        i, chunk, eps, s_u, s_state, s_cos, s_cos_c, s_out, RATIO, D, LOG2_D, SPLIT, BK, ROTATE)
+                        i, chunk, eps, s_u, s_state, s_cos, s_cos_c, s_out,
+                        out_ptr, out_ptr, out_ptr, plan_ptr, 0, 0, 1,  # no cache store (STORE 0)
+                        RATIO, D, LOG2_D, SPLIT, BK, ROTATE, 0, 0)
         elif chunk == 0:
             if pos >= 0:  # refused by a guard
                 _nan_row(out_ptr, i, s_out, D)
