@@ -1,0 +1,84 @@
+"""Sweep: the DeepSeek-V4 compressor decode kernel's launch rule (``LaunchRule``: programs per block,
+rows per tile, warps) as dsv4-fused-compress launches it (SGLang's plan pages, the rows stored into the
+compressed cache in the same launch), per layer shape and batch, every request closing a block.
+
+What it is for: ``compress.launch_rule`` is a fixed rule per shape; this measures whether the best
+rule moves with the batch. Timing: ``timing.time_graphs`` (a CUDA graph of ``--calls`` launches per
+rule, all rules of one shape interleaved, L2 flushed before each replay), median µs per launch; the
+table gives the fixed rule's time, the best rule and its time. GPU only.
+
+Run:  python benchmark/gpu/sweep_dsv4_compress_rule.py [--batches 1,16,64,256] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+
+import torch
+
+from sgl_hip_kernels.dsv4.compress import CacheStore, LaunchRule, compress_decode, launch_rule
+from sgl_hip_kernels.dsv4.kv_cache import page_bytes
+from sgl_hip_kernels.testing import timing
+
+SHAPES = {"c4 attention": (4, 512), "c4 indexer": (4, 128), "c128 attention": (128, 512)}
+
+
+def inputs(ratio: int, d: int, batch: int, gen: torch.Generator):
+    """One decode step's launch arguments, every request emitting; pages (previous, current) distinct."""
+    width = (4 if ratio == 4 else 2) * d
+    n_pages = 2 * batch + 1
+    state = torch.randn(n_pages * ratio, width, generator=gen).cuda()
+    order = torch.randperm(n_pages, generator=gen)[: 2 * batch].reshape(batch, 2).to(torch.int32).cuda()
+    pages = order if ratio == 4 else order[:, 1:].contiguous()
+    seq_lens = torch.tensor([ratio * (2 + i % 3) for i in range(batch)], dtype=torch.int32).cuda()
+    u = torch.randn(batch, width, generator=gen).cuda()
+    bias = torch.randn(8 if ratio == 4 else 128, d, generator=gen).cuda()
+    norm_w = (torch.rand(d, generator=gen) + 0.5).cuda()
+    angle = torch.rand(4096, 32, generator=gen) * 6.283
+    cos, sin = angle.cos().cuda(), angle.sin().cuda()
+    page_size = 256 // ratio
+    n_cache = -(-batch // page_size) + 1
+    cache = torch.zeros(n_cache, page_bytes(page_size) if d == 512 else 132 * page_size, dtype=torch.uint8).cuda()
+    loc = torch.randperm(n_cache * page_size, generator=gen)[:batch].cuda()
+    store = CacheStore("flashmla" if d == 512 else "indexer", cache, loc, page_size)
+    args = (u, state, pages, seq_lens, bias, norm_w, 1e-6, cos, sin, ratio)
+    return args, dict(rotate=d == 128, store=store, check_indices=False, page_order="prev_cur")
+
+
+def rules(ratio: int):
+    tiles = (8,) if ratio == 4 else (32, 128)
+    return [LaunchRule(s, t, w) for s, t, w in itertools.product((1, 2, 4, 8, 16), tiles, (1, 4, 8))]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batches", default="1,16,64,256")
+    ap.add_argument("--calls", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for name, (ratio, d) in SHAPES.items():
+        fixed = launch_rule(ratio, d, prefill=False)
+        for batch in map(int, args.batches.split(",")):
+            a, kw = inputs(ratio, d, batch, gen)
+            graphs = {}
+            for rule in rules(ratio):
+                compress_decode(*a, rule=rule, **kw)  # compiles, and makes the workspace before capture
+                graphs[rule] = timing.capture(lambda rule=rule: compress_decode(*a, rule=rule, **kw), args.calls)
+            t = {rule: timing.summarise(s).median_us
+                 for rule, s in timing.time_graphs(graphs, args.calls, args.repeats).items()}
+            best = min(t, key=t.get)
+            rows.append(dict(layer=name, batch=batch, fixed=str(fixed), fixed_us=t[fixed], best=str(best),
+                             best_us=t[best], all={str(k): v for k, v in t.items()}))
+            print(f"{name:15s} b{batch:<4d} fixed {fixed} {t[fixed]:7.2f} us   best {best} {t[best]:7.2f} us", flush=True)
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(dict(device=timing.device_name(), provider="portable Triton", rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
