@@ -244,13 +244,16 @@ def test_decode_store_into_the_cache_equals_quantising_out(rng, kind, ratio, d, 
     state_out, state_store, pages = c.dev(c.state), c.dev(c.state), c.dev(c.pages, torch.int32)
     out = torch.empty(len(lens), d, dtype=torch.bfloat16 if kind == "flashmla" else torch.float32, device=DEV)
     compress_decode(rows, state_out, pages, seq_lens, *c.kernel_args(), ratio, rotate=rotate, out=out)
-    cache = cache0.to(DEV)
-    for loc_dtype in (torch.int64, torch.int32):
+    expect = stored_bytes(cache0, out[emitting].float().cpu(), locs[emitting], kind, page_size, preshuffle)
+    # The rule a batch of 256 gets as well (ratio-4 attention: one program per block, not 16).
+    big_batch_rule = launch_rule(ratio, d, prefill=False, batch=256)
+    assert (big_batch_rule.split == 1) == (kind == "flashmla" and ratio == 4)
+    for loc_dtype, rule in [(torch.int64, None), (torch.int32, None), (torch.int64, big_batch_rule)]:
+        cache = cache0.to(DEV)
         store = CacheStore(kind, cache, locs.to(loc_dtype).to(DEV), page_size, preshuffle)
         assert compress_decode(rows, state_store, pages, seq_lens, *c.kernel_args(), ratio, rotate=rotate,
-                               store=store) is None
-        expect = stored_bytes(cache0, out[emitting].float().cpu(), locs[emitting], kind, page_size, preshuffle)
-        assert torch.equal(cache.cpu(), expect), f"{loc_dtype}: the cache differs from quantising out into it"
+                               store=store, rule=rule) is None
+        assert torch.equal(cache.cpu(), expect), f"{loc_dtype}, {rule}: the cache differs from quantising out into it"
         assert torch.equal(state_store.view(torch.int32), state_out.view(torch.int32)), "the state differs"
     assert len(emitting) == 3
     bad = [(dict(kind="flashmla" if kind == "indexer" else "indexer"), "does not take d"),

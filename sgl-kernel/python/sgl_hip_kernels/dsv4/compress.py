@@ -57,14 +57,18 @@ class LaunchRule:
     num_warps: int
 
 
-def launch_rule(ratio: int, d: int, prefill: bool) -> LaunchRule:
-    """Fixed per-shape launch rules (no runtime autotune), from a sweep of split x rows per tile x
-    warps on the H100 with L2 flushed before every replay (decode batch 1/16/64 with every request
-    emitting, batch 64 mixed, prefill 8k): the rule best or within ~10% of the best at each shape."""
+def launch_rule(ratio: int, d: int, prefill: bool, batch: int = 1) -> LaunchRule:
+    """Fixed launch rules (no runtime autotune), from a sweep of split x rows per tile x warps on the
+    H100 with L2 flushed before every replay (decode batch 1/16/64 with every request emitting, batch
+    64 mixed, prefill 8k): the rule best or within ~10% of the best at each shape. Ratio-4 attention
+    decode from batch 16 (``batch``: the decode launch's requests) is one program per block: on the
+    H200, storing into the cache (``benchmark/gpu/sweep_dsv4_compress_rule.py``), split 1 took 3.79 /
+    4.00 / 4.89 µs at batch 16 / 64 / 256 where split 16 took 3.98 / 5.80 / 11.36 (at batch 1 split 16
+    stays best: 3.54 µs)."""
     if ratio == 4 and d >= 512:
         if prefill:
             return LaunchRule(split=8, rows_per_tile=8, num_warps=1)
-        return LaunchRule(split=16, rows_per_tile=8, num_warps=4)
+        return LaunchRule(split=16 if batch < 16 else 1, rows_per_tile=8, num_warps=4)
     if ratio == 4:
         return LaunchRule(split=1, rows_per_tile=8, num_warps=1) if prefill else LaunchRule(split=4, rows_per_tile=8, num_warps=1)
     return LaunchRule(split=min(16, max(1, d // 32)), rows_per_tile=128, num_warps=4)
@@ -287,7 +291,7 @@ def compress_decode(u, state, state_pages, seq_lens, bias, norm_w, eps, cos, sin
             raise ValueError(f"dsv4 compress_decode: a token at position {last - 1} is past the RoPE table of "
                              f"{cos.shape[0]} positions")
     if b:
-        rule = _check_rule(rule or launch_rule(ratio, d, prefill=False), ratio, d)
+        rule = _check_rule(rule or launch_rule(ratio, d, prefill=False, batch=b), ratio, d)
         ws = _workspace(workspace, b, d, ratio, u.device)
         if store is None:
             sink = (out, out, out, seq_lens, 0, 0, 1)

@@ -61,10 +61,10 @@ KERNELS = {
 }
 
 
-def _compress_decode(ratio: int, d: int, out: str, store: int = 0, preshuffle: int = 0):
+def _compress_decode(ratio: int, d: int, out: str, store: int = 0, preshuffle: int = 0, batch: int = 1):
     """dsv4-fused-compress's decode kernel at ``compress.launch_rule``'s GPU launch (plan pages):
     rows into ``out`` (STORE 0), or quantised into the compressed cache (1: V4, 2: indexer)."""
-    rule = launch_rule(ratio, d, prefill=False)
+    rule = launch_rule(ratio, d, prefill=False, batch=batch)
     constexprs = dict(RATIO=ratio, D=d, LOG2_D=d.bit_length() - 1, SPLIT=rule.split, N_PAGES=2 if ratio == 4 else 1,
                       BK=rule.rows_per_tile, ROTATE=d == 128, PREV_CUR=True, STORE=store, PRESHUFFLE=preshuffle)
     sink = dict(out_ptr=out, cache_ptr=out, fp8_ptr=out, wide_ptr=out, loc_ptr="*i32") if not store else dict(
@@ -80,6 +80,8 @@ KERNELS.update({f"dsv4 compress decode, ratio {r}, d {d} ({'indexer' if d == 128
                 _compress_decode(r, d, "*fp32" if d == 128 else "*bf16") for r in (4, 128) for d in (512, 128)})
 KERNELS.update({f"dsv4 compress decode, ratio {r}, d 512, into the V4 cache": _compress_decode(r, 512, "", 1)
                 for r in (4, 128)})
+KERNELS["dsv4 compress decode, ratio 4, d 512, into the V4 cache, batch 16+ (one program a block)"] = \
+    _compress_decode(4, 512, "", 1, batch=16)
 KERNELS.update({f"dsv4 compress decode, ratio 4, d 128, into the indexer cache (preshuffle {p})":
                 _compress_decode(4, 128, "", 2, p) for p in (0, 16)})
 
