@@ -8,22 +8,26 @@ stand-ins of them, and both paths store with upstream's real HIP Triton store), 
 over a mixed batch (requests that emit a block, ones that do not, one on its first block, a padded
 slot), ratio 4 and 128, attention (d 512) and indexer (d 128, rotated):
 
-* patched, upstream's two kernels are not called; our vector goes to upstream's store once, with
-  upstream's out_loc;
+* patched, upstream's two kernels are not called and neither is its store: ours stores in its own
+  launch; run again with our rows handed to upstream's store instead (``rows_to_upstreams_store``),
+  the in-launch store's bytes equal upstream's real Triton store's for our rows (also in the
+  preshuffled indexer layout of 0.5.17+), and upstream's store gets upstream's out_loc;
 * the state after the step equals upstream's bit for bit (the plan's pages read in place: every
   row where upstream stores it, nothing else touched);
 * each emitted vector is within 2x torch's own fp32 error of the fp64 contract (torch's own: the
   stand-in's fp32 computation of the same block), and the stored row reads back as that vector
-  within one FP8 rounding; every cache slot but those and the dummy slot 0 is unchanged;
+  within one FP8 rounding; no cache slot but those changes (upstream's store of our rows also
+  writes the dummy slot 0);
 * a score channel that is -inf on every row: ours stores a finite row where upstream's pooling
   (as its kernels compute it) gives NaN, upstream's documented defect;
 * what ours does not implement (prefill, the FP4 indexer, a later release's new argument) runs
-  upstream's kernels, unchanged.
+  upstream's kernels, unchanged; a cache our store cannot write goes to upstream's store.
 
 GPU (``@gpu``): the same step against upstream's real JIT kernels (its planner, ``compress_forward``
 and ``compress_norm_rope_store``, compiled for the GPU at first use): the state bit for bit, ours
-within 2x torch's fp32 error, each stored row no farther from the fp64 contract than upstream's
-stored row plus one FP8 step; and the -inf channel: upstream's real kernels store a NaN row.
+within 2x torch's fp32 error, the in-launch store's bytes equal to upstream's Triton store's for our
+rows, each stored row no farther from the fp64 contract than upstream's stored row plus one FP8
+step; and the -inf channel: ours finite, upstream's real ratio-4 kernels store NaN rows.
 """
 
 from __future__ import annotations
@@ -152,7 +156,7 @@ def test_decode_step_state_equal_vectors_within_twice_torchs_error(sg, name):
 
 def test_preshuffled_indexer_cache_where_upstreams_store_uses_it(sg, monkeypatch):
     """Where upstream's store lays the indexer cache out in aiter's preshuffled tiles (its own
-    ``aiter_can_use_preshuffle_paged_mqa``, here answered True; 0.5.20+), the in-launch store lays
+    ``aiter_can_use_preshuffle_paged_mqa``, here answered True; 0.5.17+), the in-launch store lays
     it out the same: every request emits, so the whole cache equals upstream's store of our rows."""
     from sglang_hip_decode import dsv4_calls
 

@@ -330,7 +330,8 @@ def test_usage_errors_are_caught_before_anything_starts(files, tmp_path, change,
 @pytest.mark.parametrize("release", ["0.5.13.post1", "0.5.23"])
 def test_dry_run_dsv4_preset_enables_the_dsv4_patches_in_the_on_arm(release, capsys):
     # --patches default: the GPU-verified DSV4 patches (DSV4_ADDS); named: every DSV4 patch.
-    assert set(validate.DSV4_ADDS) < set(validate.DSV4_PATCHES)
+    assert set(validate.DSV4_ADDS) <= set(validate.DSV4_PATCHES) and len(validate.DSV4_PATCHES) == 2
+    assert validate.DSV4_ADDS == ("dsv4-sparse-decode", "dsv4-fused-compress")  # both GPU-verified now
     for patches, dsv4 in (("default", validate.DSV4_ADDS), (",".join(validate.DSV4_PATCHES), validate.DSV4_PATCHES)):
         assert validate.main(["--preset", "dsv4", "--model", "/m/DeepSeek-V4", "--dry-run", "--sglang-release", release,
                               "--patches", patches]) == 0

@@ -1,8 +1,9 @@
 """Benchmark: dsv4-fused-compress through SGLang's own DSV4 compressor method
 (``CompressorBackendMixin._forward_compress_all_in_one`` of the installed release, driven by
 ``sglang_hip_decode.testing.dsv4_compress``), unpatched (upstream's real JIT kernels: its decode plan,
-``compress_forward`` and ``compress_norm_rope_store``, compiled for this GPU at first use) vs patched
-(this project's ``compress_decode`` + upstream's Triton cache store), one decode step of one compressor
+``compress_forward`` and ``compress_norm_rope_store``, compiled for this GPU at first use: the same JIT
+kernels ROCm runs by default, there compiled through HIP) vs patched (this project's ``compress_decode``,
+storing into the compressed cache in the same launch), one decode step of one compressor
 layer: ratio 4 and 128, attention (d 512) and indexer (d 128), batch 1 ... 256, with every request
 closing a block ("all") or the mix a decode step sees ("mixed": lengths spread evenly over a block,
 so 1 request in ``ratio`` emits).
@@ -91,7 +92,7 @@ def main():
                       f"upstream {errs['upstream']:.2e}", flush=True)
                 if args.json:
                     with open(args.json, "w") as f:
-                        json.dump(dict(device=device, provider="portable Triton (ours) vs upstream's JIT kernels",
+                        json.dump(dict(device=device, provider="portable Triton (ours, storing in its launch) vs upstream's JIT kernels",
                                        method="testing.ab.ab_runs: CUDA graphs, interleaved, L2 flushed, median",
                                        rows=rows), f, indent=1)
     if args.c4_layers is not None and args.c128_layers is not None:

@@ -206,7 +206,7 @@ def fused_compress_applies(env: dict) -> bool:
 
 
 # Upstream's HIP Triton store (``fused_store_cache`` on ROCm for the V4 layout), by release: the layout
-# our kernel's in-launch store writes is that one's (0.5.13 ... 0.5.15 / 0.5.16+ module names).
+# our kernel's in-launch store writes is that one's (its module: 0.5.17+ / 0.5.13 ... 0.5.16).
 _TRITON_STORE = ("sglang.kernels.ops.kvcache.triton_store_cache", "sglang.jit_kernel.triton_store_cache")
 
 

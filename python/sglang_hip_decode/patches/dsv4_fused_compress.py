@@ -3,20 +3,25 @@
 Kind: **a kernel swap, accuracy-equivalent, not bit-identical.** In decode, upstream's
 ``compress_forward`` (store the token's raw row in the state ring; pool an emitting request's
 block) and ``compress_norm_rope_store`` (RMSNorm, RoPE, the indexer's Hadamard rotation, FP8
-quantisation and the paged store) become ``sgl_hip_kernels.dsv4.compress_decode`` (the ring store,
-APE bias, pooling, RMSNorm, RoPE and rotation in one launch) followed by upstream's cache store
-``fused_store_cache`` (on ROCm the Triton kernel of SGLang's ``_forward_unified_hip`` path and of its
-pool's ``set_*_fused``; the default path stores inside its JIT norm-RoPE kernel, with the same
-layout and rounding: attention rows rounded to bf16 before the FP8 quantisation, which ours hands
-the store as bf16 for that reason; its scale floor is 1e-4 where the Triton store's is 1e-8, which
-only a tile of values below 0.05 can tell). Both compute in fp32 from the same rows, in another
+quantisation and the paged store) become one launch of ``sgl_hip_kernels.dsv4.compress_decode``:
+the ring store, APE bias, pooling, RMSNorm, RoPE and rotation, then the FP8 quantisation and paged
+store of the emitted rows into SGLang's compressed cache (``store=CacheStore(...)``), laid out and
+rounded as upstream's HIP cache store ``fused_store_cache`` (the Triton kernel of ROCm) writes them:
+the V4 layout (attention rows rounded to bf16 first, UE8M0 scales by ``ceil(log2)``, floor 1e-8) and
+the indexer's (fp32 scale; preshuffled in aiter's 16 x 16 tiles exactly where upstream's store asks
+``aiter_can_use_preshuffle_paged_mqa`` and gets yes). Where that in-launch store does not apply
+(``dsv4_calls.cache_store``: gfx94x, whose FP8 is e4m3fnuz; a cache that is not one (pages, bytes)
+uint8 tensor; a release whose Triton store module is not the known one), the rows go to upstream's
+``fused_store_cache`` instead, after our launch. Upstream's default path stores inside its JIT
+norm-RoPE kernel with the same layout and rounding but a scale floor of 1e-4, which only a tile of
+values below 0.05 can tell. Ours and upstream's compute in fp32 from the same rows, in another
 order (other tiles and reductions), so the compressed vectors differ in the last bits and, through
-the bf16 and FP8 roundings, the stored bytes may differ by one step. What
-that means, as the parity test (``test/test_dsv4_fused_compress_patch.py``) checks it: on the real
-method of each release, the state ring after the step equals upstream's bit for bit; the vector
-ours stores is within 2x torch's own fp32 error of an fp64 reference of the compressor's contract;
-the stored row reads back as that vector within one FP8 rounding; no other cache slot but the
-dummy slot 0 changes.
+the bf16 and FP8 roundings, the stored bytes may differ by one step. What that means, as the parity
+test (``test/test_dsv4_fused_compress_patch.py``) checks it: on the real method of each release, the
+state ring after the step equals upstream's bit for bit; the vector ours computes is within 2x
+torch's own fp32 error of an fp64 reference of the compressor's contract; our in-launch store writes
+the very bytes upstream's real Triton store writes for that vector (CPU and H200), which read back
+as the vector within one FP8 rounding; no other cache slot changes.
 
 Layouts, mapped without a copy: SGLang's state pool is fp32 rows ``[kv_A | kv_B | s_A | s_B]``
 (ratio 4; ``[kv | s]`` ratio 128), one ring of ``ring_size`` rows per SWA page; its decode plan
@@ -32,17 +37,17 @@ with ``SGLANG_OPT_USE_JIT_NORM=0``, is not edited), ratio 4 and 128, attention (
 kernels (a chunk's rows span several SWA pages' rings, which ``compress_prefill``'s one ring per
 request does not express), as do the online ratio-128 compressor, the FP4 indexer, 0.5.14+'s bf16
 store, 0.5.20+'s two-buffer FP8 and external scale/rope caches, 0.5.21+'s non-V4 layouts, and any
-argument a later release adds. A request that emits nothing gets a zero row stored at its out_loc,
-which SGLang's metadata sets to 0 (the dummy slot, reserved), as upstream's ``_forward_unified_hip``
-does; upstream's default path skips those rows (the benchmark shows what storing them costs). The
+argument a later release adds. A request that emits nothing stores nothing, as upstream's default
+path skips it (where the rows go to upstream's store, its zero row lands on its out_loc, 0: the
+metadata's dummy slot, as upstream's ``_forward_unified_hip`` does). The
 state ring's layout is the planner's, read from the plan: per SWA page (0.5.13 ... 0.5.19), per
 request for ratio 128 from 0.5.20 (and ratio 4 under 0.5.20+'s unified KV); the kernel stores the
 new row at its page's slot ``pos % ratio``, which is the plan's write_loc under the invariant
 upstream's own pooling relies on (a ring's slots follow positions).
 
-The indexer K cache (#31563): the store is upstream's, so the indexer cache gets upstream's layout
-(0.5.13: row-major, as its JIT store writes it; 0.5.23: preshuffled where upstream's gate says so):
-this patch neither fixes nor adds to that bug.
+The indexer K cache (#31563): the layout is upstream's store's (0.5.13 ... 0.5.16: token-major; 0.5.17+:
+preshuffled where upstream's own gate says so, asked at each call as its store asks it), so the
+indexer cache is what upstream would have written: this patch neither fixes nor adds to that bug.
 
 Per release: one hunk, the same text on 0.5.13 ... 0.5.23, handing the method's locals to the call
 (the arguments differ by release; a name the call does not know declines). Opt-in (not a default):
@@ -70,7 +75,8 @@ _STEP = Hunk(
 
 PATCH = Patch(
     name="dsv4-fused-compress",
-    summary="DSV4 HIP compressor decode calls this project's fused compressor, then upstream's store (accuracy-equivalent)",
+    summary="DSV4 HIP compressor decode runs this project's fused compressor and cache store in one launch "
+            "(accuracy-equivalent)",
     gate="hip",
     default=False,
     releases=(

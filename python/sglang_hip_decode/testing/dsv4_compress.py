@@ -5,8 +5,10 @@ the method ``forward_unified`` calls on ROCm with SGLang's defaults (compressor 
 What is real and what stands in:
 
 * real: the method (upstream's, or as the ``dsv4-fused-compress`` patch edits it), its plan type
-  (``CompressorDecodePlan``) and, on the patched path, upstream's HIP cache store
-  (``fused_store_cache``: a Triton kernel on ROCm, run here with ``is_hip_runtime`` answered True);
+  (``CompressorDecodePlan``), the metadata kernel that makes ``out_loc``, and upstream's HIP cache
+  store (``fused_store_cache``: a Triton kernel on ROCm, run here with ``is_hip_runtime`` answered
+  True) wherever rows are handed to it: the stand-ins' rows, and the patch's under
+  :meth:`Dsv4CompressStep.rows_to_upstreams_store` (by default the patch stores in its own launch);
 * made here, as SGLang lays them out: the state pool (fp32 rows of ``[kv | score]``, one ring of
   ``ring_size`` rows per SWA page: a token's row at ``swa_page * ring_size + swa_loc % ring_size``;
   from 0.5.20 ratio 128 has one ring per request, row ``rid * ring_size + pos % ring_size``),
