@@ -92,7 +92,8 @@ def main():
                       f"upstream {errs['upstream']:.2e}", flush=True)
                 if args.json:
                     with open(args.json, "w") as f:
-                        json.dump(dict(device=device, provider="portable Triton (ours, storing in its launch) vs upstream's JIT kernels",
+                        json.dump(dict(device=device,
+                                       provider="portable Triton (ours, storing in its launch) vs upstream's JIT kernels",
                                        method="testing.ab.ab_runs: CUDA graphs, interleaved, L2 flushed, median",
                                        rows=rows), f, indent=1)
     if args.c4_layers is not None and args.c128_layers is not None:
