@@ -21,7 +21,8 @@ slot), ratio 4 and 128, attention (d 512) and indexer (d 128, rotated):
 * a score channel that is -inf on every row: ours stores a finite row where upstream's pooling
   (as its kernels compute it) gives NaN, upstream's documented defect;
 * what ours does not implement (prefill, the FP4 indexer, a later release's new argument) runs
-  upstream's kernels, unchanged; a cache our store cannot write goes to upstream's store.
+  upstream's kernels, unchanged, as does a step whose cache our store cannot write (gfx94x's FP8,
+  an unknown store kernel, a page too small).
 
 GPU (``@gpu``): the same step against upstream's real JIT kernels (its planner, ``compress_forward``
 and ``compress_norm_rope_store``, compiled for the GPU at first use): the state bit for bit, ours
@@ -163,9 +164,10 @@ def test_preshuffled_indexer_cache_where_upstreams_store_uses_it(sg, monkeypatch
     module = dsv4_calls._triton_store_module()
     if not hasattr(module, "aiter_can_use_preshuffle_paged_mqa"):
         pytest.skip("this release's store has no preshuffled indexer layout")
-    case = Dsv4CompressCase(ratio=4, head_dim=128, lens=(4, 8, 16, 12, 20), swa_page=16, page_size=16)
+    lens = tuple(4 * (1 + i % 5) for i in range(24))  # every request emits; slots up to 49 of a 64-slot page
+    case = Dsv4CompressCase(ratio=4, head_dim=128, lens=lens, swa_page=16, page_size=64)
     s = Dsv4CompressStep(case, sg, seed=9)
-    assert len(s.emitting) == 5
+    assert len(s.emitting) == 24 and max(int(x) % 64 for x in s.out_loc) >= 32  # past the first 16-token tiles
     with patching.applied(PATCH):
         _, plain_cache = s.run()
     monkeypatch.setattr(module, "aiter_can_use_preshuffle_paged_mqa", lambda: True)
@@ -205,14 +207,25 @@ def test_what_ours_does_not_implement_runs_upstreams_kernels(sg, monkeypatch):
         assert not calls["compress_forward"] and not calls["store"]
     (env,) = seen
     assert real(env) and dsv4_calls.cache_store(env) is not None
-    # The store goes to upstream's instead (the rows handed over) where ours cannot write that cache.
+    # Where ours cannot store into that cache, cache_store says so and the step keeps upstream's kernels.
     cache = env["kv_cache"]
-    no_store = {"a 3-D cache view": dict(kv_cache=cache.view(cache.shape[0], 2, -1)),
-                "a page too small": dict(kv_cache=cache[:, :-4]), "a bigger page size": dict(page_size=4 * env["page_size"]),
+    no_store = {"a page too small": dict(kv_cache=cache[:, :-4]), "a bigger page size": dict(page_size=4 * env["page_size"]),
                 "an int16 out_loc": dict(out_loc=env["out_loc"].to(torch.int16))}
     for what, change in no_store.items():
         assert dsv4_calls.cache_store(dict(env, **change)) is None, what
-    assert len(no_store) == 4
+    assert len(no_store) == 3
+    with monkeypatch.context() as m:  # gfx94x: e4m3fnuz caches
+        m.setattr(dsv4_calls, "_kernel_reads_this_fp8", lambda t: False)
+        assert dsv4_calls.cache_store(env) is None
+    module = dsv4_calls._triton_store_module()
+    with monkeypatch.context() as m:  # an indexer store kernel we do not know: its layout cannot be told
+        m.setattr(module, "_triton_fused_store_indexer_kernel", object())
+        assert dsv4_calls.cache_store(env) is None
+    with monkeypatch.context() as m, s.fresh_calls() as calls:
+        m.setattr(dsv4_calls, "cache_store", lambda env: None)
+        with patching.applied(PATCH):
+            s.run()
+        assert len(calls["compress_forward"]) == 1 and len(calls["norm_rope_store"]) == 1 and not calls["store"]
     declined = {
         "prefill": dict(plan=type("CompressorPrefillPlan", (), {"is_decode": False})()),
         "the FP4 indexer": dict(use_fp4_indexer=True),

@@ -279,7 +279,7 @@ def test_preset_run_adds_arguments_and_checks_the_server(successful_run, files, 
     (dict(preset="kimi", patches="nsa-cat-skip"), "preset kimi: none of the selected patches (nsa-cat-skip) acts on it"),
     (dict(preset="dsv4"), "preset dsv4: sglang 0.5.11 has no DeepSeek-V4 model (it arrived in 0.5.12)"),
     (dict(preset="dsv4", sglang_release="0.5.12.post1"), "preset dsv4: none of the selected patches (nsa-cat-skip, "
-     "mxfp4-vbmm-layout, indexer-rope-guard, dsv4-sparse-decode) acts on it on sglang 0.5.12.post1 "
+     "mxfp4-vbmm-layout, indexer-rope-guard, dsv4-sparse-decode, dsv4-fused-compress) acts on it on sglang 0.5.12.post1 "
      "(patches that do: none; dsv4-sparse-decode: not applicable (no DeepSeek-V4 before 0.5.13); dsv4-fused-compress: "
      "not applicable (no DeepSeek-V4 before 0.5.13))"),
     (dict(preset="dsv4", patches="indexer-rope-guard", sglang_release="0.5.23"), "preset dsv4: none of the selected "

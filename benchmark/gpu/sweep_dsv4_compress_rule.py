@@ -62,8 +62,8 @@ def main():
     gen = torch.Generator().manual_seed(0)
     rows = []
     for name, (ratio, d) in SHAPES.items():
-        fixed = launch_rule(ratio, d, prefill=False)
         for batch in map(int, args.batches.split(",")):
+            fixed = launch_rule(ratio, d, prefill=False, batch=batch)
             a, kw = inputs(ratio, d, batch, gen)
             graphs = {}
             for rule in rules(ratio):

@@ -3,9 +3,9 @@ method, so a server without these patches never imports it, nor the kernels).
 
 :func:`fused_compress_call` (patch ``dsv4-fused-compress``): one decode step of the compressor v2's
 ``_forward_compress_all_in_one``, handed the method's locals; ours (``compress_decode`` over SGLang's
-state ring and decode plan, then upstream's ``fused_store_cache``) where :func:`fused_compress_applies`
-says the step is one it implements, else ``False`` and upstream's kernels run (the patch header
-lists what is declined).
+state ring and decode plan, storing into SGLang's compressed cache in the same launch) where
+:func:`fused_compress_applies` says the step is one it implements and :func:`cache_store` knows the
+cache, else ``False`` and upstream's kernels run (the patch header lists what is declined).
 
 :func:`sparse_decode_call` (patch ``dsv4-sparse-decode``): the HIP DSV4 attention backend's FlashMLA
 call, ``flash_mla_with_kvcache_entrypoint(**input_dict, backend=...)[0]``, answered by this project's
@@ -38,6 +38,7 @@ our output, as upstream's paths without the fused form do.
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 
 import torch
@@ -209,10 +210,13 @@ def fused_compress_applies(env: dict) -> bool:
 # our kernel's in-launch store writes is that one's (its module: 0.5.17+ / 0.5.13 ... 0.5.16).
 _TRITON_STORE = ("sglang.kernels.ops.kvcache.triton_store_cache", "sglang.jit_kernel.triton_store_cache")
 
+# A test switch, not a setting: the emitted rows handed to upstream's store instead of stored in our
+# launch, so a test can compare the in-launch store's bytes with upstream's store of the same rows.
+ROWS_TO_UPSTREAMS_STORE = False
 
+
+@functools.lru_cache(maxsize=None)
 def _triton_store_module():
-    import importlib
-
     for name in _TRITON_STORE:
         try:
             return importlib.import_module(name)
@@ -222,24 +226,38 @@ def _triton_store_module():
     return None
 
 
+def _indexer_preshuffle(module):
+    """The indexer cache's preshuffle tile as upstream's store would use it now (0: token-major), or
+    None where that cannot be told: read from the store kernel itself (does it take a
+    ``PRESHUFFLE_TILE``?) and, where it does, from the release's own gate and tile, asked at the
+    call as the store asks them (0.5.17+: ``aiter_can_use_preshuffle_paged_mqa``, cached there)."""
+    kernel = getattr(module, "_triton_fused_store_indexer_kernel", None)
+    if kernel is None or not hasattr(kernel, "arg_names"):
+        return None
+    if "PRESHUFFLE_TILE" not in kernel.arg_names:
+        return 0
+    gate, tile = getattr(module, "aiter_can_use_preshuffle_paged_mqa", None), getattr(
+        module, "INDEXER_K_CACHE_PRESHUFFLE_TILE", None)
+    if not callable(gate) or not isinstance(tile, int) or tile <= 0:
+        return None
+    return tile if gate() else 0
+
+
 def cache_store(env: dict):
-    """The in-launch store for this step (a ``CacheStore``), or None where the rows must go through
-    upstream's own store instead: the FP8 of gfx94x (e4m3fnuz: our store writes OCP e4m3), a cache
-    that is not one (pages, bytes) uint8 tensor, a release whose Triton store we do not know, or a
-    layout the CacheStore refuses. The indexer's preshuffled layout is used exactly where upstream's
-    store uses it (its own ``aiter_can_use_preshuffle_paged_mqa``, asked at the call, as it asks)."""
+    """The in-launch store for this step (a ``CacheStore``), or None, and then the step keeps
+    upstream's kernels: the FP8 of gfx94x (e4m3fnuz: ours writes OCP e4m3; and there, to 0.5.20,
+    upstream's Triton store addresses in int32, which a per-layer cache over 2 GiB overflows, where
+    its default JIT path does not), a release whose Triton store is not one we know (module, indexer
+    layout), or a cache or slot the ``CacheStore`` refuses."""
     from sgl_hip_kernels.dsv4.compress import CacheStore
 
     u, cache, loc = env["kv_score_input"], env["kv_cache"], env["out_loc"]
-    if u.device.type == "cuda" and _fp8_is_fnuz(u.device.index if u.device.index is not None else 0):
+    if not _kernel_reads_this_fp8(u):
         return None
     module = _triton_store_module()
-    if module is None or not isinstance(cache, torch.Tensor) or cache.dim() != 2:
+    preshuffle = _indexer_preshuffle(module) if (module is not None and env["is_indexer"]) else 0
+    if module is None or preshuffle is None:
         return None
-    preshuffle = 0
-    if env["is_indexer"] and hasattr(module, "aiter_can_use_preshuffle_paged_mqa"):
-        if module.aiter_can_use_preshuffle_paged_mqa():
-            preshuffle = int(getattr(module, "INDEXER_K_CACHE_PRESHUFFLE_TILE", 0)) or -1  # -1: refused below
     store = CacheStore("indexer" if env["is_indexer"] else "flashmla", cache, loc, env["page_size"], preshuffle)
     try:
         store.check(u.shape[0], env["head_dim"], u.device)
@@ -251,10 +269,12 @@ def cache_store(env: dict):
 def fused_compress_call(env: dict) -> bool:
     """Answer one decode step of ``_forward_compress_all_in_one`` (``env``: its locals) with this
     project's fused compressor, which stores the emitted rows into the compressed cache in the same
-    launch (:func:`cache_store`), or else hands them to upstream's own cache store; ``False``
-    (nothing done) where ours does not implement the step, and the edited method then runs
-    upstream's kernels unchanged."""
+    launch (:func:`cache_store`); ``False`` (nothing done) where ours does not implement the step or
+    cannot store into that cache, and the edited method then runs upstream's kernels unchanged."""
     if not fused_compress_applies(env):
+        return False
+    store = cache_store(env)
+    if store is None:
         return False
     from sgl_hip_kernels.dsv4.compress import compress_decode
     from sglang.srt.mem_cache import deepseek_v4_memory_pool as pool_module
@@ -266,12 +286,11 @@ def fused_compress_call(env: dict) -> bool:
     args = (u, buf.view(-1, buf.shape[-1]), plan[:, 2:] if ratio == 4 else plan[:, 3:], plan[:, 0],
             env["ape"].view(-1, d), env["norm"].weight, float(env["norm"].variance_epsilon), table[..., 0], table[..., 1],
             ratio)
-    store = cache_store(env)
-    if store is not None:  # rows that emit nothing write nothing, as upstream's JIT store skips them
+    if not ROWS_TO_UPSTREAMS_STORE:  # rows that emit nothing write nothing, as upstream's JIT store skips them
         compress_decode(*args, rotate=bool(env["rotate"]), store=store, check_indices=False, page_order="prev_cur")
         return True
-    # The attention rows go to the store as bf16: upstream's default store (its JIT norm-RoPE-store)
-    # rounds them to bf16 before the FP8 quantisation; the indexer's go as fp32, as its does.
+    # (The test switch.) The attention rows go to the store as bf16, as upstream's default store
+    # (its JIT norm-RoPE-store) rounds them to bf16 before the FP8 quantisation; the indexer's as fp32.
     out = torch.empty(u.shape[0], d, dtype=torch.float32 if env["is_indexer"] else torch.bfloat16, device=u.device)
     compress_decode(*args, rotate=bool(env["rotate"]), out=out, check_indices=False, page_order="prev_cur")
     # Rows that emit nothing are 0 and their out_loc is 0 (the metadata's dummy slot): the store

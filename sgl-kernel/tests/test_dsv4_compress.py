@@ -256,6 +256,14 @@ def test_decode_store_into_the_cache_equals_quantising_out(rng, kind, ratio, d, 
         assert torch.equal(cache.cpu(), expect), f"{loc_dtype}, {rule}: the cache differs from quantising out into it"
         assert torch.equal(state_store.view(torch.int32), state_out.view(torch.int32)), "the state differs"
     assert len(emitting) == 3
+    # A request the device guard refuses (a page id past the state; host check off, as under
+    # capture) that emits nothing writes no cache byte (its loc, 0 here, names no slot of its own).
+    bad_pages = c.pages.clone()
+    bad_pages[1, -1] = c.state.shape[0] // r
+    cache = cache0.to(DEV)
+    compress_decode(rows, c.dev(c.state), c.dev(bad_pages, torch.int32), seq_lens, *c.kernel_args(), ratio,
+                    rotate=rotate, store=CacheStore(kind, cache, locs.to(DEV), page_size, preshuffle), check_indices=False)
+    assert lens[1] % r and torch.equal(cache.cpu(), expect), "a refused request that emits nothing wrote the cache"
     bad = [(dict(kind="flashmla" if kind == "indexer" else "indexer"), "does not take d"),
            (dict(loc=locs.to(torch.int16).to(DEV)), "loc must be"),
            (dict(cache=cache[:, :-4]), "store cache must be"),

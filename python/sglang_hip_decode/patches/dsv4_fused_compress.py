@@ -9,12 +9,15 @@ store of the emitted rows into SGLang's compressed cache (``store=CacheStore(...
 rounded as upstream's HIP cache store ``fused_store_cache`` (the Triton kernel of ROCm) writes them:
 the V4 layout (attention rows rounded to bf16 first, UE8M0 scales by ``ceil(log2)``, floor 1e-8) and
 the indexer's (fp32 scale; preshuffled in aiter's 16 x 16 tiles exactly where upstream's store asks
-``aiter_can_use_preshuffle_paged_mqa`` and gets yes). Where that in-launch store does not apply
-(``dsv4_calls.cache_store``: gfx94x, whose FP8 is e4m3fnuz; a cache that is not one (pages, bytes)
-uint8 tensor; a release whose Triton store module is not the known one), the rows go to upstream's
-``fused_store_cache`` instead, after our launch. Upstream's default path stores inside its JIT
-norm-RoPE kernel with the same layout and rounding but a scale floor of 1e-4, which only a tile of
-values below 0.05 can tell. Ours and upstream's compute in fp32 from the same rows, in another
+``aiter_can_use_preshuffle_paged_mqa`` and gets yes, read from the store kernel's own parameters).
+Where that in-launch store does not apply (``dsv4_calls.cache_store``: gfx94x, whose FP8 is
+e4m3fnuz and whose fallback Triton store addresses in int32 up to 0.5.20; a release whose store
+module or indexer store kernel is not one we know; a cache or slot dtype the ``CacheStore``
+refuses), the step keeps upstream's kernels. Upstream's default path stores inside its JIT
+norm-RoPE kernel with the same layout but a scale floor of 1e-4 on the tile's amax (the Triton
+store's: 1e-8), which only a tile whose amax is below 1e-4 can tell, and an exactly rounded UE8M0
+exponent where the Triton store's ``ceil(log2)`` may round a scale just above a power of two down
+to it. Ours and upstream's compute in fp32 from the same rows, in another
 order (other tiles and reductions), so the compressed vectors differ in the last bits and, through
 the bf16 and FP8 roundings, the stored bytes may differ by one step. What that means, as the parity
 test (``test/test_dsv4_fused_compress_patch.py``) checks it: on the real method of each release, the

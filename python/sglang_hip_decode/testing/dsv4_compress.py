@@ -8,7 +8,7 @@ What is real and what stands in:
   (``CompressorDecodePlan``), the metadata kernel that makes ``out_loc``, and upstream's HIP cache
   store (``fused_store_cache``: a Triton kernel on ROCm, run here with ``is_hip_runtime`` answered
   True) wherever rows are handed to it: the stand-ins' rows, and the patch's under
-  :meth:`Dsv4CompressStep.rows_to_upstreams_store` (by default the patch stores in its own launch);
+  :meth:`Dsv4CompressStep.rows_to_upstreams_store` (the patch itself stores in its own launch);
 * made here, as SGLang lays them out: the state pool (fp32 rows of ``[kv | score]``, one ring of
   ``ring_size`` rows per SWA page: a token's row at ``swa_page * ring_size + swa_loc % ring_size``;
   from 0.5.20 ratio 128 has one ring per request, row ``rid * ring_size + pos % ring_size``),
@@ -327,12 +327,12 @@ class Dsv4CompressStep:
 
     @contextlib.contextmanager
     def rows_to_upstreams_store(self):
-        """The patched path with its rows handed to upstream's store (``dsv4_calls.cache_store``
-        answering None) instead of stored in our launch: what the patch does where it cannot fuse
-        the store, and how a test sees our rows."""
+        """The patched path with its rows handed to upstream's store instead of stored in our launch
+        (``dsv4_calls.ROWS_TO_UPSTREAMS_STORE``, a test switch): how a test sees our rows, and what
+        it compares the in-launch store's bytes with."""
         from .. import dsv4_calls
 
-        with swap_attrs((dsv4_calls, "cache_store", lambda env: None)):
+        with swap_attrs((dsv4_calls, "ROWS_TO_UPSTREAMS_STORE", True)):
             yield
 
     @contextlib.contextmanager

@@ -6,10 +6,13 @@ seeds, the ``gpu`` marker, the Triton interpreter on the CPU, and no false green
   machine and from either the repository root or ``sgl-kernel/``.
 * ``@pytest.mark.gpu`` tests are skipped where no GPU is visible; there, Triton kernels run under
   ``TRITON_INTERPRET=1`` (fp32: the interpreter's bf16/fp8 arithmetic is not trustworthy).
-* Under the interpreter ``tl.dot`` of floating-point operands is torch's matmul (the interpreter's
-  own is numpy's, whose fp32 rounding depends on the BLAS build and the CPU: on an AVX2-only CPU it
-  errs up to 4x more than torch's on the same products, so a kernel's error measured against
-  "torch's own error" would depend on the machine). Same dtypes in and out as numpy's.
+* Under the interpreter ``tl.dot`` of floating-point operands is computed in fp64 (torch's matmul)
+  plus the accumulator, rounded once to the accumulator's dtype: fp32 matmuls, numpy's or torch's,
+  round in an order that depends on the BLAS build and the CPU (numpy's erred up to 4x torch's on
+  an AVX2-only CPU; torch's 64-long tiles put a kernel's log-sum-exp 2.4 ulp off on an AVX-512 CI
+  machine and within the bound on another), so a kernel's error measured against "torch's own
+  error" would depend on the machine. The interpreter then tests a kernel's algorithm (its tiles,
+  online softmax, split combine, roundings) with exact dots; the GPU tests cover the hardware's.
 * Under the interpreter a float conversion to a narrower type (fp32 -> bf16 / fp16 / fp8, implicit
   in a store too) rounds to nearest even, as the GPUs do, through torch; e4m3 saturates finite
   values and infinities to +-max as NVIDIA's ``satfinite`` does (AMD's saturation not checked);
@@ -53,8 +56,9 @@ def _torch_dot():
             # integer dots are exact; bf16 and fp8 operands (stored as uint16 / uint8 arrays) keep the
             # interpreter's own conversion and numpy's matmul
             return numpy_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
-        x, y = (torch.from_numpy(np.ascontiguousarray(t.data)).to(getattr(torch, str(d.data.dtype))) for t in (a, b))
-        return interpreter.TensorHandle(torch.matmul(x, y).numpy() + d.data, d.dtype.scalar)
+        x, y = (torch.from_numpy(np.ascontiguousarray(t.data)).double() for t in (a, b))
+        acc = (torch.matmul(x, y) + torch.from_numpy(np.ascontiguousarray(d.data)).double()).numpy()
+        return interpreter.TensorHandle(acc.astype(d.data.dtype), d.dtype.scalar)
 
     interpreter.InterpreterBuilder.create_dot = create_dot
 

@@ -254,7 +254,9 @@ def _dsv4_compress_decode_kernel(
                     cache_ptr, fp8_ptr, wide_ptr, loc_ptr, s_loc, page_bytes, page_size,
                     RATIO, D, LOG2_D, SPLIT, BK, ROTATE, STORE, PRESHUFFLE)
     elif chunk == 0:
-        if live & (not pages_ok or emits):  # refused by a guard
+        # Refused by a guard: a NaN row; into the cache only for a request that emits (loc names
+        # no slot for the others).
+        if live & (emits if STORE else (not pages_ok or emits)):
             _write_row(tl.full((D,), float("nan"), tl.float32), b, out_ptr, s_out, cache_ptr, fp8_ptr, wide_ptr, loc_ptr,
                        s_loc, page_bytes, page_size, D, STORE, PRESHUFFLE)
         elif STORE == 0:

@@ -48,10 +48,9 @@ def _load_keys(cache_ptr, idx_row_ptr, pos, limit, page_stride, block_size, n_to
 @triton.jit
 def _scores(q, keys, scale2, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
     """``q . k`` of every head and key, times ``scale2``: (BLOCK_H, BLOCK_N). bf16 (the GPU's path):
-    one dot. fp32 (``IEEE``): the 512-long dot as 8 dots of 64 (the cache's own tiles), summed, so
-    the fp32 rounding does not hang on the order one long dot is summed in (under the interpreter a
-    dot is torch's CPU matmul, whose kernel and order differ between CPUs: on an AVX-512 machine one
-    512-long dot erred 1.2-1.45x past the tests' bound): about half the error of one long dot."""
+    one dot. fp32 (``IEEE``): the 512-long dot as 8 dots of 64 (the cache's own tiles), summed: on a
+    GPU, shorter fp32 accumulations (the test suite's interpreter computes each dot exactly and rounds
+    it once, so there the split only adds the 8-term sum's roundings)."""
     if IEEE:
         q_tiles = tl.permute(tl.reshape(q, (BLOCK_H, 8, 64)), (1, 0, 2))
         k_tiles = tl.permute(tl.reshape(keys, (BLOCK_N, 8, 64)), (1, 2, 0))
