@@ -255,8 +255,10 @@ def cache_store(env: dict):
     if not _kernel_reads_this_fp8(u):
         return None
     module = _triton_store_module()
-    preshuffle = _indexer_preshuffle(module) if (module is not None and env["is_indexer"]) else 0
-    if module is None or preshuffle is None:
+    if module is None:
+        return None
+    preshuffle = _indexer_preshuffle(module) if env["is_indexer"] else 0
+    if preshuffle is None:
         return None
     store = CacheStore("indexer" if env["is_indexer"] else "flashmla", cache, loc, env["page_size"], preshuffle)
     try:
@@ -277,7 +279,6 @@ def fused_compress_call(env: dict) -> bool:
     if store is None:
         return False
     from sgl_hip_kernels.dsv4.compress import compress_decode
-    from sglang.srt.mem_cache import deepseek_v4_memory_pool as pool_module
 
     ratio, d, u = env["compress_ratio"], env["head_dim"], env["kv_score_input"]
     buf = env["kv_score_buffer"]
@@ -291,6 +292,8 @@ def fused_compress_call(env: dict) -> bool:
         return True
     # (The test switch.) The attention rows go to the store as bf16, as upstream's default store
     # (its JIT norm-RoPE-store) rounds them to bf16 before the FP8 quantisation; the indexer's as fp32.
+    from sglang.srt.mem_cache import deepseek_v4_memory_pool as pool_module
+
     out = torch.empty(u.shape[0], d, dtype=torch.float32 if env["is_indexer"] else torch.bfloat16, device=u.device)
     compress_decode(*args, rotate=bool(env["rotate"]), out=out, check_indices=False, page_order="prev_cur")
     # Rows that emit nothing are 0 and their out_loc is 0 (the metadata's dummy slot): the store

@@ -276,17 +276,17 @@ def compress_decode(u, state, state_pages, seq_lens, bias, norm_w, eps, cos, sin
     n_state_pages = state.shape[0] // ratio
     if b and _checking_values(check_indices, u.device):
         live = seq_lens > 0
+        slots = []  # the store's slots of the emitting requests (min, max), read in the same trip
         if store is not None:
-            emitting = live & (seq_lens % ratio == 0)
-            loc = store.loc.to(torch.int64)
-            lo, hi = torch.stack([torch.where(emitting, loc, 0).amin(), torch.where(emitting, loc, 0).amax()]).tolist()
-            if lo < 0 or hi >= store.cache.shape[0] * store.page_size:
-                raise ValueError(f"dsv4 compress_decode: store loc of an emitting request outside the cache's "
-                                 f"{store.cache.shape[0] * store.page_size} slots (min {lo}, max {hi})")
+            emitted = torch.where(live & (seq_lens % ratio == 0), store.loc.to(torch.int64), 0)
+            slots = [emitted.amin(), emitted.amax()]
         if page_order == "prev_cur" and n_pages == 2:  # the previous pages: only inside the state
             _check_pages(state_pages[:, :1], live, n_state_pages, "compress_decode", distinct=False)
-        (last,) = _check_pages(state_pages[:, n_pages - 1:] if page_order == "prev_cur" else state_pages, live,
-                               n_state_pages, "compress_decode", extra=[seq_lens.amax()])
+        last, *lo_hi = _check_pages(state_pages[:, n_pages - 1:] if page_order == "prev_cur" else state_pages, live,
+                                    n_state_pages, "compress_decode", extra=[seq_lens.amax()] + slots)
+        if lo_hi and (lo_hi[0] < 0 or lo_hi[1] >= store.cache.shape[0] * store.page_size):
+            raise ValueError(f"dsv4 compress_decode: store loc of an emitting request outside the cache's "
+                             f"{store.cache.shape[0] * store.page_size} slots (min {lo_hi[0]}, max {lo_hi[1]})")
         if last - 1 >= cos.shape[0]:
             raise ValueError(f"dsv4 compress_decode: a token at position {last - 1} is past the RoPE table of "
                              f"{cos.shape[0]} positions")
