@@ -22,7 +22,7 @@ import torch
 from sgl_hip_kernels.testing.checks import assert_within_one_rounding, assert_within_torch_error, graph_replay_equals_eager
 from sgl_hip_kernels.dsv4_compress import (CompressWorkspace, LaunchRule, compress_decode, compress_prefill, launch_rule,
                                            plan_prefill)
-from sgl_hip_kernels.dsv4.compress import CacheStore
+from sgl_hip_kernels.dsv4.compress import CacheStore, compress_prefill_paged
 from sgl_hip_kernels.dsv4.compress_ref import compress_sequence_ref
 from sgl_hip_kernels.dsv4.kv_cache import page_bytes, quantize_kv
 
@@ -46,7 +46,9 @@ class Compressor:
         self.state = torch.full(((n + 2) * ratio, self.width), float("nan"))
 
     def dev(self, x, dtype=torch.float32):
-        return x.to(dtype).to(DEV)
+        """A copy of ``x`` on the test's device (a copy on the CPU too: a kernel writing it must not
+        write the original)."""
+        return x.to(device=DEV, dtype=dtype, copy=True)
 
     def kernel_args(self):
         return (self.dev(self.bias), self.dev(self.norm_w), EPS, self.dev(self.cos), self.dev(self.sin))
@@ -275,6 +277,159 @@ def test_decode_store_into_the_cache_equals_quantising_out(rng, kind, ratio, d, 
                             store=dataclasses.replace(store, **change))
     with pytest.raises(ValueError, match="not both"):
         compress_decode(rows, state_store, pages, seq_lens, *c.kernel_args(), ratio, rotate=rotate, out=out, store=store)
+
+
+class PagedChunk:
+    """A ragged prefill chunk over SGLang's paged rings: request b's token t has state row
+    ``swa_page * R + t % R`` (R: the ring, 8 rows for ratio 4, 128 for ratio 128), its SWA pages of
+    ``swa`` tokens drawn at random, so a chunk's blocks read rings of several pages; the state holds
+    (NaN elsewhere) the prefix rows the chunk's blocks read. The plan is written here as SGLang's
+    planner (``plan_compress_prefill``, its host path without speculative decoding) builds it:
+    a block per token that closes one (seq_len, ragged | buffer_len << 16, previous block's page,
+    own page; with no ring row, the pages are left as the planner leaves them: -1 and the request),
+    a kept row per token at or after the last closed block's start (ratio 4: the one before it) or
+    in the last block of an SWA page (ratio 4), then ``pad`` padding rows of each."""
+
+    def __init__(self, rng, c, prefix, extend, swa, pad=2):
+        r, ring = c.ratio, (8 if c.ratio == 4 else 128)
+        self.c, self.prefix, self.extend = c, list(prefix), list(extend)
+        self.seqs = [raw_rows(rng, c, p + e) for p, e in zip(prefix, extend)]
+        longest = max(p + e for p, e in zip(prefix, extend))
+        per_req = -(-longest // swa)
+        self.swa_pages = (torch.randperm(len(prefix) * per_req + 1, generator=rng)[:len(prefix) * per_req] + 1).reshape(
+            len(prefix), per_req)  # SWA page 0 belongs to no one
+        self.row = lambda b, t: int(self.swa_pages[b, t // swa]) * ring + t % ring  # noqa: E731
+        self.state = torch.full(((len(prefix) * per_req + 2) * ring, c.width), float("nan"))
+        k = c.k
+        blocks, writes, start = [], [], 0
+        for b, (p, e) in enumerate(zip(prefix, extend)):
+            first_read = max(0, r * (p // r) - (4 if r == 4 else 0))
+            for t in range(first_read, p):
+                self.state[self.row(b, t)] = self.seqs[b][t]
+            total = p + e
+            first_kept = r * (total // r) - (r if r == 4 else 0)
+            for j in range(e):
+                t, ragged = p + j, start + j
+                if (t + 1) % r == 0:
+                    buffer_len = k - min(j + 1, k)
+                    pages = [self.row(b, max(t - r, 0)) // r, self.row(b, t) // r] if buffer_len else [-1, b]
+                    blocks.append([t + 1, ragged | buffer_len << 16] + pages)
+                if t >= first_kept or (r == 4 and t % swa >= swa - r):
+                    writes.append([ragged, self.row(b, t)])
+            start += e
+        self.n_blocks, self.n_writes = len(blocks), len(writes)
+        self.blocks = torch.tensor(blocks + [[-1, 0, -1, -1]] * pad, dtype=torch.int32).reshape(-1, 4)
+        self.writes = torch.tensor(writes + [[-1, -1]] * pad, dtype=torch.int32).reshape(-1, 2)
+        self.u = torch.cat([u[p:] for u, p in zip(self.seqs, prefix)])
+
+    def run(self, state=None, **kw):
+        c = self.c
+        state = c.dev(self.state) if state is None else state
+        got = compress_prefill_paged(c.dev(self.u), state, self.blocks.to(DEV), self.writes.to(DEV), *c.kernel_args(),
+                                     c.ratio, rotate=c.rotate, **kw)
+        return got, state
+
+    def expected_state(self):
+        """The state after the chunk: the kept rows copied in, every other row as it was."""
+        expect = self.state.clone()
+        for ragged, row in self.writes[: self.n_writes].tolist():
+            expect[row] = self.u[ragged]
+        return expect
+
+    def check_blocks(self, got):
+        i = 0
+        for u, p, e in zip(self.seqs, self.prefix, self.extend):
+            emitted = range(p // self.c.ratio, (p + e) // self.c.ratio)
+            if len(emitted):
+                ref64, ref32 = self.c.blocks(u, emitted)
+                assert_within_torch_error(got[i:i + len(emitted)].float().cpu(), ref64, ref32, f"blocks {list(emitted)}")
+            i += len(emitted)
+        assert i == self.n_blocks >= 2
+
+
+PAGED = {  # ratio, d, rotate, swa, prefix, extend: chunks across SWA pages; (10, 6): a kept row lands on a ring slot
+    # a block of the chunk reads (token 12 on token 4's slot); (0, 3), (5, 1): no block
+    "ratio 4": (4, 128, True, 16, [0, 10, 2, 13, 5, 0], [13, 6, 21, 3, 1, 3]),
+    "ratio 128": (128, 128, False, 128, [0, 100, 3], [130, 30, 2]),
+}
+
+
+@pytest.mark.parametrize("name", list(PAGED))
+def test_prefill_paged_plan_blocks_and_state(rng, name):
+    """SGLang's own prefill plan read in place: each block within 2x torch's fp32 error of the fp64
+    contract, its ring rows read from the pages the plan names (the rest of the state is NaN), the
+    padding rows of both plans untouched, and the state after it the kept rows copied in, with
+    the blocks seeing the ring as it was before the chunk."""
+    ratio, d, rotate, swa, prefix, extend = PAGED[name]
+    c = Compressor(rng, ratio, d, len(prefix), rotate)
+    ch = PagedChunk(rng, c, prefix, extend, swa)
+    if ratio == 4:  # the chunk (10, 6) keeps token 12, on token 4's ring slot, which its block 2 reads
+        assert ch.row(1, 12) == ch.row(1, 4)
+    out = torch.full((ch.blocks.shape[0], d), float("nan"), device=DEV)
+    got, state = ch.run(out=out)
+    assert got is out and got[ch.n_blocks:].isnan().all(), "a padding row was written"
+    ch.check_blocks(got)
+    assert torch.equal(state.cpu().view(torch.int32), ch.expected_state().view(torch.int32)), "the state differs"
+
+
+def test_prefill_paged_store_and_guards(rng):
+    """``store=``: the blocks go to cache slot loc[ragged] as quantising the out rows into it gives
+    (V4 layout and the preshuffled indexer's), nothing else written; the index checks on the host,
+    and with them off (as under capture) the device guards: a block that would read a page outside
+    the state gets a NaN row, a kept row outside the state is not copied."""
+    for kind, d, rotate, page_size, preshuffle in [("flashmla", 512, False, 2, 0), ("indexer", 128, True, 8, 4)]:
+        c = Compressor(rng, 4, d, 3, rotate)
+        ch = PagedChunk(rng, c, [0, 6, 2], [9, 7, 6], swa=16, pad=1)
+        out = torch.empty(ch.blocks.shape[0], d, dtype=torch.bfloat16 if kind == "flashmla" else torch.float32, device=DEV)
+        ch.run(out=out)
+        ragged = (ch.blocks[: ch.n_blocks, 1] & 0xFFFF).long()
+        loc = torch.zeros(ch.u.shape[0], dtype=torch.int64)
+        loc[ragged] = torch.randperm(2 * ch.n_blocks, generator=rng)[: ch.n_blocks] + 1
+        n_pages = -(-(2 * ch.n_blocks + 1) // page_size)
+        cache0 = torch.randint(0, 256, (n_pages, page_bytes(page_size) if kind == "flashmla" else 132 * page_size),
+                               generator=rng, dtype=torch.uint8)
+        expect = stored_bytes(cache0, out[: ch.n_blocks].float().cpu(), loc[ragged], kind, page_size, preshuffle)
+        cache = cache0.to(DEV)
+        store = CacheStore(kind, cache, loc.to(torch.int32).to(DEV), page_size, preshuffle)
+        assert ch.run(store=store)[0] is None
+        assert torch.equal(cache.cpu(), expect), f"{kind}: the cache differs from quantising out into it"
+    ratio4 = ch
+    bad = {"a page outside the state": (0, 3, ch.state.shape[0] // 4), "a ragged row outside u": (0, 1, ch.u.shape[0]),
+           "buffer_len 8": (0, 1, int(ch.blocks[0, 1] & 0xFFFF) | 8 << 16)}
+    with_buffer = [i for i in range(ch.n_blocks) if int(ch.blocks[i, 1]) >> 16 > 4]
+    for what, (_, col, value) in bad.items():
+        i = with_buffer[0]
+        blocks = ch.blocks.clone()
+        blocks[i, col] = value
+        with pytest.raises(ValueError, match="block rows"):
+            compress_prefill_paged(c.dev(ch.u), c.dev(ch.state), blocks.to(DEV), ch.writes.to(DEV), *c.kernel_args(), 4,
+                                   rotate=rotate)
+        out = torch.zeros(blocks.shape[0], d, device=DEV)
+        state = c.dev(ch.state)
+        compress_prefill_paged(c.dev(ch.u), state, blocks.to(DEV), ch.writes.to(DEV), *c.kernel_args(), 4, rotate=rotate,
+                               out=out, check_indices=False)
+        assert out[i].isnan().all() and not out[:i].isnan().any() and not out[i + 1:].isnan().any(), what
+        assert torch.equal(state.cpu().view(torch.int32), ch.expected_state().view(torch.int32)), what
+    for what, row in {"a state row past the state": ch.state.shape[0], "two kept rows on one state row": -1}.items():
+        writes = ratio4.writes.clone()
+        writes[0, 1] = row if row >= 0 else int(writes[1, 1])
+        with pytest.raises(ValueError, match="kept rows"):
+            compress_prefill_paged(c.dev(ch.u), c.dev(ch.state), ch.blocks.to(DEV), writes.to(DEV), *c.kernel_args(), 4,
+                                   rotate=rotate)
+    writes = ch.writes.clone()
+    writes[0, 1] = ch.state.shape[0]
+    state = c.dev(ch.state)
+    compress_prefill_paged(c.dev(ch.u), state, ch.blocks.to(DEV), writes.to(DEV), *c.kernel_args(), 4, rotate=rotate,
+                           check_indices=False)
+    expect = ch.expected_state()
+    expect[int(ch.writes[0, 1])] = ch.state[int(ch.writes[0, 1])]
+    assert torch.equal(state.cpu().view(torch.int32), expect.view(torch.int32)), "a kept row past the state was copied"
+    far = CacheStore("indexer", cache, torch.full((ch.u.shape[0],), 10 ** 6, dtype=torch.int64, device=DEV), 8, 4)
+    with pytest.raises(ValueError, match="outside the cache"):
+        ch.run(store=far)
+    with pytest.raises(ValueError, match="contiguous int32"):
+        compress_prefill_paged(c.dev(ch.u), c.dev(ch.state), ch.blocks.to(torch.int64).to(DEV), ch.writes.to(DEV),
+                               *c.kernel_args(), 4, rotate=rotate)
 
 
 def test_edges_neg_inf_and_all_invalid(rng):

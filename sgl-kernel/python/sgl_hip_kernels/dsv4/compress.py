@@ -44,7 +44,8 @@ import math
 import torch
 
 from .plan import PrefillPlan, plan_prefill, ratio_geometry  # noqa: F401 (re-exported)
-from .kernels.compress import _dsv4_compress_decode_kernel, _dsv4_compress_prefill_kernel, _dsv4_state_write_kernel
+from .kernels.compress import (_dsv4_compress_decode_kernel, _dsv4_compress_prefill_kernel, _dsv4_compress_prefill_paged_kernel,
+                              _dsv4_state_copy_kernel, _dsv4_state_write_kernel)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,7 +119,7 @@ def _check(u, state, state_pages, bias, norm_w, cos, sin, eps, ratio):
     k, n_pages, width = ratio_geometry(ratio)
     for name, t in (("state", state), ("state_pages", state_pages), ("bias", bias), ("norm weight", norm_w), ("cos", cos),
                     ("sin", sin)):
-        if t.device != u.device:
+        if t is not None and t.device != u.device:
             raise ValueError(f"dsv4 compress: {name} is on {t.device}, u on {u.device}")
     try:
         eps = float(eps)  # a Python, numpy or 0-d tensor scalar
@@ -135,7 +136,7 @@ def _check(u, state, state_pages, bias, norm_w, cos, sin, eps, ratio):
         raise ValueError(f"dsv4 compress: d must be a power of two >= 64 (RoPE on the last 64), got {d}")
     if state.dim() != 2 or state.shape[1] != u.shape[1] or state.dtype != torch.float32 or state.stride(1) != 1:
         raise ValueError(f"dsv4 compress: state must be (S, {u.shape[1]}) fp32 with contiguous rows")
-    if (state_pages.dim() != 2 or state_pages.shape[1] != n_pages or state_pages.dtype != torch.int32
+    if state_pages is not None and (state_pages.dim() != 2 or state_pages.shape[1] != n_pages or state_pages.dtype != torch.int32
             or state_pages.stride(1) != 1):
         raise ValueError(f"dsv4 compress: state_pages must be (requests, {n_pages}) int32 with contiguous rows for ratio {ratio}")
     if tuple(bias.shape) != (k, d) or not bias.is_contiguous() or bias.dtype != torch.float32:
@@ -172,7 +173,7 @@ def _out(out, rows, d, dtype, device):
 
 @dataclasses.dataclass(frozen=True)
 class CacheStore:
-    """Where :func:`compress_decode` puts the emitted rows instead of ``out``: SGLang's compressed
+    """Where :func:`compress_decode` / :func:`compress_prefill_paged` put the emitted rows instead of ``out``: SGLang's compressed
     KV cache, quantised as its HIP Triton store (``fused_store_cache`` on ROCm) writes it, in the
     same launch. Rows that emit nothing are not written (``loc`` need not name a slot for them).
 
@@ -181,7 +182,8 @@ class CacheStore:
       and an fp32 scale per token; fp32 rows);
     * ``cache``: (pages, page_bytes) uint8, a page's bytes contiguous (V4: ``page_size * 584 <=
       page_bytes``, a multiple of 2; indexer: ``page_size * 132 <= page_bytes``, a multiple of 4);
-    * ``loc``: (B,) int32/int64, request b's compressed slot (page ``loc // page_size``);
+    * ``loc``: (B,) int32/int64, request b's compressed slot (page ``loc // page_size``); prefill:
+      (T,), indexed by the ragged row of a block's last token (SGLang's ``out_loc``);
     * ``preshuffle``: indexer only, 0 (token-major) or the tile of the preshuffled layout (the
       aiter paged-MQA layout: ``page_size`` a multiple of it).
     The fp8 format is OCP e4m3 (``float8_e4m3fn``, max 448): not the gfx94x fnuz one."""
@@ -195,22 +197,22 @@ class CacheStore:
     def check(self, rows: int, d: int, device) -> None:
         c, loc, ps = self.cache, self.loc, self.page_size
         if self.kind not in ("flashmla", "indexer") or d != (512 if self.kind == "flashmla" else 128):
-            raise ValueError(f"dsv4 compress_decode: store kind {self.kind!r} does not take d {d} (flashmla: 512, indexer: 128)")
+            raise ValueError(f"dsv4 compress: store kind {self.kind!r} does not take d {d} (flashmla: 512, indexer: 128)")
         if not isinstance(ps, int) or isinstance(ps, bool) or ps < 1:
-            raise ValueError(f"dsv4 compress_decode: store page_size must be an int >= 1, got {ps!r}")
+            raise ValueError(f"dsv4 compress: store page_size must be an int >= 1, got {ps!r}")
         token, align = (584, 2) if self.kind == "flashmla" else (132, 4)
         if (not isinstance(c, torch.Tensor) or c.dtype != torch.uint8 or c.dim() != 2 or c.stride(1) != 1
                 or c.device != device or c.shape[1] < ps * token or c.shape[1] % align
                 or (c.shape[0] > 1 and c.stride(0) != c.shape[1]) or c.data_ptr() % align):
-            raise ValueError(f"dsv4 compress_decode: store cache must be (pages, >= {ps * token}) contiguous uint8 on "
+            raise ValueError(f"dsv4 compress: store cache must be (pages, >= {ps * token}) contiguous uint8 on "
                              f"{device}, the page a multiple of {align} B, got {getattr(c, 'dtype', c)} "
                              f"{tuple(getattr(c, 'shape', ()))}")
         if (not isinstance(loc, torch.Tensor) or loc.shape != (rows,) or loc.dtype not in (torch.int32, torch.int64)
                 or loc.device != device):
-            raise ValueError(f"dsv4 compress_decode: store loc must be ({rows},) int32/int64 on {device}")
+            raise ValueError(f"dsv4 compress: store loc must be ({rows},) int32/int64 on {device}")
         p = self.preshuffle
         if not isinstance(p, int) or p < 0 or (p and (self.kind != "indexer" or p & (p - 1) or ps % p or 128 % p)):
-            raise ValueError(f"dsv4 compress_decode: store preshuffle {p!r}: 0, or (indexer) a power of two dividing "
+            raise ValueError(f"dsv4 compress: store preshuffle {p!r}: 0, or (indexer) a power of two dividing "
                              f"page_size {ps} and 128")
 
 
@@ -293,20 +295,14 @@ def compress_decode(u, state, state_pages, seq_lens, bias, norm_w, eps, cos, sin
     if b:
         rule = _check_rule(rule or launch_rule(ratio, d, prefill=False, batch=b), ratio, d)
         ws = _workspace(workspace, b, d, ratio, u.device)
-        if store is None:
-            sink = (out, out, out, seq_lens, 0, 0, 1)
-        else:
-            c = store.cache
-            sink = (c, c.view(torch.float8_e4m3fn), c.view(torch.bfloat16 if store.kind == "flashmla" else torch.float32),
-                    store.loc, store.loc.stride(0), c.shape[1], store.page_size)
+        sink, kind, preshuffle = _sink(store, out)
         _dsv4_compress_decode_kernel[(b * rule.split,)](
             u, state, state_pages, seq_lens, bias, norm_w, cos, sin, out if store is None else u, ws.pooled, ws.sum_sq,
             ws.count, eps, n_state_pages, cos.shape[0], u.stride(0), state.stride(0), seq_lens.stride(0),
             state_pages.stride(0), cos.stride(0), cos.stride(1), 0 if store is not None else out.stride(0), *sink,
             RATIO=ratio, D=d, LOG2_D=d.bit_length() - 1, SPLIT=rule.split, N_PAGES=n_pages, BK=rule.rows_per_tile,
-            ROTATE=bool(rotate), PREV_CUR=page_order == "prev_cur",
-            STORE=0 if store is None else (1 if store.kind == "flashmla" else 2),
-            PRESHUFFLE=0 if store is None else store.preshuffle, num_warps=rule.num_warps,
+            ROTATE=bool(rotate), PREV_CUR=page_order == "prev_cur", STORE=kind, PRESHUFFLE=preshuffle,
+            num_warps=rule.num_warps,
         )
     return out
 
@@ -350,4 +346,106 @@ def compress_prefill(u, state, state_pages, plan: PrefillPlan, bias, norm_w, eps
             state_pages.stride(0),
             RATIO=ratio, N_PAGES=n_pages, W=u.shape[1], num_warps=4,
         )
+    return out
+
+
+def _sink(store: CacheStore | None, out):
+    """The cache arguments of a launch: the store's cache (as bytes, fp8 and its wide dtype), slots
+    and geometry, or ``out`` standing in for them (STORE 0)."""
+    if store is None:
+        return (out, out, out, out, 0, 0, 1), 0, 0
+    c = store.cache
+    wide = c.view(torch.bfloat16 if store.kind == "flashmla" else torch.float32)
+    return ((c, c.view(torch.float8_e4m3fn), wide, store.loc, store.loc.stride(0), c.shape[1], store.page_size),
+            1 if store.kind == "flashmla" else 2, store.preshuffle)
+
+
+def _check_paged_plan(u, blocks, writes, ratio, n_state_pages, n_state_rows, n_cos, store):
+    """One device->host read: every block row that is not padding closes a block inside the RoPE
+    table, names ragged rows inside ``u`` and, where it reads ring rows, pages inside the state;
+    every kept row copies a row of ``u`` to a state row, no two to the same; the store's slot of
+    every block inside its cache."""
+    k, _, _ = ratio_geometry(ratio)
+    dev = u.device
+    seq = blocks[:, 0].to(torch.int64)
+    live = seq != -1
+    ragged, buffer_len = (blocks[:, 1] & 0xFFFF).to(torch.int64), ((blocks[:, 1] >> 16) & 0xFFFF).to(torch.int64)
+    prev, own = blocks[:, 2].to(torch.int64), blocks[:, 3].to(torch.int64)
+    pos = seq - ratio
+    inside = lambda p: (p >= 0) & (p < n_state_pages)  # noqa: E731
+    needs_prev = (buffer_len > 0) & (pos >= 4) if ratio == 4 else torch.zeros_like(live)
+    needs_own = buffer_len > (4 if ratio == 4 else 0)
+    good = ((pos >= 0) & (seq % ratio == 0) & (pos < n_cos) & (buffer_len < k) & (ragged < u.shape[0])
+            & (ragged - (k - buffer_len) + 1 >= 0) & (~needs_prev | inside(prev)) & (~needs_own | inside(own)))
+    src, dst = writes[:, 0].to(torch.int64), writes[:, 1].to(torch.int64)
+    wlive = src != -1
+    wgood = (src >= 0) & (src < u.shape[0]) & (dst >= 0) & (dst < n_state_rows)
+    far = torch.iinfo(torch.int64).max
+    ordered = torch.where(wlive, dst, -1 - torch.arange(dst.numel(), device=dev)).sort().values
+    scalars = [(live & ~good).sum(), (wlive & ~wgood).sum(), (ordered[1:] == ordered[:-1]).sum()]
+    if store is not None:
+        loc = store.loc.to(torch.int64)[torch.where(live & good, ragged, 0)]
+        scalars += [torch.where(live & good, loc, far).amin(), torch.where(live & good, loc, -1).amax()]
+    values = torch.stack([torch.as_tensor(x, device=dev).to(torch.int64) for x in scalars]).tolist()
+    if values[0]:
+        raise ValueError(f"dsv4 compress_prefill_paged: {values[0]} block rows close no block inside the RoPE table "
+                         f"({n_cos} positions), or name ragged rows outside u ({u.shape[0]} rows), buffer_len >= {k}, "
+                         f"or ring pages outside the state ({n_state_pages} pages)")
+    if values[1] or values[2]:
+        raise ValueError(f"dsv4 compress_prefill_paged: {values[1]} kept rows name a row outside u ({u.shape[0]}) or the "
+                         f"state ({n_state_rows} rows); {values[2]} share a state row")
+    if store is not None and values[4] >= 0 and (values[3] < 0 or values[4] >= store.cache.shape[0] * store.page_size):
+        raise ValueError(f"dsv4 compress_prefill_paged: store loc of a block outside the cache's "
+                         f"{store.cache.shape[0] * store.page_size} slots (min {values[3]}, max {values[4]})")
+
+
+def compress_prefill_paged(u, state, blocks, writes, bias, norm_w, eps, cos, sin, ratio, rotate=False, out=None,
+                           store: CacheStore | None = None, workspace=None, rule: LaunchRule | None = None,
+                           check_indices: bool = True):
+    """A ragged prefill chunk as SGLang plans it, its plan read in place (the page of every block
+    and the state row of every kept row come from the plan, so a request's rows may span many ring
+    pages, as a chunk over several SWA pages does):
+
+    * ``blocks`` (NB, 4) int32: ``CompressorPrefillPlan.plan_c`` viewed as int32, per block (seq_len
+      after its last token, that token's ragged row | the block's rows still in the ring << 16, the
+      state page of the previous block (ratio 4), the block's own state page); seq_len -1: padding;
+    * ``writes`` (NW, 2) int32: ``plan_w`` viewed as int32, per kept row (its ragged row, the state
+      row it goes to); ragged row -1: padding.
+
+    u (T, W) the chunk's raw rows (fp32/bf16). Block i goes to out[i] (returned, (NB, d) in u's
+    dtype; padding rows untouched) or, with ``store``, to cache slot ``store.loc[ragged]`` (loc
+    (T,); None is returned). Then the kept rows are copied into ``state``, in a second launch: a kept
+    row may land on a ring slot that a block of the same chunk still reads, which the blocks must
+    see as it was. Index values are checked (``_check_paged_plan``) unless capturing or
+    ``check_indices=False``; the device guards of the kernel hold regardless."""
+    d, k, _, eps = _check(u, state, None, bias, norm_w, cos, sin, eps, ratio)  # the pages are the plan's
+    for name, t, cols in (("blocks", blocks, 4), ("writes", writes, 2)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[1] != cols or t.dtype != torch.int32 \
+                or not t.is_contiguous() or t.device != u.device:
+            raise ValueError(f"dsv4 compress_prefill_paged: {name} must be contiguous int32 (n, {cols}) on {u.device} "
+                             f"(the plan's bytes viewed as int32)")
+    nb, nw = blocks.shape[0], writes.shape[0]
+    if store is None:
+        out = _out(out, nb, d, u.dtype, u.device)
+    elif out is not None:
+        raise ValueError("dsv4 compress_prefill_paged: pass out or store, not both")
+    else:
+        store.check(u.shape[0], d, u.device)
+    n_state_pages = state.shape[0] // ratio
+    if (nb or nw) and _checking_values(check_indices, u.device):
+        _check_paged_plan(u, blocks, writes, ratio, n_state_pages, state.shape[0], cos.shape[0], store)
+    if nb:
+        rule = _check_rule(rule or launch_rule(ratio, d, prefill=True), ratio, d)
+        ws = _workspace(workspace, nb, d, ratio, u.device)
+        sink, kind, preshuffle = _sink(store, out)
+        _dsv4_compress_prefill_paged_kernel[(nb * rule.split,)](
+            u, state, blocks, bias, norm_w, cos, sin, out if store is None else u, ws.pooled, ws.sum_sq, ws.count,
+            eps, n_state_pages, cos.shape[0], u.shape[0], u.stride(0), state.stride(0), cos.stride(0), cos.stride(1),
+            0 if store is not None else out.stride(0), *sink,
+            RATIO=ratio, D=d, LOG2_D=d.bit_length() - 1, SPLIT=rule.split, BK=rule.rows_per_tile, ROTATE=bool(rotate),
+            STORE=kind, PRESHUFFLE=preshuffle, num_warps=rule.num_warps,
+        )
+    if nw:
+        _dsv4_state_copy_kernel[(nw,)](u, state, writes, u.shape[0], state.shape[0], u.stride(0), state.stride(0),
+                                       W=u.shape[1], num_warps=4)
     return out

@@ -22,7 +22,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from sgl_hip_kernels.dsv4.compress import launch_rule
-from sgl_hip_kernels.dsv4.kernels.compress import _dsv4_compress_decode_kernel
+from sgl_hip_kernels.dsv4.kernels.compress import (_dsv4_compress_decode_kernel, _dsv4_compress_prefill_paged_kernel,
+                                                   _dsv4_state_copy_kernel)
 from sgl_hip_kernels.dsv4.kernels.sparse_decode import _dsv4_sparse_decode_kernel
 from sgl_hip_kernels.kernels.splitk import _splitk_combine_kernel
 
@@ -61,29 +62,46 @@ KERNELS = {
 }
 
 
-def _compress_decode(ratio: int, d: int, out: str, store: int = 0, preshuffle: int = 0, batch: int = 1):
-    """dsv4-fused-compress's decode kernel at ``compress.launch_rule``'s GPU launch (plan pages):
-    rows into ``out`` (STORE 0), or quantised into the compressed cache (1: V4, 2: indexer)."""
-    rule = launch_rule(ratio, d, prefill=False, batch=batch)
-    constexprs = dict(RATIO=ratio, D=d, LOG2_D=d.bit_length() - 1, SPLIT=rule.split, N_PAGES=2 if ratio == 4 else 1,
-                      BK=rule.rows_per_tile, ROTATE=d == 128, PREV_CUR=True, STORE=store, PRESHUFFLE=preshuffle)
+def _compress(ratio: int, d: int, out: str, store: int = 0, preshuffle: int = 0, batch: int = 1, prefill: bool = False):
+    """dsv4-fused-compress's kernels at ``compress.launch_rule``'s GPU launch: decode (plan pages) or
+    the prefill over SGLang's plan (``prefill``); rows into ``out`` (STORE 0), or quantised into the
+    compressed cache (1: V4, 2: indexer)."""
+    rule = launch_rule(ratio, d, prefill=prefill, batch=batch)
+    constexprs = dict(RATIO=ratio, D=d, LOG2_D=d.bit_length() - 1, SPLIT=rule.split, BK=rule.rows_per_tile,
+                      ROTATE=d == 128, STORE=store, PRESHUFFLE=preshuffle)
+    if not prefill:
+        constexprs.update(N_PAGES=2 if ratio == 4 else 1, PREV_CUR=True)
     sink = dict(out_ptr=out, cache_ptr=out, fp8_ptr=out, wide_ptr=out, loc_ptr="*i32") if not store else dict(
         out_ptr="*fp32", cache_ptr="*u8", fp8_ptr="*fp8e4nv", wide_ptr="*bf16" if store == 1 else "*fp32", loc_ptr="*i64")
-    return _dsv4_compress_decode_kernel, dict(_COMPRESS_PTRS, **sink), ("eps",), constexprs, \
-        dict(num_warps=rule.num_warps)
+    pointers = dict(_COMPRESS_PTRS, **sink)
+    if prefill:
+        del pointers["pages_ptr"], pointers["seq_lens_ptr"]
+        pointers["blocks_ptr"] = "*i32"
+    return _dsv4_compress_prefill_paged_kernel if prefill else _dsv4_compress_decode_kernel, pointers, ("eps",), \
+        constexprs, dict(num_warps=rule.num_warps)
 
 
 # dsv4-fused-compress's shapes: the attention compressor (d 512) writes bf16 rows, the indexer's (d 128,
 # rotated) fp32; or each stores into its cache in the same launch (the V4 layout; the indexer's, token-major
 # or preshuffled in 16 x 16 tiles as aiter's paged MQA reads it)
 KERNELS.update({f"dsv4 compress decode, ratio {r}, d {d} ({'indexer' if d == 128 else 'attention'}), plan pages":
-                _compress_decode(r, d, "*fp32" if d == 128 else "*bf16") for r in (4, 128) for d in (512, 128)})
-KERNELS.update({f"dsv4 compress decode, ratio {r}, d 512, into the V4 cache": _compress_decode(r, 512, "", 1)
+                _compress(r, d, "*fp32" if d == 128 else "*bf16") for r in (4, 128) for d in (512, 128)})
+KERNELS.update({f"dsv4 compress decode, ratio {r}, d 512, into the V4 cache": _compress(r, 512, "", 1)
                 for r in (4, 128)})
 KERNELS["dsv4 compress decode, ratio 4, d 512, into the V4 cache, batch 16+ (one program a block)"] = \
-    _compress_decode(4, 512, "", 1, batch=16)
+    _compress(4, 512, "", 1, batch=16)
 KERNELS.update({f"dsv4 compress decode, ratio 4, d 128, into the indexer cache (preshuffle {p})":
-                _compress_decode(4, 128, "", 2, p) for p in (0, 16)})
+                _compress(4, 128, "", 2, p) for p in (0, 16)})
+
+# Prefill over SGLang's own plan: each compressor into its cache (the V4 layout; the indexer's, token-major
+# or preshuffled), then the kept rows' copy into the state (a row of 4d / 2d fp32: d 512 ratio 4, d 128 ratio 128)
+KERNELS.update({f"dsv4 compress prefill (SGLang's plan), ratio {r}, d 512, into the V4 cache": _compress(
+    r, 512, "", 1, prefill=True) for r in (4, 128)})
+KERNELS.update({f"dsv4 compress prefill (SGLang's plan), ratio {r}, d 128, into the indexer cache (preshuffle {p})":
+                _compress(r, 128, "", 2, p, prefill=True) for r, p in ((4, 0), (4, 16), (128, 0))})
+KERNELS.update({f"dsv4 compress prefill, kept rows into the state, rows of {w}": (
+    _dsv4_state_copy_kernel, {"u_ptr": "*fp32", "state_ptr": "*fp32", "writes_ptr": "*i32"}, (), dict(W=w),
+    dict(num_warps=4)) for w in (2048, 256)})
 
 
 def compile_all(arch: str) -> list[dict]:

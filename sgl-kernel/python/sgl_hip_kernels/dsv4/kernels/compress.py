@@ -102,10 +102,10 @@ def _nan_row(out_ptr, slot, s_out, D: tl.constexpr):
 
 
 @triton.jit
-def _write_row(y, row, out_ptr, s_out, cache_ptr, fp8_ptr, wide_ptr, loc_ptr, s_loc, page_bytes, page_size,
+def _write_row(y, row, loc_row, out_ptr, s_out, cache_ptr, fp8_ptr, wide_ptr, loc_ptr, s_loc, page_bytes, page_size,
                D: tl.constexpr, STORE: tl.constexpr, PRESHUFFLE: tl.constexpr):
     """Row ``row``'s result ``y`` (D,) fp32: into out[row] (STORE 0), or quantised into SGLang's
-    compressed cache at slot loc[row] (page loc // page_size, ``page_bytes`` apart), as its HIP Triton
+    compressed cache at slot loc[loc_row] (page loc // page_size, ``page_bytes`` apart), as its HIP Triton
     store lays it out. STORE 1, the V4 layout (d 512): per token 576 data bytes (448 fp8 NoPE, then
     the 64 RoPE values as bf16) and, after the page's data, 8 scale bytes (7 UE8M0 exponents, one
     per 64 NoPE values; the 8th is not written); the row is rounded to bf16 first. STORE 2, the
@@ -116,7 +116,7 @@ def _write_row(y, row, out_ptr, s_out, cache_ptr, fp8_ptr, wide_ptr, loc_ptr, s_
     if STORE == 0:
         tl.store(out_ptr + row * s_out + tl.arange(0, D), y.to(out_ptr.dtype.element_ty))
     else:
-        loc = tl.load(loc_ptr + row * s_loc).to(tl.int64)
+        loc = tl.load(loc_ptr + loc_row * s_loc).to(tl.int64)
         slot = loc % page_size
         base = loc // page_size * page_bytes
         if STORE == 1:
@@ -172,12 +172,13 @@ def _norm_rope_rotate(pooled, sum_sq, w, c, s, eps, D: tl.constexpr, LOG2_D: tl.
 @triton.jit
 def _emit_block(
     u_ptr, state_ptr, bias_ptr, normw_ptr, cos_ptr, sin_ptr, out_ptr, pooled_ptr, sumsq_ptr, count_ptr,
-    pos, last_u, n_new, own_page, prev_page, slot, chunk, eps, s_u, s_state, s_cos, s_cos_c, s_out,
+    pos, last_u, n_new, own_page, prev_page, slot, loc_row, chunk, eps, s_u, s_state, s_cos, s_cos_c, s_out,
     cache_ptr, fp8_ptr, wide_ptr, loc_ptr, s_loc, page_bytes, page_size,
     RATIO: tl.constexpr, D: tl.constexpr, LOG2_D: tl.constexpr, SPLIT: tl.constexpr,
     BK: tl.constexpr, ROTATE: tl.constexpr, STORE: tl.constexpr, PRESHUFFLE: tl.constexpr,
 ):
-    """Chunk ``chunk`` of the block whose first token is at ``pos``, into row ``slot`` (``_write_row``)."""
+    """Chunk ``chunk`` of the block whose first token is at ``pos``, into row ``slot`` (workspace
+    and out) and cache slot loc[loc_row] (``_write_row``)."""
     CB: tl.constexpr = D // SPLIT
     p_start = pos - 4 if RATIO == 4 else pos
     cols = tl.arange(0, D)
@@ -190,7 +191,7 @@ def _emit_block(
                         s_u, s_state, RATIO, D, CB, BK)
     if SPLIT == 1:
         y = _norm_rope_rotate(pooled, tl.sum(pooled * pooled, 0), w, c, s, eps, D, LOG2_D, ROTATE)
-        _write_row(y, slot, out_ptr, s_out, cache_ptr, fp8_ptr, wide_ptr, loc_ptr, s_loc, page_bytes, page_size,
+        _write_row(y, slot, loc_row, out_ptr, s_out, cache_ptr, fp8_ptr, wide_ptr, loc_ptr, s_loc, page_bytes, page_size,
                    D, STORE, PRESHUFFLE)
     else:
         tl.store(pooled_ptr + slot * D + chunk * CB + tl.arange(0, CB), pooled)
@@ -200,7 +201,7 @@ def _emit_block(
             full = tl.load(pooled_ptr + slot * D + cols, cache_modifier=".cg")
             sum_sq = tl.sum(tl.load(sumsq_ptr + slot * SPLIT + tl.arange(0, SPLIT), cache_modifier=".cg"), 0)
             y = _norm_rope_rotate(full, sum_sq, w, c, s, eps, D, LOG2_D, ROTATE)
-            _write_row(y, slot, out_ptr, s_out, cache_ptr, fp8_ptr, wide_ptr, loc_ptr, s_loc, page_bytes, page_size,
+            _write_row(y, slot, loc_row, out_ptr, s_out, cache_ptr, fp8_ptr, wide_ptr, loc_ptr, s_loc, page_bytes, page_size,
                        D, STORE, PRESHUFFLE)
             tl.store(count_ptr + slot, 0)
 
@@ -250,14 +251,14 @@ def _dsv4_compress_decode_kernel(
         prev_page = page_a if PREV_CUR else _ring_page(page_a, page_b, n - 1, N_PAGES)
         _emit_block(u_ptr, state_ptr, bias_ptr, normw_ptr, cos_ptr, sin_ptr, out_ptr, pooled_ptr, sumsq_ptr, count_ptr,
                     seq_len - RATIO, b, 1, own_page, prev_page,
-                    b, chunk, eps, s_u, s_state, s_cos, s_cos_c, s_out,
+                    b, b, chunk, eps, s_u, s_state, s_cos, s_cos_c, s_out,
                     cache_ptr, fp8_ptr, wide_ptr, loc_ptr, s_loc, page_bytes, page_size,
                     RATIO, D, LOG2_D, SPLIT, BK, ROTATE, STORE, PRESHUFFLE)
     elif chunk == 0:
         # Refused by a guard: a NaN row; into the cache only for a request that emits (loc names
         # no slot for the others).
         if live & (emits if STORE else (not pages_ok or emits)):
-            _write_row(tl.full((D,), float("nan"), tl.float32), b, out_ptr, s_out, cache_ptr, fp8_ptr, wide_ptr, loc_ptr,
+            _write_row(tl.full((D,), float("nan"), tl.float32), b, b, out_ptr, s_out, cache_ptr, fp8_ptr, wide_ptr, loc_ptr,
                        s_loc, page_bytes, page_size, D, STORE, PRESHUFFLE)
         elif STORE == 0:
             tl.store(out_ptr + b * s_out + tl.arange(0, D), tl.zeros((D,), out_ptr.dtype.element_ty))
@@ -319,7 +320,7 @@ def _dsv4_compress_prefill_kernel(
             _emit_block(u_ptr, state_ptr, bias_ptr, normw_ptr, cos_ptr, sin_ptr, out_ptr, pooled_ptr, sumsq_ptr, count_ptr,
                         pos, last_u, n_new,
                         _ring_page(page_a, page_b, n, N_PAGES), _ring_page(page_a, page_b, n - 1, N_PAGES),
-                        i, chunk, eps, s_u, s_state, s_cos, s_cos_c, s_out,
+                        i, i, chunk, eps, s_u, s_state, s_cos, s_cos_c, s_out,
                         out_ptr, out_ptr, out_ptr, plan_ptr, 0, 0, 1,  # no cache store (STORE 0)
                         RATIO, D, LOG2_D, SPLIT, BK, ROTATE, 0, 0)
         elif chunk == 0:
@@ -340,3 +341,68 @@ def _dsv4_state_write_kernel(
     """Program i: store kept row writes[i] (after the compress launch, when the two may not overlap)."""
     _store_kept_row(u_ptr, state_ptr, pages_ptr, writes_ptr, tl.program_id(0).to(tl.int64), n_state_pages, n_req, n_u,
                     s_u, s_state, s_pages, RATIO, N_PAGES, W)
+
+
+@triton.jit
+def _dsv4_compress_prefill_paged_kernel(
+    u_ptr, state_ptr, blocks_ptr, bias_ptr, normw_ptr, cos_ptr, sin_ptr, out_ptr, pooled_ptr, sumsq_ptr, count_ptr,
+    eps, n_state_pages, n_cos, n_u, s_u, s_state, s_cos, s_cos_c, s_out,
+    cache_ptr, fp8_ptr, wide_ptr, loc_ptr, s_loc, page_bytes, page_size,
+    RATIO: tl.constexpr, D: tl.constexpr, LOG2_D: tl.constexpr, SPLIT: tl.constexpr,
+    BK: tl.constexpr, ROTATE: tl.constexpr, STORE: tl.constexpr, PRESHUFFLE: tl.constexpr,
+):
+    """Programs (i, chunk): block row i, four int32 read in place from SGLang's ``CompressPlan``
+    (16 bytes): seq_len after the block's last token (-1: a padding row, which touches nothing),
+    that token's ragged row (low 16 bits) and the block's rows still in the state ring
+    (``buffer_len``, high 16 bits), the state page of the previous block (ratio 4) and of the block
+    itself. Row j of the K-row window is in the ring (page, slot ``position % RATIO``) when j <
+    buffer_len, else ragged row ``ragged - (K - 1 - j)`` of ``u``. The result goes to out[i]
+    (STORE 0) or to cache slot loc[ragged] (``_write_row``). Guards: a page that a ring row is read
+    from outside the state, ragged rows outside ``u``, buffer_len >= K, a position past the RoPE
+    table or a seq_len that closes no block: a NaN row (into the cache only where loc[ragged]
+    exists). The state is not written: ``_dsv4_state_copy_kernel`` runs after (a kept row may land
+    on a ring slot a block of the same chunk reads)."""
+    K: tl.constexpr = 8 if RATIO == 4 else RATIO
+    i = tl.program_id(0).to(tl.int64) // SPLIT
+    chunk = tl.program_id(0) % SPLIT
+    seq_len = tl.load(blocks_ptr + i * 4 + 0)
+    packed = tl.load(blocks_ptr + i * 4 + 1)
+    prev_page = tl.load(blocks_ptr + i * 4 + 2).to(tl.int64)
+    own_page = tl.load(blocks_ptr + i * 4 + 3).to(tl.int64)
+    ragged = (packed & 0xFFFF).to(tl.int64)
+    buffer_len = (packed >> 16) & 0xFFFF
+    pos = seq_len - RATIO  # the block's first token
+    # The pages are read only where ring rows are (the planner leaves them unset without any).
+    if RATIO == 4:
+        needs_prev = (buffer_len > 0) & (pos >= 4)
+        needs_own = buffer_len > 4
+    else:
+        needs_prev = buffer_len < 0  # never: one page
+        needs_own = buffer_len > 0
+    pages_ok = ((needs_prev == 0) | ((prev_page >= 0) & (prev_page < n_state_pages))) & (
+        (needs_own == 0) | ((own_page >= 0) & (own_page < n_state_pages)))
+    n_new = K - buffer_len
+    rows_ok = (buffer_len < K) & (ragged < n_u) & (ragged - n_new + 1 >= 0)
+    if seq_len != -1:
+        if (pos >= 0) & (seq_len % RATIO == 0) & pages_ok & rows_ok & (pos < n_cos):
+            _emit_block(u_ptr, state_ptr, bias_ptr, normw_ptr, cos_ptr, sin_ptr, out_ptr, pooled_ptr, sumsq_ptr, count_ptr,
+                        pos, ragged, n_new, tl.where(needs_own, own_page, 0), tl.where(needs_prev, prev_page, 0),
+                        i, ragged, chunk, eps, s_u, s_state, s_cos, s_cos_c, s_out,
+                        cache_ptr, fp8_ptr, wide_ptr, loc_ptr, s_loc, page_bytes, page_size,
+                        RATIO, D, LOG2_D, SPLIT, BK, ROTATE, STORE, PRESHUFFLE)
+        elif (chunk == 0) & ((ragged < n_u) | (STORE == 0)):  # refused by a guard
+            _write_row(tl.full((D,), float("nan"), tl.float32), i, ragged, out_ptr, s_out, cache_ptr, fp8_ptr, wide_ptr,
+                       loc_ptr, s_loc, page_bytes, page_size, D, STORE, PRESHUFFLE)
+
+
+@triton.jit
+def _dsv4_state_copy_kernel(u_ptr, state_ptr, writes_ptr, n_u, n_state_rows, s_u, s_state, W: tl.constexpr):
+    """Program i: ragged row writes[i, 0] of ``u`` into state row writes[i, 1] (two int32 read in
+    place from SGLang's ``WritePlan``, 8 bytes; a ragged row of -1 is padding); a row outside ``u``
+    or the state is not copied."""
+    i = tl.program_id(0).to(tl.int64)
+    src = tl.load(writes_ptr + i * 2 + 0).to(tl.int64)
+    dst = tl.load(writes_ptr + i * 2 + 1).to(tl.int64)
+    if (src >= 0) & (src < n_u) & (dst >= 0) & (dst < n_state_rows):
+        wc = tl.arange(0, W)
+        tl.store(state_ptr + dst * s_state + wc, tl.load(u_ptr + src * s_u + wc).to(tl.float32))
