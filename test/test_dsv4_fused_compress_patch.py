@@ -44,7 +44,8 @@ _APPLIES, _WHY = edits_here(PATCH)
 if not _APPLIES:
     pytest.skip(_WHY, allow_module_level=True)
 
-from sglang_hip_decode.testing.dsv4_compress import Dsv4CompressCase, Dsv4CompressStep, import_sglang  # noqa: E402
+from sglang_hip_decode.testing.dsv4_compress import (Dsv4CompressCase, Dsv4CompressStep, Dsv4PrefillCase,  # noqa: E402
+                                                     Dsv4PrefillChunks, import_sglang)
 
 
 @pytest.fixture(scope="module")
@@ -194,6 +195,95 @@ def test_neg_inf_channel_finite_where_upstream_gives_nan(sg, name):
         assert s.stored_row(fused_cache, int(s.out_loc[b])).isfinite().all()
 
 
+PREFILL = {  # (ratio, head_dim, first chunks, second chunks, SWA page): a request that joins in the second
+    # chunk, chunks over two SWA pages, a block read from the ring chunk 0 left, a second chunk without a block
+    "c4 attention": (4, 512, (10, 0, 2, 13, 5), (6, 13, 21, 3, 1), 16),
+    "c4 indexer": (4, 128, (10, 0, 2, 13, 5), (6, 13, 21, 3, 1), 16),
+    "c128 attention": (128, 512, (100, 0, 130), (60, 129, 3), 128),
+    "c128 indexer": (128, 128, (100, 0, 130), (60, 129, 3), 128),
+}
+
+
+def chunks(sg, name, seed=0, device="cpu", **kw):
+    ratio, d, prefix, extend, swa_page = PREFILL[name]
+    case = Dsv4PrefillCase(ratio=ratio, head_dim=d, prefix=prefix, extend=extend, swa_page=swa_page, **kw)
+    return Dsv4PrefillChunks(case, sg, seed, device)
+
+
+def block_within_torch_error(s, block, got):
+    ref = s.block_reference(*block)
+    torch_err = err(s.block_reference(*block, work=torch.float32), ref)
+    bound = 2 * torch_err + (ref.to(got.dtype).double() - ref).abs().max().item()
+    return err(got, ref) <= bound, err(got, ref), bound
+
+
+def patched_chunks_both_ways(s, upstream="standin"):
+    """Both chunks patched twice: storing in our launch, and handing our rows to upstream's store ->
+    (after each chunk, as run gives it) of each, and per chunk our rows and their slots."""
+    with s.fresh_calls() as calls:
+        with patching.applied(PATCH):
+            fused = s.run(upstream)
+        assert not calls["compress_forward"] and not calls["norm_rope_store"], "patched: upstream's kernels ran"
+        assert not calls["store"], "the store should ride in our launch"
+    with s.fresh_calls() as calls:
+        with patching.applied(PATCH), s.rows_to_upstreams_store():
+            separate = s.run(upstream)
+        assert not calls["compress_forward"] and not calls["norm_rope_store"]
+        stores = list(calls["store"])
+    assert len(stores) == 2 and all(st["type"] == ("indexer" if s.indexer else "flashmla") for st in stores)
+    return fused, separate, [(st["rows"].cpu(), st["loc"].cpu()) for st in stores]
+
+
+@pytest.mark.parametrize("name", list(PREFILL))
+def test_chunked_prefill_state_equal_blocks_within_twice_torchs_error(sg, name):
+    """Two prefill chunks (SGLang's plan; the state starts NaN): after each, the state equals
+    upstream's bit for bit (the blocks read the ring as it was, the kept rows land where upstream puts
+    them); each block within 2x torch's fp32 error of the fp64 contract, at its own slot; the
+    in-launch store writes upstream's store's bytes for our rows and nothing else; each stored row
+    within one FP8 step of upstream's."""
+    s = chunks(sg, name, seed=len(name))
+    with s.fresh_calls() as calls:
+        upstream = s.run()
+        assert [c["decode"] for c in calls["compress_forward"]] == [False, False] and len(calls["norm_rope_store"]) == 2
+        assert not calls["store"]
+    upstream_rows = s.upstream_chunk_rows
+    fused, separate, ours = patched_chunks_both_ways(s)
+    stored_so_far = set()
+    for c in (0, 1):
+        blocks = s.chunk_blocks(c)
+        assert len(blocks) >= 1 and len(ours[c][0]) == len(blocks) == len(upstream_rows[c])
+        for state in (fused[c][0], separate[c][0]):
+            assert torch.equal(state.view(torch.int32), upstream[c][0].view(torch.int32)), f"chunk {c}: the state differs"
+        rows, loc = ours[c]
+        assert loc.tolist() == [s.block_slot[b] for b in blocks]
+        for j, block in enumerate(blocks):
+            ok, e, bound = block_within_torch_error(s, block, rows[j])
+            assert ok and e > 0, (name, c, block, e, bound)
+            assert block_within_torch_error(s, block, upstream_rows[c][j])[0]  # the stand-in meets it too
+            back, up_back = (s.stored_row(cache, s.block_slot[block]) for cache in (fused[c][1], upstream[c][1]))
+            assert ((back - rows[j].float()).abs() <= fp8_half_step(rows[j], s.indexer)).all(), (name, block)
+            ref = s.block_reference(*block)
+            assert ((back - up_back).abs() <= 2 * fp8_half_step(ref, s.indexer) + 2 ** -7 * ref.abs().float()).all()
+        stored_so_far |= {s.block_slot[b] for b in blocks}
+        for slot in range(s.slots):
+            mine = s.slot_bytes(fused[c][1], slot)
+            assert torch.equal(mine, s.slot_bytes(separate[c][1] if slot in stored_so_far else s.cache0, slot)), (c, slot)
+    assert not torch.equal(fused[0][0].view(torch.int32), s.state0.view(torch.int32))
+
+
+def test_chunked_prefill_neg_inf_channel_finite_where_upstream_gives_nan(sg):
+    s = chunks(sg, "c4 indexer", seed=3, neg_inf_channel=True)
+    with s.fresh_calls():
+        upstream = s.run()
+    assert any(rows.isnan().any() for rows in s.upstream_chunk_rows), "upstream's pooling of an all -inf channel is 0/0"
+    fused, _, ours = patched_chunks_both_ways(s)
+    for c in (0, 1):
+        assert torch.equal(fused[c][0].view(torch.int32), upstream[c][0].view(torch.int32))
+        for j, block in enumerate(s.chunk_blocks(c)):
+            assert ours[c][0][j].isfinite().all() and block_within_torch_error(s, block, ours[c][0][j])[0]
+            assert s.stored_row(fused[c][1], s.block_slot[block]).isfinite().all()
+
+
 def test_what_ours_does_not_implement_runs_upstreams_kernels(sg, monkeypatch):
     from sglang_hip_decode import dsv4_calls
 
@@ -227,7 +317,8 @@ def test_what_ours_does_not_implement_runs_upstreams_kernels(sg, monkeypatch):
             s.run()
         assert len(calls["compress_forward"]) == 1 and len(calls["norm_rope_store"]) == 1 and not calls["store"]
     declined = {
-        "prefill": dict(plan=type("CompressorPrefillPlan", (), {"is_decode": False})()),
+        "a plan of another type": dict(plan=type("CompressorOnlinePlan", (), {"is_decode": True})()),
+        "a prefill plan without its tables": dict(plan=type("CompressorPrefillPlan", (), {"is_decode": False})()),
         "the FP4 indexer": dict(use_fp4_indexer=True),
         "online ratio 128": dict(is_online=True),
         "a bf16 store": dict(bf16_store=True),
@@ -245,7 +336,7 @@ def test_what_ours_does_not_implement_runs_upstreams_kernels(sg, monkeypatch):
     }
     for what, change in declined.items():
         assert not real(dict(env, **change)), what
-    assert len(declined) == 15
+    assert len(declined) == 16
     # Through the patched method: a declined step runs upstream's kernels, once, and stores nothing of ours.
     monkeypatch.setattr(dsv4_calls, "fused_compress_applies", lambda env: False)
     with s.fresh_calls() as calls:
@@ -295,3 +386,36 @@ def test_gpu_neg_inf_channel(sg, name):
     for b in s.emitting:
         assert s.stored_row(fused_cache, int(s.out_loc[b])).isfinite().all()
         assert within_torch_error(s, b, ours[b], s.reference(b))[0]
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("name", list(PREFILL))
+def test_gpu_chunked_prefill_vs_upstreams_jit_kernels(sg, name):
+    """Two prefill chunks against upstream's real planner and JIT kernels: the stand-in planner's
+    plan equals the real one byte for byte; after each chunk the state equals upstream's bit for bit;
+    ours within 2x torch's fp32 error; the in-launch store's bytes equal upstream's Triton store's
+    for our rows; each stored row no farther from the fp64 contract than upstream's stored row plus
+    one FP8 step."""
+    s = chunks(sg, name, seed=len(name), device="cuda")
+    for c in (0, 1):
+        mine, real = s.plan(c), s.real_plan(c)
+        assert torch.equal(mine.plan_c.cpu(), real.plan_c.cpu()) and torch.equal(mine.plan_w.cpu(), real.plan_w.cpu()), c
+    upstream = s.run("real")
+    fused, separate, ours = patched_chunks_both_ways(s, "real")
+    stored_so_far = set()
+    for c in (0, 1):
+        for state in (fused[c][0], separate[c][0]):
+            assert torch.equal(state.view(torch.int32), upstream[c][0].view(torch.int32)), f"chunk {c}: the state differs"
+        blocks = s.chunk_blocks(c)
+        stored_so_far |= {s.block_slot[b] for b in blocks}
+        for slot in stored_so_far:
+            assert torch.equal(s.slot_bytes(fused[c][1], slot), s.slot_bytes(separate[c][1], slot)), (c, slot)
+        for j, block in enumerate(blocks):
+            ok, e, bound = block_within_torch_error(s, block, ours[c][0][j])
+            assert ok, (name, c, block, e, bound)
+            ref = s.block_reference(*block)
+            mine, theirs = (s.stored_row(cache, s.block_slot[block]) for cache in (fused[c][1], upstream[c][1]))
+            slack = 2 * fp8_half_step(ref, s.indexer) + 2 ** -8 * ref.abs().float()
+            assert ((mine - ref.float()).abs() <= (theirs - ref.float()).abs() + slack + 1e-6).all(), (name, block)
+            print(f"{name} chunk {c} block {block}: stored max err ours {err(mine, ref):.3e} upstream {err(theirs, ref):.3e}")

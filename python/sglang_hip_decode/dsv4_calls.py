@@ -165,6 +165,19 @@ def _fp32_contiguous(t, device, numel: int) -> bool:
                 and t.numel() == numel and t.is_contiguous())
 
 
+def _is_plan(plan, type_name: str, *tables) -> bool:
+    """``plan`` is SGLang's ``type_name`` (decode or prefill, as its ``is_decode`` says) whose
+    ``tables`` (attribute, bytes per row) are contiguous uint8 rows of that many bytes."""
+    if type(plan).__name__ != type_name or getattr(plan, "is_decode", None) is not (type_name == "CompressorDecodePlan"):
+        return False
+    for name, width in tables:
+        t = getattr(plan, name, None)
+        if not (isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.dim() == 2 and t.shape[1] == width
+                and t.is_contiguous()):
+            return False
+    return True
+
+
 def fused_compress_applies(env: dict) -> bool:
     """Whether :func:`fused_compress_call` answers this compressor step (``env``: the edited
     method's locals; module docstring of the patch for what each condition means)."""
@@ -176,22 +189,25 @@ def fused_compress_applies(env: dict) -> bool:
     if layout is not None and str(getattr(layout, "value", layout)) != "v4":
         return False
     plan, u, ratio, d = env.get("plan"), env.get("kv_score_input"), env.get("compress_ratio"), env.get("head_dim")
-    if type(plan).__name__ != "CompressorDecodePlan" or not getattr(plan, "is_decode", False):
-        return False  # prefill keeps upstream's kernels (module docstring of the patch)
+    if not (_is_plan(plan, "CompressorDecodePlan", ("plan_d", 16)) or _is_plan(plan, "CompressorPrefillPlan", ("plan_c", 16),
+                                                                               ("plan_w", 8))):
+        return False
     if ratio not in (4, 128) or d not in (128, 512) or bool(env.get("rotate")) != (d == 128):
         return False
     if not isinstance(u, torch.Tensor) or u.dim() != 2 or u.shape[0] == 0 or u.dtype != torch.float32 \
             or u.stride(1) != 1:
         return False  # upstream's kernels need the rows in the state's dtype (fp32); bf16 rows break them
     width = (4 if ratio == 4 else 2) * d
-    plan_d, buf, dev = plan.plan_d, env.get("kv_score_buffer"), u.device
+    buf, dev = env.get("kv_score_buffer"), u.device
     norm, ape = env.get("norm"), env.get("ape")
     weight, eps = getattr(norm, "weight", None), getattr(norm, "variance_epsilon", None)
     freqs, cache, loc = env.get("freqs_cis_cache"), env.get("kv_cache"), env.get("out_loc")
+    if plan.is_decode:
+        plans_ok = plan.plan_d.device == dev and plan.plan_d.shape[0] == u.shape[0]
+    else:  # ragged rows are 16-bit in the plan
+        plans_ok = plan.plan_c.device == dev and plan.plan_w.device == dev and u.shape[0] <= 1 << 16
     return bool(
-        u.shape[1] == width
-        and isinstance(plan_d, torch.Tensor) and plan_d.dtype == torch.uint8 and plan_d.device == dev
-        and tuple(plan_d.shape) == (u.shape[0], 16) and plan_d.is_contiguous()
+        u.shape[1] == width and plans_ok
         and isinstance(buf, torch.Tensor) and buf.dtype == torch.float32 and buf.device == dev and buf.dim() == 3
         and tuple(buf.shape[1:]) == (ratio, width) and buf.is_contiguous()
         and _fp32_contiguous(ape, dev, (8 if ratio == 4 else 128) * d)
@@ -278,26 +294,38 @@ def fused_compress_call(env: dict) -> bool:
     store = cache_store(env)
     if store is None:
         return False
-    from sgl_hip_kernels.dsv4.compress import compress_decode
+    from sgl_hip_kernels.dsv4.compress import compress_decode, compress_prefill_paged
 
     ratio, d, u = env["compress_ratio"], env["head_dim"], env["kv_score_input"]
-    buf = env["kv_score_buffer"]
-    plan = env["plan"].plan_d.view(torch.int32)  # (B, 4): seq_len, write_loc, previous block's page, current page
+    buf, plan = env["kv_score_buffer"], env["plan"]
     table = torch.view_as_real(env["freqs_cis_cache"])  # (max_pos, 32, 2): cos, sin interleaved, read in place
-    args = (u, buf.view(-1, buf.shape[-1]), plan[:, 2:] if ratio == 4 else plan[:, 3:], plan[:, 0],
-            env["ape"].view(-1, d), env["norm"].weight, float(env["norm"].variance_epsilon), table[..., 0], table[..., 1],
-            ratio)
+    params = (env["ape"].view(-1, d), env["norm"].weight, float(env["norm"].variance_epsilon), table[..., 0],
+              table[..., 1], ratio)
+    state = buf.view(-1, buf.shape[-1])
+    if plan.is_decode:
+        pd = plan.plan_d.view(torch.int32)  # (B, 4): seq_len, write_loc, previous block's page, current page
+        run = functools.partial(compress_decode, u, state, pd[:, 2:] if ratio == 4 else pd[:, 3:], pd[:, 0], *params,
+                                page_order="prev_cur")
+        rows, loc = u.shape[0], env["out_loc"]
+    else:
+        # (N, 4): seq_len, ragged row | rows in the ring << 16, the two pages; (M, 2): ragged row, state row
+        pc, pw = plan.plan_c.view(torch.int32), plan.plan_w.view(torch.int32)
+        run = functools.partial(compress_prefill_paged, u, state, pc, pw, *params)
+        rows = pc.shape[0]
     if not ROWS_TO_UPSTREAMS_STORE:  # rows that emit nothing write nothing, as upstream's JIT store skips them
-        compress_decode(*args, rotate=bool(env["rotate"]), store=store, check_indices=False, page_order="prev_cur")
+        run(rotate=bool(env["rotate"]), store=store, check_indices=False)
         return True
     # (The test switch.) The attention rows go to the store as bf16, as upstream's default store
     # (its JIT norm-RoPE-store) rounds them to bf16 before the FP8 quantisation; the indexer's as fp32.
     from sglang.srt.mem_cache import deepseek_v4_memory_pool as pool_module
 
-    out = torch.empty(u.shape[0], d, dtype=torch.float32 if env["is_indexer"] else torch.bfloat16, device=u.device)
-    compress_decode(*args, rotate=bool(env["rotate"]), out=out, check_indices=False, page_order="prev_cur")
-    # Rows that emit nothing are 0 and their out_loc is 0 (the metadata's dummy slot): the store
+    out = torch.empty(rows, d, dtype=torch.float32 if env["is_indexer"] else torch.bfloat16, device=u.device)
+    run(rotate=bool(env["rotate"]), out=out, check_indices=False)
+    if not plan.is_decode:  # the plan's rows that are not padding, at their last token's out_loc
+        live = pc[:, 0] != -1
+        out, loc = out[live], env["out_loc"][(pc[live, 1] & 0xFFFF).long()]
+    # Decode: rows that emit nothing are 0 and their out_loc is 0 (the metadata's dummy slot): the store
     # writes that slot, as upstream's _forward_unified_hip does (its default path skips those rows).
-    pool_module.fused_store_cache(out, env["kv_cache"], env["out_loc"], page_size=env["page_size"],
+    pool_module.fused_store_cache(out, env["kv_cache"], loc, page_size=env["page_size"],
                                   type="indexer" if env["is_indexer"] else "flashmla")
     return True

@@ -109,29 +109,13 @@ class Dsv4CompressStep:
         b = len(case.lens)
         # Request 0 of req_to_token is the padded slots' dummy; request i + 1 is batch row i.
         longest = max(max(case.lens), 1)
-        swa_pages_per_req = math.ceil(longest / case.swa_page)
-        n_swa_pages = (b + 1) * swa_pages_per_req
-        page_of = torch.randperm(n_swa_pages, generator=gen).reshape(b + 1, swa_pages_per_req)
-        pos = torch.arange(longest)
-        swa_loc = page_of[:, pos // case.swa_page] * case.swa_page + pos % case.swa_page  # (b + 1, longest)
-        n_full = (b + 1) * longest
-        full = torch.randperm(n_full, generator=gen).reshape(b + 1, longest)  # req_to_token
-        self.full_to_swa = torch.empty(n_full, dtype=torch.int64)
-        self.full_to_swa[full.reshape(-1)] = swa_loc.reshape(-1)
-        self.req_to_token = full.to(torch.int32)
+        n_swa_pages = self._layout(gen, b + 1, longest)
         self.req_pool_indices = torch.tensor([i + 1 if n > 0 else 0 for i, n in enumerate(case.lens)])
         self.seq_lens = torch.tensor([n if n > 0 else 1 for n in case.lens])
         # Every request's token rows (its history): scores and kv ~ N(0, 4).
         self.history = torch.randn(b + 1, longest, self.width, generator=gen) * 2
-        if case.neg_inf_channel:  # score channel 5 (both halves for ratio 4: every row of a block)
-            for col in ((2 * d + 5, 3 * d + 5) if r == 4 else (d + 5,)):
-                self.history[..., col] = float("-inf")
-        ring = ring_size(r)
-        # The ring layout the release's planner uses: from 0.5.20 ratio 128 keeps one ring per request
-        # (row rid * ring + pos % ring); otherwise one per SWA page (swa_page * ring + swa_loc % ring).
-        self.req_ring = r == 128 and patching.installed_release() >= (0, 5, 20, 0)
-        self.swa_loc = swa_loc
-        state = torch.full((max(n_swa_pages, b + 1) * ring + r, self.width), float("nan"))
+        self._neg_inf_channel()
+        state = torch.full((max(n_swa_pages, b + 1) * ring_size(r) + r, self.width), float("nan"))
         for i, (req, n) in enumerate(zip(self.req_pool_indices.tolist(), self.seq_lens.tolist())):
             if case.lens[i] <= 0:
                 continue
@@ -139,11 +123,7 @@ class Dsv4CompressStep:
                 state[self.state_loc(req, t)] = self.history[req, t]
         self.state0 = state
         self.u = torch.stack([self.history[int(q), int(n) - 1] for q, n in zip(self.req_pool_indices, self.seq_lens)])
-        ape = torch.randn(self.k, d, generator=gen)  # the hot-fixed ape as (K, d) rows
-        self.ape = ape.reshape(r, -1) if r == 4 else ape  # the parameter's shape: (4, 2d) / (128, d)
-        self.norm = types.SimpleNamespace(weight=torch.rand(d, generator=gen) + 0.5, variance_epsilon=EPS)
-        angle = torch.rand(MAX_POS, 32, generator=gen, dtype=torch.float64) * 6.283
-        self.freqs = torch.polar(torch.ones_like(angle), angle).to(torch.complex64)
+        self._parameters(gen)
         emits = [n > 0 and n % r == 0 for n in case.lens]
         self.emitting = [i for i, e in enumerate(emits) if e]
         locs = torch.randperm(2 * b + 2, generator=gen)[: b] + 1  # distinct compressed slots, never 0
@@ -156,6 +136,41 @@ class Dsv4CompressStep:
         nbytes = 132 * case.page_size if self.indexer else page_bytes(case.page_size)
         self.cache0 = torch.randint(0, 256, (pages, nbytes), generator=gen, dtype=torch.uint8)
         self.calls: dict[str, list] = {"compress_forward": [], "norm_rope_store": [], "store": []}
+
+    def _layout(self, gen, n_req: int, longest: int) -> int:
+        """``req_to_token`` / ``full_to_swa`` of ``n_req`` requests of up to ``longest`` tokens, SWA pages
+        drawn at random and aligned to positions, and the ring layout of the release's planner: from
+        0.5.20 ratio 128 keeps one ring per request (row rid * ring + pos % ring); otherwise one per SWA
+        page (swa_page * ring + swa_loc % ring). -> the number of SWA pages."""
+        sp = self.case.swa_page
+        swa_pages_per_req = math.ceil(longest / sp)
+        n_swa_pages = n_req * swa_pages_per_req
+        page_of = torch.randperm(n_swa_pages, generator=gen).reshape(n_req, swa_pages_per_req)
+        pos = torch.arange(longest)
+        self.swa_loc = page_of[:, pos // sp] * sp + pos % sp  # (n_req, longest)
+        n_full = n_req * longest
+        full = torch.randperm(n_full, generator=gen).reshape(n_req, longest)  # req_to_token
+        self.full_to_swa = torch.empty(n_full, dtype=torch.int64)
+        self.full_to_swa[full.reshape(-1)] = self.swa_loc.reshape(-1)
+        self.req_to_token = full.to(torch.int32)
+        self.req_ring = self.case.ratio == 128 and patching.installed_release() >= (0, 5, 20, 0)
+        return n_swa_pages
+
+    def _neg_inf_channel(self):
+        """The case's -inf channel: score channel 5 -inf on every token (both halves for ratio 4: every row of a block)."""
+        d = self.case.head_dim
+        if self.case.neg_inf_channel:
+            for col in ((2 * d + 5, 3 * d + 5) if self.case.ratio == 4 else (d + 5,)):
+                self.history[..., col] = float("-inf")
+
+    def _parameters(self, gen):
+        """The compressor's ape (the hot-fixed (K, d) rows, in the parameter's shape), norm and RoPE table."""
+        r, d = self.case.ratio, self.case.head_dim
+        ape = torch.randn(self.k, d, generator=gen)
+        self.ape = ape.reshape(r, -1) if r == 4 else ape  # the parameter's shape: (4, 2d) / (128, d)
+        self.norm = types.SimpleNamespace(weight=torch.rand(d, generator=gen) + 0.5, variance_epsilon=EPS)
+        angle = torch.rand(MAX_POS, 32, generator=gen, dtype=torch.float64) * 6.283
+        self.freqs = torch.polar(torch.ones_like(angle), angle).to(torch.complex64)
 
     def state_loc(self, req: int, pos: int) -> int:
         """The state row of request ``req``'s token ``pos``, as the release's planner places it."""
@@ -186,44 +201,78 @@ class Dsv4CompressStep:
 
     # -- stand-ins for upstream's JIT kernels --------------------------------------------------
 
+    @staticmethod
+    def _pool(kv, score, ape):
+        """Upstream's kernels' pooling of one block: max-subtracting softmax per channel (an
+        all -inf channel: NaN)."""
+        score = score.float() + ape.float()
+        e = torch.exp(score - score.amax(0))
+        return (kv.float() * e).sum(0) / e.sum(0)
+
+    def _window(self, buf, rp0, rp1, seq_len, rows_from_u, d):
+        """A block's K rows (kv, score) as ``c4_v2.cuh`` / ``c128_v2.cuh`` gather them: row j from
+        the state ring (page rp0 for ratio 4's rows 0..3, else rp1; slot j % ratio) unless it is one
+        of the last ``rows_from_u.shape[0]`` rows, which come from the input; ratio 4's first block
+        (seq_len <= 4) has no previous one: its rows are kv 0, score -FLT_MAX."""
+        r, k = self.case.ratio, self.k
+        n_new = rows_from_u.shape[0]
+        rows = [rows_from_u[j - (k - n_new)] if j >= k - n_new else buf[(rp0 if r == 4 and j < 4 else rp1) * r + j % r]
+                for j in range(k)]
+        rows = torch.stack(rows)
+        if r == 128:
+            return rows[:, :d], rows[:, d:]
+        kv = torch.cat([rows[:4, :d], rows[4:, d: 2 * d]])
+        score = torch.cat([rows[:4, 2 * d: 3 * d], rows[4:, 3 * d:]])
+        if seq_len <= 4:
+            kv[:4], score[:4] = 0.0, -torch.finfo(torch.float32).max
+        return kv, score
+
     def _compress_forward(self, *, kv_score_buffer, kv_score_input, ape, plan, compress_ratio, head_dim, out=None,
                           is_online=False):
         r, d = compress_ratio, head_dim
-        self.calls["compress_forward"].append(dict(ratio=r, online=is_online))
+        self.calls["compress_forward"].append(dict(ratio=r, online=is_online, decode=plan.is_decode))
         buf = kv_score_buffer.view(-1, kv_score_buffer.shape[-1])
-        p = plan.plan_d.view(torch.int32)
-        seq, write, rp0, rp1 = (p[:, i].long() for i in range(4))
-        buf[write] = kv_score_input.to(buf.dtype)
-        res = torch.full((p.shape[0], d), float("nan"), dtype=kv_score_input.dtype, device=buf.device)  # unwritten
-        for b in range(p.shape[0]):
-            if seq[b] % r:
+        u = kv_score_input
+        if plan.is_decode:  # store the new row, then pool the block it closes (from the ring)
+            p = plan.plan_d.view(torch.int32).long()
+            buf[p[:, 1]] = u.to(buf.dtype)
+            res = torch.full((p.shape[0], d), float("nan"), dtype=u.dtype, device=buf.device)  # unwritten
+            for b in range(p.shape[0]):
+                if p[b, 0] % r == 0:
+                    res[b] = self._pool(*self._window(buf, *p[b, [2, 3, 0]].tolist(), u[:0], d), ape).to(res.dtype)
+            return res
+        # Prefill: every block of the plan (ring rows as they were), then the kept rows into the ring.
+        pc, pw = plan.plan_c.view(torch.int32).long(), plan.plan_w.view(torch.int32).long()
+        res = torch.full((pc.shape[0], d), float("nan"), dtype=u.dtype, device=buf.device)  # unwritten
+        for i in range(pc.shape[0]):
+            seq, packed, rp0, rp1 = pc[i].tolist()
+            if seq == -1:
                 continue
-            if r == 4:
-                prev, cur = buf[rp0[b] * 4: rp0[b] * 4 + 4], buf[rp1[b] * 4: rp1[b] * 4 + 4]
-                kv = torch.cat([prev[:, :d], cur[:, d: 2 * d]])
-                score = torch.cat([prev[:, 2 * d: 3 * d], cur[:, 3 * d:]])
-                if seq[b] <= 4:  # the first block: no previous one (its rows: kv 0, score -FLT_MAX)
-                    kv[:4], score[:4] = 0.0, -torch.finfo(torch.float32).max
-            else:
-                rows = buf[rp1[b] * r: rp1[b] * r + r]
-                kv, score = rows[:, :d], rows[:, d:]
-            score = score.float() + ape.float()
-            m = score.amax(0)
-            e = torch.exp(score - m)
-            res[b] = ((kv.float() * e).sum(0) / e.sum(0)).to(res.dtype)
+            ragged, n_new = packed & 0xFFFF, self.k - (packed >> 16)
+            kv, score = self._window(buf, rp0, rp1, seq, u[ragged - n_new + 1: ragged + 1], d)
+            res[i] = self._pool(kv, score, ape).to(res.dtype)
+        live = pw[:, 0] != -1
+        buf[pw[live, 1]] = u[pw[live, 0]].to(buf.dtype)
         return res
 
     def _norm_rope_store(self, kv, plan, *, norm_weight, norm_eps, freq_cis, out_loc, kvcache, page_size,
                          use_fp4=False, **unused):
-        self.calls["norm_rope_store"].append(dict(use_fp4=use_fp4, unused=sorted(unused)))
-        p = plan.plan_d.view(torch.int32)
+        self.calls["norm_rope_store"].append(dict(use_fp4=use_fp4, unused=sorted(unused), decode=plan.is_decode))
         r = plan.compress_ratio
-        keep = [b for b in range(p.shape[0]) if int(p[b, 0]) % r == 0]
+        if plan.is_decode:  # a request's row where it closes a block, at its out_loc
+            p = plan.plan_d.view(torch.int32)
+            keep = [b for b in range(p.shape[0]) if int(p[b, 0]) % r == 0]
+            seq, loc = p[keep, 0], out_loc[keep]
+        else:  # every plan row that is not padding, at the out_loc of its block's last token
+            p = plan.plan_c.view(torch.int32)
+            keep = [i for i in range(p.shape[0]) if int(p[i, 0]) != -1]
+            seq, loc = p[keep, 0], out_loc[(p[keep, 1] & 0xFFFF).long()]
         if not keep:
+            self.upstream_rows = kv[:0].float()
             return
         x = kv[keep].float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm_eps) * norm_weight.float()
-        f = freq_cis[(p[keep, 0] - r).long()]  # (n, 32) complex: the block's first position
+        f = freq_cis[(seq - r).long()]  # (n, 32) complex: the block's first position
         rot = torch.view_as_complex(x[:, -64:].reshape(-1, 32, 2).contiguous()) * f
         x = torch.cat([x[:, :-64], torch.view_as_real(rot).reshape(-1, 64)], 1)
         if x.shape[1] == 128:
@@ -231,7 +280,7 @@ class Dsv4CompressStep:
         else:  # the attention rows: rounded to bf16 before the FP8 quantisation (its store does that)
             x = x.bfloat16()
         self.upstream_rows = x
-        self._store(x, kvcache, out_loc[keep], page_size)
+        self._store(x, kvcache, loc, page_size)
 
     def _store(self, rows, cache, loc, page_size):
         store = self.sg.fused_store_cache  # upstream's, as imported (the pool module's name is swapped in run)
@@ -342,4 +391,164 @@ class Dsv4CompressStep:
         yield self.calls
 
 
-__all__ = ["Dsv4CompressCase", "Dsv4CompressStep", "import_sglang", "ring_size"]
+@dataclasses.dataclass(frozen=True)
+class Dsv4PrefillCase:
+    ratio: int = 4
+    head_dim: int = 512
+    prefix: tuple = (10, 0, 2, 13, 5)  # each request's first chunk (0: it joins in the second)
+    extend: tuple = (6, 13, 21, 3, 1)  # its second chunk (every request has one)
+    swa_page: int = 16
+    page_size: int = 2
+    neg_inf_channel: bool = False
+
+
+class Dsv4PrefillChunks(Dsv4CompressStep):
+    """A chunked prefill of the DeepSeek-V4 compressor through the real
+    ``_forward_compress_all_in_one``: chunk 0 is the first ``prefix`` tokens of the requests that
+    have one, chunk 1 every request's next ``extend`` tokens (after a prefix, its blocks read the
+    rows chunk 0 left in the state ring, and a chunk's rows span several SWA pages' rings). The pools
+    are laid out as for a decode step (:class:`Dsv4CompressStep`); the state starts NaN (a row a
+    kernel must not read shows up), and each block has its own compressed slot (never 0).
+
+    The plan (``CompressorPrefillPlan``) comes from a stand-in of ``plan_compress_prefill``, written
+    from ``c_plan.cuh``'s host path (no speculative decoding), or with ``upstream="real"`` from the
+    release's own planner: per token that closes a block, 16 bytes (seq_len; ragged row | rows still in
+    the ring << 16; the state pages of the previous block and of its own, which the planner leaves -1
+    and the batch row where no ring row is read); per token the ring keeps (at or after the last
+    closed block's start, for ratio 4 the block before it; and, ratio 4, the last block of every SWA
+    page), 8 bytes (ragged row; state row). ``out_loc`` is per token, from the release's own
+    metadata kernel."""
+
+    def __init__(self, case: Dsv4PrefillCase, sg: types.SimpleNamespace, seed: int = 0, device="cpu"):
+        self.case, self.sg, self.device = case, sg, device
+        r, d = case.ratio, case.head_dim
+        if case.swa_page % ring_size(r):
+            raise ValueError(f"swa_page {case.swa_page} must be a multiple of the ring ({ring_size(r)})")
+        if len(case.prefix) != len(case.extend) or min(case.extend) < 1 or min(case.prefix) < 0:
+            raise ValueError("one prefix (>= 0) and one extend (>= 1) per request")
+        gen = torch.Generator().manual_seed(seed)
+        self.width = (4 if r == 4 else 2) * d
+        self.k = 8 if r == 4 else 128
+        b = len(case.prefix)
+        self.totals = [p + e for p, e in zip(case.prefix, case.extend)]
+        n_swa_pages = self._layout(gen, b + 1, max(self.totals))  # request 0: nobody's (request i + 1: row i)
+        self.history = torch.randn(b + 1, max(self.totals), self.width, generator=gen) * 2
+        self._neg_inf_channel()
+        self.state0 = torch.full((max(n_swa_pages, b + 1) * ring_size(r) + r, self.width), float("nan"))
+        self._parameters(gen)
+        # Every block of every request: its own compressed slot, never 0.
+        self.blocks = [(i, n) for i, total in enumerate(self.totals) for n in range(total // r)]
+        slots = (torch.randperm(2 * len(self.blocks) + 2, generator=gen)[: len(self.blocks)] + 1).tolist()
+        self.block_slot = dict(zip(self.blocks, slots))
+        pages = math.ceil((2 * len(self.blocks) + 3) / case.page_size)
+        nbytes = 132 * case.page_size if self.indexer else page_bytes(case.page_size)
+        self.cache0 = torch.randint(0, 256, (pages, nbytes), generator=gen, dtype=torch.uint8)
+        self.calls: dict[str, list] = {"compress_forward": [], "norm_rope_store": [], "store": []}
+
+    def chunk(self, c: int) -> list[tuple[int, int, int]]:
+        """Chunk ``c``'s requests: (batch row, tokens before it, its tokens)."""
+        if c == 0:
+            return [(i, 0, p) for i, p in enumerate(self.case.prefix) if p > 0]
+        return [(i, p, e) for i, (p, e) in enumerate(zip(self.case.prefix, self.case.extend))]
+
+    def chunk_blocks(self, c: int) -> list[tuple[int, int]]:
+        """(batch row, block) of each block chunk ``c`` closes, in the plan's order."""
+        r = self.case.ratio
+        return [(i, n) for i, start, e in self.chunk(c) for n in range(start // r, (start + e) // r)]
+
+    def out_loc(self, c: int) -> torch.Tensor:
+        """Chunk ``c``'s ``c{r}_out_loc`` (one per token) from the release's metadata kernel; asserted
+        to be each closing token's block slot and 0 elsewhere."""
+        r = self.case.ratio
+        seq, raw, expect = [], [], []
+        for i, start, e in self.chunk(c):
+            for t in range(start, start + e):
+                seq.append(t + 1)
+                raw.append(self.block_slot.get((i, t // r), 0) * r + t % r)
+                expect.append(self.block_slot[(i, t // r)] if (t + 1) % r == 0 else 0)
+        dev = self.device
+        loc = upstream_out_loc(torch.tensor(seq).to(dev), torch.tensor(raw).to(dev), r).cpu()
+        if loc.tolist() != expect:
+            raise AssertionError("upstream's metadata places the compressed rows elsewhere than assumed")
+        return loc
+
+    def rows(self, c: int) -> torch.Tensor:
+        """Chunk ``c``'s raw rows, ragged: request after request."""
+        return torch.cat([self.history[i + 1, start: start + e] for i, start, e in self.chunk(c)])
+
+    def plan(self, c: int):
+        """Chunk ``c``'s ``CompressorPrefillPlan`` as ``plan_compress_prefill``'s host path builds it."""
+        r, k, sp = self.case.ratio, self.k, self.case.swa_page
+        blocks, writes, ragged = [], [], 0
+        for row, (i, start, e) in enumerate(self.chunk(c)):
+            req, total = i + 1, start + e
+            first_kept = r * (total // r) - (r if r == 4 else 0)
+            for j in range(e):
+                t = start + j
+                if (t + 1) % r == 0:
+                    in_ring = k - min(j + 1, k)
+                    pages = [self.state_loc(req, max(t - r, 0)) // r, self.state_loc(req, t) // r] if in_ring else [-1, row]
+                    blocks.append([t + 1, (ragged + j) | in_ring << 16] + pages)
+                if t >= first_kept or (r == 4 and t % sp >= sp - r):
+                    writes.append([ragged + j, self.state_loc(req, t)])
+            ragged += e
+        as_bytes = lambda rows, n: torch.tensor(rows, dtype=torch.int32).reshape(-1, n // 4).view(torch.uint8)  # noqa: E731
+        return self.sg.cv2.CompressorPrefillPlan(r, as_bytes(blocks, 16).to(self.device), as_bytes(writes, 8).to(self.device))
+
+    def real_plan(self, c: int):
+        """Chunk ``c``'s plan from the release's own planner (its host path: lengths on the CPU)."""
+        dev, r = self.device, self.case.ratio
+        reqs = self.chunk(c)
+        rids = torch.tensor([i + 1 for i, _, _ in reqs], dtype=torch.int64, device=dev)
+        seq = torch.tensor([start + e for _, start, e in reqs], dtype=torch.int64)
+        ext = torch.tensor([e for _, _, e in reqs], dtype=torch.int64)
+        return self.sg.cv2.CompressorPrefillPlan.generate(
+            r, rids, seq, ext, self.req_to_token.to(dev), self.full_to_swa.to(dev), self.case.swa_page, ring_size(r),
+            int(ext.sum()))
+
+    def prepare(self, upstream: str = "standin"):
+        """The pools on the device, fresh: the state (NaN) and the cache."""
+        dev = self.device
+        self.pools = dict(kv_score_buffer=self.state0.clone().to(dev), kv_cache=self.cache0.clone().to(dev))
+        return self.pools
+
+    def prepare_chunk(self, c: int, upstream: str = "standin"):
+        """Chunk ``c``'s arguments over the pools of :meth:`prepare` (the plan: the stand-in's, or the
+        release's own with ``upstream="real"``)."""
+        dev, r = self.device, self.case.ratio
+        plan = self.plan(c) if upstream == "standin" else self.real_plan(c)
+        self.buffers = dict(
+            self.pools, kv_score_input=self.rows(c).to(dev), ape=self.ape.to(dev), head_dim=self.case.head_dim,
+            norm=types.SimpleNamespace(weight=self.norm.weight.to(dev), variance_epsilon=EPS),
+            freqs_cis_cache=self.freqs.to(dev), is_indexer=self.indexer, rotate=self.indexer, compress_ratio=r,
+            page_size=self.case.page_size, out_loc=self.out_loc(c).to(dev))
+        self.backend = object.__new__(self.sg.cv2.CompressorBackendMixin)
+        self.backend.forward_metadata = types.SimpleNamespace(**{f"c{r}_compress_metadata": plan})
+        return self.buffers
+
+    def run(self, upstream: str = "standin"):
+        """Both chunks on fresh pools: -> [(state, cache) after each chunk] (copies on the CPU); the
+        rows upstream's stand-in stored, per chunk, in ``self.upstream_chunk_rows``."""
+        self.prepare(upstream)
+        after, self.upstream_chunk_rows = [], []
+        for c in (0, 1):
+            self.upstream_rows = None
+            self.prepare_chunk(c, upstream)
+            self.call(upstream)
+            self.upstream_chunk_rows.append(self.upstream_rows)
+            after.append((self.pools["kv_score_buffer"].cpu().clone(), self.pools["kv_cache"].cpu().clone()))
+        return after
+
+    def block_reference(self, i: int, n: int, work=torch.float64) -> torch.Tensor:
+        """The contract's block ``n`` of batch row ``i`` (over its whole history), in ``work``."""
+        r, d = self.case.ratio, self.case.head_dim
+        bias = self.ape.reshape(self.k, d)
+        table = torch.view_as_real(self.freqs.to(torch.complex128))
+        seq = compress_sequence_ref(self.history[i + 1, : self.totals[i]].to(work), r, d, bias.to(work),
+                                    self.norm.weight.to(work), EPS, table[..., 0].to(work), table[..., 1].to(work),
+                                    self.indexer)
+        return seq[n]
+
+
+
+__all__ = ["Dsv4CompressCase", "Dsv4CompressStep", "Dsv4PrefillCase", "Dsv4PrefillChunks", "import_sglang", "ring_size"]
