@@ -7,7 +7,7 @@ rule moves with the batch. Timing: ``timing.time_graphs`` (a CUDA graph of ``--c
 rule, all rules of one shape interleaved, L2 flushed before each replay), median µs per launch; the
 table gives the fixed rule's time, the best rule and its time. GPU only.
 
-Run:  python benchmark/gpu/sweep_dsv4_compress_rule.py [--batches 1,16,64,256] [--json out.json]
+Run:  python benchmark/gpu/sweep_dsv4_compress_rule.py [--batches 1,16,64,256] [--layers 'c128 attention'] [--json out.json]
 """
 
 from __future__ import annotations
@@ -55,13 +55,15 @@ def rules(ratio: int):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", default="1,16,64,256")
+    ap.add_argument("--layers", default=",".join(SHAPES), help=f"of {', '.join(SHAPES)}")
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--json")
     args = ap.parse_args()
     gen = torch.Generator().manual_seed(0)
     rows = []
-    for name, (ratio, d) in SHAPES.items():
+    for name in args.layers.split(","):
+        ratio, d = SHAPES[name]
         for batch in map(int, args.batches.split(",")):
             fixed = launch_rule(ratio, d, prefill=False, batch=batch)
             a, kw = inputs(ratio, d, batch, gen)
