@@ -13,7 +13,7 @@ chunks per arm, replays interleaved, L2 flushed before each, median [p20, p80] o
 rounds; the plan is made once, outside the timing, as SGLang makes it once per batch for every
 layer); µs per layer, upstream/ours of the medians, GPU kernels per layer. GPU only, sglang >= 0.5.13.
 
-Run:  python benchmark/gpu/bench_dsv4_fused_compress_prefill.py [--shapes 1x8192,4x2048,16x512] [--json out.json]
+Run:  python benchmark/gpu/bench_dsv4_fused_compress_prefill.py [--shapes 1x8192,8x1024] [--json out.json]
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def stored_error(s: Dsv4PrefillChunks, cache: torch.Tensor) -> tuple[float, int]
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--shapes", default="1x8192,4x2048,16x512", help="requests x tokens of the timed chunk")
+    ap.add_argument("--shapes", default="1x8192,8x1024", help="requests x tokens of the timed chunk")
     ap.add_argument("--layers", default=",".join(LAYERS), help=f"of {', '.join(LAYERS)}")
     ap.add_argument("--calls", type=int, default=5, help="chunks per CUDA graph")
     ap.add_argument("--repeats", type=int, default=20, help="interleaved replay rounds per arm")

@@ -163,13 +163,14 @@ class Dsv4CompressStep:
             for col in ((2 * d + 5, 3 * d + 5) if self.case.ratio == 4 else (d + 5,)):
                 self.history[..., col] = float("-inf")
 
-    def _parameters(self, gen):
-        """The compressor's ape (the hot-fixed (K, d) rows, in the parameter's shape), norm and RoPE table."""
+    def _parameters(self, gen, max_pos: int = MAX_POS):
+        """The compressor's ape (the hot-fixed (K, d) rows, in the parameter's shape), norm and RoPE
+        table (``max_pos`` positions)."""
         r, d = self.case.ratio, self.case.head_dim
         ape = torch.randn(self.k, d, generator=gen)
         self.ape = ape.reshape(r, -1) if r == 4 else ape  # the parameter's shape: (4, 2d) / (128, d)
         self.norm = types.SimpleNamespace(weight=torch.rand(d, generator=gen) + 0.5, variance_epsilon=EPS)
-        angle = torch.rand(MAX_POS, 32, generator=gen, dtype=torch.float64) * 6.283
+        angle = torch.rand(max_pos, 32, generator=gen, dtype=torch.float64) * 6.283
         self.freqs = torch.polar(torch.ones_like(angle), angle).to(torch.complex64)
 
     def state_loc(self, req: int, pos: int) -> int:
@@ -435,7 +436,8 @@ class Dsv4PrefillChunks(Dsv4CompressStep):
         self.history = torch.randn(b + 1, max(self.totals), self.width, generator=gen) * 2
         self._neg_inf_channel()
         self.state0 = torch.full((max(n_swa_pages, b + 1) * ring_size(r) + r, self.width), float("nan"))
-        self._parameters(gen)
+        self._parameters(gen, max(MAX_POS, max(self.totals)))
+        self._references = {}
         # Every block of every request: its own compressed slot, never 0.
         self.blocks = [(i, n) for i, total in enumerate(self.totals) for n in range(total // r)]
         slots = (torch.randperm(2 * len(self.blocks) + 2, generator=gen)[: len(self.blocks)] + 1).tolist()
@@ -541,13 +543,14 @@ class Dsv4PrefillChunks(Dsv4CompressStep):
 
     def block_reference(self, i: int, n: int, work=torch.float64) -> torch.Tensor:
         """The contract's block ``n`` of batch row ``i`` (over its whole history), in ``work``."""
-        r, d = self.case.ratio, self.case.head_dim
-        bias = self.ape.reshape(self.k, d)
-        table = torch.view_as_real(self.freqs.to(torch.complex128))
-        seq = compress_sequence_ref(self.history[i + 1, : self.totals[i]].to(work), r, d, bias.to(work),
-                                    self.norm.weight.to(work), EPS, table[..., 0].to(work), table[..., 1].to(work),
-                                    self.indexer)
-        return seq[n]
+        if (i, work) not in self._references:  # every block of the request, once
+            r, d = self.case.ratio, self.case.head_dim
+            bias = self.ape.reshape(self.k, d)
+            table = torch.view_as_real(self.freqs.to(torch.complex128))
+            self._references[i, work] = compress_sequence_ref(
+                self.history[i + 1, : self.totals[i]].to(work), r, d, bias.to(work), self.norm.weight.to(work), EPS,
+                table[..., 0].to(work), table[..., 1].to(work), self.indexer)
+        return self._references[i, work][n]
 
 
 
