@@ -5,7 +5,7 @@
 # stopped at the deadline; a failing step does not end the job); logs and JSON under $OUT.
 #   bash tools/gpu-dsv4-job.sh VERSION SECONDS STEP...
 # STEP: compress-parity, sparse-parity (the patches' @gpu parity tests), compress-bench, prefill-bench,
-# sparse-bench (the patch benchmarks), compress-sweep / c128-sweep (the compressor kernel's decode launch rules: all shapes / ratio 128). The compressor benchmark's per-step column counts DeepSeek-V4-Flash's layers:
+# sparse-bench (the patch benchmarks), compress-sweep / c128-sweep / prefill-sweep (the compressor kernel's launch rules: decode, all shapes / ratio 128; prefill). The compressor benchmark's per-step column counts DeepSeek-V4-Flash's layers:
 # compress_ratios = [0, 0, (4, 128) x 20, 4, 0 (the MTP layer)], so 21 ratio-4 and 20 ratio-128 layers.
 set -u
 if [ $# -lt 3 ]; then
@@ -42,6 +42,8 @@ for name in "$@"; do
     prefill-bench) step "$name" python3 benchmark/gpu/bench_dsv4_fused_compress_prefill.py \
       --json "$OUT/dsv4_fused_compress_prefill.json" ;;
     compress-sweep) step "$name" python3 benchmark/gpu/sweep_dsv4_compress_rule.py --json "$OUT/dsv4_compress_rule_sweep.json" ;;
+    prefill-sweep) step "$name" python3 benchmark/gpu/sweep_dsv4_compress_rule.py --prefill \
+      --json "$OUT/dsv4_compress_rule_sweep.prefill.json" ;;
     c128-sweep) step "$name" python3 benchmark/gpu/sweep_dsv4_compress_rule.py --layers "c128 attention" \
       --json "$OUT/dsv4_compress_rule_sweep.c128.json" ;;
     sparse-bench) step "$name" python3 benchmark/gpu/bench_dsv4_sparse_decode_patch.py --json "$OUT/dsv4_sparse_decode_patch.json" ;;
