@@ -95,10 +95,10 @@ def fp8_half_step(v: torch.Tensor, indexer: bool) -> torch.Tensor:
     return torch.cat([nope, torch.zeros(64)])
 
 
-def patched_both_ways(s, upstream="standin"):
-    """The patched step twice: storing in our launch, and handing our rows to upstream's store ->
-    (state, cache) of each and our rows. Asserts upstream's kernels ran in neither and the first
-    called no store."""
+def patched_twice(s, upstream="standin"):
+    """``s.run`` patched twice: storing in our launch, and handing our rows to upstream's store ->
+    (what each run gave, the store calls of the second). Asserts upstream's kernels ran in neither
+    and the first called no store."""
     with s.fresh_calls() as calls:
         with patching.applied(PATCH):
             assert patching.is_applied(PATCH)
@@ -109,7 +109,13 @@ def patched_both_ways(s, upstream="standin"):
         with patching.applied(PATCH), s.rows_to_upstreams_store():
             separate = s.run(upstream)
         assert not calls["compress_forward"] and not calls["norm_rope_store"]
-        (stored,) = calls["store"]
+        stores = list(calls["store"])
+    return fused, separate, stores
+
+
+def patched_both_ways(s, upstream="standin"):
+    """The patched decode step both ways (``patched_twice``) -> (state, cache) of each and our rows."""
+    fused, separate, (stored,) = patched_twice(s, upstream)
     assert torch.equal(stored["loc"].cpu(), s.out_loc) and stored["type"] == ("indexer" if s.indexer else "flashmla")
     return fused, separate, stored["rows"].cpu()
 
@@ -218,18 +224,9 @@ def block_within_torch_error(s, block, got):
 
 
 def patched_chunks_both_ways(s, upstream="standin"):
-    """Both chunks patched twice: storing in our launch, and handing our rows to upstream's store ->
-    (after each chunk, as run gives it) of each, and per chunk our rows and their slots."""
-    with s.fresh_calls() as calls:
-        with patching.applied(PATCH):
-            fused = s.run(upstream)
-        assert not calls["compress_forward"] and not calls["norm_rope_store"], "patched: upstream's kernels ran"
-        assert not calls["store"], "the store should ride in our launch"
-    with s.fresh_calls() as calls:
-        with patching.applied(PATCH), s.rows_to_upstreams_store():
-            separate = s.run(upstream)
-        assert not calls["compress_forward"] and not calls["norm_rope_store"]
-        stores = list(calls["store"])
+    """Both chunks patched both ways (``patched_twice``) -> (after each chunk, as run gives it) of
+    each, and per chunk our rows and their slots."""
+    fused, separate, stores = patched_twice(s, upstream)
     assert len(stores) == 2 and all(st["type"] == ("indexer" if s.indexer else "flashmla") for st in stores)
     return fused, separate, [(st["rows"].cpu(), st["loc"].cpu()) for st in stores]
 
