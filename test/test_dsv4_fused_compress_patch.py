@@ -20,7 +20,10 @@ slot), ratio 4 and 128, attention (d 512) and indexer (d 128, rotated):
   writes the dummy slot 0);
 * a score channel that is -inf on every row: ours stores a finite row where upstream's pooling
   (as its kernels compute it) gives NaN, upstream's documented defect;
-* what ours does not implement (prefill, the FP4 indexer, a later release's new argument) runs
+* prefill (dsv4-fused-compress-prefill, the other half): two chunks, the state after each equal to
+  upstream's bit for bit, each block within 2x torch's error at its slot, the in-launch store's bytes
+  equal to upstream's store's for our rows; each half runs only its own steps, and the two compose;
+* what ours does not implement (the FP4 indexer, a later release's new argument) runs
   upstream's kernels, unchanged, as does a step whose cache our store cannot write (gfx94x's FP8,
   an unknown store kernel, a page too small).
 
@@ -39,6 +42,7 @@ import torch
 from patch_fixtures import edits_here
 from sglang_hip_decode import patching
 from sglang_hip_decode.patches.dsv4_fused_compress import PATCH
+from sglang_hip_decode.patches.dsv4_fused_compress_prefill import PATCH as PREFILL_PATCH
 
 _APPLIES, _WHY = edits_here(PATCH)
 if not _APPLIES:
@@ -95,18 +99,18 @@ def fp8_half_step(v: torch.Tensor, indexer: bool) -> torch.Tensor:
     return torch.cat([nope, torch.zeros(64)])
 
 
-def patched_twice(s, upstream="standin"):
-    """``s.run`` patched twice: storing in our launch, and handing our rows to upstream's store ->
-    (what each run gave, the store calls of the second). Asserts upstream's kernels ran in neither
-    and the first called no store."""
+def patched_twice(s, upstream="standin", patch=PATCH):
+    """``s.run`` with ``patch`` applied, twice: storing in our launch, and handing our rows to
+    upstream's store -> (what each run gave, the store calls of the second). Asserts upstream's
+    kernels ran in neither and the first called no store."""
     with s.fresh_calls() as calls:
-        with patching.applied(PATCH):
-            assert patching.is_applied(PATCH)
+        with patching.applied(patch):
+            assert patching.is_applied(patch)
             fused = s.run(upstream)
         assert not calls["compress_forward"] and not calls["norm_rope_store"], "patched: upstream's kernels ran"
         assert not calls["store"], "the store should ride in our launch"
     with s.fresh_calls() as calls:
-        with patching.applied(PATCH), s.rows_to_upstreams_store():
+        with patching.applied(patch), s.rows_to_upstreams_store():
             separate = s.run(upstream)
         assert not calls["compress_forward"] and not calls["norm_rope_store"]
         stores = list(calls["store"])
@@ -226,7 +230,7 @@ def block_within_torch_error(s, block, got):
 def patched_chunks_both_ways(s, upstream="standin"):
     """Both chunks patched both ways (``patched_twice``) -> (after each chunk, as run gives it) of
     each, and per chunk our rows and their slots."""
-    fused, separate, stores = patched_twice(s, upstream)
+    fused, separate, stores = patched_twice(s, upstream, PREFILL_PATCH)
     assert len(stores) == 2 and all(st["type"] == ("indexer" if s.indexer else "flashmla") for st in stores)
     return fused, separate, [(st["rows"].cpu(), st["loc"].cpu()) for st in stores]
 
@@ -279,6 +283,23 @@ def test_chunked_prefill_neg_inf_channel_finite_where_upstream_gives_nan(sg):
         for j, block in enumerate(s.chunk_blocks(c)):
             assert ours[c][0][j].isfinite().all() and block_within_torch_error(s, block, ours[c][0][j])[0]
             assert s.stored_row(fused[c][1], s.block_slot[block]).isfinite().all()
+
+
+def test_each_half_runs_only_its_own_steps_and_both_compose(sg):
+    """dsv4-fused-compress alone: a prefill chunk runs upstream's kernels; dsv4-fused-compress-prefill
+    alone: a decode step does; both applied (one method edited in two places): both are ours."""
+    chunked, decode = chunks(sg, "c4 indexer", seed=1), step(sg, "c4 indexer", seed=1)
+    seen = []
+    for patches, prefill_ours, decode_ours in (((PATCH,), False, True), ((PREFILL_PATCH,), True, False),
+                                               ((PATCH, PREFILL_PATCH), True, True)):
+        with patching.applied(*patches):
+            assert all(patching.is_applied(p) for p in patches)
+            for s, ours, upstream_calls in ((chunked, prefill_ours, 2), (decode, decode_ours, 1)):
+                with s.fresh_calls() as calls:
+                    s.run()
+                assert len(calls["compress_forward"]) == (0 if ours else upstream_calls), ([p.name for p in patches], s)
+                seen.append(ours)
+    assert seen == [False, True, True, False, True, True]
 
 
 def test_what_ours_does_not_implement_runs_upstreams_kernels(sg, monkeypatch):

@@ -46,7 +46,7 @@ def test_every_patch_applies_together_in_planned_order(unapply_every_patch):
     # The opt-in ones too (three edit forward_absorb_core on 0.5.11): all of them at once, in PLANNED order.
     release = patching.installed_release()
     with_edits = [e.name for e in IMPLEMENTED if e.patch.candidates(release)]
-    assert len(IMPLEMENTED) == 7 and with_edits
+    assert len(IMPLEMENTED) == 8 and with_edits
     report = evaluate({"SGLANG_HIP_DECODE_ANY_PLATFORM": "1", "SGLANG_HIP_DECODE_PATCHES": "all"})
     assert list(report.applied) == with_edits and report.exit_code == 0
     for entry in IMPLEMENTED:

@@ -1,4 +1,4 @@
-"""Benchmark: dsv4-fused-compress's prefill through SGLang's own DSV4 compressor method
+"""Benchmark: dsv4-fused-compress-prefill through SGLang's own DSV4 compressor method
 (``CompressorBackendMixin._forward_compress_all_in_one`` of the installed release, driven by
 ``sglang_hip_decode.testing.dsv4_compress.Dsv4PrefillChunks``), unpatched (upstream's real planner and
 JIT kernels: ``compress_forward``'s prefill, which pools the blocks and then copies the kept rows into
@@ -25,7 +25,7 @@ import torch
 
 from sgl_hip_kernels.testing import timing
 from sglang_hip_decode import patching
-from sglang_hip_decode.patches.dsv4_fused_compress import PATCH
+from sglang_hip_decode.patches.dsv4_fused_compress_prefill import PATCH
 from sglang_hip_decode.testing.ab import ab_runs
 from sglang_hip_decode.testing.dsv4_compress import Dsv4PrefillCase, Dsv4PrefillChunks, import_sglang
 

@@ -149,7 +149,7 @@ def sparse_decode_call(forward_batch, call: dict, backend=None):
 _COMPRESS_LOCALS = frozenset({
     "self", "kv_score_buffer", "kv_score_input", "ape", "head_dim", "norm", "freqs_cis_cache", "kv_cache", "is_indexer",
     "rotate", "compress_ratio", "page_size", "out_loc", "use_fp4_indexer", "plan", "is_online", "coff", "last_dim",
-    "_shd_fused_compress_call",  # the edit's own import
+    "_shd_fused_compress_call", "_shd_fused_compress_prefill_call",  # the edits' own imports
     # 0.5.14+
     "bf16_store",
     # 0.5.20+ (kv_layout from 0.5.21)
@@ -179,8 +179,8 @@ def _is_plan(plan, type_name: str, *tables) -> bool:
 
 
 def fused_compress_applies(env: dict) -> bool:
-    """Whether :func:`fused_compress_call` answers this compressor step (``env``: the edited
-    method's locals; module docstring of the patch for what each condition means)."""
+    """Whether ours implements this compressor step, decode or prefill (``env``: the edited method's
+    locals; the patches' module docstrings for what each condition means)."""
     if set(env) - _COMPRESS_LOCALS:
         return False
     if any(env.get(k, False) is not False for k in _COMPRESS_OFF) or any(env.get(k) is not None for k in _COMPRESS_NONE):
@@ -192,7 +192,8 @@ def fused_compress_applies(env: dict) -> bool:
     if not (_is_plan(plan, "CompressorDecodePlan", ("plan_d", 16)) or _is_plan(plan, "CompressorPrefillPlan", ("plan_c", 16),
                                                                                ("plan_w", 8))):
         return False
-    if ratio not in (4, 128) or d not in (128, 512) or bool(env.get("rotate")) != (d == 128):
+    if ratio not in (4, 128) or d not in (128, 512) or bool(env.get("rotate")) != (d == 128) \
+            or getattr(plan, "compress_ratio", None) != ratio:
         return False
     if not isinstance(u, torch.Tensor) or u.dim() != 2 or u.shape[0] == 0 or u.dtype != torch.float32 \
             or u.stride(1) != 1:
@@ -285,10 +286,21 @@ def cache_store(env: dict):
 
 
 def fused_compress_call(env: dict) -> bool:
-    """Answer one decode step of ``_forward_compress_all_in_one`` (``env``: its locals) with this
-    project's fused compressor, which stores the emitted rows into the compressed cache in the same
-    launch (:func:`cache_store`); ``False`` (nothing done) where ours does not implement the step or
-    cannot store into that cache, and the edited method then runs upstream's kernels unchanged."""
+    """dsv4-fused-compress: answer one decode step of ``_forward_compress_all_in_one`` (``env``: its
+    locals) with this project's fused compressor, which stores the emitted rows into the compressed
+    cache in the same launch (:func:`cache_store`); ``False`` (nothing done) for a prefill chunk
+    (:func:`fused_compress_prefill_call`'s), where ours does not implement the step or cannot store
+    into that cache, and the edited method then runs upstream's kernels unchanged."""
+    return getattr(env.get("plan"), "is_decode", None) is True and _fused_compress(env)
+
+
+def fused_compress_prefill_call(env: dict) -> bool:
+    """dsv4-fused-compress-prefill: the same for one prefill chunk (SGLang's prefill plan read in
+    place: ``compress_prefill_paged``); ``False`` for a decode step and where ours does not apply."""
+    return getattr(env.get("plan"), "is_decode", None) is False and _fused_compress(env)
+
+
+def _fused_compress(env: dict) -> bool:
     if not fused_compress_applies(env):
         return False
     store = cache_store(env)

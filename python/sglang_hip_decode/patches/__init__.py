@@ -30,6 +30,7 @@ PLANNED: tuple[tuple[str, str, bool], ...] = (
     ("hip-dual-stream-av4", "hip_dual_stream_av4", False),
     ("dsv4-sparse-decode", "dsv4_sparse_decode", False),
     ("dsv4-fused-compress", "dsv4_fused_compress", False),
+    ("dsv4-fused-compress-prefill", "dsv4_fused_compress_prefill", False),
 )
 
 NAMES: tuple[str, ...] = tuple(name for name, _, _ in PLANNED)

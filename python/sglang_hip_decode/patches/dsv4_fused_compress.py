@@ -1,15 +1,13 @@
-"""dsv4-fused-compress: the DeepSeek-V4 KV compressor's decode and prefill steps on HIP run this project's fused compressor.
+"""dsv4-fused-compress: the DeepSeek-V4 KV compressor's decode step on HIP runs this project's fused compressor.
 
 Kind: **a kernel swap, accuracy-equivalent, not bit-identical.** In decode, upstream's
 ``compress_forward`` (store the token's raw row in the state ring; pool an emitting request's
 block) and ``compress_norm_rope_store`` (RMSNorm, RoPE, the indexer's Hadamard rotation, FP8
 quantisation and the paged store) become one launch of ``sgl_hip_kernels.dsv4.compress_decode``:
 the ring store, APE bias, pooling, RMSNorm, RoPE and rotation, then the FP8 quantisation and paged
-store of the emitted rows into SGLang's compressed cache (``store=CacheStore(...)``). In prefill,
-upstream's three launches (its prefill pool, its kept-row copy into the ring, its norm-RoPE-store)
-become two of ``compress_prefill_paged``: every block of the chunk pooled, normalised, rotated and
-stored into the cache, then the kept rows copied into the ring (after the blocks: a kept row may land
-on a ring slot a block of the same chunk reads, as upstream's order also respects). Stored rows are laid out and
+store of the emitted rows into SGLang's compressed cache (``store=CacheStore(...)``). Prefill chunks
+are the separate, opt-in ``dsv4-fused-compress-prefill`` (its header; it measured slower), through the
+same call and store: ``compress_prefill_paged`` over SGLang's prefill plan. Stored rows are laid out and
 rounded as upstream's HIP cache store ``fused_store_cache`` (the Triton kernel of ROCm) writes them:
 the V4 layout (attention rows rounded to bf16 first, UE8M0 scales by ``ceil(log2)``, floor 1e-8) and
 the indexer's (fp32 scale; preshuffled in aiter's 16 x 16 tiles exactly where upstream's store asks
@@ -28,8 +26,8 @@ test (``test/test_dsv4_fused_compress_patch.py``) checks it: on the real method 
 state ring after the step equals upstream's bit for bit; the vector ours computes is within 2x
 torch's own fp32 error of an fp64 reference of the compressor's contract; our in-launch store writes
 the very bytes upstream's real Triton store writes for that vector (CPU and H200), which read back
-as the vector within one FP8 rounding; no other cache slot changes. Prefill: the same, after each of
-two chunks (the second's blocks reading the ring the first left).
+as the vector within one FP8 rounding; no other cache slot changes. Prefill (the other patch): the
+same, after each of two chunks (the second's blocks reading the ring the first left).
 
 Layouts, mapped without a copy: SGLang's state pool is fp32 rows ``[kv_A | kv_B | s_A | s_B]``
 (ratio 4; ``[kv | s]`` ratio 128), one ring of ``ring_size`` rows per SWA page; its decode plan
@@ -42,13 +40,14 @@ block and of its own; seq_len -1 pads) and ``plan_w`` (8 bytes a kept row: ragge
 parameter after SGLang's hot-fix is the (K, d) bias our kernel reads; ``freqs_cis`` (complex64) is
 read in place as the two halves of ``view_as_real``.
 
-Where it acts (``sglang_hip_decode.dsv4_calls.fused_compress_call``): decode and prefill steps of the
-compressor v2 method ``_forward_compress_all_in_one`` (SGLang's HIP default; ``_forward_unified_hip``,
-taken with ``SGLANG_OPT_USE_JIT_NORM=0``, is not edited), ratio 4 and 128, attention (d 512) and
-indexer (d 128), fp32 rows and state (the only dtype upstream's kernels run with; a prefill chunk of
-at most 65536 tokens, the plan's 16-bit ragged rows). The online ratio-128 compressor, the FP4
-indexer, 0.5.14+'s bf16 store, 0.5.20+'s two-buffer FP8 and external scale/rope caches, 0.5.21+'s
-non-V4 layouts, and any argument a later release adds keep upstream's kernels. In decode a request
+Where it acts (``sglang_hip_decode.dsv4_calls.fused_compress_call``): decode steps (prefill: the
+other patch, same conditions) of the compressor v2 method ``_forward_compress_all_in_one`` (SGLang's
+HIP default; ``_forward_unified_hip``, taken with ``SGLANG_OPT_USE_JIT_NORM=0``, is not edited),
+ratio 4 and 128, attention (d 512) and indexer (d 128), fp32 rows and state (the only dtype
+upstream's kernels run with; a prefill chunk of at most 65536 tokens, the plan's 16-bit ragged
+rows). The online ratio-128 compressor, the FP4 indexer, 0.5.14+'s bf16 store, 0.5.20+'s two-buffer
+FP8 and external scale/rope caches, 0.5.21+'s non-V4 layouts, and any argument a later release adds
+keep upstream's kernels. In decode a request
 that emits nothing stores nothing, as upstream's default path skips it (where the rows go to
 upstream's store, its zero row lands on its out_loc, 0: the metadata's dummy slot, as upstream's
 ``_forward_unified_hip`` does). The state ring's layout is the planner's, read from the plan: per
@@ -88,8 +87,8 @@ _STEP = Hunk(
 
 PATCH = Patch(
     name="dsv4-fused-compress",
-    summary="DSV4 HIP compressor decode and prefill run this project's fused compressor, storing into the cache "
-            "in its launch (accuracy-equivalent)",
+    summary="DSV4 HIP compressor decode runs this project's fused compressor and cache store in one launch "
+            "(accuracy-equivalent)",
     gate="hip",
     default=False,
     releases=(
