@@ -280,6 +280,7 @@ def test_chunked_prefill_neg_inf_channel_finite_where_upstream_gives_nan(sg):
     fused, _, ours = patched_chunks_both_ways(s)
     for c in (0, 1):
         assert torch.equal(fused[c][0].view(torch.int32), upstream[c][0].view(torch.int32))
+        assert len(s.chunk_blocks(c)) == len(ours[c][0]) >= 1
         for j, block in enumerate(s.chunk_blocks(c)):
             assert ours[c][0][j].isfinite().all() and block_within_torch_error(s, block, ours[c][0][j])[0]
             assert s.stored_row(fused[c][1], s.block_slot[block]).isfinite().all()
@@ -426,9 +427,11 @@ def test_gpu_chunked_prefill_vs_upstreams_jit_kernels(sg, name):
         for state in (fused[c][0], separate[c][0]):
             assert torch.equal(state.view(torch.int32), upstream[c][0].view(torch.int32)), f"chunk {c}: the state differs"
         blocks = s.chunk_blocks(c)
+        assert len(blocks) == len(ours[c][0]) >= 1
         stored_so_far |= {s.block_slot[b] for b in blocks}
-        for slot in stored_so_far:
-            assert torch.equal(s.slot_bytes(fused[c][1], slot), s.slot_bytes(separate[c][1], slot)), (c, slot)
+        for slot in range(s.slots):  # our rows' bytes where stored, nothing anywhere else
+            assert torch.equal(s.slot_bytes(fused[c][1], slot),
+                               s.slot_bytes(separate[c][1] if slot in stored_so_far else s.cache0, slot)), (c, slot)
         for j, block in enumerate(blocks):
             ok, e, bound = block_within_torch_error(s, block, ours[c][0][j])
             assert ok, (name, c, block, e, bound)
@@ -437,3 +440,33 @@ def test_gpu_chunked_prefill_vs_upstreams_jit_kernels(sg, name):
             slack = 2 * fp8_half_step(ref, s.indexer) + 2 ** -8 * ref.abs().float()
             assert ((mine - ref.float()).abs() <= (theirs - ref.float()).abs() + slack + 1e-6).all(), (name, block)
             print(f"{name} chunk {c} block {block}: stored max err ours {err(mine, ref):.3e} upstream {err(theirs, ref):.3e}")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("name", ["c4 attention", "c128 indexer"])
+def test_gpu_chunked_prefill_with_the_planners_gpu_path(sg, name):
+    """The planner's GPU-input path (lengths on the device, ``use_cuda_graph``: what prefill CUDA graphs
+    and MTP use), the plan's rows in any order and padded to the chunk's tokens with invalid rows:
+    after each chunk the state equals upstream's bit for bit, each block's stored row is no farther
+    from the fp64 contract than upstream's plus one FP8 step, and no other cache slot changes."""
+    s = chunks(sg, name, seed=7, device="cuda", gpu_planner=True)
+    padded = s.real_plan(1)
+    assert padded.plan_c.shape[0] == s.rows(1).shape[0] > len(s.chunk_blocks(1))  # padding rows present
+    upstream = s.run("real")
+    with patching.applied(PREFILL_PATCH), s.fresh_calls() as calls:
+        fused = s.run("real")
+        assert not calls["compress_forward"] and not calls["norm_rope_store"] and not calls["store"]
+    stored, checked = set(), 0
+    for c in (0, 1):
+        assert torch.equal(fused[c][0].view(torch.int32), upstream[c][0].view(torch.int32)), f"chunk {c}: the state differs"
+        for block in s.chunk_blocks(c):
+            ref = s.block_reference(*block)
+            mine, theirs = (s.stored_row(cache, s.block_slot[block]) for cache in (fused[c][1], upstream[c][1]))
+            slack = 2 * fp8_half_step(ref, s.indexer) + 2 ** -8 * ref.abs().float()
+            assert ((mine - ref.float()).abs() <= (theirs - ref.float()).abs() + slack + 1e-6).all(), (name, block)
+            checked += 1
+        stored |= {s.block_slot[b] for b in s.chunk_blocks(c)}
+        for slot in set(range(s.slots)) - stored:
+            assert torch.equal(s.slot_bytes(fused[c][1], slot), s.slot_bytes(s.cache0, slot)), (c, slot)
+    assert checked == len(s.chunk_blocks(0)) + len(s.chunk_blocks(1)) >= 3

@@ -306,10 +306,14 @@ def _fused_compress(env: dict) -> bool:
     store = cache_store(env)
     if store is None:
         return False
-    from sgl_hip_kernels.dsv4.compress import compress_decode, compress_prefill_paged
+    from sgl_hip_kernels.dsv4.compress import compress_decode, compress_prefill_paged, launch_rule, workspace_fits
 
     ratio, d, u = env["compress_ratio"], env["head_dim"], env["kv_score_input"]
     buf, plan = env["kv_score_buffer"], env["plan"]
+    rows = u.shape[0] if plan.is_decode else plan.plan_c.shape[0]
+    if u.is_cuda and torch.cuda.is_current_stream_capturing() and not workspace_fits(
+            rows, d, ratio, u.device, launch_rule(ratio, d, prefill=not plan.is_decode, batch=rows)):
+        return False  # no workspace can be made under capture (SGLang's eager warm-up makes it first)
     table = torch.view_as_real(env["freqs_cis_cache"])  # (max_pos, 32, 2): cos, sin interleaved, read in place
     params = (env["ape"].view(-1, d), env["norm"].weight, float(env["norm"].variance_epsilon), table[..., 0],
               table[..., 1], ratio)
@@ -318,12 +322,11 @@ def _fused_compress(env: dict) -> bool:
         pd = plan.plan_d.view(torch.int32)  # (B, 4): seq_len, write_loc, previous block's page, current page
         run = functools.partial(compress_decode, u, state, pd[:, 2:] if ratio == 4 else pd[:, 3:], pd[:, 0], *params,
                                 page_order="prev_cur")
-        rows, loc = u.shape[0], env["out_loc"]
+        loc = env["out_loc"]
     else:
         # (N, 4): seq_len, ragged row | rows in the ring << 16, the two pages; (M, 2): ragged row, state row
         pc, pw = plan.plan_c.view(torch.int32), plan.plan_w.view(torch.int32)
         run = functools.partial(compress_prefill_paged, u, state, pc, pw, *params)
-        rows = pc.shape[0]
     if not ROWS_TO_UPSTREAMS_STORE:  # rows that emit nothing write nothing, as upstream's JIT store skips them
         run(rotate=bool(env["rotate"]), store=store, check_indices=False)
         return True

@@ -22,7 +22,8 @@ import torch
 from sgl_hip_kernels.testing.checks import assert_within_one_rounding, assert_within_torch_error, graph_replay_equals_eager
 from sgl_hip_kernels.dsv4_compress import (CompressWorkspace, LaunchRule, compress_decode, compress_prefill, launch_rule,
                                            plan_prefill)
-from sgl_hip_kernels.dsv4.compress import CacheStore, compress_prefill_paged
+from sgl_hip_kernels.dsv4 import compress as compress_module
+from sgl_hip_kernels.dsv4.compress import CacheStore, compress_prefill_paged, workspace_fits
 from sgl_hip_kernels.dsv4.compress_ref import compress_sequence_ref
 from sgl_hip_kernels.dsv4.kv_cache import page_bytes, quantize_kv
 
@@ -430,6 +431,16 @@ def test_prefill_paged_store_and_guards(rng):
     with pytest.raises(ValueError, match="contiguous int32"):
         compress_prefill_paged(c.dev(ch.u), c.dev(ch.state), ch.blocks.to(torch.int64).to(DEV), ch.writes.to(DEV),
                                *c.kernel_args(), 4, rotate=rotate)
+
+
+def test_workspace_fits_says_when_a_launch_needs_a_new_one(monkeypatch):
+    """One program per block needs no workspace; a split launch fits only the largest one made."""
+    monkeypatch.setattr(compress_module, "_WORKSPACES", {})
+    cpu, split = torch.device("cpu"), LaunchRule(8, 8, 1)
+    assert workspace_fits(10 ** 6, 512, 4, cpu, LaunchRule(1, 8, 4)) and not workspace_fits(1, 512, 4, cpu, split)
+    compress_module._workspace(None, 10, 512, 4, cpu)
+    assert workspace_fits(10, 512, 4, cpu, split) and not workspace_fits(11, 512, 4, cpu, split)
+    assert not workspace_fits(10, 512, 128, cpu, split)  # one per (device, ratio, d)
 
 
 def test_edges_neg_inf_and_all_invalid(rng):

@@ -401,6 +401,7 @@ class Dsv4PrefillCase:
     swa_page: int = 16
     page_size: int = 2
     neg_inf_channel: bool = False
+    gpu_planner: bool = False  # upstream="real": the planner's GPU-input path (rows unordered, padded to the chunk)
 
 
 class Dsv4PrefillChunks(Dsv4CompressStep):
@@ -498,15 +499,19 @@ class Dsv4PrefillChunks(Dsv4CompressStep):
         return self.sg.cv2.CompressorPrefillPlan(r, as_bytes(blocks, 16).to(self.device), as_bytes(writes, 8).to(self.device))
 
     def real_plan(self, c: int):
-        """Chunk ``c``'s plan from the release's own planner (its host path: lengths on the CPU)."""
+        """Chunk ``c``'s plan from the release's own planner: its host path (lengths on the CPU), or
+        with ``case.gpu_planner`` its GPU-input path as CUDA graphs use it (lengths on the device,
+        ``use_cuda_graph``: the plan padded to the chunk's tokens, its rows in any order)."""
         dev, r = self.device, self.case.ratio
         reqs = self.chunk(c)
         rids = torch.tensor([i + 1 for i, _, _ in reqs], dtype=torch.int64, device=dev)
         seq = torch.tensor([start + e for _, start, e in reqs], dtype=torch.int64)
         ext = torch.tensor([e for _, _, e in reqs], dtype=torch.int64)
+        if self.case.gpu_planner:
+            seq, ext = seq.to(dev), ext.to(dev)
         return self.sg.cv2.CompressorPrefillPlan.generate(
             r, rids, seq, ext, self.req_to_token.to(dev), self.full_to_swa.to(dev), self.case.swa_page, ring_size(r),
-            int(ext.sum()))
+            int(ext.sum()), use_cuda_graph=self.case.gpu_planner)
 
     def prepare(self, upstream: str = "standin"):
         """The pools on the device, fresh: the state (NaN) and the cache."""

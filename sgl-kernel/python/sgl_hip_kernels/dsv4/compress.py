@@ -14,6 +14,9 @@ recent tokens, pages of ``ratio`` rows. Request b's ring is ``state_pages[b]``: 
   rows are in the ring. Emits every block that closes in the chunk, then stores the rows the ring
   must keep (the open block, and for ratio 4 the last closed block): one launch, or two where a
   kept row would overwrite a ring slot that a block of the same chunk still reads.
+* :func:`compress_prefill_paged`: a prefill chunk as SGLang plans it, its plan read in place (each
+  block's ring pages and each kept row's state row come from the plan), blocks into ``out`` or the
+  compressed cache (:class:`CacheStore`), then the kept rows copied (always a second launch).
 
 Where a block's channels are split over several programs (``launch_rule``), they meet in a
 ``CompressWorkspace`` whose counters reset themselves; the default one is made on first use for
@@ -30,7 +33,11 @@ What is checked, and when (the launchers trust nothing they are handed):
 * on the device, always: a request with a ring page id outside the state stores nothing (no load
   or store ever leaves ``state``) and gets an out row of NaN; a block whose RoPE position is at or
   past the table's end gets a NaN row (its ring row is still stored); a prefill plan row naming a
-  request or ragged rows that do not exist reads and writes nothing. Shared pages cannot be seen
+  request or ragged rows that do not exist reads and writes nothing. ``compress_prefill_paged``: a
+  block that would read a ring page outside the state, name ragged rows outside ``u``, hold
+  ``buffer_len >= K``, close no block or sit past the RoPE table gets a NaN row, written to ``out``
+  or, with a store, to the cache at ``loc[ragged]`` (a NaN row the attention then shows, not a stale
+  one) where that ragged row exists; a kept row outside ``u`` or the state is not copied. Shared pages cannot be seen
   from one program: under capture they are the caller's contract.
 * a caller that runs many compressor layers over one batch may check the page ids once and pass
   ``check_indices=False`` to the other layers (each eager check is one device->host read).
@@ -61,7 +68,10 @@ class LaunchRule:
 def launch_rule(ratio: int, d: int, prefill: bool, batch: int = 1) -> LaunchRule:
     """Fixed launch rules (no runtime autotune), from a sweep of split x rows per tile x warps on the
     H100 with L2 flushed before every replay (decode batch 1/16/64 with every request emitting, batch
-    64 mixed, prefill 8k): the rule best or within ~10% of the best at each shape. Ratio-4 attention
+    64 mixed, prefill 8k): the rule best or within ~10% of the best at each shape. On the H200
+    (``benchmark/gpu/sweep_dsv4_compress_rule.py``, storing into the cache) the prefill rules over
+    SGLang's plan (8192 tokens, a first chunk) and the ratio-128 decode rule (batch 1 ... 256) were
+    the fastest of those swept. Ratio-4 attention
     decode from batch 16 (``batch``: the decode launch's requests) is one program per block: on the
     H200, storing into the cache (``benchmark/gpu/sweep_dsv4_compress_rule.py``), split 1 took 3.79 /
     4.00 / 4.89 µs at batch 16 / 64 / 256 where split 16 took 3.98 / 5.80 / 11.36 (at batch 1 split 16
@@ -98,6 +108,23 @@ class CompressWorkspace:
 # (device, ratio, d) -> every workspace made for it, the newest (largest) last. Outgrown ones are
 # kept: a CUDA graph captured with one still points at it.
 _WORKSPACES: dict = {}
+
+
+def workspace_fits(rows: int, d: int, ratio: int, device, rule: LaunchRule) -> bool:
+    """Whether a launch of ``rows`` blocks under ``rule`` can run without making a workspace (none
+    is needed with one program per block): a caller that may be inside CUDA-graph capture, where
+    none can be made, asks first."""
+    made = _WORKSPACES.get((str(device), ratio, d))
+    return rule.split == 1 or bool(made and made[-1].fits(rows, d))
+
+
+def _scratch(workspace, rows: int, d: int, ratio: int, device, rule: LaunchRule, ints):
+    """(pooled, sum of squares, counters) of a launch: the workspace's, or, with one program per
+    block (the kernel then touches none of them), ``ints`` (any int32 tensor) standing in."""
+    if rule.split == 1 and workspace is None:
+        return ints, ints, ints
+    ws = _workspace(workspace, rows, d, ratio, device)
+    return ws.pooled, ws.sum_sq, ws.count
 
 
 def _workspace(workspace, rows: int, d: int, ratio: int, device) -> CompressWorkspace:
@@ -294,11 +321,11 @@ def compress_decode(u, state, state_pages, seq_lens, bias, norm_w, eps, cos, sin
                              f"{cos.shape[0]} positions")
     if b:
         rule = _check_rule(rule or launch_rule(ratio, d, prefill=False, batch=b), ratio, d)
-        ws = _workspace(workspace, b, d, ratio, u.device)
+        scratch = _scratch(workspace, b, d, ratio, u.device, rule, seq_lens)
         sink, kind, preshuffle = _sink(store, out)
         _dsv4_compress_decode_kernel[(b * rule.split,)](
-            u, state, state_pages, seq_lens, bias, norm_w, cos, sin, out if store is None else u, ws.pooled, ws.sum_sq,
-            ws.count, eps, n_state_pages, cos.shape[0], u.stride(0), state.stride(0), seq_lens.stride(0),
+            u, state, state_pages, seq_lens, bias, norm_w, cos, sin, out if store is None else u, *scratch, eps,
+            n_state_pages, cos.shape[0], u.stride(0), state.stride(0), seq_lens.stride(0),
             state_pages.stride(0), cos.stride(0), cos.stride(1), 0 if store is not None else out.stride(0), *sink,
             RATIO=ratio, D=d, LOG2_D=d.bit_length() - 1, SPLIT=rule.split, N_PAGES=n_pages, BK=rule.rows_per_tile,
             ROTATE=bool(rotate), PREV_CUR=page_order == "prev_cur", STORE=kind, PRESHUFFLE=preshuffle,
@@ -436,11 +463,11 @@ def compress_prefill_paged(u, state, blocks, writes, bias, norm_w, eps, cos, sin
         _check_paged_plan(u, blocks, writes, ratio, n_state_pages, state.shape[0], cos.shape[0], store)
     if nb:
         rule = _check_rule(rule or launch_rule(ratio, d, prefill=True), ratio, d)
-        ws = _workspace(workspace, nb, d, ratio, u.device)
+        scratch = _scratch(workspace, nb, d, ratio, u.device, rule, blocks)
         sink, kind, preshuffle = _sink(store, out)
         _dsv4_compress_prefill_paged_kernel[(nb * rule.split,)](
-            u, state, blocks, bias, norm_w, cos, sin, out if store is None else u, ws.pooled, ws.sum_sq, ws.count,
-            eps, n_state_pages, cos.shape[0], u.shape[0], u.stride(0), state.stride(0), cos.stride(0), cos.stride(1),
+            u, state, blocks, bias, norm_w, cos, sin, out if store is None else u, *scratch, eps,
+            n_state_pages, cos.shape[0], u.shape[0], u.stride(0), state.stride(0), cos.stride(0), cos.stride(1),
             0 if store is not None else out.stride(0), *sink,
             RATIO=ratio, D=d, LOG2_D=d.bit_length() - 1, SPLIT=rule.split, BK=rule.rows_per_tile, ROTATE=bool(rotate),
             STORE=kind, PRESHUFFLE=preshuffle, num_warps=rule.num_warps,

@@ -22,7 +22,8 @@ Guards (the launchers check index values on the host except under graph capture;
 regardless): a request with a ring page id outside ``[0, n_state_pages)`` stores nothing and reads
 nothing from the state, with an out row of NaN; a block whose first token's position is at or past
 ``n_cos`` (the RoPE table's rows) gives a NaN row; a prefill plan row naming a request outside
-``state_pages`` or ragged rows outside ``u`` reads and writes nothing (NaN row for a block).
+``state_pages`` or ragged rows outside ``u`` reads and writes nothing (NaN row for a block). The
+SGLang-planned prefill (``_dsv4_compress_prefill_paged_kernel``): its guards in its docstring.
 """
 
 import triton
