@@ -22,6 +22,7 @@ set +e +o pipefail  # device-setup.sh sets -e: a failing step must not end the j
 python3 -c "import zipfile; zipfile.ZipFile('.releases/device/sglang-$VERSION.zip').extractall('/tmp/r$VERSION')"
 export PYTHONPATH=/tmp/r$VERSION:$PWD/test:$PYTHONPATH
 nvidia-smi --query-gpu=name --format=csv,noheader | tee "$OUT/device.txt"
+python3 -c "import sglang.version as v; print('sglang', v.__version__)" 2>&1 | tee -a "$OUT/device.txt"
 step() {  # name, command...
   local name=$1 left=$((DEADLINE - $(date +%s)))
   shift
