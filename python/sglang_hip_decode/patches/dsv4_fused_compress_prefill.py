@@ -19,19 +19,43 @@ rows are 16-bit); anything else, and every decode step, runs upstream's kernels 
 ``dsv4-fused-compress``'s, where that is on). Both halves edit the same method at different places
 and compose.
 
-Per release: one hunk, the same text on 0.5.13 ... 0.5.23, in the branch that views the paged state
-(the online branch never reaches it). Opt-in, and not in the A/B runner's ``dsv4`` preset's default
-set (name it with ``--patches`` to measure it).
+Per release: one hunk, the same text on 0.5.13 ... 0.5.23, placed by the FP4 indexer's assert
+(0.5.13+) and ending in the branch that views the paged state (the online branch never reaches it).
+Opt-in, and not in the A/B runner's ``dsv4`` preset's default set (name it with ``--patches`` to
+measure it).
 """
 
 from ..declare import Edit, Hunk, Patch, Releases
-from .dsv4_fused_compress import MIXIN
 
+MIXIN = "sglang.srt.layers.attention.dsv4.compressor_v2:CompressorBackendMixin"
+
+# From the FP4 indexer's assert (0.5.13+; 0.5.12's method has the same paged branch without it, and no
+# HIP path of ours) to the paged view of the state.
 _CHUNK = Hunk(
     before="""
+            assert head_dim == 128
+
+        plan = self._get_paged_compress_metadata(compress_ratio)
+        is_online = _use_online_compress(compress_ratio)
+        if is_online:
+            kv_score_buffer = kv_score_buffer.view(-1, 1, head_dim * 3)
+        else:
+            coff = 2 if is_overlap_compress(compress_ratio) else 1
+            last_dim = 2 * head_dim * coff
+            assert kv_score_buffer.shape[-1] == last_dim
             kv_score_buffer = kv_score_buffer.view(-1, compress_ratio, last_dim)
     """,
     after="""
+            assert head_dim == 128
+
+        plan = self._get_paged_compress_metadata(compress_ratio)
+        is_online = _use_online_compress(compress_ratio)
+        if is_online:
+            kv_score_buffer = kv_score_buffer.view(-1, 1, head_dim * 3)
+        else:
+            coff = 2 if is_overlap_compress(compress_ratio) else 1
+            last_dim = 2 * head_dim * coff
+            assert kv_score_buffer.shape[-1] == last_dim
             kv_score_buffer = kv_score_buffer.view(-1, compress_ratio, last_dim)
             # sglang-hip-decode dsv4-fused-compress-prefill: ours where it implements the chunk, else upstream's
             from sglang_hip_decode.dsv4_calls import fused_compress_prefill_call as _shd_fused_compress_prefill_call
