@@ -289,10 +289,13 @@ class PagedChunk:
     a block per token that closes one (seq_len, ragged | buffer_len << 16, previous block's page,
     own page; with no ring row, the pages are left as the planner leaves them: -1 and the request),
     a kept row per token at or after the last closed block's start (ratio 4: the one before it) or
-    in the last block of an SWA page (ratio 4), then ``pad`` padding rows of each."""
+    in the last block of an SWA page (ratio 4), then ``pad`` padding rows of each. ``ring``: a longer
+    ring, as speculative decoding (MTP) makes it (16 / 256 rows), where the planner also keeps the
+    last ``ring - K + 2`` tokens; ``shuffle``: both plans' rows (padding included) in a random order,
+    as the planner's GPU path (atomic slots) leaves them."""
 
-    def __init__(self, rng, c, prefix, extend, swa, pad=2):
-        r, ring = c.ratio, (8 if c.ratio == 4 else 128)
+    def __init__(self, rng, c, prefix, extend, swa, pad=2, ring=None, shuffle=False):
+        r, ring = c.ratio, ring or (8 if c.ratio == 4 else 128)
         self.c, self.prefix, self.extend = c, list(prefix), list(extend)
         self.seqs = [raw_rows(rng, c, p + e) for p, e in zip(prefix, extend)]
         longest = max(p + e for p, e in zip(prefix, extend))
@@ -309,6 +312,8 @@ class PagedChunk:
                 self.state[self.row(b, t)] = self.seqs[b][t]
             total = p + e
             first_kept = r * (total // r) - (r if r == 4 else 0)
+            if ring > c.k:  # speculative decoding's longer ring keeps the last ring - K + 2 tokens too
+                first_kept = min(first_kept, total - (ring - c.k + 2))
             for j in range(e):
                 t, ragged = p + j, start + j
                 if (t + 1) % r == 0:
@@ -321,6 +326,11 @@ class PagedChunk:
         self.n_blocks, self.n_writes = len(blocks), len(writes)
         self.blocks = torch.tensor(blocks + [[-1, 0, -1, -1]] * pad, dtype=torch.int32).reshape(-1, 4)
         self.writes = torch.tensor(writes + [[-1, -1]] * pad, dtype=torch.int32).reshape(-1, 2)
+        self.block_rows = torch.arange(self.blocks.shape[0])  # plan row of each block (padding last)
+        if shuffle:
+            order = torch.randperm(self.blocks.shape[0], generator=rng)
+            self.blocks, self.block_rows = self.blocks[order], torch.argsort(order)
+            self.writes = self.writes[torch.randperm(self.writes.shape[0], generator=rng)]
         self.u = torch.cat([u[p:] for u, p in zip(self.seqs, prefix)])
 
     def run(self, state=None, **kw):
@@ -333,8 +343,10 @@ class PagedChunk:
     def expected_state(self):
         """The state after the chunk: the kept rows copied in, every other row as it was."""
         expect = self.state.clone()
-        for ragged, row in self.writes[: self.n_writes].tolist():
+        kept = [(ragged, row) for ragged, row in self.writes.tolist() if ragged != -1]
+        for ragged, row in kept:
             expect[row] = self.u[ragged]
+        assert len(kept) == self.n_writes
         return expect
 
     def check_blocks(self, got):
@@ -343,15 +355,18 @@ class PagedChunk:
             emitted = range(p // self.c.ratio, (p + e) // self.c.ratio)
             if len(emitted):
                 ref64, ref32 = self.c.blocks(u, emitted)
-                assert_within_torch_error(got[i:i + len(emitted)].float().cpu(), ref64, ref32, f"blocks {list(emitted)}")
+                rows = got[self.block_rows[i:i + len(emitted)].to(got.device)]
+                assert_within_torch_error(rows.float().cpu(), ref64, ref32, f"blocks {list(emitted)}")
             i += len(emitted)
         assert i == self.n_blocks >= 2
 
 
-PAGED = {  # ratio, d, rotate, swa, prefix, extend: chunks across SWA pages; (10, 6): a kept row lands on a ring slot
-    # a block of the chunk reads (token 12 on token 4's slot); (0, 3), (5, 1): no block
-    "ratio 4": (4, 128, True, 16, [0, 10, 2, 13, 5, 0], [13, 6, 21, 3, 1, 3]),
-    "ratio 128": (128, 128, False, 128, [0, 100, 3], [130, 30, 2]),
+PAGED = {  # ratio, d, rotate, swa, prefix, extend, ring: chunks across SWA pages; (10, 6): a kept row lands on a
+    # ring slot a block of the chunk reads (token 12 on token 4's slot); (0, 3), (5, 1): no block; MTP's longer rings
+    "ratio 4": (4, 128, True, 16, [0, 10, 2, 13, 5, 0], [13, 6, 21, 3, 1, 3], None),
+    "ratio 128": (128, 128, False, 128, [0, 100, 3], [130, 30, 2], None),
+    "ratio 4, MTP ring, shuffled plan": (4, 128, True, 32, [0, 10, 2, 13, 5, 0], [13, 6, 21, 3, 1, 3], 16),
+    "ratio 128, MTP ring, shuffled plan": (128, 128, False, 256, [0, 200, 3], [130, 70, 2], 256),
 }
 
 
@@ -361,14 +376,17 @@ def test_prefill_paged_plan_blocks_and_state(rng, name):
     contract, its ring rows read from the pages the plan names (the rest of the state is NaN), the
     padding rows of both plans untouched, and the state after it the kept rows copied in, with
     the blocks seeing the ring as it was before the chunk."""
-    ratio, d, rotate, swa, prefix, extend = PAGED[name]
+    ratio, d, rotate, swa, prefix, extend, ring = PAGED[name]
     c = Compressor(rng, ratio, d, len(prefix), rotate)
-    ch = PagedChunk(rng, c, prefix, extend, swa)
-    if ratio == 4:  # the chunk (10, 6) keeps token 12, on token 4's ring slot, which its block 2 reads
+    ch = PagedChunk(rng, c, prefix, extend, swa, ring=ring, shuffle=ring is not None)
+    if ratio == 4 and ring is None:  # the chunk (10, 6) keeps token 12, on token 4's ring slot, which its block 2 reads
         assert ch.row(1, 12) == ch.row(1, 4)
     out = torch.full((ch.blocks.shape[0], d), float("nan"), device=DEV)
     got, state = ch.run(out=out)
-    assert got is out and got[ch.n_blocks:].isnan().all(), "a padding row was written"
+    padding = (ch.blocks[:, 0] == -1).to(got.device)
+    assert got is out and int(padding.sum()) == 2 and got[padding].isnan().all(), "a padding row was written"
+    if ring is not None:
+        assert not torch.equal(ch.block_rows, torch.arange(ch.blocks.shape[0]))  # the plan is shuffled
     ch.check_blocks(got)
     assert torch.equal(state.cpu().view(torch.int32), ch.expected_state().view(torch.int32)), "the state differs"
 
