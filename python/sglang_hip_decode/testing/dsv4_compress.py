@@ -99,13 +99,8 @@ class Dsv4CompressStep:
     """The pools, metadata and inputs of one decode step (``case``), and both ways to run it."""
 
     def __init__(self, case: Dsv4CompressCase, sg: types.SimpleNamespace, seed: int = 0, device="cpu"):
-        self.case, self.sg, self.device = case, sg, device
-        r, d = case.ratio, case.head_dim
-        if case.swa_page % ring_size(r):
-            raise ValueError(f"swa_page {case.swa_page} must be a multiple of the ring ({ring_size(r)})")
-        gen = torch.Generator().manual_seed(seed)
-        self.width = (4 if r == 4 else 2) * d
-        self.k = 8 if r == 4 else 128
+        gen = self._begin(case, sg, seed, device)
+        r = case.ratio
         b = len(case.lens)
         # Request 0 of req_to_token is the padded slots' dummy; request i + 1 is batch row i.
         longest = max(max(case.lens), 1)
@@ -132,10 +127,37 @@ class Dsv4CompressStep:
         self.out_loc = upstream_out_loc(self.seq_lens.to(device), raw.to(device), r).cpu()
         if self.out_loc.tolist() != torch.where(torch.tensor(emits), locs, 0).tolist():
             raise AssertionError("upstream's metadata places the compressed rows elsewhere than assumed")
-        pages = math.ceil((2 * b + 3) / case.page_size)
-        nbytes = 132 * case.page_size if self.indexer else page_bytes(case.page_size)
+        self._end(gen, 2 * b + 3)
+
+    def _begin(self, case, sg, seed: int, device) -> torch.Generator:
+        """The case's geometry (checked) -> the generator every input is drawn from."""
+        self.case, self.sg, self.device = case, sg, device
+        r = case.ratio
+        if case.swa_page % ring_size(r):
+            raise ValueError(f"swa_page {case.swa_page} must be a multiple of the ring ({ring_size(r)})")
+        self.width = (4 if r == 4 else 2) * case.head_dim
+        self.k = 8 if r == 4 else 128
+        return torch.Generator().manual_seed(seed)
+
+    def _end(self, gen, slots: int):
+        """The compressed cache (random bytes, at least ``slots`` slots) and the call records."""
+        pages = math.ceil(slots / self.case.page_size)
+        nbytes = 132 * self.case.page_size if self.indexer else page_bytes(self.case.page_size)
         self.cache0 = torch.randint(0, 256, (pages, nbytes), generator=gen, dtype=torch.uint8)
         self.calls: dict[str, list] = {"compress_forward": [], "norm_rope_store": [], "store": []}
+
+    def _method_arguments(self, plan, **arrays) -> dict:
+        """``_forward_compress_all_in_one``'s keyword arguments (``arrays``: the pools, the rows and
+        ``out_loc``, on the device) and a backend whose metadata holds ``plan``."""
+        dev, r = self.device, self.case.ratio
+        self.buffers = dict(
+            arrays, ape=self.ape.to(dev), head_dim=self.case.head_dim,
+            norm=types.SimpleNamespace(weight=self.norm.weight.to(dev), variance_epsilon=EPS),
+            freqs_cis_cache=self.freqs.to(dev), is_indexer=self.indexer, rotate=self.indexer, compress_ratio=r,
+            page_size=self.case.page_size)
+        self.backend = object.__new__(self.sg.cv2.CompressorBackendMixin)
+        self.backend.forward_metadata = types.SimpleNamespace(**{f"c{r}_compress_metadata": plan})
+        return self.buffers
 
     def _layout(self, gen, n_req: int, longest: int) -> int:
         """``req_to_token`` / ``full_to_swa`` of ``n_req`` requests of up to ``longest`` tokens, SWA pages
@@ -317,15 +339,8 @@ class Dsv4CompressStep:
         plan = self.plan() if upstream == "standin" else self.sg.cv2.CompressorDecodePlan.generate(
             r, self.req_pool_indices.to(dev), self.req_to_token.to(dev), self.full_to_swa.to(dev),
             self.seq_lens.to(dev), self.case.swa_page, ring_size(r))
-        self.buffers = dict(
-            kv_score_buffer=self.state0.clone().to(dev), kv_score_input=self.u.to(dev),
-            ape=self.ape.to(dev), head_dim=self.case.head_dim,
-            norm=types.SimpleNamespace(weight=self.norm.weight.to(dev), variance_epsilon=EPS),
-            freqs_cis_cache=self.freqs.to(dev), kv_cache=self.cache0.clone().to(dev), is_indexer=self.indexer,
-            rotate=self.indexer, compress_ratio=r, page_size=self.case.page_size, out_loc=self.out_loc.to(dev))
-        self.backend = object.__new__(self.sg.cv2.CompressorBackendMixin)
-        self.backend.forward_metadata = types.SimpleNamespace(**{f"c{r}_compress_metadata": plan})
-        return self.buffers
+        return self._method_arguments(plan, kv_score_buffer=self.state0.clone().to(dev), kv_score_input=self.u.to(dev),
+                                      kv_cache=self.cache0.clone().to(dev), out_loc=self.out_loc.to(dev))
 
     def call(self, upstream: str = "standin", record: bool = True):
         """``_forward_compress_all_in_one`` on the buffers of :meth:`prepare`, as ``forward_unified``
@@ -341,15 +356,18 @@ class Dsv4CompressStep:
 
     # -- references and readers ---------------------------------------------------------------------
 
+    def _sequence_reference(self, req: int, n: int, work) -> torch.Tensor:
+        """The contract's every block of request ``req``'s first ``n`` tokens, in ``work``."""
+        bias = self.ape.reshape(self.k, self.case.head_dim)
+        table = torch.view_as_real(self.freqs.to(torch.complex128))
+        return compress_sequence_ref(self.history[req, :n].to(work), self.case.ratio, self.case.head_dim, bias.to(work),
+                                     self.norm.weight.to(work), EPS, table[..., 0].to(work), table[..., 1].to(work),
+                                     self.indexer)
+
     def reference(self, b: int, work=torch.float64) -> torch.Tensor:
         """The contract's block that batch row ``b`` emits (it must emit), in ``work``."""
-        r, d = self.case.ratio, self.case.head_dim
-        req, n = int(self.req_pool_indices[b]), int(self.seq_lens[b])
-        bias = self.ape.reshape(self.k, d)
-        table = torch.view_as_real(self.freqs.to(torch.complex128))
-        seq = compress_sequence_ref(self.history[req, :n].to(work), r, d, bias.to(work), self.norm.weight.to(work), EPS,
-                                    table[..., 0].to(work), table[..., 1].to(work), self.indexer)
-        return seq[n // r - 1]
+        n = int(self.seq_lens[b])
+        return self._sequence_reference(int(self.req_pool_indices[b]), n, work)[n // self.case.ratio - 1]
 
     def stored_row(self, cache: torch.Tensor, loc: int) -> torch.Tensor:
         """Compressed slot ``loc`` of ``cache`` dequantised to fp32 (512: V4 layout; 128: indexer)."""
@@ -422,15 +440,10 @@ class Dsv4PrefillChunks(Dsv4CompressStep):
     metadata kernel."""
 
     def __init__(self, case: Dsv4PrefillCase, sg: types.SimpleNamespace, seed: int = 0, device="cpu"):
-        self.case, self.sg, self.device = case, sg, device
-        r, d = case.ratio, case.head_dim
-        if case.swa_page % ring_size(r):
-            raise ValueError(f"swa_page {case.swa_page} must be a multiple of the ring ({ring_size(r)})")
         if len(case.prefix) != len(case.extend) or min(case.extend) < 1 or min(case.prefix) < 0:
             raise ValueError("one prefix (>= 0) and one extend (>= 1) per request")
-        gen = torch.Generator().manual_seed(seed)
-        self.width = (4 if r == 4 else 2) * d
-        self.k = 8 if r == 4 else 128
+        gen = self._begin(case, sg, seed, device)
+        r = case.ratio
         b = len(case.prefix)
         self.totals = [p + e for p, e in zip(case.prefix, case.extend)]
         n_swa_pages = self._layout(gen, b + 1, max(self.totals))  # request 0: nobody's (request i + 1: row i)
@@ -443,10 +456,7 @@ class Dsv4PrefillChunks(Dsv4CompressStep):
         self.blocks = [(i, n) for i, total in enumerate(self.totals) for n in range(total // r)]
         slots = (torch.randperm(2 * len(self.blocks) + 2, generator=gen)[: len(self.blocks)] + 1).tolist()
         self.block_slot = dict(zip(self.blocks, slots))
-        pages = math.ceil((2 * len(self.blocks) + 3) / case.page_size)
-        nbytes = 132 * case.page_size if self.indexer else page_bytes(case.page_size)
-        self.cache0 = torch.randint(0, 256, (pages, nbytes), generator=gen, dtype=torch.uint8)
-        self.calls: dict[str, list] = {"compress_forward": [], "norm_rope_store": [], "store": []}
+        self._end(gen, 2 * len(self.blocks) + 3)
 
     def chunk(self, c: int) -> list[tuple[int, int, int]]:
         """Chunk ``c``'s requests: (batch row, tokens before it, its tokens)."""
@@ -522,16 +532,9 @@ class Dsv4PrefillChunks(Dsv4CompressStep):
     def prepare_chunk(self, c: int, upstream: str = "standin"):
         """Chunk ``c``'s arguments over the pools of :meth:`prepare` (the plan: the stand-in's, or the
         release's own with ``upstream="real"``)."""
-        dev, r = self.device, self.case.ratio
         plan = self.plan(c) if upstream == "standin" else self.real_plan(c)
-        self.buffers = dict(
-            self.pools, kv_score_input=self.rows(c).to(dev), ape=self.ape.to(dev), head_dim=self.case.head_dim,
-            norm=types.SimpleNamespace(weight=self.norm.weight.to(dev), variance_epsilon=EPS),
-            freqs_cis_cache=self.freqs.to(dev), is_indexer=self.indexer, rotate=self.indexer, compress_ratio=r,
-            page_size=self.case.page_size, out_loc=self.out_loc(c).to(dev))
-        self.backend = object.__new__(self.sg.cv2.CompressorBackendMixin)
-        self.backend.forward_metadata = types.SimpleNamespace(**{f"c{r}_compress_metadata": plan})
-        return self.buffers
+        return self._method_arguments(plan, **self.pools, kv_score_input=self.rows(c).to(self.device),
+                                      out_loc=self.out_loc(c).to(self.device))
 
     def run(self, upstream: str = "standin"):
         """Both chunks on fresh pools: -> [(state, cache) after each chunk] (copies on the CPU); the
@@ -549,12 +552,7 @@ class Dsv4PrefillChunks(Dsv4CompressStep):
     def block_reference(self, i: int, n: int, work=torch.float64) -> torch.Tensor:
         """The contract's block ``n`` of batch row ``i`` (over its whole history), in ``work``."""
         if (i, work) not in self._references:  # every block of the request, once
-            r, d = self.case.ratio, self.case.head_dim
-            bias = self.ape.reshape(self.k, d)
-            table = torch.view_as_real(self.freqs.to(torch.complex128))
-            self._references[i, work] = compress_sequence_ref(
-                self.history[i + 1, : self.totals[i]].to(work), r, d, bias.to(work), self.norm.weight.to(work), EPS,
-                table[..., 0].to(work), table[..., 1].to(work), self.indexer)
+            self._references[i, work] = self._sequence_reference(i + 1, self.totals[i], work)
         return self._references[i, work][n]
 
 
