@@ -248,6 +248,14 @@ def _checking_values(check_indices: bool, device) -> bool:
     return check_indices and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
+def _repeats(values, active):
+    """How many of the ``active`` entries of ``values`` repeat one before them (a device scalar):
+    inactive entries become distinct negative sentinels, so they neither collide nor count."""
+    sentinels = -1 - torch.arange(values.numel(), device=values.device).view_as(values)
+    ordered = torch.where(active, values, sentinels).flatten().sort().values
+    return (ordered[1:] == ordered[:-1]).sum()
+
+
 def _check_pages(state_pages, active, n_state_pages: int, what: str, extra=None, distinct: bool = True) -> list[int]:
     """One device->host read: the ring page ids of the ``active`` requests (at least one request)
     lie in [0, n_state_pages) and (``distinct``) are all distinct. ``extra``: more scalars read in
@@ -255,10 +263,7 @@ def _check_pages(state_pages, active, n_state_pages: int, what: str, extra=None,
     pages = state_pages.to(torch.int64)
     act = active[:, None].expand_as(pages)
     far = torch.iinfo(torch.int64).max
-    # Inactive entries become distinct negative sentinels: they neither collide nor count.
-    sentinels = -1 - torch.arange(pages.numel(), device=pages.device).view_as(pages)
-    ordered = torch.where(act, pages, sentinels).flatten().sort().values
-    scalars = [torch.where(act, pages, far).amin(), torch.where(act, pages, -1).amax(), (ordered[1:] == ordered[:-1]).any()]
+    scalars = [torch.where(act, pages, far).amin(), torch.where(act, pages, -1).amax(), _repeats(pages, act)]
     values = torch.stack([x.to(torch.int64) for x in scalars + list(extra or [])]).tolist()
     lo, hi, shared = values[:3]
     if hi >= 0 and (lo < 0 or hi >= n_state_pages):
@@ -408,8 +413,7 @@ def _check_paged_plan(u, blocks, writes, ratio, n_state_pages, n_state_rows, n_c
     wlive = src != -1
     wgood = (src >= 0) & (src < u.shape[0]) & (dst >= 0) & (dst < n_state_rows)
     far = torch.iinfo(torch.int64).max
-    ordered = torch.where(wlive, dst, -1 - torch.arange(dst.numel(), device=dev)).sort().values
-    scalars = [(live & ~good).sum(), (wlive & ~wgood).sum(), (ordered[1:] == ordered[:-1]).sum()]
+    scalars = [(live & ~good).sum(), (wlive & ~wgood).sum(), _repeats(dst, wlive)]
     if store is not None:
         loc = store.loc.to(torch.int64)[torch.where(live & good, ragged, 0)]
         scalars += [torch.where(live & good, loc, far).amin(), torch.where(live & good, loc, -1).amax()]
