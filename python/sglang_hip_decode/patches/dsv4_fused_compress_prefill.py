@@ -31,8 +31,7 @@ MIXIN = "sglang.srt.layers.attention.dsv4.compressor_v2:CompressorBackendMixin"
 
 # From the FP4 indexer's assert (0.5.13+; 0.5.12's method has the same paged branch without it, and no
 # HIP path of ours) to the paged view of the state.
-_CHUNK = Hunk(
-    before="""
+_PLACE = """
             assert head_dim == 128
 
         plan = self._get_paged_compress_metadata(compress_ratio)
@@ -44,26 +43,16 @@ _CHUNK = Hunk(
             last_dim = 2 * head_dim * coff
             assert kv_score_buffer.shape[-1] == last_dim
             kv_score_buffer = kv_score_buffer.view(-1, compress_ratio, last_dim)
-    """,
-    after="""
-            assert head_dim == 128
-
-        plan = self._get_paged_compress_metadata(compress_ratio)
-        is_online = _use_online_compress(compress_ratio)
-        if is_online:
-            kv_score_buffer = kv_score_buffer.view(-1, 1, head_dim * 3)
-        else:
-            coff = 2 if is_overlap_compress(compress_ratio) else 1
-            last_dim = 2 * head_dim * coff
-            assert kv_score_buffer.shape[-1] == last_dim
-            kv_score_buffer = kv_score_buffer.view(-1, compress_ratio, last_dim)
+"""
+_CALL = """
             # sglang-hip-decode dsv4-fused-compress-prefill: ours where it implements the chunk, else upstream's
             from sglang_hip_decode.dsv4_calls import fused_compress_prefill_call as _shd_fused_compress_prefill_call
 
             if _shd_fused_compress_prefill_call(dict(locals())):
                 return
-    """,
-)
+"""
+_CHUNK = Hunk(before=_PLACE, after=_PLACE.rstrip("\n") + _CALL)  # the call goes after the view, in its branch
+
 
 PATCH = Patch(
     name="dsv4-fused-compress-prefill",
