@@ -26,6 +26,20 @@ from sgl_hip_kernels.testing import timing
 SHAPES = {"c4 attention": (4, 512), "c4 indexer": (4, 128), "c128 attention": (128, 512)}
 
 
+def parameters_and_cache(ratio: int, d: int, positions: int, emitted: int, gen: torch.Generator):
+    """A compressor's bias, norm weight and RoPE table (``positions`` rows), and a compressed cache
+    (zeros) with a distinct slot for each of ``emitted`` rows -> (bias, norm_w, cos, sin, cache,
+    page_size, slots)."""
+    bias = torch.randn(8 if ratio == 4 else 128, d, generator=gen).cuda()
+    norm_w = (torch.rand(d, generator=gen) + 0.5).cuda()
+    angle = torch.rand(positions, 32, generator=gen) * 6.283
+    page_size = 256 // ratio
+    n_cache = -(-emitted // page_size) + 1
+    cache = torch.zeros(n_cache, page_bytes(page_size) if d == 512 else 132 * page_size, dtype=torch.uint8).cuda()
+    slots = torch.randperm(n_cache * page_size, generator=gen)[:emitted]
+    return bias, norm_w, angle.cos().cuda(), angle.sin().cuda(), cache, page_size, slots
+
+
 def inputs(ratio: int, d: int, batch: int, gen: torch.Generator):
     """One decode step's launch arguments, every request emitting; pages (previous, current) distinct."""
     width = (4 if ratio == 4 else 2) * d
@@ -35,15 +49,8 @@ def inputs(ratio: int, d: int, batch: int, gen: torch.Generator):
     pages = order if ratio == 4 else order[:, 1:].contiguous()
     seq_lens = torch.tensor([ratio * (2 + i % 3) for i in range(batch)], dtype=torch.int32).cuda()
     u = torch.randn(batch, width, generator=gen).cuda()
-    bias = torch.randn(8 if ratio == 4 else 128, d, generator=gen).cuda()
-    norm_w = (torch.rand(d, generator=gen) + 0.5).cuda()
-    angle = torch.rand(4096, 32, generator=gen) * 6.283
-    cos, sin = angle.cos().cuda(), angle.sin().cuda()
-    page_size = 256 // ratio
-    n_cache = -(-batch // page_size) + 1
-    cache = torch.zeros(n_cache, page_bytes(page_size) if d == 512 else 132 * page_size, dtype=torch.uint8).cuda()
-    loc = torch.randperm(n_cache * page_size, generator=gen)[:batch].cuda()
-    store = CacheStore("flashmla" if d == 512 else "indexer", cache, loc, page_size)
+    bias, norm_w, cos, sin, cache, page_size, loc = parameters_and_cache(ratio, d, 4096, batch, gen)
+    store = CacheStore("flashmla" if d == 512 else "indexer", cache, loc.cuda(), page_size)
     args = (u, state, pages, seq_lens, bias, norm_w, 1e-6, cos, sin, ratio)
     return args, dict(rotate=d == 128, store=store, check_indices=False, page_order="prev_cur")
 
@@ -58,17 +65,11 @@ def prefill_inputs(ratio: int, d: int, tokens: int, gen: torch.Generator):
     t = torch.arange(ratio - 1, tokens, ratio)
     blocks = torch.stack([t + 1, t | (k - torch.clamp(t + 1, max=k)) << 16, -torch.ones_like(t), torch.zeros_like(t)], 1)
     writes = torch.zeros(0, 2, dtype=torch.int32).cuda()
-    bias = torch.randn(k, d, generator=gen).cuda()
-    norm_w = (torch.rand(d, generator=gen) + 0.5).cuda()
-    angle = torch.rand(tokens + 1, 32, generator=gen) * 6.283
-    page_size = 256 // ratio
-    n_cache = -(-t.numel() // page_size) + 1
-    cache = torch.zeros(n_cache, page_bytes(page_size) if d == 512 else 132 * page_size, dtype=torch.uint8).cuda()
+    bias, norm_w, cos, sin, cache, page_size, slots = parameters_and_cache(ratio, d, tokens + 1, t.numel(), gen)
     loc = torch.zeros(tokens, dtype=torch.int64)
-    loc[t] = torch.randperm(n_cache * page_size, generator=gen)[: t.numel()]
+    loc[t] = slots  # a block's slot at its last token's ragged row
     store = CacheStore("flashmla" if d == 512 else "indexer", cache, loc.cuda(), page_size)
-    args = (u, state, blocks.to(torch.int32).cuda(), writes, bias, norm_w, 1e-6, angle.cos().cuda(), angle.sin().cuda(),
-            ratio)
+    args = (u, state, blocks.to(torch.int32).cuda(), writes, bias, norm_w, 1e-6, cos, sin, ratio)
     return args, dict(rotate=d == 128, store=store, check_indices=False)
 
 
