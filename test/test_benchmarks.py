@@ -128,3 +128,17 @@ def test_make_bench_runs_them_and_prints_one_table_each(tmp_path, monkeypatch, c
     captured = capsys.readouterr()
     assert "summary: 0 of 1 benchmarks ran; FAILED: bench_broken.py" in captured.out
     assert "FAILED after" in captured.err and "why it broke" in captured.err
+
+
+def test_upstream_vs_ours_row_of_the_gpu_patch_benchmarks():
+    """The row the GPU patch benchmarks write: the caller's fields, the ratio of the medians, then each
+    arm's median / p20 / p80 µs, kernels and error, in that order."""
+    from sglang_hip_decode.testing.ab import ArmResult, upstream_vs_ours_row
+
+    runs = {"upstream": ArmResult(None, 2.0, [3.0, 1.0, 2.0, 4.0, 5.0]), "ours": ArmResult(None, 1.0, [1.0, 2.0, 1.5])}
+    row = upstream_vs_ours_row(runs, {"upstream": 0.25, "ours": 0.5}, layer="c4", batch=4)
+    assert list(row)[:3] == ["layer", "batch", "speedup"] and row["layer"] == "c4" and row["batch"] == 4
+    assert row["speedup"] == 3.0 / 1.5 and row["upstream_us"] == 3.0 and row["ours_us"] == 1.5
+    assert row["upstream_kernels"] == 2.0 and row["ours_kernels"] == 1.0 and row["err_ours"] == 0.5
+    assert row["upstream_p20_us"] <= row["upstream_us"] <= row["upstream_p80_us"]
+    assert len(row) == 3 + 2 * 5

@@ -29,7 +29,7 @@ import torch
 from sgl_hip_kernels.testing import timing
 from sglang_hip_decode import patching
 from sglang_hip_decode.patches.dsv4_fused_compress import PATCH
-from sglang_hip_decode.testing.ab import ab_runs
+from sglang_hip_decode.testing.ab import ab_runs, upstream_vs_ours_row
 from sglang_hip_decode.testing.dsv4_compress import Dsv4CompressCase, Dsv4CompressStep, import_sglang
 
 ARMS = {"upstream": (), "ours": (PATCH,)}
@@ -78,13 +78,8 @@ def main():
                     errs[arm] = stored_error(s, cache)
                 s.prepare("real")
                 runs = ab_runs(lambda: s.call("real", record=False), ARMS, args.calls, args.repeats, gpu=True)
-                t = {arm: timing.summarise(r.samples) for arm, r in runs.items()}
-                row = dict(layer=name, ratio=ratio, d=d, emit=emit, batch=batch, emitting=len(s.emitting),
-                           speedup=t["upstream"].median_us / t["ours"].median_us)
-                for arm in ARMS:
-                    row.update({f"{arm}_us": t[arm].median_us, f"{arm}_p20_us": t[arm].p20_us,
-                                f"{arm}_p80_us": t[arm].p80_us, f"{arm}_kernels": runs[arm].kernels,
-                                f"err_{arm}": errs[arm]})
+                row = upstream_vs_ours_row(runs, errs, layer=name, ratio=ratio, d=d, emit=emit, batch=batch,
+                                           emitting=len(s.emitting))
                 rows.append(row)
                 print(f"{name:15s} {emit:5s} b{batch:<4d} emitting {len(s.emitting):3d}  upstream "
                       f"{row['upstream_us']:8.2f} us ({row['upstream_kernels']} kernels)  ours {row['ours_us']:8.2f} us "

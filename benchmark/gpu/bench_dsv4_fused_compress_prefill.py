@@ -26,7 +26,7 @@ import torch
 from sgl_hip_kernels.testing import timing
 from sglang_hip_decode import patching
 from sglang_hip_decode.patches.dsv4_fused_compress_prefill import PATCH
-from sglang_hip_decode.testing.ab import ab_runs
+from sglang_hip_decode.testing.ab import ab_runs, upstream_vs_ours_row
 from sglang_hip_decode.testing.dsv4_compress import Dsv4PrefillCase, Dsv4PrefillChunks, import_sglang
 
 ARMS = {"upstream": (), "ours": (PATCH,)}
@@ -72,12 +72,8 @@ def main():
             s.call("real", record=False)  # the first chunk, whose ring the timed one reads
             s.prepare_chunk(1, "real")
             runs = ab_runs(lambda: s.call("real", record=False), ARMS, args.calls, args.repeats, gpu=True)
-            t = {arm: timing.summarise(r.samples) for arm, r in runs.items()}
-            row = dict(layer=name, ratio=ratio, d=d, requests=batch, tokens=batch * tokens, blocks=len(s.chunk_blocks(1)),
-                       checked_blocks=checked, speedup=t["upstream"].median_us / t["ours"].median_us)
-            for arm in ARMS:
-                row.update({f"{arm}_us": t[arm].median_us, f"{arm}_p20_us": t[arm].p20_us, f"{arm}_p80_us": t[arm].p80_us,
-                            f"{arm}_kernels": runs[arm].kernels, f"err_{arm}": errs[arm]})
+            row = upstream_vs_ours_row(runs, errs, layer=name, ratio=ratio, d=d, requests=batch, tokens=batch * tokens,
+                                       blocks=len(s.chunk_blocks(1)), checked_blocks=checked)
             rows.append(row)
             print(f"{name:15s} {batch:3d} x {tokens:5d} blocks {row['blocks']:5d}  upstream {row['upstream_us']:9.2f} us "
                   f"({row['upstream_kernels']} kernels)  ours {row['ours_us']:9.2f} us ({row['ours_kernels']})  "

@@ -22,7 +22,7 @@ import torch
 from sgl_hip_kernels.testing import timing
 from sglang_hip_decode import patching
 from sglang_hip_decode.patches.dsv4_sparse_decode import PATCH
-from sglang_hip_decode.testing.ab import ab_runs
+from sglang_hip_decode.testing.ab import ab_runs, upstream_vs_ours_row
 from sglang_hip_decode.testing.dsv4_attention import Dsv4AttentionCase, Dsv4AttentionPath, import_sglang, make_inputs
 
 ARMS = {"upstream": (), "ours": (PATCH,)}
@@ -54,10 +54,7 @@ def main():
                         errs[arm] = (path.run().double() - ref).abs().max().item()
                 runs = ab_runs(path.run, ARMS, args.calls, args.repeats, gpu=True)
             t = {arm: timing.summarise(r.samples) for arm, r in runs.items()}
-            row = dict(ratio=ratio, batch=batch, speedup=t["upstream"].median_us / t["ours"].median_us)
-            for arm in ARMS:
-                row.update({f"{arm}_us": t[arm].median_us, f"{arm}_p20_us": t[arm].p20_us, f"{arm}_p80_us": t[arm].p80_us,
-                            f"{arm}_kernels": runs[arm].kernels, f"err_{arm}": errs[arm]})
+            row = upstream_vs_ours_row(runs, errs, ratio=ratio, batch=batch)
             rows.append(row)
             print(f"ratio {ratio:3d} batch {batch:3d}: upstream {t['upstream']} us ({runs['upstream'].kernels:g} kernels)  "
                   f"ours {t['ours']} us ({runs['ours'].kernels:g})  upstream/ours {row['speedup']:5.2f}  max err vs fp64: "

@@ -34,3 +34,15 @@ def ab_runs(call: Callable[[], object], arms: dict, calls: int, repeats: int, gp
                 graphs[name] = timing.capture(call, calls)
     samples = timing.time_graphs(graphs, calls, repeats) if gpu else {}
     return {name: ArmResult(audits[name], kernels.get(name), samples.get(name)) for name in arms}
+
+
+def upstream_vs_ours_row(runs: dict[str, ArmResult], errors: dict[str, float], **fields) -> dict:
+    """One row of a GPU patch benchmark whose arms are ``"upstream"`` and ``"ours"``: ``fields``, the
+    ratio of their medians (``speedup``: upstream/ours), then each arm's median, p20 and p80 µs, its
+    GPU kernels per call and its ``errors`` entry."""
+    t = {arm: timing.summarise(r.samples) for arm, r in runs.items()}
+    row = dict(fields, speedup=t["upstream"].median_us / t["ours"].median_us)
+    for arm, r in runs.items():
+        row.update({f"{arm}_us": t[arm].median_us, f"{arm}_p20_us": t[arm].p20_us, f"{arm}_p80_us": t[arm].p80_us,
+                    f"{arm}_kernels": r.kernels, f"err_{arm}": errors[arm]})
+    return row
