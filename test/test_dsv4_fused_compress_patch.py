@@ -99,6 +99,18 @@ def fp8_half_step(v: torch.Tensor, indexer: bool) -> torch.Tensor:
     return torch.cat([nope, torch.zeros(64)])
 
 
+def assert_near_upstreams_row(s, ref, back, up_back, what):
+    """CPU: our stored row reads back within two FP8 steps of upstream's (plus 2^-7 relative)."""
+    assert ((back - up_back).abs() <= 2 * fp8_half_step(ref, s.indexer) + 2 ** -7 * ref.abs().float()).all(), what
+
+
+def assert_no_farther_than_upstreams(s, ref, mine, theirs, what):
+    """GPU: our stored row no farther from the fp64 contract than upstream's stored row, plus one FP8
+    step (and 2^-8 relative)."""
+    slack = 2 * fp8_half_step(ref, s.indexer) + 2 ** -8 * ref.abs().float()
+    assert ((mine - ref.float()).abs() <= (theirs - ref.float()).abs() + slack + 1e-6).all(), what
+
+
 def patched_twice(s, upstream="standin", patch=PATCH):
     """``s.run`` with ``patch`` applied, twice: storing in our launch, and handing our rows to
     upstream's store -> (what each run gave, the store calls of the second). Asserts upstream's
@@ -156,7 +168,7 @@ def test_decode_step_state_equal_vectors_within_twice_torchs_error(sg, name):
         back = s.stored_row(cache, int(s.out_loc[b]))
         assert ((back - ours[b].float()).abs() <= fp8_half_step(ours[b], s.indexer)).all(), f"{name}: row {b}"
         up_back = s.stored_row(up_cache, int(s.out_loc[b]))
-        assert ((back - up_back).abs() <= 2 * fp8_half_step(ref, s.indexer) + 2 ** -7 * ref.abs().float()).all()
+        assert_near_upstreams_row(s, ref, back, up_back, (name, b))
     idle = [b for b in range(len(s.case.lens)) if b not in s.emitting]
     assert idle and all(not ours[b].any() for b in idle), "a request that emits nothing must hand over a zero row"
     touched = {int(s.out_loc[b]) for b in s.emitting} | {0}
@@ -264,7 +276,7 @@ def test_chunked_prefill_state_equal_blocks_within_twice_torchs_error(sg, name):
             back, up_back = (s.stored_row(cache, s.block_slot[block]) for cache in (fused[c][1], upstream[c][1]))
             assert ((back - rows[j].float()).abs() <= fp8_half_step(rows[j], s.indexer)).all(), (name, block)
             ref = s.block_reference(*block)
-            assert ((back - up_back).abs() <= 2 * fp8_half_step(ref, s.indexer) + 2 ** -7 * ref.abs().float()).all()
+            assert_near_upstreams_row(s, ref, back, up_back, (name, block))
         stored_so_far |= {s.block_slot[b] for b in blocks}
         for slot in range(s.slots):
             mine = s.slot_bytes(fused[c][1], slot)
@@ -383,8 +395,7 @@ def test_gpu_patched_vs_upstreams_jit_kernels(sg, name):
         assert ok, (name, b, e, bound)
         loc = int(s.out_loc[b])
         mine, theirs = s.stored_row(fused_cache, loc), s.stored_row(up_cache, loc)
-        slack = 2 * fp8_half_step(ref, s.indexer) + 2 ** -8 * ref.abs().float()
-        assert ((mine - ref.float()).abs() <= (theirs - ref.float()).abs() + slack + 1e-6).all(), (name, b)
+        assert_no_farther_than_upstreams(s, ref, mine, theirs, (name, b))
         print(f"{name} row {b}: stored max err ours {err(mine, ref):.3e} upstream {err(theirs, ref):.3e}")
 
 
@@ -437,8 +448,7 @@ def test_gpu_chunked_prefill_vs_upstreams_jit_kernels(sg, name):
             assert ok, (name, c, block, e, bound)
             ref = s.block_reference(*block)
             mine, theirs = (s.stored_row(cache, s.block_slot[block]) for cache in (fused[c][1], upstream[c][1]))
-            slack = 2 * fp8_half_step(ref, s.indexer) + 2 ** -8 * ref.abs().float()
-            assert ((mine - ref.float()).abs() <= (theirs - ref.float()).abs() + slack + 1e-6).all(), (name, block)
+            assert_no_farther_than_upstreams(s, ref, mine, theirs, (name, block))
             print(f"{name} chunk {c} block {block}: stored max err ours {err(mine, ref):.3e} upstream {err(theirs, ref):.3e}")
 
 
@@ -463,8 +473,7 @@ def test_gpu_chunked_prefill_with_the_planners_gpu_path(sg, name):
         for block in s.chunk_blocks(c):
             ref = s.block_reference(*block)
             mine, theirs = (s.stored_row(cache, s.block_slot[block]) for cache in (fused[c][1], upstream[c][1]))
-            slack = 2 * fp8_half_step(ref, s.indexer) + 2 ** -8 * ref.abs().float()
-            assert ((mine - ref.float()).abs() <= (theirs - ref.float()).abs() + slack + 1e-6).all(), (name, block)
+            assert_no_farther_than_upstreams(s, ref, mine, theirs, (name, block))
             checked += 1
         stored |= {s.block_slot[b] for b in s.chunk_blocks(c)}
         for slot in set(range(s.slots)) - stored:
