@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from sgl_hip_kernels.testing.sglang_plans import prefill_plan_rows
 from sgl_hip_kernels.testing.checks import assert_within_one_rounding, assert_within_torch_error, graph_replay_equals_eager
 from sgl_hip_kernels.dsv4_compress import (CompressWorkspace, LaunchRule, compress_decode, compress_prefill, launch_rule,
                                            plan_prefill)
@@ -284,15 +285,11 @@ class PagedChunk:
     """A ragged prefill chunk over SGLang's paged rings: request b's token t has state row
     ``swa_page * R + t % R`` (R: the ring, 8 rows for ratio 4, 128 for ratio 128), its SWA pages of
     ``swa`` tokens drawn at random, so a chunk's blocks read rings of several pages; the state holds
-    (NaN elsewhere) the prefix rows the chunk's blocks read. The plan is written here as SGLang's
-    planner (``plan_compress_prefill``, its host path without speculative decoding) builds it:
-    a block per token that closes one (seq_len, ragged | buffer_len << 16, previous block's page,
-    own page; with no ring row, the pages are left as the planner leaves them: -1 and the request),
-    a kept row per token at or after the last closed block's start (ratio 4: the one before it) or
-    in the last block of an SWA page (ratio 4), then ``pad`` padding rows of each. ``ring``: a longer
-    ring, as speculative decoding (MTP) makes it (16 / 256 rows), where the planner also keeps the
-    last ``ring - K + 2`` tokens; ``shuffle``: both plans' rows (padding included) in a random order,
-    as the planner's GPU path (atomic slots) leaves them."""
+    (NaN elsewhere) the prefix rows the chunk's blocks read. The plan is SGLang's planner's
+    (``sgl_hip_kernels.testing.sglang_plans.prefill_plan_rows``), then ``pad`` padding rows of each.
+    ``ring``: a longer ring, as speculative decoding (MTP) makes it (16 / 256 rows), where the planner
+    also keeps the last ``ring - K + 2`` tokens; ``shuffle``: both plans' rows (padding included) in a
+    random order, as the planner's GPU path (atomic slots) leaves them."""
 
     def __init__(self, rng, c, prefix, extend, swa, pad=2, ring=None, shuffle=False):
         r, ring = c.ratio, ring or (8 if c.ratio == 4 else 128)
@@ -304,25 +301,10 @@ class PagedChunk:
             len(prefix), per_req)  # SWA page 0 belongs to no one
         self.row = lambda b, t: int(self.swa_pages[b, t // swa]) * ring + t % ring  # noqa: E731
         self.state = torch.full(((len(prefix) * per_req + 2) * ring, c.width), float("nan"))
-        k = c.k
-        blocks, writes, start = [], [], 0
-        for b, (p, e) in enumerate(zip(prefix, extend)):
-            first_read = max(0, r * (p // r) - (4 if r == 4 else 0))
-            for t in range(first_read, p):
+        for b, p in enumerate(prefix):
+            for t in range(max(0, r * (p // r) - (4 if r == 4 else 0)), p):
                 self.state[self.row(b, t)] = self.seqs[b][t]
-            total = p + e
-            first_kept = r * (total // r) - (r if r == 4 else 0)
-            if ring > c.k:  # speculative decoding's longer ring keeps the last ring - K + 2 tokens too
-                first_kept = min(first_kept, total - (ring - c.k + 2))
-            for j in range(e):
-                t, ragged = p + j, start + j
-                if (t + 1) % r == 0:
-                    buffer_len = k - min(j + 1, k)
-                    pages = [self.row(b, max(t - r, 0)) // r, self.row(b, t) // r] if buffer_len else [-1, b]
-                    blocks.append([t + 1, ragged | buffer_len << 16] + pages)
-                if t >= first_kept or (r == 4 and t % swa >= swa - r):
-                    writes.append([ragged, self.row(b, t)])
-            start += e
+        blocks, writes = prefill_plan_rows(list(zip(prefix, extend)), r, self.row, swa, ring)
         self.n_blocks, self.n_writes = len(blocks), len(writes)
         self.blocks = torch.tensor(blocks + [[-1, 0, -1, -1]] * pad, dtype=torch.int32).reshape(-1, 4)
         self.writes = torch.tensor(writes + [[-1, -1]] * pad, dtype=torch.int32).reshape(-1, 2)

@@ -43,6 +43,7 @@ import torch
 from sgl_hip_kernels.dsv4.compress_ref import compress_sequence_ref
 from sgl_hip_kernels.dsv4.kv_cache import dequantize_kv, page_bytes
 from sgl_hip_kernels.rotations_ref import hadamard_ref
+from sgl_hip_kernels.testing.sglang_plans import prefill_plan_rows
 
 from .. import patching
 from .sglang_import import import_modules, swap_attrs
@@ -490,23 +491,14 @@ class Dsv4PrefillChunks(Dsv4CompressStep):
         return torch.cat([self.history[i + 1, start: start + e] for i, start, e in self.chunk(c)])
 
     def plan(self, c: int):
-        """Chunk ``c``'s ``CompressorPrefillPlan`` as ``plan_compress_prefill``'s host path builds it."""
-        r, k, sp = self.case.ratio, self.k, self.case.swa_page
-        blocks, writes, ragged = [], [], 0
-        for row, (i, start, e) in enumerate(self.chunk(c)):
-            req, total = i + 1, start + e
-            first_kept = r * (total // r) - (r if r == 4 else 0)
-            for j in range(e):
-                t = start + j
-                if (t + 1) % r == 0:
-                    in_ring = k - min(j + 1, k)
-                    pages = [self.state_loc(req, max(t - r, 0)) // r, self.state_loc(req, t) // r] if in_ring else [-1, row]
-                    blocks.append([t + 1, (ragged + j) | in_ring << 16] + pages)
-                if t >= first_kept or (r == 4 and t % sp >= sp - r):
-                    writes.append([ragged + j, self.state_loc(req, t)])
-            ragged += e
+        """Chunk ``c``'s ``CompressorPrefillPlan`` as ``plan_compress_prefill``'s host path builds it
+        (``sgl_hip_kernels.testing.sglang_plans``)."""
+        reqs = self.chunk(c)
+        blocks, writes = prefill_plan_rows([(start, e) for _, start, e in reqs], self.case.ratio,
+                                           lambda b, t: self.state_loc(reqs[b][0] + 1, t), self.case.swa_page)
         as_bytes = lambda rows, n: torch.tensor(rows, dtype=torch.int32).reshape(-1, n // 4).view(torch.uint8)  # noqa: E731
-        return self.sg.cv2.CompressorPrefillPlan(r, as_bytes(blocks, 16).to(self.device), as_bytes(writes, 8).to(self.device))
+        return self.sg.cv2.CompressorPrefillPlan(self.case.ratio, as_bytes(blocks, 16).to(self.device),
+                                                 as_bytes(writes, 8).to(self.device))
 
     def real_plan(self, c: int):
         """Chunk ``c``'s plan from the release's own planner: its host path (lengths on the CPU), or
